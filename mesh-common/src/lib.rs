@@ -1,0 +1,181 @@
+//! Types shared by mesh-node's eBPF programs and its user space.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and a compile-time size
+//! assertion, so the kernel and user space agree on the layout byte for byte. Addresses are kept
+//! exactly as the kernel hands them to the programs (network byte order words); ports are kept in
+//! host byte order.
+#![no_std]
+#![deny(unsafe_code)]
+
+/// `SO_MARK` carried by every socket mesh-node opens inside a pod's network namespace. The
+/// redirect hooks never touch a marked socket, so the proxy cannot capture itself.
+/// The same value ztunnel uses, so tools that know it (conntrack dumps, policy routing) keep working.
+pub const PROXY_MARK: u32 = 0x539;
+
+/// Outbound capture listener, on loopback inside each enrolled pod's network namespace.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture listener inside each enrolled pod's network namespace.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// Inbound HBONE listener on the pod's IP inside its network namespace.
+pub const HBONE_PORT: u16 = 15008;
+
+/// `AF_INET`, as the kernel reports it in `bpf_sock_addr.user_family`.
+pub const FAMILY_INET: u16 = 2;
+/// `AF_INET6`.
+pub const FAMILY_INET6: u16 = 10;
+
+/// Names of the maps, identical in the eBPF object and in user space (and the file names under
+/// the bpffs pin directory).
+pub mod map_names {
+    /// [`crate::EnrolledPod`] by network-namespace cookie.
+    pub const ENROLLED: &str = "MESH_ENROLLED";
+    /// [`crate::OrigDst`] by socket cookie: what the application asked to connect to.
+    pub const SOCK_ORIG: &str = "MESH_SOCK_ORIG";
+    /// [`crate::OrigDst`] by [`crate::ConnKey`]: what mesh-node reads when it accepts.
+    pub const CONN_ORIG: &str = "MESH_CONN_ORIG";
+    /// The single [`crate::DataplaneConfig`].
+    pub const CONFIG: &str = "MESH_CONFIG";
+    /// Per-CPU `u64` counters indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "MESH_COUNTERS";
+}
+
+/// Names of the programs in the eBPF object (also the link file names under the pin directory).
+pub mod program_names {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SOCK_OPS: &str = "mesh_sock_ops";
+    pub const GETPEERNAME4: &str = "mesh_getpeername4";
+    pub const GETPEERNAME6: &str = "mesh_getpeername6";
+}
+
+/// Capacity of [`map_names::ENROLLED`]: pods on one node.
+pub const MAX_ENROLLED: u32 = 4096;
+/// Capacity of the LRU maps that remember original destinations.
+pub const MAX_TRACKED_CONNS: u32 = 65536;
+
+/// Value of [`map_names::ENROLLED`]: a pod whose network namespace is captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EnrolledPod {
+    /// mesh-node's own index for the pod, for tracing.
+    pub pod_id: u32,
+    /// Reserved for per-pod flags; zero today.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 8);
+
+/// An IPv4 or IPv6 socket address as the kernel's socket-address hooks see it.
+///
+/// `ip` holds the address in network byte order words: for IPv4 only `ip[0]` is used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// Network-namespace cookie of the socket that connected.
+    pub netns_cookie: u64,
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+const _: () = assert!(core::mem::align_of::<OrigDst>() == 8);
+
+/// Key of [`map_names::CONN_ORIG`]: the client side of a captured connection as mesh-node sees it
+/// on accept. The source port is unique per network namespace while the connection lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// Host byte order.
+    pub src_port: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 16);
+
+impl ConnKey {
+    pub const fn new(netns_cookie: u64, src_port: u16) -> Self {
+        Self {
+            netns_cookie,
+            src_port,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// What the kernel programs do for an enrolled pod when mesh-node is not serving it.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailMode {
+    /// Let the connection go straight to its destination, uncaptured.
+    Open = 0,
+    /// Refuse the connection (`connect()` fails with `EPERM`).
+    Closed = 1,
+}
+
+/// The single value of [`map_names::CONFIG`]. Lives in a pinned map so that the kernel programs
+/// keep honouring it after mesh-node has stopped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DataplaneConfig {
+    /// A [`FailMode`] as `u32`.
+    pub fail_mode: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 8);
+
+/// Indexes into [`map_names::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Connections redirected to mesh-node.
+    Captured = 0,
+    /// Connections of enrolled pods let through because mesh-node was not serving (fail-open).
+    PassedNotServing = 1,
+    /// Connections of enrolled pods refused because mesh-node was not serving (fail-closed).
+    RefusedNotServing = 2,
+    /// Captured connections whose original destination could not be recorded (map full): let
+    /// through uncaptured.
+    PassedMapFull = 3,
+    /// `getpeername()` answers rewritten to the original destination.
+    PeerRestored = 4,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 5] = [
+        Counter::Captured,
+        Counter::PassedNotServing,
+        Counter::RefusedNotServing,
+        Counter::PassedMapFull,
+        Counter::PeerRestored,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Captured => "captured",
+            Counter::PassedNotServing => "passed_not_serving",
+            Counter::RefusedNotServing => "refused_not_serving",
+            Counter::PassedMapFull => "passed_map_full",
+            Counter::PeerRestored => "peer_restored",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, has no padding that is not an explicit field,
+    // and every bit pattern is a valid value.
+    #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
+    mod impls {
+        use crate::{ConnKey, DataplaneConfig, EnrolledPod, OrigDst};
+        unsafe impl aya::Pod for EnrolledPod {}
+        unsafe impl aya::Pod for OrigDst {}
+        unsafe impl aya::Pod for ConnKey {}
+        unsafe impl aya::Pod for DataplaneConfig {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,47 @@
+//! Layout tests: the eBPF programs and user space read these bytes with no other agreement than
+//! the struct definitions, so every offset is pinned here.
+extern crate std;
+
+use core::mem::{offset_of, size_of};
+
+use crate::{ConnKey, Counter, DataplaneConfig, EnrolledPod, FailMode, OrigDst};
+
+#[test]
+fn orig_dst_layout_is_stable() {
+    assert_eq!(offset_of!(OrigDst, netns_cookie), 0);
+    assert_eq!(offset_of!(OrigDst, ip), 8);
+    assert_eq!(offset_of!(OrigDst, port), 24);
+    assert_eq!(offset_of!(OrigDst, family), 26);
+    assert_eq!(size_of::<OrigDst>(), 32);
+}
+
+#[test]
+fn conn_key_layout_is_stable_and_padding_is_zeroed() {
+    assert_eq!(offset_of!(ConnKey, netns_cookie), 0);
+    assert_eq!(offset_of!(ConnKey, src_port), 8);
+    assert_eq!(size_of::<ConnKey>(), 16);
+    // Hash-map keys are compared byte for byte by the kernel: padding must be deterministic.
+    let key = ConnKey::new(7, 40000);
+    assert_eq!(key._pad, [0; 6]);
+    assert_eq!(key, ConnKey::new(7, 40000));
+}
+
+#[test]
+fn small_values_layout_is_stable() {
+    assert_eq!(size_of::<EnrolledPod>(), 8);
+    assert_eq!(offset_of!(EnrolledPod, flags), 4);
+    assert_eq!(size_of::<DataplaneConfig>(), 8);
+    assert_eq!(offset_of!(DataplaneConfig, fail_mode), 0);
+    assert_eq!(FailMode::Closed as u32, 1);
+}
+
+#[test]
+fn counters_are_dense_and_named_uniquely() {
+    for (index, counter) in Counter::ALL.iter().enumerate() {
+        assert_eq!(*counter as u32, index as u32);
+    }
+    let mut names: std::vec::Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), Counter::ALL.len());
+}

@@ -1,0 +1,66 @@
+//! Address helpers over the kernel's network-byte-order words.
+
+/// 127.0.0.1 as the kernel stores it in `user_ip4`.
+pub const LOOPBACK4: u32 = u32::from_be(0x7f00_0001);
+/// `::1` as four network-order words.
+pub const LOOPBACK6: [u32; 4] = [0, 0, 0, u32::from_be(1)];
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+pub const V4_MAPPED_PREFIX: u32 = u32::from_be(0x0000_ffff);
+
+/// Is this IPv4 address (network order) in 127.0.0.0/8?
+#[inline(always)]
+pub fn is_loopback4(ip: u32) -> bool {
+    // The first octet is the lowest-addressed byte whatever the host's endianness.
+    ip.to_ne_bytes()[0] == 127
+}
+
+#[inline(always)]
+pub fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX
+}
+
+#[inline(always)]
+pub fn is_loopback6(ip: &[u32; 4]) -> bool {
+    *ip == LOOPBACK6 || (is_v4_mapped(ip) && is_loopback4(ip[3]))
+}
+
+/// A port in the low 16 bits of a `u32` context field, network byte order, to host order.
+#[inline(always)]
+pub fn port_from_ctx(raw: u32) -> u16 {
+    u16::from_be(raw as u16)
+}
+
+/// A host-order port to the form a context field's `user_port` takes.
+#[inline(always)]
+pub fn port_to_ctx(port: u16) -> u32 {
+    u32::from(port.to_be())
+}
+
+/// Reads `user_ip6` one 32-bit word at a time: the verifier only allows word-sized context
+/// accesses, and a plain array copy may be compiled into a byte-wise memcpy.
+#[inline(always)]
+pub fn read_user_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> [u32; 4] {
+    let base = sa.user_ip6.as_ptr();
+    // SAFETY: four in-bounds, aligned word reads of the context field.
+    unsafe {
+        [
+            core::ptr::read_volatile(base),
+            core::ptr::read_volatile(base.add(1)),
+            core::ptr::read_volatile(base.add(2)),
+            core::ptr::read_volatile(base.add(3)),
+        ]
+    }
+}
+
+/// Writes `user_ip6` one 32-bit word at a time (see [`read_user_ip6`]).
+#[inline(always)]
+pub fn write_user_ip6(sa: &mut aya_ebpf::bindings::bpf_sock_addr, ip: [u32; 4]) {
+    let base = sa.user_ip6.as_mut_ptr();
+    // SAFETY: four in-bounds, aligned word writes of the context field.
+    unsafe {
+        core::ptr::write_volatile(base, ip[0]);
+        core::ptr::write_volatile(base.add(1), ip[1]);
+        core::ptr::write_volatile(base.add(2), ip[2]);
+        core::ptr::write_volatile(base.add(3), ip[3]);
+    }
+}

@@ -1,0 +1,44 @@
+//! Every map the programs share with user space. All are pinned by name under mesh-node's pin
+//! directory, so a restarted mesh-node and the still-attached programs see the same state.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use mesh_common::{
+    ConnKey, Counter, DataplaneConfig, EnrolledPod, MAX_ENROLLED, MAX_TRACKED_CONNS, OrigDst,
+};
+
+/// Enrolled pods by network-namespace cookie. Written by mesh-node on (un)enrollment.
+#[map(name = "MESH_ENROLLED")]
+pub static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(MAX_ENROLLED, 0);
+
+/// Original destination by socket cookie, recorded at connect; read by getpeername and sock_ops.
+#[map(name = "MESH_SOCK_ORIG")]
+pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNS, 0);
+
+/// Original destination by (netns cookie, source port), for mesh-node to read on accept.
+#[map(name = "MESH_CONN_ORIG")]
+pub static CONN_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNS, 0);
+
+/// Index 0: the [`DataplaneConfig`]. Zeroed (fail-open) until mesh-node writes it.
+#[map(name = "MESH_CONFIG")]
+pub static CONFIG: Array<DataplaneConfig> = Array::pinned(1, 0);
+
+/// Per-CPU counters indexed by [`Counter`].
+#[map(name = "MESH_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, so no other CPU writes it; programs are not preempted mid-run.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn fail_closed() -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|config| config.fail_mode == mesh_common::FailMode::Closed as u32)
+}

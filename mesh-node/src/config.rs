@@ -1,0 +1,34 @@
+//! Run-time configuration of `mesh-node run`, with the production defaults.
+use std::path::PathBuf;
+
+pub use mesh_common::FailMode;
+
+/// Default directory under bpffs for pinned links and maps.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh-node";
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Static enrollment file (YAML). `None`: no pods until another source adds them.
+    pub pods_file: Option<PathBuf>,
+    /// cgroup v2 directory the connect/sock_ops hooks attach to. `None`: the root of the cgroup2
+    /// mount found in /proc/self/mounts.
+    pub cgroup: Option<PathBuf>,
+    /// Directory on bpffs for this instance's pinned links and maps.
+    pub bpffs_dir: PathBuf,
+    /// What the kernel does with an enrolled pod's connections while mesh-node is not serving.
+    pub fail_mode: FailMode,
+    /// Data-path worker threads; 0 means one per CPU.
+    pub worker_threads: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            pods_file: None,
+            cgroup: None,
+            bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
+            fail_mode: FailMode::Open,
+            worker_threads: 0,
+        }
+    }
+}

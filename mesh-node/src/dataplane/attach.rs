@@ -1,0 +1,169 @@
+//! Attaching the programs: each link is pinned under `<pin dir>/links/<program>`, so capture
+//! survives mesh-node restarts and a restarted mesh-node reuses the links it finds.
+use std::{
+    fmt,
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use mesh_common::program_names;
+
+/// Each program with the hook it attaches to and the kernel that hook needs.
+const PROGRAMS: [(&str, &str, &str); 5] = [
+    (program_names::CONNECT4, "cgroup/connect4", "5.7"),
+    (program_names::CONNECT6, "cgroup/connect6", "5.7"),
+    (program_names::SOCK_OPS, "sockops", "5.0"),
+    (program_names::GETPEERNAME4, "cgroup/getpeername4", "5.8"),
+    (program_names::GETPEERNAME6, "cgroup/getpeername6", "5.8"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("program {program} missing from the eBPF object")]
+    MissingProgram { program: &'static str },
+    #[error("open cgroup {path}: {io_error}")]
+    OpenCgroup { path: PathBuf, io_error: io::Error },
+    #[error("{hook} ({program}): kernel refused to load it (needs Linux {min_kernel}+): {source}")]
+    Load {
+        hook: &'static str,
+        program: &'static str,
+        min_kernel: &'static str,
+        source: ProgramError,
+    },
+    #[error("attach {hook} to {cgroup}: {source}")]
+    Attach {
+        hook: &'static str,
+        cgroup: PathBuf,
+        source: ProgramError,
+    },
+    #[error("pin {hook} link at {path}: {message}")]
+    Pin {
+        hook: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("open pinned link {path}: {source}")]
+    Reuse { path: PathBuf, source: LinkError },
+}
+
+/// Whether a link was created by this process or found pinned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkOrigin {
+    Attached,
+    Reused,
+}
+
+impl fmt::Display for LinkOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LinkOrigin::Attached => "attached",
+            LinkOrigin::Reused => "reused",
+        })
+    }
+}
+
+/// A program attached through a pinned link.
+#[derive(Debug)]
+pub struct AttachedLink {
+    pub hook: &'static str,
+    pub program: &'static str,
+    pub pin_path: PathBuf,
+    pub link_id: u32,
+    pub program_id: u32,
+    pub origin: LinkOrigin,
+}
+
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    links_dir: &Path,
+) -> Result<Vec<AttachedLink>, AttachError> {
+    let cgroup_file = File::open(cgroup).map_err(|io_error| AttachError::OpenCgroup {
+        path: cgroup.to_owned(),
+        io_error,
+    })?;
+    let mut links = Vec::with_capacity(PROGRAMS.len());
+    for (program, hook, min_kernel) in PROGRAMS {
+        let pin_path = links_dir.join(program);
+        let (fd_link, origin) = if pin_path.exists() {
+            let pinned = PinnedLink::from_pin(&pin_path).map_err(|source| AttachError::Reuse {
+                path: pin_path.clone(),
+                source,
+            })?;
+            (FdLink::from(pinned), LinkOrigin::Reused)
+        } else {
+            let fd_link = attach_one(ebpf, &cgroup_file, cgroup, program, hook, min_kernel)?;
+            let pinned = fd_link.pin(&pin_path).map_err(|error| AttachError::Pin {
+                hook,
+                path: pin_path.clone(),
+                message: error.to_string(),
+            })?;
+            (FdLink::from(pinned), LinkOrigin::Attached)
+        };
+        let info = fd_link.info().map_err(|source| AttachError::Reuse {
+            path: pin_path.clone(),
+            source,
+        })?;
+        tracing::info!(hook, link_id = info.id(), program_id = info.program_id(), %origin, "capture hook in place");
+        links.push(AttachedLink {
+            hook,
+            program,
+            pin_path,
+            link_id: info.id(),
+            program_id: info.program_id(),
+            origin,
+        });
+    }
+    Ok(links)
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    cgroup_file: &File,
+    cgroup: &Path,
+    program: &'static str,
+    hook: &'static str,
+    min_kernel: &'static str,
+) -> Result<FdLink, AttachError> {
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::MissingProgram { program })?;
+    let load_err = |source| AttachError::Load {
+        hook,
+        program,
+        min_kernel,
+        source,
+    };
+    let attach_err = |source| AttachError::Attach {
+        hook,
+        cgroup: cgroup.to_owned(),
+        source,
+    };
+    // BPF links on cgroups always coexist with other programs (a CNI's, another tool's); the
+    // kernel refuses any attach flag on link creation, and `Single` is the one that sends none.
+    let mode = CgroupAttachMode::Single;
+    let link: Result<FdLink, _> = if program == program_names::SOCK_OPS {
+        let prog: &mut SockOps = prog.try_into().map_err(load_err)?;
+        prog.load().map_err(load_err)?;
+        let id = prog.attach(cgroup_file, mode).map_err(attach_err)?;
+        FdLink::try_from(prog.take_link(id).map_err(attach_err)?)
+    } else {
+        let prog: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
+        prog.load().map_err(load_err)?;
+        let id = prog.attach(cgroup_file, mode).map_err(attach_err)?;
+        FdLink::try_from(prog.take_link(id).map_err(attach_err)?)
+    };
+    link.map_err(|error| AttachError::Pin {
+        hook,
+        path: cgroup.to_owned(),
+        message: error.to_string(),
+    })
+}

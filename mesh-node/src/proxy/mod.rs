@@ -1,0 +1,2 @@
+//! Data-path handlers, one module per direction.
+pub mod outbound;

@@ -1,0 +1,157 @@
+//! The application inside test pods.
+//!
+//! `podapp serve ADDR`: echo server. For each connection it first sends one line
+//! `peer=<client address as the server sees it>\n`, then echoes every byte until EOF.
+//!
+//! `podapp connect ADDR BYTES CONNS`: opens CONNS connections in parallel; on each, reads the
+//! server's line, sends BYTES of a fixed pattern, half-closes, and checks the echo is identical.
+//! Prints `ok local=… peer=… server_saw=… bytes=…` or `error conn=N …` per connection.
+use std::{
+    env,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    thread,
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["serve", addr] => serve(addr),
+        ["connect", addr, bytes, conns] => connect(addr, bytes, conns),
+        _ => Err("usage: podapp serve ADDR | podapp connect ADDR BYTES CONNS".to_owned()),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(message) => {
+            eprintln!("podapp: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(addr: &str) -> Result<bool, String> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    println!("listening {addr}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        thread::spawn(move || {
+            let _ = echo(stream);
+        });
+    }
+    Ok(true)
+}
+
+fn echo(mut stream: TcpStream) -> std::io::Result<()> {
+    let peer = stream.peer_addr()?;
+    stream.write_all(format!("peer={peer}\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n])?;
+    }
+    stream.shutdown(Shutdown::Write)
+}
+
+fn connect(addr: &str, bytes: &str, conns: &str) -> Result<bool, String> {
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("address {addr}: {e}"))?;
+    let bytes: usize = bytes.parse().map_err(|e| format!("bytes {bytes}: {e}"))?;
+    let conns: usize = conns.parse().map_err(|e| format!("conns {conns}: {e}"))?;
+    let handles: Vec<_> = (0..conns)
+        .map(|_| thread::spawn(move || one_connection(addr, bytes)))
+        .collect();
+    let mut all_ok = true;
+    for (index, handle) in handles.into_iter().enumerate() {
+        match handle
+            .join()
+            .unwrap_or_else(|_| Err("thread panicked".to_owned()))
+        {
+            Ok(line) => println!("ok {line}"),
+            Err(message) => {
+                all_ok = false;
+                println!("error conn={index} {message}");
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+/// The byte at `offset` of the test stream: not periodic at any power of two, so a dropped,
+/// duplicated or reordered chunk cannot go unnoticed.
+fn pattern(offset: usize) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset / 251)) as u8
+}
+
+fn one_connection(addr: SocketAddr, bytes: usize) -> Result<String, String> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("getsockname: {e}"))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername: {e}"))?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("read server line: {e}"))?;
+    let server_saw = line
+        .trim()
+        .strip_prefix("peer=")
+        .ok_or(format!("bad server line {line:?}"))?
+        .to_owned();
+
+    let mut writer = stream;
+    let sender = thread::spawn(move || -> std::io::Result<()> {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            for (i, b) in chunk[..n].iter_mut().enumerate() {
+                *b = pattern(sent + i);
+            }
+            writer.write_all(&chunk[..n])?;
+            sent += n;
+        }
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut received = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| format!("read echo after {received} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = (0..n).find(|&i| buf[i] != pattern(received + i)) {
+            return Err(format!("echo differs at byte {}", received + i));
+        }
+        received += n;
+    }
+    sender
+        .join()
+        .map_err(|_| "sender panicked".to_owned())?
+        .map_err(|e| format!("send: {e}"))?;
+    if received != bytes {
+        return Err(format!("echo returned {received} of {bytes} bytes"));
+    }
+    Ok(format!(
+        "local={local} peer={peer} server_saw={server_saw} bytes={bytes}"
+    ))
+}

@@ -1,0 +1,182 @@
+//! A mesh-node process running in a node's namespace, logging to a file the test can read.
+use std::{
+    fs::{self, File},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::topology::{Node, Topology};
+
+const READY_LINE: &str = "mesh-node is ready";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The mesh-node binary: `MESH_NODE_BIN`, else the workspace's debug build.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MESH_NODE_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug/mesh-node")
+}
+
+/// A running mesh-node; killed when dropped.
+#[derive(Debug)]
+pub struct MeshNode {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl MeshNode {
+    /// Starts mesh-node for `node` with extra arguments and waits until it reports ready.
+    pub fn start(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {
+        let mut mesh = Self::spawn(topo, node, extra)?;
+        mesh.wait_ready()?;
+        Ok(mesh)
+    }
+
+    /// Starts mesh-node without waiting (for tests of start-up failures).
+    pub fn spawn(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {
+        let node: &Node = topo.node(node);
+        let bin = binary();
+        if !bin.exists() {
+            bail!(
+                "{} not found: build mesh-node first (`cargo xtask test` does)",
+                bin.display()
+            );
+        }
+        let log = next_log_path(&topo.workdir, node.name);
+        let log_file = File::create(&log)?;
+        let netns = File::open(Path::new("/run/netns").join(&node.netns))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--pods")
+            .arg(&node.pods_file)
+            .arg("--cgroup")
+            .arg(&node.cgroup)
+            .arg("--bpffs")
+            .arg(&node.bpffs)
+            .args(["--workers", "2"])
+            .args(extra)
+            .env("MESH_NODE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        let ns_fd = netns.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (setns) between fork and exec; `netns` outlives
+        // the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        Ok(Self {
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if self.log_text().contains(READY_LINE) {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "mesh-node exited ({status}) before ready:\n{}",
+                    self.log_text()
+                );
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!(
+                    "mesh-node not ready after {READY_TIMEOUT:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit by itself and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32> {
+        let started = Instant::now();
+        let child = self.child.as_mut().context("already stopped")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "mesh-node still running after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Graceful stop: SIGTERM, then wait.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let started = Instant::now();
+            while child.try_wait()?.is_none() {
+                if started.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("mesh-node ignored SIGTERM for 10s");
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines containing every one of `needles`.
+    pub fn log_lines_with(&self, needles: &[&str]) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|line| needles.iter().all(|n| line.contains(n)))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for MeshNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn next_log_path(workdir: &Path, node: &str) -> PathBuf {
+    (1..)
+        .map(|n| workdir.join(format!("mesh-node-{node}-{n}.log")))
+        .find(|p| !p.exists())
+        .expect("an unused log name")
+}

@@ -1,0 +1,182 @@
+//! Running the pod application (`podapp`) inside a pod: its network namespace and its cgroup,
+//! exactly where the capture hooks look.
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The podapp binary: `PODAPP_BIN`, else next to the running executable (test binaries live in
+/// `target/<profile>/deps`, binaries in `target/<profile>`).
+pub fn binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PODAPP_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?;
+    [dir.join("podapp"), dir.join("../podapp")]
+        .into_iter()
+        .find(|p| p.exists())
+        .context(
+            "podapp binary not found next to the test executable: build the mesh-tests package",
+        )
+}
+
+/// A command that joins `cgroup` and then `netns` before it execs. The cgroup move comes first:
+/// it needs the cgroup2 mount, which is visible in the parent's mount namespace.
+pub fn command_in(netns: &Path, cgroup: &Path, args: &[String]) -> Result<(Command, [File; 2])> {
+    let ns = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
+    let mut cmd = Command::new(binary()?);
+    cmd.args(args).stdin(Stdio::null());
+    let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
+    // SAFETY: only write(2) and setns(2) run between fork and exec; the files are returned to the
+    // caller, who keeps them open until the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0" moves the writing process itself.
+            if libc::write(procs_fd, c"0".as_ptr().cast(), 1) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok((cmd, [ns, procs]))
+}
+
+/// An echo server in a pod; killed when dropped.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    pub fn start(netns: &Path, cgroup: &Path, addr: SocketAddr) -> Result<Self> {
+        let (mut cmd, _files) = command_in(netns, cgroup, &["serve".into(), addr.to_string()])?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if !line.starts_with("listening") {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("podapp serve {addr} did not start: {line:?}");
+        }
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One connection as the client saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnResult {
+    /// `getsockname()` of the client socket.
+    pub local: SocketAddr,
+    /// `getpeername()` of the client socket: what the application believes it is connected to.
+    pub peer: SocketAddr,
+    /// The client address the server reported for this connection.
+    pub server_saw: SocketAddr,
+    /// Bytes sent, echoed back and verified.
+    pub bytes: usize,
+}
+
+/// The outcome of one `podapp connect` run.
+#[derive(Debug)]
+pub struct PodRun {
+    pub ok: Vec<ConnResult>,
+    pub errors: Vec<String>,
+}
+
+/// Runs `conns` parallel connections from inside a pod, each sending `bytes` and verifying the
+/// echo.
+pub fn connect(
+    netns: &Path,
+    cgroup: &Path,
+    target: SocketAddr,
+    bytes: usize,
+    conns: usize,
+) -> Result<PodRun> {
+    let args = [
+        "connect".into(),
+        target.to_string(),
+        bytes.to_string(),
+        conns.to_string(),
+    ];
+    let (mut cmd, _files) = command_in(netns, cgroup, &args)?;
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let out = wait_with_timeout(child, Duration::from_secs(120))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut run = PodRun {
+        ok: Vec::new(),
+        errors: Vec::new(),
+    };
+    for line in stdout.lines() {
+        if let Some(rest) = line.strip_prefix("ok ") {
+            run.ok
+                .push(parse_ok(rest).with_context(|| format!("podapp line {line:?}"))?);
+        } else if let Some(rest) = line.strip_prefix("error ") {
+            run.errors.push(rest.to_owned());
+        }
+    }
+    if run.ok.len() + run.errors.len() != conns {
+        bail!(
+            "podapp reported {} of {conns} connections; stderr: {}",
+            run.ok.len() + run.errors.len(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(run)
+}
+
+fn parse_ok(rest: &str) -> Result<ConnResult> {
+    let field = |name: &str| -> Result<&str> {
+        rest.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .with_context(|| format!("missing {name}"))
+    };
+    Ok(ConnResult {
+        local: field("local")?.parse()?,
+        peer: field("peer")?.parse()?,
+        server_saw: field("server_saw")?.parse()?,
+        bytes: field("bytes")?.parse()?,
+    })
+}
+
+fn wait_with_timeout(child: Child, timeout: Duration) -> Result<std::process::Output> {
+    // Reading the pipes on another thread keeps a chatty child from blocking on a full pipe.
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child's pid; it has not been reaped (the waiter is blocked).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            bail!("podapp ran past {timeout:?} and was killed")
+        }
+    }
+}

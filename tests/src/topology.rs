@@ -1,0 +1,395 @@
+//! Nodes and pods out of network namespaces.
+//!
+//! Addressing: node `i` (1-based) owns pod subnet 198.18.i.0/24 (RFC 2544 test range) and has
+//! 198.19.0.i on the node-to-node link; pod `j` on node `i` is 198.18.i.(10+j) behind its own
+//! veth, with the node answering as 198.18.i.1. Every interface is created directly inside the
+//! namespaces it belongs to, so the machine's own network is never touched.
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// Prefix of every namespace, cgroup and pin directory the harness creates.
+const PREFIX: &str = "meshtest";
+
+/// A node to build, with its pods.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: &'static str,
+    pub pods: Vec<PodSpec>,
+}
+
+/// A pod to build. `enrolled` pods are listed in the node's pods file.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub enrolled: bool,
+}
+
+impl PodSpec {
+    pub fn enrolled(name: &'static str) -> Self {
+        Self {
+            name,
+            enrolled: true,
+        }
+    }
+    pub fn plain(name: &'static str) -> Self {
+        Self {
+            name,
+            enrolled: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub name: &'static str,
+    pub netns: String,
+    /// Attach point of this node's mesh-node; pods' cgroups are below it.
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub pods_file: PathBuf,
+    pub pods: Vec<Pod>,
+}
+
+#[derive(Debug)]
+pub struct Pod {
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub cgroup: PathBuf,
+    pub enrolled: bool,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.netns)
+    }
+}
+
+/// The built topology; dropping it removes everything it made.
+#[derive(Debug)]
+pub struct Topology {
+    pub id: String,
+    pub nodes: Vec<Node>,
+    pub workdir: PathBuf,
+    cgroup_root: PathBuf,
+    namespaces: Vec<String>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Topology {
+    pub fn build(specs: &[NodeSpec]) -> Result<Self> {
+        sweep_leftovers();
+        let id = format!(
+            "{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let cgroup_root = cgroup2_mount()?.join(format!("{PREFIX}-{id}"));
+        let workdir = std::env::temp_dir().join(format!("{PREFIX}-{id}"));
+        let mut topo = Topology {
+            id,
+            nodes: Vec::new(),
+            workdir,
+            cgroup_root,
+            namespaces: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was made, also on error.
+        fs::create_dir_all(&topo.workdir)?;
+        fs::create_dir_all(&topo.cgroup_root)?;
+        for (index, spec) in specs.iter().enumerate() {
+            let node = topo.build_node(index as u8 + 1, spec)?;
+            topo.nodes.push(node);
+        }
+        topo.link_nodes()?;
+        for node in &topo.nodes {
+            write_pods_file(node)?;
+        }
+        Ok(topo)
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// A cgroup for processes that run in a node's own namespace (host-network processes),
+    /// below the node's attach point so that the hooks do see them.
+    pub fn host_cgroup(&self, node: &str) -> Result<PathBuf> {
+        let path = self.node(node).cgroup.join("host");
+        fs::create_dir_all(&path)?;
+        Ok(path)
+    }
+
+    fn add_netns(&mut self, name: String) -> Result<String> {
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn build_node(&mut self, index: u8, spec: &NodeSpec) -> Result<Node> {
+        let netns = self.add_netns(format!("{PREFIX}-{}-{}", self.id, spec.name))?;
+        sysctl(&netns, "net.ipv4.ip_forward=1")?;
+        let cgroup = self.cgroup_root.join(spec.name);
+        fs::create_dir_all(&cgroup)?;
+        let bpffs =
+            PathBuf::from("/sys/fs/bpf").join(format!("{PREFIX}-{}-{}", self.id, spec.name));
+        let gateway = Ipv4Addr::new(198, 18, index, 1);
+        let mut pods = Vec::new();
+        for (j, pod) in spec.pods.iter().enumerate() {
+            let pod_ns = self.add_netns(format!("{PREFIX}-{}-{}", self.id, pod.name))?;
+            let ip_addr = Ipv4Addr::new(198, 18, index, 10 + j as u8);
+            let host_if = format!("p{j}");
+            ip(&[
+                "-n", &netns, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0",
+                "netns", &pod_ns,
+            ])?;
+            ip(&[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{gateway}/32"),
+                "dev",
+                &host_if,
+            ])?;
+            ip(&["-n", &netns, "link", "set", &host_if, "up"])?;
+            ip(&[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                &format!("{ip_addr}/32"),
+                "dev",
+                &host_if,
+            ])?;
+            ip(&[
+                "-n",
+                &pod_ns,
+                "addr",
+                "add",
+                &format!("{ip_addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &pod_ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway.to_string(),
+            ])?;
+            let pod_cgroup = cgroup.join(pod.name);
+            fs::create_dir_all(&pod_cgroup)?;
+            pods.push(Pod {
+                name: pod.name,
+                namespace: "default",
+                netns: pod_ns,
+                ip: ip_addr,
+                cgroup: pod_cgroup,
+                enrolled: pod.enrolled,
+            });
+        }
+        let pods_file = self.workdir.join(format!("{}-pods.yaml", spec.name));
+        Ok(Node {
+            name: spec.name,
+            netns,
+            cgroup,
+            bpffs,
+            pods_file,
+            pods,
+        })
+    }
+
+    /// A veth between every pair of nodes would do; with one or two nodes a single link does.
+    fn link_nodes(&mut self) -> Result<()> {
+        ensure!(self.nodes.len() <= 2, "the harness links at most two nodes");
+        if self.nodes.len() < 2 {
+            return Ok(());
+        }
+        let (a, b) = (&self.nodes[0].netns, &self.nodes[1].netns);
+        ip(&[
+            "-n", a, "link", "add", "n0", "type", "veth", "peer", "name", "n0", "netns", b,
+        ])?;
+        for (i, ns) in [a, b].into_iter().enumerate() {
+            let own = i as u8 + 1;
+            let other = 2 - i as u8;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("198.19.0.{own}/24"),
+                "dev",
+                "n0",
+            ])?;
+            ip(&["-n", ns, "link", "set", "n0", "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                &format!("198.18.{other}.0/24"),
+                "via",
+                &format!("198.19.0.{other}"),
+            ])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Processes are owned (and killed) by their handles, which tests drop before this.
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        for node in &self.nodes {
+            let _ = fs::remove_dir_all(&node.bpffs);
+        }
+        remove_cgroup_tree(&self.cgroup_root);
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
+
+fn write_pods_file(node: &Node) -> Result<()> {
+    let mut yaml = String::from("pods:\n");
+    for pod in node.pods.iter().filter(|p| p.enrolled) {
+        yaml.push_str(&format!(
+            "  - name: {}\n    namespace: {}\n    serviceAccount: {}\n    netns: {}\n    ips: [{}]\n",
+            pod.name,
+            pod.namespace,
+            pod.name,
+            pod.netns_path().display(),
+            pod.ip
+        ));
+    }
+    fs::write(&node.pods_file, yaml).with_context(|| format!("write {}", node.pods_file.display()))
+}
+
+/// Runs `ip ARGS`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("run ip (is iproute2 installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn sysctl(netns: &str, setting: &str) -> Result<()> {
+    let (key, value) = setting.split_once('=').context("sysctl setting")?;
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "sh",
+            "-c",
+            &format!("echo {value} > {path}"),
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "sysctl {setting} in {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The cgroup2 mount point, from /proc/self/mounts (never assumed).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            (kind == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .context("no cgroup2 mount in /proc/self/mounts")
+}
+
+/// Removes a cgroup directory tree bottom-up (cgroupfs only allows rmdir of empty cgroups).
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(path);
+}
+
+/// Removes namespaces, cgroups, pin directories and work directories left by harness runs whose
+/// process no longer exists (a run killed before its Drop ran).
+fn sweep_leftovers() {
+    let dead = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix(PREFIX).and_then(|r| r.strip_prefix('-')) else {
+            return false;
+        };
+        let pid = rest.split('x').next().unwrap_or("");
+        pid.parse::<u32>()
+            .is_ok_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|it| {
+                it.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in names(Path::new("/run/netns"))
+        .into_iter()
+        .filter(|n| dead(n))
+    {
+        let _ = ip(&["netns", "del", &name]);
+    }
+    for name in names(Path::new("/sys/fs/bpf"))
+        .into_iter()
+        .filter(|n| dead(n))
+    {
+        let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf").join(name));
+    }
+    if let Ok(mount) = cgroup2_mount() {
+        for name in names(&mount).into_iter().filter(|n| dead(n)) {
+            remove_cgroup_tree(&mount.join(name));
+        }
+    }
+    let tmp = std::env::temp_dir();
+    for name in names(&tmp).into_iter().filter(|n| dead(n)) {
+        let _ = fs::remove_dir_all(tmp.join(name));
+    }
+}

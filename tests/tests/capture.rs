@@ -1,0 +1,335 @@
+//! Outbound capture on a real kernel: two nodes, pods in network namespaces, one mesh-node per
+//! node. Each test asserts on what a user sees: bytes that arrived, the peer the application
+//! sees, who the server saw connecting, and mesh-node's own account of the connection.
+use std::{net::SocketAddr, time::Duration};
+
+use mesh_tests::{MeshNode, NodeSpec, PodSpec, Server, Topology, podapp, privileged};
+
+const SERVER_PORT: u16 = 8080;
+
+/// node1: `client` (enrolled), `bystander` (not enrolled); node2: `server` (enrolled).
+fn two_nodes() -> Topology {
+    Topology::build(&[
+        NodeSpec {
+            name: "node1",
+            pods: vec![PodSpec::enrolled("client"), PodSpec::plain("bystander")],
+        },
+        NodeSpec {
+            name: "node2",
+            pods: vec![PodSpec::enrolled("server")],
+        },
+    ])
+    .expect("build topology")
+}
+
+fn start_server(topo: &Topology) -> Server {
+    let pod = topo.pod("server");
+    Server::start(
+        &pod.netns_path(),
+        &pod.cgroup,
+        SocketAddr::from((pod.ip, SERVER_PORT)),
+    )
+    .expect("start server")
+}
+
+fn run_from(
+    topo: &Topology,
+    pod: &str,
+    target: SocketAddr,
+    bytes: usize,
+    conns: usize,
+) -> podapp::PodRun {
+    let pod = topo.pod(pod);
+    podapp::connect(&pod.netns_path(), &pod.cgroup, target, bytes, conns)
+        .expect("run podapp connect")
+}
+
+fn captured_count(mesh: &MeshNode, target: SocketAddr) -> usize {
+    mesh.log_lines_with(&[
+        "outbound connection captured",
+        &format!("original_dst={target}"),
+    ])
+    .len()
+}
+
+/// Asserts that every connection went through mesh-node: the application still believes it talks
+/// to `target`, while the server saw a different socket (mesh-node's) from the client pod's IP.
+fn assert_captured(run: &podapp::PodRun, topo: &Topology, target: SocketAddr) {
+    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
+    let client_ip = topo.pod("client").ip;
+    for conn in &run.ok {
+        assert_eq!(
+            conn.peer, target,
+            "getpeername() must show the original destination"
+        );
+        assert_eq!(
+            conn.server_saw.ip(),
+            client_ip,
+            "upstream leaves from the pod's own IP"
+        );
+        assert_ne!(
+            conn.server_saw, conn.local,
+            "the server must see mesh-node's socket, not the app's"
+        );
+    }
+}
+
+/// Asserts that connections went straight to the server: it saw the application's own socket.
+fn assert_direct(run: &podapp::PodRun, target: SocketAddr) {
+    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
+    for conn in &run.ok {
+        assert_eq!(conn.peer, target);
+        assert_eq!(
+            conn.server_saw, conn.local,
+            "the server must see the application's own socket"
+        );
+    }
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+#[test]
+fn cross_node_connections_are_captured_and_bytes_arrive_intact() {
+    if !privileged() {
+        return;
+    }
+    let topo = two_nodes();
+    let mesh1 = MeshNode::start(&topo, "node1", &[]).expect("mesh-node node1");
+    let _mesh2 = MeshNode::start(&topo, "node2", &[]).expect("mesh-node node2");
+    let server = start_server(&topo);
+
+    let one_byte = run_from(&topo, "client", server.addr, 1, 1);
+    assert_captured(&one_byte, &topo, server.addr);
+    assert_eq!(one_byte.ok[0].bytes, 1);
+
+    let large = run_from(&topo, "client", server.addr, 16 << 20, 1);
+    assert_captured(&large, &topo, server.addr);
+    assert_eq!(large.ok[0].bytes, 16 << 20);
+
+    let concurrent = run_from(&topo, "client", server.addr, 64 * 1024, 64);
+    assert_captured(&concurrent, &topo, server.addr);
+    assert_eq!(concurrent.ok.len(), 64);
+
+    // mesh-node's own account: one captured line per connection, and the 16 MiB both ways.
+    assert!(
+        wait_for(|| captured_count(&mesh1, server.addr) == 66),
+        "mesh-node logged {} captured connections, expected 66:\n{}",
+        captured_count(&mesh1, server.addr),
+        mesh1.log_text()
+    );
+    let bytes = format!("bytes_sent={}", 16 << 20);
+    assert!(wait_for(|| !mesh1
+        .log_lines_with(&["outbound connection closed", &bytes])
+        .is_empty()));
+}
+
+#[test]
+fn non_enrolled_pods_and_the_host_namespace_are_not_captured() {
+    if !privileged() {
+        return;
+    }
+    let topo = two_nodes();
+    let mesh1 = MeshNode::start(&topo, "node1", &[]).expect("mesh-node node1");
+    let server = start_server(&topo);
+
+    // A pod on the same node, inside the hooked cgroup, but not enrolled.
+    assert_direct(
+        &run_from(&topo, "bystander", server.addr, 4096, 4),
+        server.addr,
+    );
+
+    // A host-network process of node1, also inside the hooked cgroup.
+    let node = topo.node("node1");
+    let host_cgroup = topo.host_cgroup("node1").expect("host cgroup");
+    let netns = std::path::Path::new("/run/netns").join(&node.netns);
+    let host = podapp::connect(&netns, &host_cgroup, server.addr, 4096, 2).expect("host client");
+    assert_direct(&host, server.addr);
+
+    assert_eq!(
+        captured_count(&mesh1, server.addr),
+        0,
+        "{}",
+        mesh1.log_text()
+    );
+    // And the enrolled pod next to them still is captured.
+    assert_captured(
+        &run_from(&topo, "client", server.addr, 10, 1),
+        &topo,
+        server.addr,
+    );
+}
+
+#[test]
+fn a_restarted_mesh_node_captures_again_through_the_same_pinned_links() {
+    if !privileged() {
+        return;
+    }
+    let topo = two_nodes();
+    let server = start_server(&topo);
+    let mut first = MeshNode::start(&topo, "node1", &[]).expect("first mesh-node");
+    assert_captured(
+        &run_from(&topo, "client", server.addr, 100, 1),
+        &topo,
+        server.addr,
+    );
+    let attached = hook_link_ids(&first, "origin=attached");
+    assert_eq!(
+        attached.len(),
+        5,
+        "five hooks attached:\n{}",
+        first.log_text()
+    );
+    first.stop().expect("stop first");
+
+    let second = MeshNode::start(&topo, "node1", &[]).expect("second mesh-node");
+    let reused = hook_link_ids(&second, "origin=reused");
+    assert_eq!(
+        reused,
+        attached,
+        "the restart must reuse the very same links:\n{}",
+        second.log_text()
+    );
+    assert_captured(
+        &run_from(&topo, "client", server.addr, 100, 2),
+        &topo,
+        server.addr,
+    );
+    assert!(
+        wait_for(|| captured_count(&second, server.addr) == 2),
+        "{}",
+        second.log_text()
+    );
+}
+
+/// `(hook, link id)` pairs from mesh-node's "capture hook in place" lines with this origin.
+fn hook_link_ids(mesh: &MeshNode, origin: &str) -> Vec<(String, String)> {
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    mesh.log_lines_with(&["capture hook in place", origin])
+        .iter()
+        .map(|line| (field(line, "hook="), field(line, "link_id=")))
+        .collect()
+}
+
+#[test]
+fn a_stopped_mesh_node_fails_open_or_closed_as_configured() {
+    if !privileged() {
+        return;
+    }
+    let topo = two_nodes();
+    let server = start_server(&topo);
+
+    let mut open =
+        MeshNode::start(&topo, "node1", &["--fail-mode", "open"]).expect("mesh-node fail-open");
+    assert_captured(
+        &run_from(&topo, "client", server.addr, 10, 1),
+        &topo,
+        server.addr,
+    );
+    open.stop().expect("stop");
+    // Still enrolled and hooked, but nobody serving: traffic goes direct.
+    assert_direct(
+        &run_from(&topo, "client", server.addr, 1024, 2),
+        server.addr,
+    );
+
+    let mut closed =
+        MeshNode::start(&topo, "node1", &["--fail-mode", "closed"]).expect("mesh-node fail-closed");
+    assert_captured(
+        &run_from(&topo, "client", server.addr, 10, 1),
+        &topo,
+        server.addr,
+    );
+    closed.stop().expect("stop");
+    let refused = run_from(&topo, "client", server.addr, 10, 2);
+    assert!(
+        refused.ok.is_empty(),
+        "fail-closed let connections through: {:?}",
+        refused.ok
+    );
+    for error in &refused.errors {
+        assert!(
+            error.contains("connect") && error.contains("not permitted"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_one_clear_line_and_the_rest_keeps_working() {
+    if !privileged() {
+        return;
+    }
+    let topo = two_nodes();
+    let server = start_server(&topo);
+    let node = topo.node("node1");
+
+    // A malformed pods file: mesh-node refuses to start, naming file, line and field.
+    let original = std::fs::read_to_string(&node.pods_file).expect("pods file");
+    std::fs::write(
+        &node.pods_file,
+        original.replacen("ips: [198.18.1.10]", "ips: [198.18.1.300]", 1),
+    )
+    .expect("write bad pods file");
+    let mut bad = MeshNode::spawn(&topo, "node1", &[]).expect("spawn");
+    assert_eq!(bad.wait_exit(Duration::from_secs(20)).expect("exit"), 1);
+    let log = bad.log_text();
+    assert!(log.contains(&node.pods_file.display().to_string()), "{log}");
+    assert!(
+        log.contains("pods[0].ips[0]") && log.contains("line 6"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+
+    // A pod whose netns is gone, and a pod whose 15001 is taken: each named, the rest enrolled.
+    let client = topo.pod("client");
+    let bystander = topo.pod("bystander");
+    let mut pods = original.clone();
+    pods.push_str("  - name: ghost\n    namespace: default\n    netns: /run/netns/does-not-exist\n    ips: [198.18.1.99]\n");
+    pods.push_str(&format!(
+        "  - name: bystander\n    namespace: default\n    netns: {}\n    ips: [{}]\n",
+        bystander.netns_path().display(),
+        bystander.ip
+    ));
+    std::fs::write(&node.pods_file, pods).expect("write pods file");
+    let squatter = Server::start(
+        &bystander.netns_path(),
+        &bystander.cgroup,
+        SocketAddr::from(([127, 0, 0, 1], 15001)),
+    )
+    .expect("occupy 15001 in bystander");
+
+    let mesh = MeshNode::start(&topo, "node1", &[]).expect("mesh-node with partly bad pods");
+    let log = mesh.log_text();
+    assert!(log.contains("enrolled=1 failed=2"), "{log}");
+    assert!(
+        log.contains("enroll pod default/ghost") && log.contains("/run/netns/does-not-exist"),
+        "{log}"
+    );
+    assert!(
+        log.contains("enroll pod default/bystander: bind 127.0.0.1:15001")
+            && log.contains("in use"),
+        "{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    assert_captured(
+        &run_from(&topo, "client", server.addr, 1000, 1),
+        &topo,
+        server.addr,
+    );
+    drop(squatter);
+    assert!(client.enrolled);
+}

@@ -1,1 +1,228 @@
-fn main() {}
+//! `cargo xtask`: the project's one-command workflows.
+//!
+//! - `setup`: make this machine ready (pinned nightly + rust-src, bpf-linker, Debian packages).
+//!   Idempotent and quick when nothing is missing.
+//! - `demo`: setup, build, then run the two-node demo.
+//! - `test`: setup, build, lint, then every test, privileged integration tests included (a missing
+//!   privilege fails the run instead of skipping).
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// The nightly whose LLVM (22) bpf-linker 0.10.0 loads. Identified by rustc's commit date; when
+/// no installed `nightly` has it, it is installed under its dated name.
+const PINNED_NIGHTLY_COMMIT_DATE: &str = "2026-05-19";
+const PINNED_NIGHTLY_NAME: &str = "nightly-2026-05-20";
+const BPF_LINKER_VERSION: &str = "0.10.0";
+/// Commands the harness and mesh-node rely on, with the Debian package that provides each.
+const DEBIAN_TOOLS: [(&str, &str); 1] = [("ip", "iproute2")];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need.
+    Setup,
+    /// Set up, build, and run the local two-node demo (needs root).
+    Demo,
+    /// Set up, build, lint and run every test (integration tests need root).
+    Test,
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match Cli::parse().command {
+        Cmd::Setup => {
+            setup()?;
+        }
+        Cmd::Demo => {
+            let toolchain = setup()?;
+            build(&toolchain)?;
+            run(Command::new(root.join("target/debug/mesh-demo")))?;
+        }
+        Cmd::Test => {
+            let toolchain = setup()?;
+            build(&toolchain)?;
+            cargo(&toolchain, &["fmt", "--all", "--", "--check"])?;
+            cargo(
+                &toolchain,
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )?;
+            let mut test = cargo_cmd(
+                &toolchain,
+                &["test", "--workspace", "--", "--test-threads", "4"],
+            );
+            test.env("MESH_REQUIRE_PRIVILEGED", "1")
+                .env("MESH_NODE_BIN", root.join("target/debug/mesh-node"));
+            run(test)?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Makes the machine ready; returns the nightly toolchain name for the eBPF build.
+fn setup() -> Result<String> {
+    let toolchain = ensure_nightly()?;
+    ensure_rust_src(&toolchain)?;
+    ensure_bpf_linker()?;
+    ensure_debian_tools()?;
+    eprintln!("xtask: set up (eBPF toolchain {toolchain}, bpf-linker {BPF_LINKER_VERSION})");
+    Ok(toolchain)
+}
+
+fn ensure_nightly() -> Result<String> {
+    for name in ["nightly", PINNED_NIGHTLY_NAME] {
+        if nightly_commit_date(name).as_deref() == Some(PINNED_NIGHTLY_COMMIT_DATE) {
+            return Ok(name.to_owned());
+        }
+    }
+    eprintln!(
+        "xtask: installing {PINNED_NIGHTLY_NAME} (rustc commit {PINNED_NIGHTLY_COMMIT_DATE})"
+    );
+    run(command(
+        "rustup",
+        &[
+            "toolchain",
+            "install",
+            PINNED_NIGHTLY_NAME,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ],
+    ))?;
+    match nightly_commit_date(PINNED_NIGHTLY_NAME) {
+        Some(date) if date == PINNED_NIGHTLY_COMMIT_DATE => Ok(PINNED_NIGHTLY_NAME.to_owned()),
+        other => bail!(
+            "{PINNED_NIGHTLY_NAME} reports commit date {other:?}, expected {PINNED_NIGHTLY_COMMIT_DATE}: \
+             bpf-linker {BPF_LINKER_VERSION} needs that nightly's LLVM"
+        ),
+    }
+}
+
+fn nightly_commit_date(toolchain: &str) -> Option<String> {
+    let out = Command::new("rustup")
+        .args(["run", toolchain, "rustc", "-vV"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("commit-date: ").map(str::to_owned))
+}
+
+fn ensure_rust_src(toolchain: &str) -> Result<()> {
+    let installed = output(command(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", toolchain],
+    ))?;
+    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+        run(command(
+            "rustup",
+            &["component", "add", "rust-src", "--toolchain", toolchain],
+        ))?;
+    }
+    Ok(())
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let current = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = current
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (a few minutes, once)");
+    run(command(
+        "cargo",
+        &[
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ],
+    ))
+}
+
+fn ensure_debian_tools() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_TOOLS
+        .iter()
+        .filter(|(tool, _)| Command::new(tool).arg("-V").output().is_err())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages {missing:?}");
+    run(command("apt-get", &["update"]))?;
+    let mut install = command("apt-get", &["install", "-y", "--no-install-recommends"]);
+    install
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(install)
+}
+
+fn build(toolchain: &str) -> Result<()> {
+    cargo(toolchain, &["build", "-p", "mesh-node", "-p", "mesh-tests"])
+}
+
+fn cargo(toolchain: &str, args: &[&str]) -> Result<()> {
+    run(cargo_cmd(toolchain, args))
+}
+
+fn cargo_cmd(toolchain: &str, args: &[&str]) -> Command {
+    let mut cmd = command(
+        &env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()),
+        args,
+    );
+    cmd.env("MESH_EBPF_TOOLCHAIN", toolchain);
+    cmd
+}
+
+fn command(program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    cmd
+}
+
+fn run(mut cmd: Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(mut cmd: Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -36,13 +36,13 @@ pub enum AttachError {
         hook: &'static str,
         program: &'static str,
         min_kernel: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("attach {hook} to {cgroup}: {source}")]
     Attach {
         hook: &'static str,
         cgroup: PathBuf,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("pin {hook} link at {path}: {message}")]
     Pin {
@@ -51,7 +51,10 @@ pub enum AttachError {
         message: String,
     },
     #[error("open pinned link {path}: {source}")]
-    Reuse { path: PathBuf, source: LinkError },
+    Reuse {
+        path: PathBuf,
+        source: Box<LinkError>,
+    },
 }
 
 /// Whether a link was created by this process or found pinned.
@@ -96,7 +99,7 @@ pub fn attach_all(
         let (fd_link, origin) = if pin_path.exists() {
             let pinned = PinnedLink::from_pin(&pin_path).map_err(|source| AttachError::Reuse {
                 path: pin_path.clone(),
-                source,
+                source: Box::new(source),
             })?;
             (FdLink::from(pinned), LinkOrigin::Reused)
         } else {
@@ -110,7 +113,7 @@ pub fn attach_all(
         };
         let info = fd_link.info().map_err(|source| AttachError::Reuse {
             path: pin_path.clone(),
-            source,
+            source: Box::new(source),
         })?;
         tracing::info!(hook, link_id = info.id(), program_id = info.program_id(), %origin, "capture hook in place");
         links.push(AttachedLink {
@@ -136,16 +139,16 @@ fn attach_one(
     let prog = ebpf
         .program_mut(program)
         .ok_or(AttachError::MissingProgram { program })?;
-    let load_err = |source| AttachError::Load {
+    let load_err = |source: ProgramError| AttachError::Load {
         hook,
         program,
         min_kernel,
-        source,
+        source: Box::new(source),
     };
-    let attach_err = |source| AttachError::Attach {
+    let attach_err = |source: ProgramError| AttachError::Attach {
         hook,
         cgroup: cgroup.to_owned(),
-        source,
+        source: Box::new(source),
     };
     // BPF links on cgroups always coexist with other programs (a CNI's, another tool's); the
     // kernel refuses any attach flag on link creation, and `Single` is the one that sends none.

@@ -29,13 +29,16 @@ pub enum DataplaneError {
     #[error("create pin directory {path}: {io_error}")]
     PinDir { path: PathBuf, io_error: io::Error },
     #[error("load eBPF object (maps pinned under {pin_dir}): {source}")]
-    LoadObject { pin_dir: PathBuf, source: EbpfError },
+    LoadObject {
+        pin_dir: PathBuf,
+        source: Box<EbpfError>,
+    },
     #[error("map {map} missing from the eBPF object")]
     MissingMap { map: &'static str },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
     #[error(transparent)]
-    Attach(#[from] attach::AttachError),
+    Attach(#[from] Box<attach::AttachError>),
 }
 
 /// Loaded programs, their links and the maps they share with user space.
@@ -69,7 +72,7 @@ impl Dataplane {
             .load(EBPF_OBJECT)
             .map_err(|source| DataplaneError::LoadObject {
                 pin_dir: pin_dir.to_owned(),
-                source,
+                source: Box::new(source),
             })?;
 
         let mut config: Array<MapData, DataplaneConfig> = take_map(&mut ebpf, map_names::CONFIG)?;
@@ -84,7 +87,7 @@ impl Dataplane {
                 source,
             })?;
 
-        let links = attach::attach_all(&mut ebpf, cgroup, &links_dir)?;
+        let links = attach::attach_all(&mut ebpf, cgroup, &links_dir).map_err(Box::new)?;
         Ok(Self {
             links,
             enrolled: Mutex::new(take_map(&mut ebpf, map_names::ENROLLED)?),

@@ -52,11 +52,14 @@ struct File {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PodEntry {
-    #[serde(deserialize_with = "non_empty")]
+    #[serde(deserialize_with = "non_empty_name")]
     name: String,
-    #[serde(deserialize_with = "non_empty")]
+    #[serde(deserialize_with = "non_empty_namespace")]
     namespace: String,
-    #[serde(default = "default_service_account", deserialize_with = "non_empty")]
+    #[serde(
+        default = "default_service_account",
+        deserialize_with = "non_empty_service_account"
+    )]
     service_account: String,
     netns: PathBuf,
     #[serde(deserialize_with = "non_empty_ips")]
@@ -67,21 +70,33 @@ fn default_service_account() -> String {
     "default".to_owned()
 }
 
-fn non_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    let value = String::deserialize(deserializer)?;
-    if value.trim().is_empty() {
-        return Err(de::Error::invalid_value(
-            de::Unexpected::Str(&value),
-            &"a non-empty string",
-        ));
-    }
-    Ok(value)
+/// serde_yaml attributes errors from these validators to the enclosing pod entry (with its line),
+/// so each message names its own field.
+macro_rules! non_empty_field {
+    ($fn_name:ident, $field:literal) => {
+        fn $fn_name<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+            let value = String::deserialize(deserializer)?;
+            if value.trim().is_empty() {
+                return Err(de::Error::custom(concat!(
+                    "field `",
+                    $field,
+                    "` must not be empty"
+                )));
+            }
+            Ok(value)
+        }
+    };
 }
+non_empty_field!(non_empty_name, "name");
+non_empty_field!(non_empty_namespace, "namespace");
+non_empty_field!(non_empty_service_account, "serviceAccount");
 
 fn non_empty_ips<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpAddr>, D::Error> {
     let ips = Vec::<IpAddr>::deserialize(deserializer)?;
     if ips.is_empty() {
-        return Err(de::Error::invalid_length(0, &"at least one pod IP"));
+        return Err(de::Error::custom(
+            "field `ips` must list at least one pod IP",
+        ));
     }
     Ok(ips)
 }

@@ -68,14 +68,14 @@ fn empty_name_and_empty_ips_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("pods[0].name") && err.contains("non-empty"),
+        err.contains("pods[0]: field `name` must not be empty at line 2"),
         "{err}"
     );
     let err = parse_str("pods:\n- name: a\n  namespace: n\n  netns: /x\n  ips: []\n")
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("pods[0].ips") && err.contains("at least one pod IP"),
+        err.contains("pods[0]: field `ips` must list at least one pod IP"),
         "{err}"
     );
 }

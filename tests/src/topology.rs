@@ -326,17 +326,9 @@ fn sysctl(netns: &str, setting: &str) -> Result<()> {
     Ok(())
 }
 
-/// The cgroup2 mount point, from /proc/self/mounts (never assumed).
+/// The cgroup2 mount point, found the same way mesh-node finds it (never assumed).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .find_map(|line| {
-            let mut f = line.split_whitespace();
-            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
-            (kind == "cgroup2").then(|| PathBuf::from(dir))
-        })
-        .context("no cgroup2 mount in /proc/self/mounts")
+    Ok(mesh_node::preflight::cgroup2_mount()?)
 }
 
 /// Removes a cgroup directory tree bottom-up (cgroupfs only allows rmdir of empty cgroups).

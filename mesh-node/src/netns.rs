@@ -10,6 +10,12 @@ use std::{
 /// `SO_NETNS_COOKIE` (Linux 5.14); libc does not export it on every target.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
+thread_local! {
+    /// The namespace this thread lives in, opened once per thread: `run` always returns the thread
+    /// here, so it never changes, and the upstream path calls `run` once per connection.
+    static HOME_NETNS: io::Result<File> = File::open("/proc/thread-self/ns/net");
+}
+
 /// An open handle on a network namespace.
 #[derive(Debug)]
 pub struct NetNs {

@@ -50,6 +50,10 @@ pub enum AttachError {
         path: PathBuf,
         message: String,
     },
+    #[error(
+        "attach {hook}: the kernel gave a legacy attachment, not a BPF link, so it cannot be pinned (needs Linux 5.7+)"
+    )]
+    NotALink { hook: &'static str },
     #[error("open pinned link {path}: {source}")]
     Reuse {
         path: PathBuf,
@@ -164,9 +168,5 @@ fn attach_one(
         let id = prog.attach(cgroup_file, mode).map_err(attach_err)?;
         FdLink::try_from(prog.take_link(id).map_err(attach_err)?)
     };
-    link.map_err(|error| AttachError::Pin {
-        hook,
-        path: cgroup.to_owned(),
-        message: error.to_string(),
-    })
+    link.map_err(|_| AttachError::NotALink { hook })
 }

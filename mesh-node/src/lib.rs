@@ -7,6 +7,8 @@ pub mod app;
 pub mod config;
 pub mod dataplane;
 pub mod enroll;
+pub mod identity;
 pub mod netns;
 pub mod preflight;
 pub mod proxy;
+pub mod tls;

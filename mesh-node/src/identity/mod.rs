@@ -1,0 +1,128 @@
+//! Workload identities (SPIFFE IDs), their certificates, and where certificates come from.
+//!
+//! The proxy asks a [`CertManager`] for the certificate of an identity it serves; the manager
+//! caches it and renews it at half-life from a [`CertSource`] — the file-backed CA today
+//! ([`file_ca::FileCa`]), istiod's CA client later.
+pub mod file_ca;
+mod manager;
+pub mod san;
+
+use std::{fmt, future::Future, pin::Pin, str::FromStr, time::SystemTime};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub use manager::{CertManager, Certified};
+
+/// A workload identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Identity {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self {
+            trust_domain,
+            namespace,
+            service_account,
+        } = self;
+        write!(
+            f,
+            "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{value:?} is not a workload SPIFFE ID (spiffe://<trust domain>/ns/<ns>/sa/<sa>): {reason}"
+)]
+pub struct ParseIdentityError {
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl FromStr for Identity {
+    type Err = ParseIdentityError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let fail = |reason| ParseIdentityError {
+            value: value.to_owned(),
+            reason,
+        };
+        let rest = value
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| fail("missing spiffe:// scheme"))?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [trust_domain, "ns", namespace, "sa", service_account] = parts.as_slice() else {
+            return Err(fail("path is not /ns/<ns>/sa/<sa>"));
+        };
+        if [trust_domain, namespace, service_account]
+            .iter()
+            .any(|part| part.is_empty())
+        {
+            return Err(fail("empty segment"));
+        }
+        if !is_valid_trust_domain(trust_domain) {
+            return Err(fail(
+                "trust domain may hold only a-z, 0-9, '.', '-' and '_'",
+            ));
+        }
+        Ok(Self::new(trust_domain, namespace, service_account))
+    }
+}
+
+/// SPIFFE trust domains: lowercase letters, digits, dots, dashes and underscores.
+pub fn is_valid_trust_domain(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// A certificate chain (leaf first) with its private key and the roots that peers chain to.
+#[derive(Debug)]
+pub struct WorkloadCert {
+    pub identity: Identity,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("issue certificate for {identity}: {reason}")]
+    Issue { identity: Identity, reason: String },
+    #[error("certificate for {identity}: {source}")]
+    Tls {
+        identity: Identity,
+        source: rustls::Error,
+    },
+}
+
+/// Boxed so the manager can hold any source behind `dyn`.
+pub type CertFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<WorkloadCert, CertError>> + Send + 'a>>;
+
+/// Where workload certificates come from.
+pub trait CertSource: Send + Sync {
+    /// A fresh certificate for `identity`.
+    fn fetch<'a>(&'a self, identity: &'a Identity) -> CertFuture<'a>;
+}
+
+#[cfg(test)]
+mod tests;

@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod dataplane;
 pub mod enroll;
+pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod preflight;

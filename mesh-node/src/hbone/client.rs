@@ -1,0 +1,183 @@
+//! The HBONE client: one mutual-TLS h2 connection to a peer's 15008, many CONNECT tunnels on it.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, StatusCode};
+use rustls::{ClientConfig, pki_types::ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::Instrument;
+
+use super::{
+    CONNECTION_WINDOW, H2Stream, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER,
+    STREAM_WINDOW, keepalive,
+};
+use crate::tls::{self, ALPN_H2};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("TLS handshake with {peer}: {reason}")]
+    Tls { peer: SocketAddr, reason: String },
+    #[error("{peer} did not negotiate ALPN h2")]
+    NoH2 { peer: SocketAddr },
+    #[error("HTTP/2 handshake with {peer}: {source}")]
+    Handshake { peer: SocketAddr, source: h2::Error },
+    #[error("open CONNECT stream to {peer}: {source}")]
+    Stream { peer: SocketAddr, source: h2::Error },
+    #[error("invalid CONNECT authority {authority:?}")]
+    Authority { authority: String },
+    #[error("{peer} answered CONNECT {authority} with {status}")]
+    Status {
+        peer: SocketAddr,
+        authority: String,
+        status: StatusCode,
+    },
+}
+
+/// Headers sent with every CONNECT besides `:authority`.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectHeaders {
+    /// The application's address, for the `forwarded` header.
+    pub client: Option<SocketAddr>,
+    pub baggage: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+/// A live HBONE connection.
+#[derive(Debug)]
+pub struct Connection {
+    peer: SocketAddr,
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// TLS (verified by `config`) and h2 over an already-connected TCP stream to `peer`.
+    pub async fn establish(
+        tcp: TcpStream,
+        peer: SocketAddr,
+        config: Arc<ClientConfig>,
+    ) -> Result<Self, ClientError> {
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(config)
+            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+            .await
+            .map_err(|error| ClientError::Tls {
+                peer,
+                reason: tls::describe_io(&error),
+            })?;
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            return Err(ClientError::NoH2 { peer });
+        }
+        let (send, mut connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| ClientError::Handshake { peer, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ping_pong = connection.ping_pong();
+        let driver_closed = closed.clone();
+        tokio::spawn(
+            async move {
+                let outcome = match ping_pong {
+                    Some(ping_pong) => tokio::select! {
+                        result = &mut connection => result.err().map(|e| e.to_string()),
+                        error = keepalive(ping_pong) => Some(error.to_string()),
+                    },
+                    None => connection.await.err().map(|e| e.to_string()),
+                };
+                driver_closed.store(true, Ordering::Release);
+                match outcome {
+                    None => tracing::debug!("HBONE connection closed"),
+                    Some(error) => tracing::info!(%error, "HBONE connection ended"),
+                }
+            }
+            .instrument(tracing::info_span!("hbone_client", %peer)),
+        );
+        Ok(Self { peer, send, closed })
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The connection has ended (peer went away, keep-alive failed, GOAWAY).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Opens a tunnel to `authority` (`ip:port` of the destination workload).
+    pub async fn connect(
+        &self,
+        authority: &str,
+        headers: &ConnectHeaders,
+    ) -> Result<H2Stream, ClientError> {
+        let peer = self.peer;
+        let request = connect_request(authority, headers)?;
+        let mut send = self
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(|source| ClientError::Stream { peer, source })?;
+        let (response, stream) = send
+            .send_request(request, false)
+            .map_err(|source| ClientError::Stream { peer, source })?;
+        let response = response
+            .await
+            .map_err(|source| ClientError::Stream { peer, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(ClientError::Status {
+                peer,
+                authority: authority.to_owned(),
+                status: response.status(),
+            });
+        }
+        Ok(H2Stream::new(stream, response.into_body()))
+    }
+}
+
+/// A plain (not extended) CONNECT: `:method` and `:authority` only, plus the HBONE headers.
+pub fn connect_request(
+    authority: &str,
+    headers: &ConnectHeaders,
+) -> Result<Request<()>, ClientError> {
+    let bad = || ClientError::Authority {
+        authority: authority.to_owned(),
+    };
+    let uri = http::Uri::builder()
+        .authority(authority)
+        .build()
+        .map_err(|_| bad())?;
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(uri)
+        .body(())
+        .map_err(|_| bad())?;
+    let map = request.headers_mut();
+    if let Some(client) = headers.client {
+        if let Ok(value) = HeaderValue::from_str(&format!("for=\"{client}\"")) {
+            map.insert(super::FORWARDED, value);
+        }
+    }
+    for (name, value) in [
+        (super::BAGGAGE, &headers.baggage),
+        (super::TRACEPARENT, &headers.traceparent),
+    ] {
+        if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            map.insert(name, value);
+        }
+    }
+    Ok(request)
+}

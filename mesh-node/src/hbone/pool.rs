@@ -1,0 +1,191 @@
+//! HBONE connection pool: connections are shared per (source workload, expected destination
+//! identities, destination address); another connection is opened once each carries
+//! [`STREAMS_PER_CONNECTION`] tunnels; idle connections are dropped after a while.
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use super::{STREAMS_PER_CONNECTION, client::Connection};
+use crate::identity::Identity;
+
+/// What makes two tunnels able to share a connection. The source IP is part of it because a
+/// connection's socket lives in (and leaves with the address of) one source pod.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source_ip: IpAddr,
+    pub source: Identity,
+    /// Sorted, so the same set always makes the same key.
+    pub expected: Vec<Identity>,
+    pub peer: SocketAddr,
+}
+
+impl PoolKey {
+    pub fn new(
+        source_ip: IpAddr,
+        source: Identity,
+        mut expected: Vec<Identity>,
+        peer: SocketAddr,
+    ) -> Self {
+        expected.sort();
+        expected.dedup();
+        Self {
+            source_ip,
+            source,
+            expected,
+            peer,
+        }
+    }
+}
+
+struct Pooled {
+    id: u64,
+    connection: Connection,
+    active: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+#[derive(Default)]
+struct Entry {
+    connections: Vec<Arc<Pooled>>,
+    /// Held while a new connection is being made, so a burst of tunnels waits for it instead of
+    /// opening one connection each.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A tunnel slot on a pooled connection; releases the slot when dropped.
+pub struct Lease {
+    pooled: Arc<Pooled>,
+    /// The connection was made for this lease rather than found in the pool.
+    pub fresh: bool,
+}
+
+impl Lease {
+    pub fn connection(&self) -> &Connection {
+        &self.pooled.connection
+    }
+
+    /// Pool-unique number of the connection, for logs.
+    pub fn connection_id(&self) -> u64 {
+        self.pooled.id
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.pooled.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .pooled
+                .idle_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Pool {
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+    next_id: AtomicU64,
+}
+
+impl Pool {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A tunnel slot on a connection for `key`, making the connection with `connect` when none
+    /// has room.
+    pub async fn checkout<F, Fut, E>(&self, key: &PoolKey, connect: F) -> Result<Lease, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Connection, E>>,
+    {
+        let connecting = {
+            let mut entries = self.lock();
+            let entry = entries.entry(key.clone()).or_default();
+            if let Some(lease) = pick(entry) {
+                return Ok(lease);
+            }
+            entry.connecting.clone()
+        };
+        let _connecting = connecting.lock().await;
+        if let Some(lease) = self.lock().get_mut(key).and_then(pick) {
+            return Ok(lease);
+        }
+        let connection = connect().await?;
+        let pooled = Arc::new(Pooled {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            connection,
+            active: AtomicUsize::new(1),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .connections
+            .push(pooled.clone());
+        Ok(Lease {
+            pooled,
+            fresh: true,
+        })
+    }
+
+    /// Drops connections that are closed, or have carried no tunnel for `idle`. Returns how
+    /// many went.
+    pub fn evict(&self, idle: Duration) -> usize {
+        let mut evicted = 0;
+        let mut entries = self.lock();
+        for entry in entries.values_mut() {
+            let before = entry.connections.len();
+            entry.connections.retain(|pooled| {
+                let idle_for = pooled
+                    .idle_since
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .elapsed();
+                !pooled.connection.is_closed()
+                    && (pooled.active.load(Ordering::Acquire) > 0 || idle_for < idle)
+            });
+            evicted += before - entry.connections.len();
+        }
+        entries.retain(|_, entry| {
+            !entry.connections.is_empty() || Arc::strong_count(&entry.connecting) > 1
+        });
+        evicted
+    }
+
+    /// Open connections, all keys together.
+    pub fn connections(&self) -> usize {
+        self.lock().values().map(|e| e.connections.len()).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Reserves a slot on the first open connection with room.
+fn pick(entry: &mut Entry) -> Option<Lease> {
+    entry
+        .connections
+        .retain(|pooled| !pooled.connection.is_closed());
+    entry.connections.iter().find_map(|pooled| {
+        pooled
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
+                (active < STREAMS_PER_CONNECTION).then_some(active + 1)
+            })
+            .ok()
+            .map(|_| Lease {
+                pooled: pooled.clone(),
+                fresh: false,
+            })
+    })
+}

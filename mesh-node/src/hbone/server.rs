@@ -1,0 +1,227 @@
+//! The HBONE server side of one accepted TCP connection: mutual TLS, h2, then one tunnel per
+//! CONNECT stream, each handed to a [`TunnelTarget`] that decides where it goes.
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use super::{
+    CONNECTION_WINDOW, H2Stream, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER,
+    SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
+};
+use crate::{identity::Identity, identity::san, tls};
+
+/// Copy buffer per direction when splicing a tunnel to its application.
+const COPY_BUFFER: usize = 64 * 1024;
+/// Streams a peer may reset before we have accepted them before it is cut off (rapid reset).
+const MAX_PENDING_RESETS: usize = 50;
+
+/// One CONNECT, as the target sees it.
+#[derive(Debug, Clone)]
+pub struct TunnelRequest {
+    /// The client's verified workload identity.
+    pub peer_identity: Identity,
+    /// The TCP peer of the HBONE connection (the source node or pod).
+    pub peer: SocketAddr,
+    /// Where the tunnel wants to go: the `:authority`.
+    pub authority: SocketAddr,
+    /// The application client's address from the `forwarded` header.
+    pub forwarded_for: Option<SocketAddr>,
+}
+
+/// Why a CONNECT is refused: the HTTP status it is answered with and a reason for the log.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+pub type OpenFuture = Pin<Box<dyn Future<Output = Result<TcpStream, Refusal>> + Send>>;
+
+/// Where accepted tunnels go.
+pub trait TunnelTarget: Send + Sync + 'static {
+    /// Checks the request and connects to the application; the stream is answered 200 only
+    /// once this returns a connection.
+    fn open(&self, request: &TunnelRequest) -> OpenFuture;
+}
+
+/// Serves one HBONE connection until the peer closes it or keep-alive fails.
+pub async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    config: Arc<ServerConfig>,
+    handshake_timeout: Duration,
+    target: Arc<dyn TunnelTarget>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = async {
+        let tls = TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .map_err(|error| format!("TLS handshake: {}", tls::describe_io(&error)))?;
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or_else(|| "TLS handshake: no client certificate".to_owned())
+            .and_then(|leaf| {
+                san::identity_of(leaf).map_err(|error| format!("client certificate: {error}"))
+            })?;
+        let connection = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_concurrent_streams(SERVER_MAX_STREAMS)
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|error| format!("HTTP/2 handshake: {error}"))?;
+        Ok::<_, String>((identity, connection))
+    };
+    let (identity, mut connection) = match tokio::time::timeout(handshake_timeout, handshake).await
+    {
+        Ok(Ok(established)) => established,
+        Ok(Err(reason)) => {
+            tracing::info!(%peer, %reason, "HBONE connection refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "HBONE connection refused: handshake timed out");
+            return;
+        }
+    };
+    tracing::info!(%peer, peer_identity = %identity, "HBONE connection accepted");
+    let keepalive = match connection.ping_pong() {
+        Some(ping_pong) => futures_keepalive(ping_pong),
+        None => Box::pin(std::future::pending()),
+    };
+    tokio::pin!(keepalive);
+    loop {
+        tokio::select! {
+            next = connection.accept() => match next {
+                Some(Ok((request, respond))) => {
+                    let span = tracing::info_span!("inbound", %peer, peer_identity = %identity);
+                    tokio::spawn(
+                        handle_stream(request, respond, identity.clone(), peer, target.clone())
+                            .instrument(span),
+                    );
+                }
+                Some(Err(error)) => {
+                    tracing::info!(%peer, %error, "HBONE connection ended");
+                    return;
+                }
+                None => {
+                    tracing::debug!(%peer, "HBONE connection closed by peer");
+                    return;
+                }
+            },
+            error = &mut keepalive => {
+                tracing::info!(%peer, %error, "HBONE connection dropped");
+                return;
+            }
+        }
+    }
+}
+
+fn futures_keepalive(
+    ping_pong: h2::PingPong,
+) -> Pin<Box<dyn Future<Output = super::KeepaliveError> + Send>> {
+    Box::pin(keepalive(ping_pong))
+}
+
+async fn handle_stream(
+    request: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer_identity: Identity,
+    peer: SocketAddr,
+    target: Arc<dyn TunnelTarget>,
+) {
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, refusal: Refusal| {
+        tracing::info!(status = refusal.status.as_u16(), reason = %refusal.reason, "HBONE tunnel refused");
+        let response = Response::builder()
+            .status(refusal.status)
+            .body(())
+            .unwrap_or_default();
+        let _ = respond.send_response(response, true);
+    };
+    let tunnel = match parse_request(&request, peer_identity, peer) {
+        Ok(tunnel) => tunnel,
+        Err(refusal) => return refuse(&mut respond, refusal),
+    };
+    let started = Instant::now();
+    let mut upstream = match target.open(&tunnel).await {
+        Ok(upstream) => upstream,
+        Err(refusal) => return refuse(&mut respond, refusal),
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(error) => {
+            tracing::info!(%error, "HBONE tunnel gone before it was answered");
+            return;
+        }
+    };
+    tracing::info!(dst = %tunnel.authority, client = ?tunnel.forwarded_for, "HBONE tunnel opened");
+    let mut stream = H2Stream::new(send, request.into_body());
+    let _ = upstream.set_nodelay(true);
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+            .await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok((received, sent)) => tracing::info!(
+            dst = %tunnel.authority,
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms,
+            "HBONE tunnel closed"
+        ),
+        Err(error) => tracing::info!(dst = %tunnel.authority, %error, duration_ms, "HBONE tunnel reset"),
+    }
+}
+
+/// Checks the CONNECT itself: method and authority. Where it may go is the target's call.
+pub fn parse_request<B>(
+    request: &Request<B>,
+    peer_identity: Identity,
+    peer: SocketAddr,
+) -> Result<TunnelRequest, Refusal> {
+    let bad = |reason: String| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        reason,
+    };
+    if request.method() != Method::CONNECT {
+        return Err(bad(format!("method {} is not CONNECT", request.method())));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .ok_or_else(|| bad("CONNECT without :authority".to_owned()))?;
+    let authority: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| bad(format!("authority {authority} is not an ip:port")))?;
+    let forwarded_for = request
+        .headers()
+        .get(super::FORWARDED)
+        .and_then(|value| value.to_str().ok())
+        .and_then(super::forwarded_for);
+    Ok(TunnelRequest {
+        peer_identity,
+        peer,
+        authority,
+        forwarded_for,
+    })
+}

@@ -37,6 +37,8 @@ pub mod map_names {
     pub const CONFIG: &str = "MESH_CONFIG";
     /// Per-CPU `u64` counters indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "MESH_COUNTERS";
+    /// SOCKHASH of mesh-node's inbound plaintext (15006) listeners by [`crate::InboundKey`].
+    pub const INBOUND: &str = "MESH_INBOUND";
 }
 
 /// Names of the programs in the eBPF object (also the link file names under the pin directory).
@@ -46,10 +48,14 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "mesh_sock_ops";
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
+    /// `sk_lookup`, attached to each enrolled pod's network namespace.
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
 }
 
 /// Capacity of [`map_names::ENROLLED`]: pods on one node.
 pub const MAX_ENROLLED: u32 = 4096;
+/// Capacity of [`map_names::INBOUND`]: pod addresses on one node (IPv4 and IPv6).
+pub const MAX_INBOUND: u32 = 2 * MAX_ENROLLED;
 /// Capacity of the LRU maps that remember original destinations.
 pub const MAX_TRACKED_CONNS: u32 = 65536;
 
@@ -81,6 +87,47 @@ pub struct OrigDst {
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::align_of::<OrigDst>() == 8);
+
+/// Key of [`map_names::INBOUND`]: a pod address as 16 bytes in network order, IPv4 as the
+/// IPv4-mapped IPv6 address (`::ffff:a.b.c.d`). `sk_lookup` cannot read the network-namespace
+/// cookie, and pod addresses are unique on a node, so the address names the pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct InboundKey {
+    /// Network byte order words, as in `bpf_sk_lookup.local_ip6`.
+    pub ip: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 16);
+
+impl InboundKey {
+    /// The key of an IPv4 address given as the kernel's network-order word.
+    pub const fn v4(ip4_be_word: u32) -> Self {
+        Self {
+            ip: [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be_word],
+        }
+    }
+
+    /// The key of an IPv6 address given as the kernel's four network-order words.
+    pub const fn v6(words: [u32; 4]) -> Self {
+        Self { ip: words }
+    }
+
+    /// The key of an address given as its 16 bytes (IPv4 mapped into IPv6).
+    pub fn from_octets(octets: [u8; 16]) -> Self {
+        let mut ip = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            ip[i] = u32::from_ne_bytes([
+                octets[4 * i],
+                octets[4 * i + 1],
+                octets[4 * i + 2],
+                octets[4 * i + 3],
+            ]);
+            i += 1;
+        }
+        Self { ip }
+    }
+}
 
 /// Key of [`map_names::CONN_ORIG`]: the client side of a captured connection as mesh-node sees it
 /// on accept. The source port is unique per network namespace while the connection lives.
@@ -140,15 +187,22 @@ pub enum Counter {
     PassedMapFull = 3,
     /// `getpeername()` answers rewritten to the original destination.
     PeerRestored = 4,
+    /// Inbound connections to an enrolled pod steered to mesh-node's plaintext listener.
+    InboundCaptured = 5,
+    /// Inbound connections to an enrolled pod let through because no mesh-node listener was
+    /// registered for its address (mesh-node not serving it).
+    InboundNotServing = 6,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Captured,
         Counter::PassedNotServing,
         Counter::RefusedNotServing,
         Counter::PassedMapFull,
         Counter::PeerRestored,
+        Counter::InboundCaptured,
+        Counter::InboundNotServing,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -159,6 +213,8 @@ impl Counter {
             Counter::RefusedNotServing => "refused_not_serving",
             Counter::PassedMapFull => "passed_map_full",
             Counter::PeerRestored => "peer_restored",
+            Counter::InboundCaptured => "inbound_captured",
+            Counter::InboundNotServing => "inbound_not_serving",
         }
     }
 }
@@ -169,7 +225,8 @@ mod pod {
     // and every bit pattern is a valid value.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     mod impls {
-        use crate::{ConnKey, DataplaneConfig, EnrolledPod, OrigDst};
+        use crate::{ConnKey, DataplaneConfig, EnrolledPod, InboundKey, OrigDst};
+        unsafe impl aya::Pod for InboundKey {}
         unsafe impl aya::Pod for EnrolledPod {}
         unsafe impl aya::Pod for OrigDst {}
         unsafe impl aya::Pod for ConnKey {}

@@ -45,3 +45,16 @@ fn counters_are_dense_and_named_uniquely() {
     names.dedup();
     assert_eq!(names.len(), Counter::ALL.len());
 }
+
+#[test]
+fn inbound_keys_of_ipv4_match_the_mapped_address_bytes() {
+    use crate::InboundKey;
+    // 198.18.0.10 as the kernel's network-order word, and as ::ffff:198.18.0.10 bytes.
+    let word = u32::from_ne_bytes([198, 18, 0, 10]);
+    let mut mapped = [0u8; 16];
+    mapped[10] = 0xff;
+    mapped[11] = 0xff;
+    mapped[12..].copy_from_slice(&[198, 18, 0, 10]);
+    assert_eq!(InboundKey::v4(word), InboundKey::from_octets(mapped));
+    assert_eq!(size_of::<InboundKey>(), 16);
+}

@@ -1,4 +1,4 @@
-//! mesh-node's eBPF programs: capture enrolled pods' outbound TCP connections.
+//! mesh-node's eBPF programs: capture enrolled pods' outbound and inbound TCP connections.
 //!
 //! One object, one file per hook, every map in [`maps`]. See DESIGN.md "Traffic capture".
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -12,6 +12,8 @@ mod connect;
 mod getpeername;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod sk_lookup;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
 

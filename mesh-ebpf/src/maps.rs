@@ -2,10 +2,11 @@
 //! directory, so a restarted mesh-node and the still-attached programs see the same state.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    ConnKey, Counter, DataplaneConfig, EnrolledPod, MAX_ENROLLED, MAX_TRACKED_CONNS, OrigDst,
+    ConnKey, Counter, DataplaneConfig, EnrolledPod, InboundKey, MAX_ENROLLED, MAX_INBOUND,
+    MAX_TRACKED_CONNS, OrigDst,
 };
 
 /// Enrolled pods by network-namespace cookie. Written by mesh-node on (un)enrollment.
@@ -23,6 +24,11 @@ pub static CONN_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_TRAC
 /// Index 0: the [`DataplaneConfig`]. Zeroed (fail-open) until mesh-node writes it.
 #[map(name = "MESH_CONFIG")]
 pub static CONFIG: Array<DataplaneConfig> = Array::pinned(1, 0);
+
+/// mesh-node's inbound plaintext listeners by pod address. A socket leaves the map when it
+/// closes, so a stopped mesh-node leaves no stale redirect behind.
+#[map(name = "MESH_INBOUND")]
+pub static INBOUND: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND, 0);
 
 /// Per-CPU counters indexed by [`Counter`].
 #[map(name = "MESH_COUNTERS")]

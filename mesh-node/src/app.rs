@@ -3,14 +3,26 @@
 //!
 //! One multi-threaded runtime carries the data path; control-plane work (xDS, CA, admin) will get
 //! its own small runtime when it arrives.
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
     config::RunConfig,
     dataplane::{Dataplane, DataplaneError},
     enroll::{Enroller, static_file},
+    identity::{
+        CertManager,
+        file_ca::{FileCa, FileCaError},
+        is_valid_trust_domain,
+    },
     preflight::{self, PreflightError},
+    proxy::ProxyContext,
+    tls::Tls,
+    xds::local_file::{self, LocalFileError},
 };
+
+/// How often the HBONE pool looks for idle connections, and how long they may idle.
+const POOL_SWEEP: Duration = Duration::from_secs(30);
+const POOL_IDLE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -18,6 +30,12 @@ pub enum RunError {
     Preflight(#[from] PreflightError),
     #[error(transparent)]
     PodsFile(#[from] static_file::StaticFileError),
+    #[error(transparent)]
+    LocalXds(#[from] LocalFileError),
+    #[error("certificate authority: {0}")]
+    Ca(#[from] FileCaError),
+    #[error("trust domain {0:?} may hold only a-z, 0-9, '.', '-' and '_'")]
+    TrustDomain(String),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     #[error("start runtime: {0}")]
@@ -31,6 +49,21 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     let pods = match &config.pods_file {
         Some(path) => static_file::load(path)?,
         None => Vec::new(),
+    };
+    if !is_valid_trust_domain(&config.trust_domain) {
+        return Err(RunError::TrustDomain(config.trust_domain.clone()));
+    }
+    let workloads = match &config.local_xds {
+        Some(path) => local_file::load(path, &config.trust_domain)?,
+        None => Vec::new(),
+    };
+    let certs = match &config.ca_dir {
+        Some(dir) => {
+            let ca = FileCa::load(dir, config.cert_ttl)?;
+            let tls = Arc::new(Tls::new(&config.trust_domain));
+            Some(Arc::new(CertManager::new(Arc::new(ca), tls)))
+        }
+        None => None,
     };
     preflight::check_capabilities()?;
     let kernel = preflight::check_kernel()?;
@@ -55,7 +88,24 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             fail_mode = ?config.fail_mode,
             "data plane loaded"
         );
-        let enroller = Enroller::new(dataplane.clone());
+        match &certs {
+            Some(_) => tracing::info!(trust_domain = %config.trust_domain, "HBONE on: workload certificates from the file CA"),
+            None => tracing::warn!("no --ca-dir: HBONE off; traffic to mesh workloads will fail, other traffic passes through"),
+        }
+        let ctx = Arc::new(ProxyContext::new(dataplane.clone(), certs, config.settings));
+        tracing::info!(workloads = workloads.len(), "mesh state loaded");
+        ctx.set_workloads(workloads);
+        let sweeper = ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(POOL_SWEEP).await;
+                let evicted = sweeper.pool.evict(POOL_IDLE);
+                if evicted > 0 {
+                    tracing::debug!(evicted, "idle HBONE connections closed");
+                }
+            }
+        });
+        let enroller = Enroller::new(ctx, &config.trust_domain);
         let total = pods.len();
         let mut enrolled = 0;
         for pod in pods {
@@ -65,7 +115,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 Err(error) => tracing::error!(%error, "pod not enrolled"),
             }
         }
-        let stale = dataplane.retain_enrolled(&enroller.netns_cookies())?;
+        let stale = dataplane.retain_enrolled(&enroller.netns_cookies())?
+            + dataplane.retain_inbound(&enroller.netns_cookies())?;
         if stale > 0 {
             tracing::info!(stale, "removed namespaces enrolled by an earlier run that are gone now");
         }

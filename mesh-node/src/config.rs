@@ -1,7 +1,12 @@
 //! Run-time configuration of `mesh-node run`, with the production defaults.
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 pub use mesh_common::FailMode;
+
+pub use crate::proxy::Settings;
+
+/// Kubernetes' default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// Default directory under bpffs for pinned links and maps.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh-node";
@@ -19,6 +24,17 @@ pub struct RunConfig {
     pub fail_mode: FailMode,
     /// Data-path worker threads; 0 means one per CPU.
     pub worker_threads: usize,
+    /// Directory of the file-backed CA (`mesh-node ca init`). `None`: no workload certificates,
+    /// so no HBONE; captured traffic to mesh workloads fails, the rest passes through.
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of the workload certificates this node signs.
+    pub cert_ttl: Duration,
+    /// The mesh's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Local state file (workloads) used instead of a control plane.
+    pub local_xds: Option<PathBuf>,
+    /// Data-path timeouts.
+    pub settings: Settings,
 }
 
 impl Default for RunConfig {
@@ -29,6 +45,11 @@ impl Default for RunConfig {
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
             fail_mode: FailMode::Open,
             worker_threads: 0,
+            ca_dir: None,
+            cert_ttl: crate::identity::file_ca::DEFAULT_WORKLOAD_TTL,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+            local_xds: None,
+            settings: Settings::default(),
         }
     }
 }

@@ -12,4 +12,6 @@ pub mod identity;
 pub mod netns;
 pub mod preflight;
 pub mod proxy;
+pub mod state;
 pub mod tls;
+pub mod xds;

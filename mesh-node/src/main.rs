@@ -1,8 +1,13 @@
 //! The `mesh-node` binary: argument parsing and logging set-up around the library.
 use std::{path::PathBuf, process::ExitCode};
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_node::config::{DEFAULT_BPFFS_DIR, FailMode, RunConfig};
+use mesh_node::{
+    config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, RunConfig, Settings},
+    identity::file_ca::FileCa,
+};
 
 #[derive(Parser)]
 #[command(
@@ -18,8 +23,24 @@ struct Cli {
 enum Command {
     /// Run the node proxy.
     Run(RunArgs),
+    /// Manage the file-backed certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Write a new mesh root (ECDSA P-256) to DIR: root-cert.pem and root-key.pem (mode 0600).
+    Init {
+        /// Directory to write the root to (created if absent; existing roots are not replaced).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Trust domain recorded in the root's subject.
+        #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -39,6 +60,24 @@ struct RunArgs {
     /// Data-path worker threads [default: one per CPU].
     #[arg(long, env = "MESH_NODE_WORKERS", default_value_t = 0)]
     workers: usize,
+    /// File-backed CA directory (from `mesh-node ca init`); without it HBONE is off.
+    #[arg(long, env = "MESH_NODE_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of workload certificates, in seconds (renewed at half-life).
+    #[arg(long, env = "MESH_NODE_CERT_TTL", default_value_t = 86400)]
+    cert_ttl: u64,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, env = "MESH_NODE_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Local state file (YAML workloads), used instead of a control plane.
+    #[arg(long, env = "MESH_NODE_LOCAL_XDS")]
+    local_xds: Option<PathBuf>,
+    /// Seconds an inbound HBONE connection has to finish its TLS and HTTP/2 handshakes.
+    #[arg(long, env = "MESH_NODE_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    handshake_timeout: u64,
+    /// Seconds to wait for a TCP connect (upstreams, peers' 15008).
+    #[arg(long, env = "MESH_NODE_CONNECT_TIMEOUT", default_value_t = 10)]
+    connect_timeout: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,6 +96,18 @@ fn main() -> ExitCode {
             println!("mesh-node {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+            match FileCa::init(&dir, &trust_domain) {
+                Ok(path) => {
+                    println!("mesh root written to {}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("mesh-node: error: {}", error_chain(&error));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             let config = RunConfig {
                 pods_file: args.pods,
@@ -67,6 +118,14 @@ fn main() -> ExitCode {
                     FailModeArg::Closed => FailMode::Closed,
                 },
                 worker_threads: args.workers,
+                ca_dir: args.ca_dir,
+                cert_ttl: Duration::from_secs(args.cert_ttl.max(60)),
+                trust_domain: args.trust_domain,
+                local_xds: args.local_xds,
+                settings: Settings {
+                    connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
+                    handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+                },
             };
             match mesh_node::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

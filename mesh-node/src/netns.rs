@@ -58,6 +58,11 @@ impl NetNs {
         &self.path
     }
 
+    /// The open namespace file, for attaching programs to the namespace.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
     /// Runs `f` on the current thread inside this namespace, then returns the thread to the
     /// namespace it was in. Sockets created by `f` stay in this namespace for their whole life.
     /// `f` must not block: it runs on whatever thread calls this, possibly a runtime worker.

@@ -8,6 +8,7 @@
 pub mod meshnode;
 pub mod podapp;
 pub mod privilege;
+pub mod sniff;
 pub mod topology;
 
 pub use meshnode::MeshNode;

@@ -41,6 +41,14 @@ impl MeshNode {
         Ok(mesh)
     }
 
+    /// Starts mesh-node with HBONE on (the topology's CA and state file) plus `extra`.
+    pub fn start_hbone(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {
+        let mut args = topo.hbone_args();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start(topo, node, &args)
+    }
+
     /// Starts mesh-node without waiting (for tests of start-up failures).
     pub fn spawn(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {
         let node: &Node = topo.node(node);

@@ -12,6 +12,17 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+/// The byte at `offset` of the stream every podapp client sends: not periodic at any power of
+/// two, so a dropped, duplicated or reordered chunk cannot go unnoticed.
+pub fn pattern(offset: usize) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset / 251)) as u8
+}
+
+/// `len` bytes of the client stream starting at `offset`, to look for on the wire.
+pub fn pattern_bytes(offset: usize, len: usize) -> Vec<u8> {
+    (offset..offset + len).map(pattern).collect()
+}
+
 /// The podapp binary: `PODAPP_BIN`, else next to the running executable (test binaries live in
 /// `target/<profile>/deps`, binaries in `target/<profile>`).
 pub fn binary() -> Result<PathBuf> {

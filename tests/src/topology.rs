@@ -17,6 +17,9 @@ use anyhow::{Context, Result, bail, ensure};
 /// Prefix of every namespace, cgroup and pin directory the harness creates.
 const PREFIX: &str = "meshtest";
 
+/// The trust domain of the test meshes.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
 /// A node to build, with its pods.
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
@@ -113,7 +116,52 @@ impl Topology {
         for node in &topo.nodes {
             write_pods_file(node)?;
         }
+        mesh_node::identity::file_ca::FileCa::init(&topo.ca_dir(), TRUST_DOMAIN)
+            .context("create the mesh root")?;
+        topo.write_state_file(&topo.state_file(), |_| None)?;
         Ok(topo)
+    }
+
+    /// The file CA shared by every node's mesh-node (`mesh-node ca init`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.workdir.join("ca")
+    }
+
+    /// The local state file: every enrolled pod as an HBONE workload whose service account is
+    /// its name, every plain pod as a non-mesh workload.
+    pub fn state_file(&self) -> PathBuf {
+        self.workdir.join("mesh-state.yaml")
+    }
+
+    /// Writes a state file like [`Topology::state_file`] to `path`, with the service account of
+    /// some pods replaced (`override_sa(pod name)`), for identity-mismatch tests.
+    pub fn write_state_file(
+        &self,
+        path: &Path,
+        override_sa: impl Fn(&str) -> Option<&'static str>,
+    ) -> Result<()> {
+        let mut yaml = String::from("workloads:\n");
+        for node in &self.nodes {
+            for pod in &node.pods {
+                let sa = override_sa(pod.name).unwrap_or(pod.name);
+                let protocol = if pod.enrolled { "HBONE" } else { "NONE" };
+                yaml.push_str(&format!(
+                    "  - name: {}\n    namespace: {}\n    serviceAccount: {sa}\n    addresses: [{}]\n    node: {}\n    tunnelProtocol: {protocol}\n",
+                    pod.name, pod.namespace, pod.ip, node.name
+                ));
+            }
+        }
+        fs::write(path, yaml).with_context(|| format!("write {}", path.display()))
+    }
+
+    /// `mesh-node run` arguments that turn HBONE on with this topology's CA and state file.
+    pub fn hbone_args(&self) -> Vec<String> {
+        vec![
+            "--ca-dir".into(),
+            self.ca_dir().display().to_string(),
+            "--local-xds".into(),
+            self.state_file().display().to_string(),
+        ]
     }
 
     pub fn node(&self, name: &str) -> &Node {

@@ -53,10 +53,9 @@ fn captured_count(mesh: &MeshNode, target: SocketAddr) -> usize {
 }
 
 /// Asserts that every connection went through mesh-node: the application still believes it talks
-/// to `target`, while the server saw a different socket (mesh-node's) from the client pod's IP.
-fn assert_captured(run: &podapp::PodRun, topo: &Topology, target: SocketAddr) {
+/// to `target`, while the server saw a different socket (mesh-node's) from `source_ip`.
+fn assert_captured(run: &podapp::PodRun, source_ip: std::net::Ipv4Addr, target: SocketAddr) {
     assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
-    let client_ip = topo.pod("client").ip;
     for conn in &run.ok {
         assert_eq!(
             conn.peer, target,
@@ -64,8 +63,8 @@ fn assert_captured(run: &podapp::PodRun, topo: &Topology, target: SocketAddr) {
         );
         assert_eq!(
             conn.server_saw.ip(),
-            client_ip,
-            "upstream leaves from the pod's own IP"
+            source_ip,
+            "upstream leaves from the expected pod's IP"
         );
         assert_ne!(
             conn.server_saw, conn.local,
@@ -74,7 +73,8 @@ fn assert_captured(run: &podapp::PodRun, topo: &Topology, target: SocketAddr) {
     }
 }
 
-/// Runs connections from the enrolled `client` pod and asserts every one was captured.
+/// Runs connections from the enrolled `client` pod and asserts every one was captured, with the
+/// server (not enrolled on a running mesh-node) seeing the client pod's IP.
 fn client_captured(
     topo: &Topology,
     target: SocketAddr,
@@ -82,7 +82,7 @@ fn client_captured(
     conns: usize,
 ) -> podapp::PodRun {
     let run = run_from(topo, "client", target, bytes, conns);
-    assert_captured(&run, topo, target);
+    assert_captured(&run, topo.pod("client").ip, target);
     run
 }
 
@@ -116,17 +116,39 @@ fn cross_node_connections_are_captured_and_bytes_arrive_intact() {
     }
     let topo = two_nodes();
     let mesh1 = MeshNode::start(&topo, "node1", &[]).expect("mesh-node node1");
-    let _mesh2 = MeshNode::start(&topo, "node2", &[]).expect("mesh-node node2");
+    let mesh2 = MeshNode::start(&topo, "node2", &[]).expect("mesh-node node2");
     let server = start_server(&topo);
+    // No workloads are known (no state file), so node1 passes connections through as plain TCP;
+    // node2 captures them on their way into its enrolled server pod (sk_lookup → 15006) and
+    // delivers them from inside the pod, so the server sees its own address.
+    let server_ip = topo.pod("server").ip;
+    let run = |bytes, conns| {
+        let run = run_from(&topo, "client", server.addr, bytes, conns);
+        assert_captured(&run, server_ip, server.addr);
+        run
+    };
 
-    let one_byte = client_captured(&topo, server.addr, 1, 1);
+    let one_byte = run(1, 1);
     assert_eq!(one_byte.ok[0].bytes, 1);
 
-    let large = client_captured(&topo, server.addr, 16 << 20, 1);
+    let large = run(16 << 20, 1);
     assert_eq!(large.ok[0].bytes, 16 << 20);
 
-    let concurrent = client_captured(&topo, server.addr, 64 * 1024, 64);
+    let concurrent = run(64 * 1024, 64);
     assert_eq!(concurrent.ok.len(), 64);
+    let inbound = |mesh: &MeshNode| {
+        mesh.log_lines_with(&[
+            "inbound plaintext connection captured",
+            &format!("dst={}", server.addr),
+        ])
+        .len()
+    };
+    assert!(
+        wait_for(|| inbound(&mesh2) == 66),
+        "node2 logged {} inbound captures, expected 66:\n{}",
+        inbound(&mesh2),
+        mesh2.log_text()
+    );
 
     // mesh-node's own account: one captured line per connection, and the 16 MiB both ways.
     assert!(

@@ -7,10 +7,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use std::os::fd::AsFd;
+
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -54,6 +56,11 @@ pub enum AttachError {
         "attach {hook}: the kernel gave a legacy attachment, not a BPF link, so it cannot be pinned (needs Linux 5.7+)"
     )]
     NotALink { hook: &'static str },
+    #[error("attach sk_lookup to network namespace {netns}: {source}")]
+    AttachNetns {
+        netns: PathBuf,
+        source: Box<ProgramError>,
+    },
     #[error("open pinned link {path}: {source}")]
     Reuse {
         path: PathBuf,
@@ -169,4 +176,66 @@ fn attach_one(
         FdLink::try_from(prog.take_link(id).map_err(attach_err)?)
     };
     link.map_err(|_| AttachError::NotALink { hook })
+}
+
+/// The sk_lookup hook and the kernel it needs.
+const SK_LOOKUP: (&str, &str, &str) = (program_names::SK_LOOKUP, "sk_lookup", "5.9");
+
+/// Loads the sk_lookup program so the kernel verifies it at start-up, before any pod needs it.
+pub fn load_sk_lookup(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    let (program, hook, min_kernel) = SK_LOOKUP;
+    let load_err = |source: ProgramError| AttachError::Load {
+        hook,
+        program,
+        min_kernel,
+        source: Box::new(source),
+    };
+    let prog: &mut SkLookup = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::MissingProgram { program })?
+        .try_into()
+        .map_err(load_err)?;
+    prog.load().map_err(load_err)
+}
+
+/// Attaches sk_lookup to a network namespace through a link pinned at `pin_path`, or reuses the
+/// link already pinned there. Returns the link id.
+pub fn attach_netns(
+    ebpf: &mut Ebpf,
+    netns: impl AsFd,
+    netns_path: &Path,
+    pin_path: &Path,
+) -> Result<(u32, LinkOrigin), AttachError> {
+    let (program, hook, _) = SK_LOOKUP;
+    let (fd_link, origin) = if pin_path.exists() {
+        let pinned = PinnedLink::from_pin(pin_path).map_err(|source| AttachError::Reuse {
+            path: pin_path.to_owned(),
+            source: Box::new(source),
+        })?;
+        (FdLink::from(pinned), LinkOrigin::Reused)
+    } else {
+        let attach_err = |source: ProgramError| AttachError::AttachNetns {
+            netns: netns_path.to_owned(),
+            source: Box::new(source),
+        };
+        let prog: &mut SkLookup = ebpf
+            .program_mut(program)
+            .ok_or(AttachError::MissingProgram { program })?
+            .try_into()
+            .map_err(attach_err)?;
+        let id = prog.attach(netns).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link = FdLink::try_from(link).map_err(|_| AttachError::NotALink { hook })?;
+        let pinned = fd_link.pin(pin_path).map_err(|error| AttachError::Pin {
+            hook,
+            path: pin_path.to_owned(),
+            message: error.to_string(),
+        })?;
+        (FdLink::from(pinned), LinkOrigin::Attached)
+    };
+    let info = fd_link.info().map_err(|source| AttachError::Reuse {
+        path: pin_path.to_owned(),
+        source: Box::new(source),
+    })?;
+    Ok((info.id(), origin))
 }

@@ -4,15 +4,19 @@ mod attach;
 
 use std::{
     fs, io,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
 };
-use mesh_common::{ConnKey, Counter, DataplaneConfig, EnrolledPod, FailMode, OrigDst, map_names};
+use mesh_common::{
+    ConnKey, Counter, DataplaneConfig, EnrolledPod, FailMode, InboundKey, OrigDst, map_names,
+};
 
 pub use attach::{AttachedLink, LinkOrigin};
 
@@ -39,6 +43,8 @@ pub enum DataplaneError {
     Map { map: &'static str, source: MapError },
     #[error(transparent)]
     Attach(#[from] Box<attach::AttachError>),
+    #[error("remove pinned link {path}: {io_error}")]
+    Unpin { path: PathBuf, io_error: io::Error },
 }
 
 /// Loaded programs, their links and the maps they share with user space.
@@ -46,10 +52,14 @@ pub struct Dataplane {
     links: Vec<AttachedLink>,
     enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
     conn_orig: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    inbound: Mutex<HashOfSockets>,
     counters: PerCpuArray<MapData, u64>,
-    // Keeps the program file descriptors of freshly attached links alive with the process.
-    _ebpf: Ebpf,
+    netns_links_dir: PathBuf,
+    // Owns the programs: the sk_lookup program is attached to each new pod from here.
+    ebpf: Mutex<Ebpf>,
 }
+
+type HashOfSockets = SockHash<MapData, InboundKey>;
 
 impl Dataplane {
     /// Loads the programs with their maps pinned under `pin_dir`, attaches them to `cgroup`
@@ -88,13 +98,94 @@ impl Dataplane {
             })?;
 
         let links = attach::attach_all(&mut ebpf, cgroup, &links_dir).map_err(Box::new)?;
+        attach::load_sk_lookup(&mut ebpf).map_err(Box::new)?;
+        let netns_links_dir = links_dir.join("sk_lookup");
+        fs::create_dir_all(&netns_links_dir).map_err(|io_error| DataplaneError::PinDir {
+            path: netns_links_dir.clone(),
+            io_error,
+        })?;
         Ok(Self {
             links,
             enrolled: Mutex::new(take_map(&mut ebpf, map_names::ENROLLED)?),
             conn_orig: Mutex::new(take_map(&mut ebpf, map_names::CONN_ORIG)?),
+            inbound: Mutex::new(take_map(&mut ebpf, map_names::INBOUND)?),
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
-            _ebpf: ebpf,
+            netns_links_dir,
+            ebpf: Mutex::new(ebpf),
         })
+    }
+
+    /// Attaches inbound capture (sk_lookup) to a pod's network namespace, or finds it attached
+    /// by an earlier run. The link is pinned under `<pin dir>/links/sk_lookup/<netns cookie>`.
+    pub fn attach_inbound(
+        &self,
+        netns: impl AsFd,
+        netns_path: &Path,
+        netns_cookie: u64,
+    ) -> Result<(u32, LinkOrigin), DataplaneError> {
+        let pin_path = self.netns_links_dir.join(netns_cookie.to_string());
+        let mut ebpf = lock(&self.ebpf);
+        attach::attach_netns(&mut ebpf, netns, netns_path, &pin_path)
+            .map_err(|error| DataplaneError::Attach(Box::new(error)))
+    }
+
+    /// Removes a pod's inbound capture link. Absent links are not an error.
+    pub fn detach_inbound(&self, netns_cookie: u64) -> Result<(), DataplaneError> {
+        let path = self.netns_links_dir.join(netns_cookie.to_string());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(io_error) => Err(DataplaneError::Unpin { path, io_error }),
+        }
+    }
+
+    /// Removes inbound capture links of namespaces not in `keep` (pods an earlier run enrolled
+    /// that are gone). Returns how many went.
+    pub fn retain_inbound(&self, keep: &[u64]) -> Result<usize, DataplaneError> {
+        let entries =
+            fs::read_dir(&self.netns_links_dir).map_err(|io_error| DataplaneError::PinDir {
+                path: self.netns_links_dir.clone(),
+                io_error,
+            })?;
+        let mut removed = 0;
+        for entry in entries.filter_map(Result::ok) {
+            let cookie = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u64>().ok());
+            if cookie.is_some_and(|cookie| !keep.contains(&cookie)) {
+                self.detach_inbound(cookie.unwrap_or_default())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Registers mesh-node's plaintext listener for connections to `ip`. The entry lives as long
+    /// as the socket.
+    pub fn register_inbound(
+        &self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), DataplaneError> {
+        let key = inbound_key(ip);
+        lock(&self.inbound)
+            .insert(key, listener.as_raw_fd(), 0)
+            .map_err(|source| DataplaneError::Map {
+                map: map_names::INBOUND,
+                source,
+            })
+    }
+
+    /// Stops steering connections for `ip`. Absent entries are not an error.
+    pub fn unregister_inbound(&self, ip: IpAddr) -> Result<(), DataplaneError> {
+        match lock(&self.inbound).remove(&inbound_key(ip)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DataplaneError::Map {
+                map: map_names::INBOUND,
+                source,
+            }),
+        }
     }
 
     pub fn links(&self) -> &[AttachedLink] {
@@ -163,6 +254,14 @@ impl Dataplane {
             .map(|values| values.iter().sum())
             .unwrap_or(0)
     }
+}
+
+fn inbound_key(ip: IpAddr) -> InboundKey {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    InboundKey::from_octets(octets)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>

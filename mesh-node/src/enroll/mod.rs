@@ -16,14 +16,15 @@ use std::{
     },
 };
 
-use mesh_common::{OUTBOUND_PORT, PROXY_MARK};
+use mesh_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::DataplaneError,
+    identity::Identity,
     netns::{self, NetNs, NetNsError},
-    proxy,
+    proxy::{self, ProxyContext},
 };
 
 /// A pod to enroll, whatever the source.
@@ -48,9 +49,18 @@ impl PodSpec {
 #[derive(Debug)]
 pub struct Pod {
     pub spec: PodSpec,
+    pub identity: Identity,
     pub netns: NetNs,
     pub netns_cookie: u64,
     pub id: u32,
+}
+
+impl Pod {
+    /// `ip` is one of the pod's addresses.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.spec.ips.iter().any(|own| own.to_canonical() == ip)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,15 +91,25 @@ struct Enrolled {
 
 /// Owns every enrolled pod's listeners and accept loops.
 pub struct Enroller {
-    dataplane: Arc<Dataplane>,
+    ctx: Arc<ProxyContext>,
+    trust_domain: String,
     pods: Mutex<HashMap<String, Enrolled>>,
     next_id: AtomicU32,
 }
 
+/// Which accept loop serves a listener.
+#[derive(Clone, Copy)]
+enum Role {
+    Outbound,
+    InboundPlain,
+    Hbone,
+}
+
 impl Enroller {
-    pub fn new(dataplane: Arc<Dataplane>) -> Self {
+    pub fn new(ctx: Arc<ProxyContext>, trust_domain: &str) -> Self {
         Self {
-            dataplane,
+            ctx,
+            trust_domain: trust_domain.to_owned(),
             pods: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
         }
@@ -106,40 +126,78 @@ impl Enroller {
             pod: key.clone(),
             source,
         })?;
-        let listeners = open_outbound_listeners(&key, &netns)?;
-        let netns_cookie =
-            netns::socket_netns_cookie(&listeners[0]).map_err(|io_error| EnrollError::Cookie {
+        let listeners = open_listeners(&key, &spec, &netns, self.ctx.certs.is_some())?;
+        let netns_cookie = netns::socket_netns_cookie(&listeners[0].2).map_err(|io_error| {
+            EnrollError::Cookie {
                 pod: key.clone(),
                 io_error,
-            })?;
+            }
+        })?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let identity = Identity::new(&self.trust_domain, &spec.namespace, &spec.service_account);
         let pod = Arc::new(Pod {
             spec,
+            identity,
             netns,
             netns_cookie,
             id,
         });
 
         let mut tasks = Vec::with_capacity(listeners.len());
-        for listener in listeners {
-            let listener = TcpListener::from_std(listener.into()).map_err(|io_error| {
+        let fail = |tasks: &[JoinHandle<()>], source| {
+            tasks.iter().for_each(JoinHandle::abort);
+            if let Err(error) = self.release_capture(&pod) {
+                tracing::warn!(pod = %key, %error, "cleanup after failed enrollment incomplete");
+            }
+            EnrollError::Dataplane {
+                pod: key.clone(),
+                source,
+            }
+        };
+        for (role, addr, socket) in listeners {
+            if let Role::InboundPlain = role {
+                let same_family = |ip: &&IpAddr| ip.to_canonical().is_ipv4() == addr.is_ipv4();
+                for ip in pod.spec.ips.iter().filter(same_family) {
+                    self.ctx
+                        .dataplane
+                        .register_inbound(*ip, &socket)
+                        .map_err(|source| fail(&tasks, source))?;
+                }
+            }
+            let listener = TcpListener::from_std(socket.into()).map_err(|io_error| {
+                tasks.iter().for_each(JoinHandle::abort);
                 EnrollError::Register {
                     pod: key.clone(),
                     io_error,
                 }
             })?;
-            tasks.push(tokio::spawn(proxy::outbound::serve(
-                listener,
-                pod.clone(),
-                self.dataplane.clone(),
-            )));
+            let (pod, ctx) = (pod.clone(), self.ctx.clone());
+            tasks.push(match role {
+                Role::Outbound => tokio::spawn(proxy::outbound::serve(listener, pod, ctx)),
+                Role::InboundPlain => tokio::spawn(proxy::inbound_plain::serve(listener, pod, ctx)),
+                Role::Hbone => tokio::spawn(proxy::inbound::serve_hbone(listener, pod, ctx)),
+            });
         }
         // Capture starts only once something is accepting.
-        if let Err(source) = self.dataplane.enroll(netns_cookie, id) {
-            tasks.iter().for_each(JoinHandle::abort);
-            return Err(EnrollError::Dataplane { pod: key, source });
-        }
-        tracing::info!(pod = %key, netns = %pod.netns.path().display(), netns_cookie, "pod enrolled");
+        let (link_id, origin) = self
+            .ctx
+            .dataplane
+            .attach_inbound(pod.netns.as_fd(), pod.netns.path(), netns_cookie)
+            .map_err(|source| fail(&tasks, source))?;
+        self.ctx
+            .dataplane
+            .enroll(netns_cookie, id)
+            .map_err(|source| fail(&tasks, source))?;
+        self.ctx.local_pods.insert(&pod);
+        tracing::info!(
+            pod = %key,
+            identity = %pod.identity,
+            netns = %pod.netns.path().display(),
+            netns_cookie,
+            inbound_link_id = link_id,
+            inbound_link = %origin,
+            "pod enrolled"
+        );
         self.lock().insert(
             key,
             Enrolled {
@@ -155,10 +213,27 @@ impl Enroller {
         let Some(enrolled) = self.lock().remove(key) else {
             return Ok(());
         };
-        self.dataplane.unenroll(enrolled.pod.netns_cookie)?;
+        self.ctx.local_pods.remove(&enrolled.pod);
+        let result = self.release_capture(&enrolled.pod);
         enrolled.tasks.iter().for_each(JoinHandle::abort);
         tracing::info!(pod = %key, "pod un-enrolled");
-        Ok(())
+        result
+    }
+
+    /// Undoes every kernel-side effect of enrolling `pod`; reports the first failure.
+    fn release_capture(&self, pod: &Pod) -> Result<(), DataplaneError> {
+        let dataplane = &self.ctx.dataplane;
+        let mut results = vec![
+            dataplane.unenroll(pod.netns_cookie),
+            dataplane.detach_inbound(pod.netns_cookie),
+        ];
+        results.extend(
+            pod.spec
+                .ips
+                .iter()
+                .map(|ip| dataplane.unregister_inbound(*ip)),
+        );
+        results.into_iter().collect()
     }
 
     /// Network-namespace cookies of every enrolled pod.
@@ -176,30 +251,77 @@ impl Enroller {
     }
 }
 
-/// Binds 127.0.0.1:15001 (required) and [::1]:15001 (when the pod has IPv6) inside the pod's
-/// namespace. The first listener returned is the IPv4 one.
-fn open_outbound_listeners(pod: &str, netns: &NetNs) -> Result<Vec<Socket>, EnrollError> {
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT));
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT));
-    let (v4_result, v6_result) =
-        netns
-            .run(|| (listen(v4), listen(v6)))
-            .map_err(|source| EnrollError::NetNs {
-                pod: pod.to_owned(),
-                source,
-            })?;
-    let v4_listener = v4_result.map_err(|io_error| EnrollError::Bind {
-        pod: pod.to_owned(),
-        addr: v4,
-        netns: netns.path().to_owned(),
-        io_error,
-    })?;
-    let mut listeners = vec![v4_listener];
-    match v6_result {
-        Ok(listener) => listeners.push(listener),
-        // No IPv6 in the pod: the connect6 hook's liveness check finds no listener and lets
-        // IPv6 connections through (there are none to make).
-        Err(error) => tracing::debug!(pod, %error, "no IPv6 outbound listener"),
+/// Opens, inside the pod's namespace: 127.0.0.1:15001 (required) and [::1]:15001 (when the pod
+/// has IPv6) for outbound capture; 127.0.0.1:15006 (and [::1]:15006) for inbound plaintext,
+/// which sk_lookup hands connections to whatever address they were for; and, with HBONE on,
+/// `<pod IP>:15008` for every pod address. The first listener returned is the IPv4 outbound one.
+fn open_listeners(
+    pod: &str,
+    spec: &PodSpec,
+    netns: &NetNs,
+    hbone: bool,
+) -> Result<Vec<(Role, SocketAddr, Socket)>, EnrollError> {
+    let has_v6 = spec.ips.iter().any(|ip| ip.to_canonical().is_ipv6());
+    let mut wanted = vec![
+        (
+            Role::Outbound,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT)),
+            true,
+        ),
+        (
+            Role::Outbound,
+            SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT)),
+            false,
+        ),
+        (
+            Role::InboundPlain,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT)),
+            true,
+        ),
+    ];
+    if has_v6 {
+        wanted.push((
+            Role::InboundPlain,
+            SocketAddr::from((Ipv6Addr::LOCALHOST, INBOUND_PLAINTEXT_PORT)),
+            true,
+        ));
+    }
+    if hbone {
+        wanted.extend(spec.ips.iter().map(|ip| {
+            (
+                Role::Hbone,
+                SocketAddr::new(ip.to_canonical(), HBONE_PORT),
+                true,
+            )
+        }));
+    }
+    let results = netns
+        .run(|| {
+            wanted
+                .iter()
+                .map(|(_, addr, _)| listen(*addr))
+                .collect::<Vec<_>>()
+        })
+        .map_err(|source| EnrollError::NetNs {
+            pod: pod.to_owned(),
+            source,
+        })?;
+    let mut listeners = Vec::with_capacity(wanted.len());
+    for ((role, addr, required), result) in wanted.into_iter().zip(results) {
+        match result {
+            Ok(socket) => listeners.push((role, addr, socket)),
+            Err(io_error) if required => {
+                return Err(EnrollError::Bind {
+                    pod: pod.to_owned(),
+                    addr,
+                    netns: netns.path().to_owned(),
+                    io_error,
+                });
+            }
+            // No IPv6 in the pod: the connect6 hook's liveness check finds no listener and lets
+            // IPv6 connections through (there are none to make).
+            Err(error) => tracing::debug!(pod, %addr, %error, "optional listener not opened"),
+        }
     }
     Ok(listeners)
 }

@@ -176,9 +176,13 @@ async fn handle_stream(
     tracing::info!(dst = %tunnel.authority, client = ?tunnel.forwarded_for, "HBONE tunnel opened");
     let mut stream = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut upstream, COPY_BUFFER, COPY_BUFFER)
-            .await;
+    let result = tokio::io::copy_bidirectional_with_sizes(
+        &mut stream,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await;
     let duration_ms = started.elapsed().as_millis() as u64;
     match result {
         Ok((received, sent)) => tracing::info!(
@@ -188,7 +192,9 @@ async fn handle_stream(
             duration_ms,
             "HBONE tunnel closed"
         ),
-        Err(error) => tracing::info!(dst = %tunnel.authority, %error, duration_ms, "HBONE tunnel reset"),
+        Err(error) => {
+            tracing::info!(dst = %tunnel.authority, %error, duration_ms, "HBONE tunnel reset")
+        }
     }
 }
 

@@ -88,7 +88,9 @@ impl AsyncWrite for H2Stream {
         let send = &mut self.send;
         if let Poll::Ready(reset) = send.poll_reset(cx) {
             let error = match reset {
-                Ok(reason) => io::Error::new(io::ErrorKind::ConnectionReset, h2::Error::from(reason)),
+                Ok(reason) => {
+                    io::Error::new(io::ErrorKind::ConnectionReset, h2::Error::from(reason))
+                }
                 Err(error) => h2_io_error(error),
             };
             return Poll::Ready(Err(error));

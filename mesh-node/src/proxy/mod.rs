@@ -1,2 +1,124 @@
-//! Data-path handlers, one module per direction.
+//! The data path: captured outbound connections, HBONE tunnels arriving for local pods, and
+//! plaintext connections captured on their way into local pods.
+pub mod inbound;
+pub mod inbound_plain;
 pub mod outbound;
+mod upstream;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
+
+pub use upstream::connect_from_pod;
+
+use crate::{
+    dataplane::Dataplane,
+    enroll::Pod,
+    hbone::pool::Pool,
+    identity::CertManager,
+    state::{Workload, WorkloadIndex},
+};
+
+/// Copy buffer per direction: fewer syscalls than tokio's 8 KiB default on bulk transfers.
+pub const COPY_BUFFER: usize = 64 * 1024;
+
+/// Timeouts of the data path.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// TCP connect to an upstream or a peer's 15008.
+    pub connect_timeout: Duration,
+    /// TLS plus HTTP/2 handshake of an inbound HBONE connection.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a connection handler may consult, shared by all of them.
+pub struct ProxyContext {
+    pub dataplane: Arc<Dataplane>,
+    pub workloads: RwLock<WorkloadIndex>,
+    pub local_pods: LocalPods,
+    /// `None`: no certificate source configured; HBONE is off.
+    pub certs: Option<Arc<CertManager>>,
+    pub pool: Pool,
+    pub settings: Settings,
+}
+
+impl ProxyContext {
+    pub fn new(
+        dataplane: Arc<Dataplane>,
+        certs: Option<Arc<CertManager>>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            dataplane,
+            workloads: RwLock::new(WorkloadIndex::new()),
+            local_pods: LocalPods::default(),
+            certs,
+            pool: Pool::new(),
+            settings,
+        }
+    }
+
+    /// The mesh workload at `ip`, if the control plane knows one.
+    pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.workloads
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_ip(ip)
+    }
+
+    /// Replaces the known workloads.
+    pub fn set_workloads(&self, workloads: Vec<Workload>) {
+        let mut index = WorkloadIndex::new();
+        for workload in workloads {
+            index.insert(workload);
+        }
+        *self
+            .workloads
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = index;
+    }
+}
+
+/// Pods enrolled on this node, by address.
+#[derive(Default)]
+pub struct LocalPods {
+    by_ip: RwLock<HashMap<IpAddr, Arc<Pod>>>,
+}
+
+impl LocalPods {
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        self.by_ip
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&ip.to_canonical())
+            .cloned()
+    }
+
+    pub fn insert(&self, pod: &Arc<Pod>) {
+        let mut map = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
+        for ip in &pod.spec.ips {
+            map.insert(ip.to_canonical(), pod.clone());
+        }
+    }
+
+    pub fn remove(&self, pod: &Pod) {
+        let mut map = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
+        for ip in &pod.spec.ips {
+            if map.get(&ip.to_canonical()).is_some_and(|p| p.id == pod.id) {
+                map.remove(&ip.to_canonical());
+            }
+        }
+    }
+}

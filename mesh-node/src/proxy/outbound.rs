@@ -1,32 +1,37 @@
-//! Captured outbound connections: recover where the application was going and carry the bytes
-//! there from inside the application's own network namespace.
-//!
-//! This is plain TCP for now; HBONE tunnelling replaces the upstream leg next.
+//! Captured outbound connections: recover where the application was going, then pick the way
+//! there — straight into a pod on this node, through an HBONE tunnel to a mesh workload, or
+//! plain TCP to anything outside the mesh.
 use std::{
-    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use mesh_common::{FAMILY_INET, OrigDst, PROXY_MARK};
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use mesh_common::{FAMILY_INET, HBONE_PORT, OrigDst};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream},
+};
 use tracing::Instrument;
 
-use crate::{dataplane::Dataplane, enroll::Pod, netns::NetNs};
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Copy buffer per direction: fewer syscalls than tokio's 8 KiB default on bulk transfers.
-const COPY_BUFFER: usize = 64 * 1024;
+use super::{COPY_BUFFER, ProxyContext, connect_from_pod, inbound};
+use crate::{
+    enroll::Pod,
+    hbone::{
+        H2Stream,
+        client::{ConnectHeaders, Connection},
+        pool::PoolKey,
+    },
+    state::{TunnelProtocol, Workload},
+};
 
 /// Accepts captured connections on one of the pod's outbound listeners until the task is aborted.
-pub async fn serve(listener: TcpListener, pod: Arc<Pod>, dataplane: Arc<Dataplane>) {
+pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let span = tracing::info_span!("outbound", pod = %pod.spec, src_port = peer.port());
-                tokio::spawn(handle(stream, peer, pod.clone(), dataplane.clone()).instrument(span));
+                tokio::spawn(handle(stream, peer, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(error) => {
                 // EMFILE and friends: back off rather than spin; the listener stays open.
@@ -37,42 +42,188 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, dataplane: Arc<Dataplan
     }
 }
 
-async fn handle(mut client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, dataplane: Arc<Dataplane>) {
-    let Some(orig) = dataplane.take_original_dst(pod.netns_cookie, peer.port()) else {
+/// How a captured connection reaches its destination.
+enum Route {
+    /// The destination is a pod enrolled on this node: no TLS, no network.
+    Local(Arc<Pod>),
+    /// The destination is a mesh workload on another node.
+    Hbone(Arc<Workload>),
+    /// Not in the mesh: plain TCP, unchanged.
+    Passthrough,
+}
+
+fn route(ctx: &ProxyContext, dst: SocketAddr) -> Route {
+    if let Some(pod) = ctx.local_pods.get(dst.ip()) {
+        return Route::Local(pod);
+    }
+    match ctx.workload(dst.ip()) {
+        Some(workload) if workload.protocol == TunnelProtocol::Hbone => Route::Hbone(workload),
+        _ => Route::Passthrough,
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
+    let Some(orig) = ctx
+        .dataplane
+        .take_original_dst(pod.netns_cookie, peer.port())
+    else {
         tracing::warn!("no original destination recorded for this connection; closing it");
         return;
     };
     let dst = original_destination(&orig);
     let started = Instant::now();
     tracing::info!(original_dst = %dst, "outbound connection captured");
-    let mut upstream = match connect_from_pod(&pod.netns, dst).await {
-        Ok(upstream) => upstream,
-        Err(error) => {
-            tracing::info!(original_dst = %dst, %error, "outbound connection failed: upstream connect");
-            return;
-        }
-    };
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(
+    // The application's own address, as the destination will know it.
+    let app_addr = SocketAddr::new(pod.spec.ips[0], peer.port());
+    match route(&ctx, dst) {
+        Route::Local(dst_pod) => {
+            match inbound::deliver(&ctx, &dst_pod, Some(&pod.identity), dst).await {
+                Ok(upstream) => {
+                    splice(
+                        client,
+                        upstream,
+                        dst,
+                        "local",
+                        &dst_pod.identity.to_string(),
+                        started,
+                    )
+                    .await
+                }
+                Err(refusal) => tracing::info!(
+                    original_dst = %dst, route = %"local", status = refusal.status.as_u16(),
+                    reason = %refusal.reason, "outbound connection failed"
+                ),
+            }
+        }
+        Route::Hbone(workload) => match open_tunnel(&ctx, &pod, &workload, dst, app_addr).await {
+            Ok(stream) => {
+                let identity = workload.identity().to_string();
+                splice(client, stream, dst, "hbone", &identity, started).await
+            }
+            Err(reason) => {
+                tracing::info!(original_dst = %dst, route = %"hbone", %reason, "outbound connection failed")
+            }
+        },
+        Route::Passthrough => {
+            match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
+                Ok(upstream) => splice(client, upstream, dst, "passthrough", "", started).await,
+                Err(error) => tracing::info!(
+                    original_dst = %dst, route = %"passthrough", %error,
+                    "outbound connection failed: upstream connect"
+                ),
+            }
+        }
+    }
+}
+
+/// A tunnel to `dst` through the destination's 15008, on a pooled connection.
+async fn open_tunnel(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    workload: &Workload,
+    dst: SocketAddr,
+    app_addr: SocketAddr,
+) -> Result<H2Stream, String> {
+    let certs = ctx
+        .certs
+        .as_ref()
+        .ok_or("no certificate source configured (mesh-node run --ca-dir)")?;
+    let source = certs
+        .get(&pod.identity)
+        .await
+        .map_err(|error| error.to_string())?;
+    let expected = vec![workload.identity()];
+    let peer = SocketAddr::new(dst.ip(), HBONE_PORT);
+    let key = PoolKey::new(
+        pod.spec.ips[0],
+        pod.identity.clone(),
+        expected.clone(),
+        peer,
+    );
+    let lease = ctx
+        .pool
+        .checkout(&key, || async {
+            let tcp = connect_from_pod(&pod.netns, peer, ctx.settings.connect_timeout)
+                .await
+                .map_err(|error| format!("connect {peer}: {error}"))?;
+            let config = certs
+                .tls()
+                .client_config(&source, expected.clone())
+                .map_err(|error| format!("client TLS configuration: {error}"))?;
+            Connection::establish(tcp, peer, config)
+                .await
+                .map_err(|error| error.to_string())
+        })
+        .await?;
+    if lease.fresh {
+        tracing::info!(
+            %peer,
+            peer_identity = %workload.identity(),
+            connection_id = lease.connection_id(),
+            "HBONE connection established"
+        );
+    }
+    let headers = ConnectHeaders {
+        client: Some(app_addr),
+        baggage: Some(format!(
+            "k8s.namespace.name={},k8s.pod.name={}",
+            pod.spec.namespace, pod.spec.name
+        )),
+        traceparent: Some(traceparent(certs.tls().provider())),
+    };
+    let stream = lease
+        .connection()
+        .connect(&dst.to_string(), &headers)
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(stream.with_lease(lease))
+}
+
+/// A fresh W3C trace context: version 00, random trace and span ids, sampled.
+fn traceparent(provider: &rustls::crypto::CryptoProvider) -> String {
+    let mut ids = [0u8; 24];
+    if provider.secure_random.fill(&mut ids).is_err() {
+        ids[0] = 1;
+    }
+    let hex: String = ids.iter().map(|b| format!("{b:02x}")).collect();
+    format!("00-{}-{}-01", &hex[..32], &hex[32..])
+}
+
+async fn splice<U>(
+    mut client: TcpStream,
+    mut upstream: U,
+    dst: SocketAddr,
+    route: &'static str,
+    peer_identity: &str,
+    started: Instant,
+) where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let result = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
         COPY_BUFFER,
         COPY_BUFFER,
     )
-    .await
-    {
+    .await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match result {
         Ok((sent, received)) => tracing::info!(
             original_dst = %dst,
+            route = %route,
+            peer_identity = %peer_identity,
             bytes_sent = sent,
             bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms,
             "outbound connection closed"
         ),
         Err(error) => tracing::info!(
             original_dst = %dst,
+            route = %route,
+            peer_identity = %peer_identity,
             %error,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms,
             "outbound connection reset"
         ),
     }
@@ -90,26 +241,6 @@ pub fn original_destination(orig: &OrigDst) -> SocketAddr {
         Ipv6Addr::from(octets).to_canonical()
     };
     SocketAddr::new(ip, orig.port)
-}
-
-/// Connects to `dst` with a socket created inside the pod's namespace and marked so the capture
-/// hooks leave it alone: the packets leave with the pod's own address.
-async fn connect_from_pod(netns: &NetNs, dst: SocketAddr) -> io::Result<TcpStream> {
-    let socket = netns
-        .run(|| new_marked_socket(dst))
-        .map_err(io::Error::other)??;
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
-    }
-}
-
-fn new_marked_socket(dst: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_mark(PROXY_MARK)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket)
 }
 
 #[cfg(test)]
@@ -138,5 +269,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(original_destination(&v6), "10.1.2.3:80".parse().unwrap());
+    }
+
+    #[test]
+    fn traceparent_has_the_w3c_shape() {
+        let value = traceparent(&crate::tls::provider());
+        let parts: Vec<&str> = value.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
+            ("00", 32, 16, "01")
+        );
     }
 }

@@ -87,11 +87,7 @@ fn connect(addr: &str, bytes: &str, conns: &str) -> Result<bool, String> {
     Ok(all_ok)
 }
 
-/// The byte at `offset` of the test stream: not periodic at any power of two, so a dropped,
-/// duplicated or reordered chunk cannot go unnoticed.
-fn pattern(offset: usize) -> u8 {
-    (offset.wrapping_mul(31) ^ (offset / 251)) as u8
-}
+use mesh_tests::podapp::pattern;
 
 fn one_connection(addr: SocketAddr, bytes: usize) -> Result<String, String> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))

@@ -1,0 +1,52 @@
+//! `sk_lookup`, one link per enrolled pod's network namespace: new inbound TCP connections to the
+//! pod go to mesh-node's plaintext listener (15006) instead of the application's.
+//!
+//! Not steered: HBONE (15008, mesh-node's own listener), and connections that start inside the
+//! pod itself — loopback, and the pod dialling its own address (which is how mesh-node delivers
+//! to the application: for those the kernel reports the veth, not lo, so `remote == local` is
+//! what tells them apart). Minimum kernel: 5.9.
+use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
+use mesh_common::{Counter, HBONE_PORT, InboundKey};
+
+use crate::maps::{INBOUND, count};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[sk_lookup]
+pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands every sk_lookup program a valid context.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP
+        || lookup.local_port == u32::from(HBONE_PORT)
+        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
+    {
+        return sk_action::SK_PASS;
+    }
+    let key = match lookup.family {
+        AF_INET => {
+            let remote = lookup.remote_ip4.to_ne_bytes();
+            if lookup.remote_ip4 == lookup.local_ip4 || remote[0] == 127 {
+                return sk_action::SK_PASS;
+            }
+            InboundKey::v4(lookup.local_ip4)
+        }
+        AF_INET6 => {
+            let (local, remote) = (lookup.local_ip6, lookup.remote_ip6);
+            let loopback = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+            if remote == local || remote == loopback {
+                return sk_action::SK_PASS;
+            }
+            InboundKey::v6(local)
+        }
+        _ => return sk_action::SK_PASS,
+    };
+    match INBOUND.redirect_sk_lookup(&ctx, key, 0) {
+        Ok(()) => count(Counter::InboundCaptured),
+        // No listener registered: mesh-node is not serving this pod; the application answers.
+        Err(_) => count(Counter::InboundNotServing),
+    }
+    sk_action::SK_PASS
+}

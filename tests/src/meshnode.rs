@@ -142,6 +142,13 @@ impl MeshNode {
     }
 
     /// Graceful stop: SIGTERM, then wait.
+    /// The process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on our own child's pid.

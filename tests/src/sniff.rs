@@ -56,10 +56,10 @@ impl Sniffer {
             while !thread_stop.load(Ordering::Acquire) {
                 // SAFETY: `frame` is a live buffer of the length passed.
                 let n = unsafe { libc::recv(fd, frame.as_mut_ptr().cast(), frame.len(), 0) };
-                if n > 0 {
-                    if let Some(segment) = parse(&frame[..n as usize]) {
-                        segments.push(segment);
-                    }
+                if n > 0
+                    && let Some(segment) = parse(&frame[..n as usize])
+                {
+                    segments.push(segment);
                 }
             }
             // SAFETY: the descriptor is ours and closed once.

@@ -225,7 +225,7 @@ pub fn attach_netns(
             .map_err(attach_err)?;
         let id = prog.attach(netns).map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(|_| AttachError::NotALink { hook })?;
+        let fd_link = FdLink::from(link);
         let pinned = fd_link.pin(pin_path).map_err(|error| AttachError::Pin {
             hook,
             path: pin_path.to_owned(),

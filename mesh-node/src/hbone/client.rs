@@ -166,10 +166,10 @@ pub fn connect_request(
         .body(())
         .map_err(|_| bad())?;
     let map = request.headers_mut();
-    if let Some(client) = headers.client {
-        if let Ok(value) = HeaderValue::from_str(&format!("for=\"{client}\"")) {
-            map.insert(super::FORWARDED, value);
-        }
+    if let Some(client) = headers.client
+        && let Ok(value) = HeaderValue::from_str(&format!("for=\"{client}\""))
+    {
+        map.insert(super::FORWARDED, value);
     }
     for (name, value) in [
         (super::BAGGAGE, &headers.baggage),

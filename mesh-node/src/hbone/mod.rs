@@ -7,7 +7,7 @@ pub mod pool;
 pub mod server;
 mod stream;
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 pub use stream::H2Stream;
 
@@ -47,16 +47,13 @@ pub enum KeepaliveError {
 
 /// PINGs the peer every [`KEEPALIVE_INTERVAL`]; returns when a PING goes unanswered. The
 /// connection must be polled concurrently for replies to arrive.
-pub(crate) fn keepalive(mut ping_pong: h2::PingPong) -> impl Future<Output = KeepaliveError> {
-    async move {
-        loop {
-            tokio::time::sleep(KEEPALIVE_INTERVAL).await;
-            match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await
-            {
-                Ok(Ok(_pong)) => {}
-                Ok(Err(error)) => return KeepaliveError::Ping(error),
-                Err(_) => return KeepaliveError::Timeout,
-            }
+pub(crate) async fn keepalive(mut ping_pong: h2::PingPong) -> KeepaliveError {
+    loop {
+        tokio::time::sleep(KEEPALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(error)) => return KeepaliveError::Ping(error),
+            Err(_) => return KeepaliveError::Timeout,
         }
     }
 }

@@ -147,7 +147,7 @@ impl FileCa {
     /// Signs a fresh ECDSA P-256 certificate whose one URI SAN is `identity`.
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, CertError> {
         let fail = |reason: String| CertError::Issue {
-            identity: identity.clone(),
+            identity: identity.to_string(),
             reason,
         };
         let key = KeyPair::generate().map_err(|error| fail(error.to_string()))?;

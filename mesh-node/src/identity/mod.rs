@@ -106,11 +106,11 @@ pub struct WorkloadCert {
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("issue certificate for {identity}: {reason}")]
-    Issue { identity: Identity, reason: String },
+    Issue { identity: String, reason: String },
     #[error("certificate for {identity}: {source}")]
     Tls {
-        identity: Identity,
-        source: rustls::Error,
+        identity: String,
+        source: Box<rustls::Error>,
     },
 }
 

@@ -49,8 +49,8 @@ impl Tls {
     /// presents it.
     pub fn certified(&self, cert: &WorkloadCert) -> Result<Certified, CertError> {
         let fail = |source| CertError::Tls {
-            identity: cert.identity.clone(),
-            source,
+            identity: cert.identity.to_string(),
+            source: Box::new(source),
         };
         let key = Arc::new(
             CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &self.provider)

@@ -173,7 +173,10 @@ async fn handle_stream(
             return;
         }
     };
-    tracing::info!(dst = %tunnel.authority, client = ?tunnel.forwarded_for, "HBONE tunnel opened");
+    let client = tunnel
+        .forwarded_for
+        .map_or_else(|| "-".to_owned(), |addr| addr.to_string());
+    tracing::info!(dst = %tunnel.authority, %client, "HBONE tunnel opened");
     let mut stream = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
     let result = tokio::io::copy_bidirectional_with_sizes(

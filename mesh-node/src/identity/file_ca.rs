@@ -38,6 +38,8 @@ pub enum FileCaError {
     Invalid { path: PathBuf, reason: String },
     #[error("generate the mesh root: {0}")]
     Generate(rcgen::Error),
+    #[error("trust domain {0:?} may hold only a-z, 0-9, '.', '-' and '_'")]
+    TrustDomain(String),
 }
 
 /// The mesh root and its signing key.
@@ -60,6 +62,9 @@ impl FileCa {
     /// Writes a new ECDSA P-256 mesh root to `dir` (created if absent); refuses to overwrite one.
     /// Returns the path of the root certificate.
     pub fn init(dir: &Path, trust_domain: &str) -> Result<PathBuf, FileCaError> {
+        if !super::is_valid_trust_domain(trust_domain) {
+            return Err(FileCaError::TrustDomain(trust_domain.to_owned()));
+        }
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(ROOT_KEY_FILE);
         for path in [&cert_path, &key_path] {
@@ -221,4 +226,47 @@ fn read_file(path: &Path) -> Result<String, FileCaError> {
         path: path.to_owned(),
         io_error,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("mesh-node-ca-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn init_writes_a_root_that_loads_and_refuses_to_overwrite_it() {
+        let dir = temp_dir("init");
+        let _ = fs::remove_dir_all(&dir);
+        let cert = FileCa::init(&dir, "cluster.local").unwrap();
+        let mode = fs::metadata(dir.join(ROOT_KEY_FILE)).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let ca = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL).unwrap();
+        let id = Identity::new("cluster.local", "ns1", "sa1");
+        let issued = ca.issue(&id, Duration::from_secs(60)).unwrap();
+        assert_eq!(super::super::san::identity_of(&issued.chain[0]).unwrap(), id);
+        let again = FileCa::init(&dir, "cluster.local").unwrap_err();
+        assert!(again.to_string().contains("already exists"), "{again}");
+        assert!(cert.ends_with(ROOT_CERT_FILE));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn load_names_the_bad_file() {
+        let dir = temp_dir("bad");
+        let _ = fs::remove_dir_all(&dir);
+        FileCa::init(&dir, "cluster.local").unwrap();
+        fs::write(dir.join(ROOT_KEY_FILE), "not a key").unwrap();
+        let error = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL).unwrap_err().to_string();
+        assert!(error.contains(ROOT_KEY_FILE) && error.contains("not a PEM private key"), "{error}");
+        // A key that is valid but not the root's.
+        let other = FileCa::generate("cluster.local", DEFAULT_WORKLOAD_TTL).unwrap();
+        fs::write(dir.join(ROOT_KEY_FILE), other.issuer.key().serialize_pem()).unwrap();
+        let error = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL).unwrap_err().to_string();
+        assert!(error.contains("does not hold the key of"), "{error}");
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(FileCa::init(&dir, "Bad Domain").is_err());
+    }
 }

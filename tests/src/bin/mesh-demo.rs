@@ -1,6 +1,7 @@
 //! The local demo: two simulated nodes, a client pod and a server pod, one mesh-node per node.
-//! A connection from the client is captured by eBPF and carried by mesh-node; the demo shows
-//! the evidence from each side, then removes everything it built.
+//! A connection from the client is captured by eBPF and carried by mesh-node through an HBONE
+//! tunnel (mutual TLS with SPIFFE identities); the demo shows the evidence from each side, then
+//! removes everything it built.
 use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
@@ -23,7 +24,9 @@ fn demo() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
-    println!("mesh-node demo: two nodes, two pods, capture by eBPF (no iptables, no sidecar)\n");
+    println!(
+        "mesh-node demo: two nodes, two pods, capture by eBPF (no iptables, no sidecar), HBONE between nodes\n"
+    );
     let topo = Topology::build(&[
         NodeSpec {
             name: "node1",
@@ -44,11 +47,13 @@ fn demo() -> Result<()> {
         }
     }
 
-    let mesh1 = MeshNode::start(&topo, "node1", &[]).context("start mesh-node on node1")?;
-    let mesh2 = MeshNode::start(&topo, "node2", &[]).context("start mesh-node on node2")?;
+    let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).context("start mesh-node on node1")?;
+    let mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).context("start mesh-node on node2")?;
     println!(
-        "\n  mesh-node is running on both nodes; its eBPF hooks are attached to each node's pod cgroups."
+        "\n  mesh-node is running on both nodes with a mesh root from `mesh-node ca init` ({});",
+        topo.ca_dir().display()
     );
+    println!("  its eBPF hooks are attached to each node's pod cgroups and pod namespaces.");
 
     let server_pod = topo.pod("server");
     let server = Server::start(
@@ -85,25 +90,42 @@ fn demo() -> Result<()> {
     );
     println!("  what the server application saw:");
     println!(
-        "    a connection from {}   (mesh-node's socket, opened inside the client pod)",
+        "    a connection from {}   (mesh-node on node2 delivers tunnels from inside the server pod)",
         conn.server_saw
     );
-    println!("  what mesh-node on node1 logged:");
     std::thread::sleep(std::time::Duration::from_millis(200));
-    for line in mesh1.log_lines_with(&["outbound connection"]) {
-        println!(
-            "    {}",
-            line.split_once("mesh_node::proxy::outbound: ")
-                .map_or(line.as_str(), |(_, l)| l)
-        );
-    }
+    let show = |title: &str, mesh: &MeshNode, needles: &[&str]| {
+        println!("  what mesh-node on {title} logged:");
+        for needle in needles {
+            for line in mesh.log_lines_with(&[needle]) {
+                let message = line
+                    .find("mesh_node::")
+                    .and_then(|at| line[at..].split_once(": "))
+                    .map_or(line.as_str(), |(_, message)| message);
+                println!("    {message}");
+            }
+        }
+    };
+    show(
+        "node1",
+        &mesh1,
+        &["outbound connection", "HBONE connection established"],
+    );
+    show(
+        "node2",
+        &mesh2,
+        &["HBONE connection accepted", "HBONE tunnel"],
+    );
     let carried =
         conn.peer == server.addr && conn.server_saw != conn.local && conn.bytes == PAYLOAD;
-    if !carried {
-        bail!("the connection was not carried by mesh-node: {conn:?}");
+    let tunnelled = !mesh1
+        .log_lines_with(&["outbound connection closed", "route=hbone"])
+        .is_empty();
+    if !carried || !tunnelled {
+        bail!("the connection was not carried through HBONE by mesh-node: {conn:?}");
     }
     println!(
-        "\n  result: {} bytes echoed intact; mesh-node carried the connection.",
+        "\n  result: {} bytes echoed intact; mesh-node carried them in a mutual-TLS HBONE tunnel.",
         conn.bytes
     );
     drop(server);

@@ -80,6 +80,8 @@ pub enum EnrollError {
     Register { pod: String, io_error: io::Error },
     #[error("enroll pod {pod}: pod is already enrolled")]
     AlreadyEnrolled { pod: String },
+    #[error("enroll pod {pod}: pod has no IP address yet")]
+    NoAddress { pod: String },
     #[error("enroll pod {pod}: {source}")]
     Dataplane { pod: String, source: DataplaneError },
 }
@@ -121,6 +123,10 @@ impl Enroller {
         let key = spec.key();
         if self.lock().contains_key(&key) {
             return Err(EnrollError::AlreadyEnrolled { pod: key });
+        }
+        // The data path names a pod by its first address (source of its tunnels).
+        if spec.ips.is_empty() {
+            return Err(EnrollError::NoAddress { pod: key });
         }
         let netns = NetNs::open(&spec.netns).map_err(|source| EnrollError::NetNs {
             pod: key.clone(),

@@ -242,11 +242,17 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let cert = FileCa::init(&dir, "cluster.local").unwrap();
         let mode = fs::metadata(dir.join(ROOT_KEY_FILE)).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let ca = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL).unwrap();
         let id = Identity::new("cluster.local", "ns1", "sa1");
         let issued = ca.issue(&id, Duration::from_secs(60)).unwrap();
-        assert_eq!(super::super::san::identity_of(&issued.chain[0]).unwrap(), id);
+        assert_eq!(
+            super::super::san::identity_of(&issued.chain[0]).unwrap(),
+            id
+        );
         let again = FileCa::init(&dir, "cluster.local").unwrap_err();
         assert!(again.to_string().contains("already exists"), "{again}");
         assert!(cert.ends_with(ROOT_CERT_FILE));
@@ -259,12 +265,19 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         FileCa::init(&dir, "cluster.local").unwrap();
         fs::write(dir.join(ROOT_KEY_FILE), "not a key").unwrap();
-        let error = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL).unwrap_err().to_string();
-        assert!(error.contains(ROOT_KEY_FILE) && error.contains("not a PEM private key"), "{error}");
+        let error = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(ROOT_KEY_FILE) && error.contains("not a PEM private key"),
+            "{error}"
+        );
         // A key that is valid but not the root's.
         let other = FileCa::generate("cluster.local", DEFAULT_WORKLOAD_TTL).unwrap();
         fs::write(dir.join(ROOT_KEY_FILE), other.issuer.key().serialize_pem()).unwrap();
-        let error = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL).unwrap_err().to_string();
+        let error = FileCa::load(&dir, DEFAULT_WORKLOAD_TTL)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("does not hold the key of"), "{error}");
         fs::remove_dir_all(&dir).unwrap();
         assert!(FileCa::init(&dir, "Bad Domain").is_err());

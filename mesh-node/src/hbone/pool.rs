@@ -57,6 +57,9 @@ struct Entry {
     /// Held while a new connection is being made, so a burst of tunnels waits for it instead of
     /// opening one connection each.
     connecting: Arc<tokio::sync::Mutex<()>>,
+    /// The last failed attempt: callers that waited for it fail with it instead of each trying
+    /// (and timing out) in turn.
+    last_failure: Option<(Instant, String)>,
 }
 
 /// A tunnel slot on a pooled connection; releases the slot when dropped.
@@ -101,12 +104,14 @@ impl Pool {
     }
 
     /// A tunnel slot on a connection for `key`, making the connection with `connect` when none
-    /// has room.
-    pub async fn checkout<F, Fut, E>(&self, key: &PoolKey, connect: F) -> Result<Lease, E>
+    /// has room. If another caller's attempt fails while this one waits for it, this one fails
+    /// with the same reason.
+    pub async fn checkout<F, Fut>(&self, key: &PoolKey, connect: F) -> Result<Lease, String>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Connection, E>>,
+        Fut: Future<Output = Result<Connection, String>>,
     {
+        let waiting_since = Instant::now();
         let connecting = {
             let mut entries = self.lock();
             let entry = entries.entry(key.clone()).or_default();
@@ -116,21 +121,34 @@ impl Pool {
             entry.connecting.clone()
         };
         let _connecting = connecting.lock().await;
-        if let Some(lease) = self.lock().get_mut(key).and_then(pick) {
-            return Ok(lease);
+        if let Some(entry) = self.lock().get_mut(key) {
+            if let Some(lease) = pick(entry) {
+                return Ok(lease);
+            }
+            if let Some((at, reason)) = &entry.last_failure
+                && *at >= waiting_since
+            {
+                return Err(reason.clone());
+            }
         }
-        let connection = connect().await?;
+        let connection = match connect().await {
+            Ok(connection) => connection,
+            Err(reason) => {
+                self.lock().entry(key.clone()).or_default().last_failure =
+                    Some((Instant::now(), reason.clone()));
+                return Err(reason);
+            }
+        };
         let pooled = Arc::new(Pooled {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
             connection,
             active: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
         });
-        self.lock()
-            .entry(key.clone())
-            .or_default()
-            .connections
-            .push(pooled.clone());
+        let mut entries = self.lock();
+        let entry = entries.entry(key.clone()).or_default();
+        entry.connections.push(pooled.clone());
+        entry.last_failure = None;
         Ok(Lease {
             pooled,
             fresh: true,
@@ -188,4 +206,70 @@ fn pick(entry: &mut Entry) -> Option<Lease> {
                 fresh: false,
             })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn key() -> PoolKey {
+        PoolKey::new(
+            "10.0.0.1".parse().unwrap(),
+            Identity::new("cluster.local", "default", "client"),
+            vec![
+                Identity::new("cluster.local", "default", "b"),
+                Identity::new("cluster.local", "default", "a"),
+            ],
+            "10.0.0.2:15008".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn keys_ignore_the_order_of_expected_identities() {
+        let mut other = key();
+        other.expected.reverse();
+        assert_eq!(
+            PoolKey::new(
+                other.source_ip,
+                other.source.clone(),
+                other.expected,
+                other.peer
+            ),
+            key()
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn callers_waiting_on_a_failed_attempt_share_its_failure() {
+        let pool = Arc::new(Pool::new());
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (pool, attempts) = (pool.clone(), attempts.clone());
+                tokio::spawn(async move {
+                    pool.checkout(&key(), || async {
+                        attempts.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Err("connect 10.0.0.2:15008: timed out".to_owned())
+                    })
+                    .await
+                    .err()
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(
+                task.await.unwrap().as_deref(),
+                Some("connect 10.0.0.2:15008: timed out")
+            );
+        }
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            1,
+            "one attempt, not one per caller"
+        );
+        assert_eq!(pool.connections(), 0);
+    }
 }

@@ -16,3 +16,43 @@ pub use meshnode::MeshNode;
 pub use podapp::{ConnResult, PodRun, Server};
 pub use privilege::privileged;
 pub use topology::{NodeSpec, PodSpec, Topology};
+
+use std::time::{Duration, Instant};
+
+/// Polls `condition` for up to 10 s (log lines are written asynchronously).
+pub fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+impl Topology {
+    /// Starts the echo server in pod `pod` on `<pod IP>:port`.
+    pub fn serve(&self, pod: &str, port: u16) -> Server {
+        let pod = self.pod(pod);
+        Server::start(
+            &pod.netns_path(),
+            &pod.cgroup,
+            std::net::SocketAddr::from((pod.ip, port)),
+        )
+        .expect("start echo server")
+    }
+
+    /// Runs `podapp connect` in pod `pod`: `conns` parallel connections of `bytes` each.
+    pub fn connect_from(
+        &self,
+        pod: &str,
+        target: std::net::SocketAddr,
+        bytes: usize,
+        conns: usize,
+    ) -> PodRun {
+        let pod = self.pod(pod);
+        podapp::connect(&pod.netns_path(), &pod.cgroup, target, bytes, conns)
+            .expect("run podapp connect")
+    }
+}

@@ -3,7 +3,7 @@
 //! sees, who the server saw connecting, and mesh-node's own account of the connection.
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_tests::{MeshNode, NodeSpec, PodSpec, Server, Topology, podapp, privileged};
+use mesh_tests::{MeshNode, NodeSpec, PodSpec, Server, Topology, podapp, privileged, wait_for};
 
 const SERVER_PORT: u16 = 8080;
 
@@ -23,13 +23,7 @@ fn two_nodes() -> Topology {
 }
 
 fn start_server(topo: &Topology) -> Server {
-    let pod = topo.pod("server");
-    Server::start(
-        &pod.netns_path(),
-        &pod.cgroup,
-        SocketAddr::from((pod.ip, SERVER_PORT)),
-    )
-    .expect("start server")
+    topo.serve("server", SERVER_PORT)
 }
 
 fn run_from(
@@ -39,9 +33,7 @@ fn run_from(
     bytes: usize,
     conns: usize,
 ) -> podapp::PodRun {
-    let pod = topo.pod(pod);
-    podapp::connect(&pod.netns_path(), &pod.cgroup, target, bytes, conns)
-        .expect("run podapp connect")
+    topo.connect_from(pod, target, bytes, conns)
 }
 
 fn captured_count(mesh: &MeshNode, target: SocketAddr) -> usize {
@@ -96,17 +88,6 @@ fn assert_direct(run: &podapp::PodRun, target: SocketAddr) {
             "the server must see the application's own socket"
         );
     }
-}
-
-fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    condition()
 }
 
 #[test]

@@ -9,6 +9,7 @@ use mesh_node::hbone::{
 };
 use mesh_tests::{
     MeshNode, NodeSpec, PodSpec, Server, Topology, hbone_client, podapp, privileged, sniff,
+    wait_for,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -40,13 +41,7 @@ fn topology() -> Topology {
 }
 
 fn serve(topo: &Topology, pod: &str) -> Server {
-    let pod = topo.pod(pod);
-    Server::start(
-        &pod.netns_path(),
-        &pod.cgroup,
-        SocketAddr::from((pod.ip, PORT)),
-    )
-    .expect("start server")
+    topo.serve(pod, PORT)
 }
 
 fn run_from(
@@ -56,24 +51,12 @@ fn run_from(
     bytes: usize,
     conns: usize,
 ) -> podapp::PodRun {
-    let pod = topo.pod(pod);
-    podapp::connect(&pod.netns_path(), &pod.cgroup, target, bytes, conns).expect("run podapp")
+    topo.connect_from(pod, target, bytes, conns)
 }
 
 fn all_ok(run: &podapp::PodRun, conns: usize) {
     assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
     assert_eq!(run.ok.len(), conns);
-}
-
-fn wait_for(mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    condition()
 }
 
 #[test]

@@ -91,7 +91,7 @@ fn cross_node_traffic_is_mutual_tls_with_identities_and_no_cleartext_on_the_wire
         .map(|s| s.payload.len())
         .sum();
     assert!(
-        hbone_bytes > 8 << 20,
+        hbone_bytes > 4 << 20,
         "only {hbone_bytes} bytes crossed the link on 15008"
     );
     let marker = podapp::pattern_bytes(1000, 64);

@@ -115,10 +115,15 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 Err(error) => tracing::error!(%error, "pod not enrolled"),
             }
         }
-        let stale = dataplane.retain_enrolled(&enroller.netns_cookies())?
-            + dataplane.retain_inbound(&enroller.netns_cookies())?;
-        if stale > 0 {
-            tracing::info!(stale, "removed namespaces enrolled by an earlier run that are gone now");
+        let cookies = enroller.netns_cookies();
+        let stale = dataplane.retain_enrolled(&cookies)?;
+        let stale_links = dataplane.retain_inbound(&cookies)?;
+        if stale + stale_links > 0 {
+            tracing::info!(
+                stale,
+                stale_links,
+                "removed namespaces and inbound links an earlier run enrolled that are gone now"
+            );
         }
         tracing::info!(enrolled, failed = total - enrolled, "mesh-node is ready");
 

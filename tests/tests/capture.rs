@@ -26,16 +26,6 @@ fn start_server(topo: &Topology) -> Server {
     topo.serve("server", SERVER_PORT)
 }
 
-fn run_from(
-    topo: &Topology,
-    pod: &str,
-    target: SocketAddr,
-    bytes: usize,
-    conns: usize,
-) -> podapp::PodRun {
-    topo.connect_from(pod, target, bytes, conns)
-}
-
 fn captured_count(mesh: &MeshNode, target: SocketAddr) -> usize {
     mesh.log_lines_with(&[
         "outbound connection captured",
@@ -73,7 +63,7 @@ fn client_captured(
     bytes: usize,
     conns: usize,
 ) -> podapp::PodRun {
-    let run = run_from(topo, "client", target, bytes, conns);
+    let run = topo.connect_from("client", target, bytes, conns);
     assert_captured(&run, topo.pod("client").ip, target);
     run
 }
@@ -104,7 +94,7 @@ fn cross_node_connections_are_captured_and_bytes_arrive_intact() {
     // delivers them from inside the pod, so the server sees its own address.
     let server_ip = topo.pod("server").ip;
     let run = |bytes, conns| {
-        let run = run_from(&topo, "client", server.addr, bytes, conns);
+        let run = topo.connect_from("client", server.addr, bytes, conns);
         assert_captured(&run, server_ip, server.addr);
         run
     };
@@ -155,7 +145,7 @@ fn non_enrolled_pods_and_the_host_namespace_are_not_captured() {
 
     // A pod on the same node, inside the hooked cgroup, but not enrolled.
     assert_direct(
-        &run_from(&topo, "bystander", server.addr, 4096, 4),
+        &topo.connect_from("bystander", server.addr, 4096, 4),
         server.addr,
     );
 
@@ -238,7 +228,7 @@ fn a_stopped_mesh_node_fails_open_or_closed_as_configured() {
     open.stop().expect("stop");
     // Still enrolled and hooked, but nobody serving: traffic goes direct.
     assert_direct(
-        &run_from(&topo, "client", server.addr, 1024, 2),
+        &topo.connect_from("client", server.addr, 1024, 2),
         server.addr,
     );
 
@@ -246,7 +236,7 @@ fn a_stopped_mesh_node_fails_open_or_closed_as_configured() {
         MeshNode::start(&topo, "node1", &["--fail-mode", "closed"]).expect("mesh-node fail-closed");
     client_captured(&topo, server.addr, 10, 1);
     closed.stop().expect("stop");
-    let refused = run_from(&topo, "client", server.addr, 10, 2);
+    let refused = topo.connect_from("client", server.addr, 10, 2);
     assert!(
         refused.ok.is_empty(),
         "fail-closed let connections through: {:?}",

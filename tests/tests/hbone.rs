@@ -8,8 +8,7 @@ use mesh_node::hbone::{
     client::{ConnectHeaders, Connection},
 };
 use mesh_tests::{
-    MeshNode, NodeSpec, PodSpec, Server, Topology, hbone_client, podapp, privileged, sniff,
-    wait_for,
+    MeshNode, NodeSpec, PodSpec, Topology, hbone_client, podapp, privileged, sniff, wait_for,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -40,20 +39,6 @@ fn topology() -> Topology {
     .expect("build topology")
 }
 
-fn serve(topo: &Topology, pod: &str) -> Server {
-    topo.serve(pod, PORT)
-}
-
-fn run_from(
-    topo: &Topology,
-    pod: &str,
-    target: SocketAddr,
-    bytes: usize,
-    conns: usize,
-) -> podapp::PodRun {
-    topo.connect_from(pod, target, bytes, conns)
-}
-
 fn all_ok(run: &podapp::PodRun, conns: usize) {
     assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
     assert_eq!(run.ok.len(), conns);
@@ -67,11 +52,11 @@ fn cross_node_traffic_is_mutual_tls_with_identities_and_no_cleartext_on_the_wire
     let topo = topology();
     let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
     let mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
-    let server = serve(&topo, "server");
-    let legacy = serve(&topo, "legacy");
+    let server = topo.serve("server", PORT);
+    let legacy = topo.serve("legacy", PORT);
 
     let sniffer = sniff::Sniffer::start(&topo.node("node1").netns, "n0").expect("capture n0");
-    let run = run_from(&topo, "client", server.addr, 1 << 20, 4);
+    let run = topo.connect_from("client", server.addr, 1 << 20, 4);
     all_ok(&run, 4);
     for conn in &run.ok {
         assert_eq!(
@@ -82,7 +67,7 @@ fn cross_node_traffic_is_mutual_tls_with_identities_and_no_cleartext_on_the_wire
     }
     // Control: the same bytes to a workload outside the mesh cross the link in cleartext, so
     // the capture below would have seen them.
-    all_ok(&run_from(&topo, "client", legacy.addr, 64 * 1024, 1), 1);
+    all_ok(&topo.connect_from("client", legacy.addr, 64 * 1024, 1), 1);
     let segments = sniffer.stop();
 
     let hbone_bytes: usize = segments
@@ -186,7 +171,7 @@ fn identities_are_verified_both_ways_and_bad_connects_get_400() {
         return;
     }
     let topo = topology();
-    let server = serve(&topo, "server");
+    let server = topo.serve("server", PORT);
     // node1 believes the server runs as "impostor": its real certificate must be refused.
     let wrong_state = topo.workdir.join("wrong-state.yaml");
     topo.write_state_file(&wrong_state, |pod| (pod == "server").then_some("impostor"))
@@ -197,7 +182,7 @@ fn identities_are_verified_both_ways_and_bad_connects_get_400() {
         .expect("mesh-node node1");
     let mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
 
-    let refused = run_from(&topo, "client", server.addr, 100, 1);
+    let refused = topo.connect_from("client", server.addr, 100, 1);
     assert!(
         refused.ok.is_empty(),
         "a tunnel to the wrong identity carried data: {:?}",
@@ -327,9 +312,12 @@ fn many_tunnels_share_few_connections_and_big_transfers_half_close_intact() {
     let topo = topology();
     let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
     let _mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
-    let server = serve(&topo, "server");
+    let server = topo.serve("server", PORT);
 
-    all_ok(&run_from(&topo, "client", server.addr, 16 * 1024, 256), 256);
+    all_ok(
+        &topo.connect_from("client", server.addr, 16 * 1024, 256),
+        256,
+    );
     let connections = mesh1
         .log_lines_with(&["HBONE connection established"])
         .len();
@@ -341,7 +329,7 @@ fn many_tunnels_share_few_connections_and_big_transfers_half_close_intact() {
 
     // 256 MiB up and the same back; podapp half-closes after sending and the server echoes
     // until it reads EOF, so the transfer only completes if the half-close crossed the tunnel.
-    let big = run_from(&topo, "client", server.addr, 256 << 20, 1);
+    let big = topo.connect_from("client", server.addr, 256 << 20, 1);
     all_ok(&big, 1);
     assert_eq!(big.ok[0].bytes, 256 << 20);
     let bytes = format!("bytes_sent={}", 256 << 20);
@@ -358,10 +346,10 @@ fn same_node_traffic_skips_tls_and_plaintext_from_outside_the_mesh_is_captured_i
     let topo = topology();
     let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
     let mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
-    let neighbor = serve(&topo, "neighbor");
-    let server = serve(&topo, "server");
+    let neighbor = topo.serve("neighbor", PORT);
+    let server = topo.serve("server", PORT);
 
-    all_ok(&run_from(&topo, "client", neighbor.addr, 1 << 20, 8), 8);
+    all_ok(&topo.connect_from("client", neighbor.addr, 1 << 20, 8), 8);
     assert!(
         wait_for(|| mesh1
             .log_lines_with(&[
@@ -386,7 +374,7 @@ fn same_node_traffic_skips_tls_and_plaintext_from_outside_the_mesh_is_captured_i
 
     // A pod outside the mesh talks plaintext to an enrolled pod on another node: node2 steers
     // it through its 15006 listener in the server's namespace.
-    let plain = run_from(&topo, "outsider", server.addr, 256 * 1024, 4);
+    let plain = topo.connect_from("outsider", server.addr, 256 * 1024, 4);
     all_ok(&plain, 4);
     assert!(
         wait_for(|| mesh2
@@ -410,7 +398,7 @@ fn garbage_stalls_and_floods_on_15008_are_refused_alone() {
     let topo = topology();
     let mut mesh2 = MeshNode::start_hbone(&topo, "node2", &["--handshake-timeout", "1"])
         .expect("mesh-node node2");
-    let server = serve(&topo, "server");
+    let server = topo.serve("server", PORT);
     let peer = SocketAddr::new(server.addr.ip(), 15008);
     let authority = server.addr.to_string();
     let ca_dir = topo.ca_dir();
@@ -517,6 +505,14 @@ fn garbage_stalls_and_floods_on_15008_are_refused_alone() {
     assert!(
         log.contains("excessive load generating behavior"),
         "rapid reset not cut off:\n{log}"
+    );
+    // The oversized block must have reached the server and been refused there, not merely
+    // failed in the test's own client: either a 431 answer or the connection cut off while
+    // decoding it (h2 cannot skip a header block half-decoded).
+    assert!(
+        headers_result == Some(431)
+            || log.contains("unable to maintain the header compression context"),
+        "oversized headers not refused by the server (client saw {headers_result:?}):\n{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
     assert!(mesh2.is_running(), "mesh-node died:\n{log}");

@@ -153,8 +153,10 @@ impl Dataplane {
                 .file_name()
                 .to_str()
                 .and_then(|name| name.parse::<u64>().ok());
-            if cookie.is_some_and(|cookie| !keep.contains(&cookie)) {
-                self.detach_inbound(cookie.unwrap_or_default())?;
+            if let Some(cookie) = cookie
+                && !keep.contains(&cookie)
+            {
+                self.detach_inbound(cookie)?;
                 removed += 1;
             }
         }

@@ -104,10 +104,12 @@ pub async fn serve_connection(
         }
     };
     tracing::info!(%peer, peer_identity = %identity, "HBONE connection accepted");
-    let keepalive = match connection.ping_pong() {
-        Some(ping_pong) => futures_keepalive(ping_pong),
-        None => Box::pin(std::future::pending()),
-    };
+    // h2 hands out the PingPong once; a connection without one simply never pings.
+    let keepalive: Pin<Box<dyn Future<Output = super::KeepaliveError> + Send>> =
+        match connection.ping_pong() {
+            Some(ping_pong) => Box::pin(keepalive(ping_pong)),
+            None => Box::pin(std::future::pending()),
+        };
     tokio::pin!(keepalive);
     loop {
         tokio::select! {
@@ -134,12 +136,6 @@ pub async fn serve_connection(
             }
         }
     }
-}
-
-fn futures_keepalive(
-    ping_pong: h2::PingPong,
-) -> Pin<Box<dyn Future<Output = super::KeepaliveError> + Send>> {
-    Box::pin(keepalive(ping_pong))
 }
 
 async fn handle_stream(

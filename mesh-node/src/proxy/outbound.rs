@@ -2,6 +2,7 @@
 //! there — straight into a pod on this node, through an HBONE tunnel to a mesh workload, or
 //! plain TCP to anything outside the mesh.
 use std::{
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -186,8 +187,16 @@ fn traceparent(provider: &rustls::crypto::CryptoProvider) -> String {
     if provider.secure_random.fill(&mut ids).is_err() {
         ids[0] = 1;
     }
-    let hex: String = ids.iter().map(|b| format!("{b:02x}")).collect();
-    format!("00-{}-{}-01", &hex[..32], &hex[32..])
+    let mut value = String::with_capacity(55);
+    value.push_str("00-");
+    for (i, byte) in ids.iter().enumerate() {
+        if i == 16 {
+            value.push('-');
+        }
+        let _ = write!(value, "{byte:02x}");
+    }
+    value.push_str("-01");
+    value
 }
 
 async fn splice<U>(

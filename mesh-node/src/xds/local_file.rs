@@ -13,7 +13,7 @@
 //!     network: ""                         # optional
 //! ```
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -91,6 +91,7 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<Vec<Workload
         message: error.to_string(),
     })?;
     let mut uids = HashSet::new();
+    let mut owners: HashMap<IpAddr, String> = HashMap::new();
     let mut workloads = Vec::with_capacity(file.workloads.len());
     for (index, entry) in file.workloads.into_iter().enumerate() {
         let invalid = |message: String| LocalFileError::Invalid {
@@ -134,6 +135,15 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<Vec<Workload
         let uid = uid.unwrap_or_else(|| format!("{namespace}/{name}"));
         if !uids.insert(uid.clone()) {
             return Err(invalid(format!("duplicate uid {uid}")));
+        }
+        // One address, one workload: otherwise which identity a tunnel expects would depend on
+        // the order of the file.
+        for ip in &addresses {
+            if let Some(other) = owners.insert(ip.to_canonical(), uid.clone()) {
+                return Err(invalid(format!(
+                    "addresses: {ip} is already the address of workload {other}"
+                )));
+            }
         }
         workloads.push(Workload {
             uid,

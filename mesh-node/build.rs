@@ -1,4 +1,6 @@
-//! Builds the eBPF object (mesh-ebpf, nightly + bpf-linker) into OUT_DIR for `include_bytes!`.
+//! Builds the eBPF object (mesh-ebpf, nightly + bpf-linker) into OUT_DIR for `include_bytes!`,
+//! and the protobuf/gRPC code for xDS with protox (a pure-Rust protobuf compiler, so the build
+//! needs no `protoc`).
 //!
 //! Without bpf-linker or the nightly toolchain, an empty stub is written instead so that
 //! `cargo check` and `clippy` still work; the resulting binary refuses to run the data plane and
@@ -12,6 +14,7 @@ use aya_build::{Package, Toolchain};
 const TOOLCHAIN_ENV: &str = "MESH_EBPF_TOOLCHAIN";
 
 fn main() -> anyhow::Result<()> {
+    compile_protos()?;
     println!("cargo:rerun-if-env-changed={TOOLCHAIN_ENV}");
     let toolchain = env::var(TOOLCHAIN_ENV).unwrap_or_else(|_| "nightly".to_owned());
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -59,4 +62,23 @@ fn missing_tool(toolchain: &str) -> Option<String> {
         return Some(format!("the Rust toolchain `{toolchain}` is not installed"));
     }
     None
+}
+
+/// The xDS protos under `proto/`: message types, the ADS client and (for test control planes
+/// and gateways) the ADS server.
+fn compile_protos() -> anyhow::Result<()> {
+    let files = [
+        "proto/discovery.proto",
+        "proto/workload.proto",
+        "proto/authorization.proto",
+    ];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
 }

@@ -17,7 +17,10 @@ use crate::{
     preflight::{self, PreflightError},
     proxy::ProxyContext,
     tls::Tls,
-    xds::local_file::{self, LocalFileError},
+    xds::{
+        client::{self as xds_client, XdsError},
+        local_file::{self, LocalFileError},
+    },
 };
 
 /// How often the HBONE pool looks for idle connections, and how long they may idle.
@@ -32,6 +35,12 @@ pub enum RunError {
     PodsFile(#[from] static_file::StaticFileError),
     #[error(transparent)]
     LocalXds(#[from] LocalFileError),
+    #[error(transparent)]
+    Xds(#[from] XdsError),
+    #[error("--local-xds and --xds-address are exclusive: the mesh state comes from one source")]
+    TwoSources,
+    #[error("start control-plane thread: {0}")]
+    ControlThread(std::io::Error),
     #[error("certificate authority: {0}")]
     Ca(#[from] FileCaError),
     #[error("trust domain {0:?} may hold only a-z, 0-9, '.', '-' and '_'")]
@@ -53,9 +62,16 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     if !is_valid_trust_domain(&config.trust_domain) {
         return Err(RunError::TrustDomain(config.trust_domain.clone()));
     }
-    let workloads = match &config.local_xds {
-        Some(path) => local_file::load(path, &config.trust_domain)?,
-        None => Vec::new(),
+    if config.local_xds.is_some() && config.xds.is_some() {
+        return Err(RunError::TwoSources);
+    }
+    let xds_endpoint = match &config.xds {
+        Some(xds) => Some(xds.endpoint()?),
+        None => None,
+    };
+    let local = match &config.local_xds {
+        Some(path) => Some(local_file::load(path, &config.trust_domain)?),
+        None => None,
     };
     let certs = match &config.ca_dir {
         Some(dir) => {
@@ -92,9 +108,25 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             Some(_) => tracing::info!(trust_domain = %config.trust_domain, "HBONE on: workload certificates from the file CA"),
             None => tracing::warn!("no --ca-dir: HBONE off; traffic to mesh workloads will fail, other traffic passes through"),
         }
-        let ctx = Arc::new(ProxyContext::new(dataplane.clone(), certs, config.settings));
-        tracing::info!(workloads = workloads.len(), "mesh state loaded");
-        ctx.set_workloads(workloads);
+        let ctx = Arc::new(ProxyContext::new(
+            dataplane.clone(),
+            config.node.clone(),
+            certs,
+            config.settings,
+        ));
+        if let Some(local) = local {
+            tracing::info!(
+                workloads = local.workloads.len(),
+                services = local.services.len(),
+                policies = local.policies.len(),
+                "mesh state loaded from the local file"
+            );
+            ctx.update_state(|state| local.apply(state));
+        }
+        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(config.xds.is_none());
+        if let (Some(xds), Some(endpoint)) = (config.xds.clone(), xds_endpoint) {
+            start_control_plane(xds, endpoint, ctx.clone(), ready_tx)?;
+        }
         let sweeper = ctx.clone();
         tokio::spawn(async move {
             loop {
@@ -125,15 +157,46 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 "removed namespaces and inbound links an earlier run enrolled that are gone now"
             );
         }
+        let shutdown = wait_for_shutdown();
+        tokio::pin!(shutdown);
+        tokio::select! {
+            result = &mut shutdown => return result,
+            _ = xds_ready.wait_for(|ready| *ready) => {}
+        }
         tracing::info!(enrolled, failed = total - enrolled, "mesh-node is ready");
 
-        wait_for_shutdown().await?;
+        shutdown.await?;
         tracing::info!(
             fail_mode = ?config.fail_mode,
             "shutting down; capture hooks stay pinned and apply the fail mode until mesh-node returns"
         );
         Ok(())
     })
+}
+
+/// The control runtime: a single thread of its own for xDS, so control-plane work never
+/// queues behind the data path (and the reverse).
+fn start_control_plane(
+    config: xds_client::XdsConfig,
+    endpoint: tonic::transport::Endpoint,
+    ctx: Arc<ProxyContext>,
+    ready: tokio::sync::watch::Sender<bool>,
+) -> Result<(), RunError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    tracing::info!(address = %config.address, "taking the mesh state from the control plane");
+    std::thread::Builder::new()
+        .name("mesh-control".into())
+        .spawn(move || {
+            let apply = move |update: crate::xds::session::Update| {
+                ctx.update_state(|state| update.apply(state));
+            };
+            runtime.block_on(xds_client::run(config, endpoint, apply, ready));
+        })
+        .map_err(RunError::ControlThread)?;
+    Ok(())
 }
 
 async fn wait_for_shutdown() -> Result<(), RunError> {

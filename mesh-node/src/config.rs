@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 pub use mesh_common::FailMode;
 
-pub use crate::proxy::Settings;
+pub use crate::proxy::{NodeInfo, Settings};
 
 /// Kubernetes' default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -35,6 +35,10 @@ pub struct RunConfig {
     pub local_xds: Option<PathBuf>,
     /// Data-path timeouts.
     pub settings: Settings,
+    /// This node's name, cluster and network.
+    pub node: NodeInfo,
+    /// The control plane (istiod) to take the mesh state from; exclusive with `local_xds`.
+    pub xds: Option<crate::xds::client::XdsConfig>,
 }
 
 impl Default for RunConfig {
@@ -50,6 +54,8 @@ impl Default for RunConfig {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             local_xds: None,
             settings: Settings::default(),
+            node: NodeInfo::default(),
+            xds: None,
         }
     }
 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_node::{
-    config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, RunConfig, Settings},
+    config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, NodeInfo, RunConfig, Settings},
     identity::file_ca::FileCa,
+    xds::client::XdsConfig,
 };
 
 #[derive(Parser)]
@@ -22,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage the file-backed certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -75,6 +76,39 @@ struct RunArgs {
     /// Seconds an inbound HBONE connection has to finish its TLS and HTTP/2 handshakes.
     #[arg(long, env = "MESH_NODE_HANDSHAKE_TIMEOUT", default_value_t = 10)]
     handshake_timeout: u64,
+    /// Control plane (istiod) xDS address, host:port (usually istiod.istio-system.svc:15012).
+    #[arg(long, env = "MESH_NODE_XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// CA certificate (PEM) that signed the control plane's serving certificate.
+    #[arg(
+        long,
+        env = "MESH_NODE_XDS_ROOT_CERT",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    xds_root_cert: PathBuf,
+    /// Name the control plane's certificate must carry [default: the host of --xds-address].
+    #[arg(long, env = "MESH_NODE_XDS_SERVER_NAME")]
+    xds_server_name: Option<String>,
+    /// Bearer token file sent to the control plane (a service-account token).
+    #[arg(long, env = "MESH_NODE_XDS_TOKEN_FILE")]
+    xds_token_file: Option<PathBuf>,
+    /// This cluster's id, sent to the control plane and used for routing preferences.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// The Kubernetes node this mesh-node runs on.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// This node's network ("" is the default network).
+    #[arg(long, env = "NETWORK", default_value = "")]
+    network: String,
+    /// mesh-node's own pod name and namespace, for its identity toward the control plane.
+    #[arg(long, env = "POD_NAME", default_value = "mesh-node")]
+    pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pod_namespace: String,
+    /// mesh-node's own IP (INSTANCE_IPS toward the control plane).
+    #[arg(long, env = "INSTANCE_IP")]
+    instance_ip: Vec<std::net::IpAddr>,
     /// Seconds to wait for a TCP connect (upstreams, peers' 15008).
     #[arg(long, env = "MESH_NODE_CONNECT_TIMEOUT", default_value_t = 10)]
     connect_timeout: u64,
@@ -109,6 +143,19 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => {
+            let args = *args;
+            let xds = args.xds_address.map(|address| XdsConfig {
+                address,
+                root_cert: args.xds_root_cert,
+                server_name: args.xds_server_name,
+                token_file: args.xds_token_file,
+                cluster_id: args.cluster_id.clone(),
+                pod_name: args.pod_name,
+                pod_namespace: args.pod_namespace,
+                node_name: args.node_name.clone(),
+                instance_ips: args.instance_ip,
+                trust_domain: args.trust_domain.clone(),
+            });
             let config = RunConfig {
                 pods_file: args.pods,
                 cgroup: args.cgroup,
@@ -122,6 +169,12 @@ fn main() -> ExitCode {
                 cert_ttl: Duration::from_secs(args.cert_ttl.max(60)),
                 trust_domain: args.trust_domain,
                 local_xds: args.local_xds,
+                node: NodeInfo {
+                    node_name: args.node_name,
+                    cluster_id: args.cluster_id,
+                    network: args.network,
+                },
+                xds,
                 settings: Settings {
                     connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
                     handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),

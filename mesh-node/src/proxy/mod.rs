@@ -15,11 +15,7 @@ use std::{
 pub use upstream::connect_from_pod;
 
 use crate::{
-    dataplane::Dataplane,
-    enroll::Pod,
-    hbone::pool::Pool,
-    identity::CertManager,
-    state::{Workload, WorkloadIndex},
+    dataplane::Dataplane, enroll::Pod, hbone::pool::Pool, identity::CertManager, state::State,
 };
 
 /// Copy buffer per direction: fewer syscalls than tokio's 8 KiB default on bulk transfers.
@@ -43,10 +39,22 @@ impl Default for Settings {
     }
 }
 
+/// Where this mesh-node runs, for routing preferences of pods the control plane has not
+/// described (yet).
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub cluster_id: String,
+    /// The network this node's pods are on ("" is the default network).
+    pub network: String,
+}
+
 /// Everything a connection handler may consult, shared by all of them.
 pub struct ProxyContext {
     pub dataplane: Arc<Dataplane>,
-    pub workloads: RwLock<WorkloadIndex>,
+    /// The mesh as the control plane (or the local file) last described it.
+    pub state: RwLock<State>,
+    pub node: NodeInfo,
     pub local_pods: LocalPods,
     /// `None`: no certificate source configured; HBONE is off.
     pub certs: Option<Arc<CertManager>>,
@@ -57,12 +65,14 @@ pub struct ProxyContext {
 impl ProxyContext {
     pub fn new(
         dataplane: Arc<Dataplane>,
+        node: NodeInfo,
         certs: Option<Arc<CertManager>>,
         settings: Settings,
     ) -> Self {
         Self {
             dataplane,
-            workloads: RwLock::new(WorkloadIndex::new()),
+            state: RwLock::new(State::new()),
+            node,
             local_pods: LocalPods::default(),
             certs,
             pool: Pool::new(),
@@ -70,24 +80,14 @@ impl ProxyContext {
         }
     }
 
-    /// The mesh workload at `ip`, if the control plane knows one.
-    pub fn workload(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.workloads
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_ip(ip)
+    /// Reads the mesh state.
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Replaces the known workloads.
-    pub fn set_workloads(&self, workloads: Vec<Workload>) {
-        let mut index = WorkloadIndex::new();
-        for workload in workloads {
-            index.insert(workload);
-        }
-        *self
-            .workloads
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = index;
+    /// Changes the mesh state; connections already open are not affected.
+    pub fn update_state<T>(&self, change: impl FnOnce(&mut State) -> T) -> T {
+        change(&mut self.state.write().unwrap_or_else(PoisonError::into_inner))
     }
 }
 

@@ -23,7 +23,11 @@ use crate::{
         client::{ConnectHeaders, Connection},
         pool::PoolKey,
     },
-    state::{TunnelProtocol, Workload},
+    identity::Identity,
+    state::{
+        Destination, Locality, TunnelProtocol, Workload,
+        lb::{self, Choice, Origin},
+    },
 };
 
 /// Accepts captured connections on one of the pod's outbound listeners until the task is aborted.
@@ -45,23 +49,87 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
 
 /// How a captured connection reaches its destination.
 enum Route {
-    /// The destination is a pod enrolled on this node: no TLS, no network.
-    Local(Arc<Pod>),
-    /// The destination is a mesh workload on another node.
-    Hbone(Arc<Workload>),
-    /// Not in the mesh: plain TCP, unchanged.
-    Passthrough,
+    /// The destination (a pod, or the chosen endpoint of a service) is enrolled on this node:
+    /// no TLS, no network.
+    Local { pod: Arc<Pod>, dst: SocketAddr },
+    /// A mesh workload elsewhere, through its 15008. `also_trusted` are the service's
+    /// subject-alt-names, which the peer may present instead of the workload's identity.
+    Hbone {
+        workload: Arc<Workload>,
+        dst: SocketAddr,
+        also_trusted: Vec<Identity>,
+    },
+    /// Not in the mesh (or an endpoint without HBONE): plain TCP.
+    Passthrough(SocketAddr),
+    /// A service with no usable endpoint.
+    Refused(String),
 }
 
-fn route(ctx: &ProxyContext, dst: SocketAddr) -> Route {
-    if let Some(pod) = ctx.local_pods.get(dst.ip()) {
-        return Route::Local(pod);
-    }
-    match ctx.workload(dst.ip()) {
-        Some(workload) if workload.protocol == TunnelProtocol::Hbone => Route::Hbone(workload),
-        _ => Route::Passthrough,
+impl Route {
+    fn name(&self) -> &'static str {
+        match self {
+            Route::Local { .. } => "local",
+            Route::Hbone { .. } => "hbone",
+            Route::Passthrough(_) => "passthrough",
+            Route::Refused(_) => "refused",
+        }
     }
 }
+
+fn route(ctx: &ProxyContext, pod: &Pod, dst: SocketAddr) -> Route {
+    if let Some(pod) = ctx.local_pods.get(dst.ip()) {
+        return Route::Local { pod, dst };
+    }
+    let state = ctx.state();
+    match state.lookup(&ctx.node.network, dst.ip()) {
+        Some(Destination::Workload(workload)) if workload.protocol == TunnelProtocol::Hbone => {
+            Route::Hbone {
+                workload,
+                dst,
+                also_trusted: Vec::new(),
+            }
+        }
+        Some(Destination::Service(service)) => {
+            let source = state.workload_by_ip(&ctx.node.network, pod.spec.ips[0]);
+            let origin = match &source {
+                Some(workload) => Origin::of(workload),
+                None => Origin {
+                    node: &ctx.node.node_name,
+                    cluster_id: &ctx.node.cluster_id,
+                    network: &ctx.node.network,
+                    locality: &NO_LOCALITY,
+                },
+            };
+            match lb::pick(&state, &service, dst.port(), &origin, &mut || {
+                fastrand::u64(..)
+            }) {
+                Ok(Choice::Endpoint(endpoint)) => {
+                    let addr = SocketAddr::new(endpoint.ip, endpoint.port);
+                    if let Some(pod) = ctx.local_pods.get(endpoint.ip) {
+                        Route::Local { pod, dst: addr }
+                    } else if endpoint.workload.protocol == TunnelProtocol::Hbone {
+                        Route::Hbone {
+                            workload: endpoint.workload,
+                            dst: addr,
+                            also_trusted: service.subject_alt_names.clone(),
+                        }
+                    } else {
+                        Route::Passthrough(addr)
+                    }
+                }
+                Ok(Choice::Passthrough) => Route::Passthrough(dst),
+                Err(error) => Route::Refused(error.to_string()),
+            }
+        }
+        _ => Route::Passthrough(dst),
+    }
+}
+
+static NO_LOCALITY: Locality = Locality {
+    region: String::new(),
+    zone: String::new(),
+    subzone: String::new(),
+};
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let Some(orig) = ctx
@@ -71,50 +139,59 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         tracing::warn!("no original destination recorded for this connection; closing it");
         return;
     };
-    let dst = original_destination(&orig);
+    let original = original_destination(&orig);
     let started = Instant::now();
-    tracing::info!(original_dst = %dst, "outbound connection captured");
+    tracing::info!(original_dst = %original, "outbound connection captured");
     let _ = client.set_nodelay(true);
     // The application's own address, as the destination will know it.
     let app_addr = SocketAddr::new(pod.spec.ips[0], peer.port());
-    match route(&ctx, dst) {
-        Route::Local(dst_pod) => {
+    let route = route(&ctx, &pod, original);
+    let name = route.name();
+    let log = Conn {
+        original,
+        route: name,
+        started,
+    };
+    match route {
+        Route::Local { pod: dst_pod, dst } => {
             match inbound::deliver(&ctx, &dst_pod, Some(&pod.identity), dst).await {
                 Ok(upstream) => {
-                    splice(
-                        client,
-                        upstream,
-                        dst,
-                        "local",
-                        &dst_pod.identity.to_string(),
-                        started,
-                    )
-                    .await
+                    splice(client, upstream, &log, dst, &dst_pod.identity.to_string()).await
                 }
                 Err(refusal) => tracing::info!(
-                    original_dst = %dst, route = %"local", status = refusal.status.as_u16(),
-                    reason = %refusal.reason, "outbound connection failed"
+                    original_dst = %original, endpoint = %dst, route = %name,
+                    status = refusal.status.as_u16(), reason = %refusal.reason,
+                    "outbound connection failed"
                 ),
             }
         }
-        Route::Hbone(workload) => match open_tunnel(&ctx, &pod, &workload, dst, app_addr).await {
+        Route::Hbone {
+            workload,
+            dst,
+            also_trusted,
+        } => match open_tunnel(&ctx, &pod, &workload, also_trusted, dst, app_addr).await {
             Ok(stream) => {
                 let identity = workload.identity().to_string();
-                splice(client, stream, dst, "hbone", &identity, started).await
+                splice(client, stream, &log, dst, &identity).await
             }
-            Err(reason) => {
-                tracing::info!(original_dst = %dst, route = %"hbone", %reason, "outbound connection failed")
-            }
+            Err(reason) => tracing::info!(
+                original_dst = %original, endpoint = %dst, route = %name, %reason,
+                "outbound connection failed"
+            ),
         },
-        Route::Passthrough => {
+        Route::Passthrough(dst) => {
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
-                Ok(upstream) => splice(client, upstream, dst, "passthrough", "", started).await,
+                Ok(upstream) => splice(client, upstream, &log, dst, "").await,
                 Err(error) => tracing::info!(
-                    original_dst = %dst, route = %"passthrough", %error,
+                    original_dst = %original, endpoint = %dst, route = %name, %error,
                     "outbound connection failed: upstream connect"
                 ),
             }
         }
+        Route::Refused(reason) => tracing::info!(
+            original_dst = %original, route = %name, %reason,
+            "outbound connection refused: no endpoint"
+        ),
     }
 }
 
@@ -123,6 +200,7 @@ async fn open_tunnel(
     ctx: &ProxyContext,
     pod: &Pod,
     workload: &Workload,
+    also_trusted: Vec<Identity>,
     dst: SocketAddr,
     app_addr: SocketAddr,
 ) -> Result<H2Stream, String> {
@@ -134,7 +212,8 @@ async fn open_tunnel(
         .get(&pod.identity)
         .await
         .map_err(|error| error.to_string())?;
-    let expected = vec![workload.identity()];
+    let mut expected = also_trusted;
+    expected.push(workload.identity());
     let peer = SocketAddr::new(dst.ip(), HBONE_PORT);
     let key = PoolKey::new(
         pod.spec.ips[0],
@@ -199,13 +278,19 @@ fn traceparent(provider: &rustls::crypto::CryptoProvider) -> String {
     value
 }
 
+/// What the closing log line of a connection says about it.
+struct Conn {
+    original: SocketAddr,
+    route: &'static str,
+    started: Instant,
+}
+
 async fn splice<U>(
     mut client: TcpStream,
     mut upstream: U,
-    dst: SocketAddr,
-    route: &'static str,
+    conn: &Conn,
+    endpoint: SocketAddr,
     peer_identity: &str,
-    started: Instant,
 ) where
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -216,11 +301,12 @@ async fn splice<U>(
         COPY_BUFFER,
     )
     .await;
-    let duration_ms = started.elapsed().as_millis() as u64;
+    let duration_ms = conn.started.elapsed().as_millis() as u64;
     match result {
         Ok((sent, received)) => tracing::info!(
-            original_dst = %dst,
-            route = %route,
+            original_dst = %conn.original,
+            %endpoint,
+            route = %conn.route,
             peer_identity = %peer_identity,
             bytes_sent = sent,
             bytes_received = received,
@@ -228,8 +314,9 @@ async fn splice<U>(
             "outbound connection closed"
         ),
         Err(error) => tracing::info!(
-            original_dst = %dst,
-            route = %route,
+            original_dst = %conn.original,
+            %endpoint,
+            route = %conn.route,
             peer_identity = %peer_identity,
             %error,
             duration_ms,

@@ -1,8 +1,18 @@
-//! What the mesh looks like: workloads by address. Pure data, no I/O; sources (the local file
-//! today, xDS later) replace its contents and the proxy asks it questions.
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+//! What the mesh looks like: workloads, services and their endpoints, authorization policies.
+//! Pure data, no I/O. Sources (istiod over xDS, or the local file) turn resources into these
+//! types with [`convert`] and apply them to a [`State`]; the proxy asks it questions, and
+//! [`lb`] picks a service's endpoint.
+pub mod convert;
+mod index;
+pub mod lb;
+#[cfg(test)]
+mod tests;
 
-use crate::identity::Identity;
+use std::{collections::HashMap, net::IpAddr};
+
+pub use index::{Destination, State};
+
+use crate::{identity::Identity, xds::proto::security::Authorization};
 
 /// How a workload accepts mesh traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -14,6 +24,38 @@ pub enum TunnelProtocol {
     Hbone,
 }
 
+/// Where a workload runs, for routing preferences.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+/// One service port a workload serves, and the port it really listens on (0: the service's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMapping {
+    pub service_port: u16,
+    pub target_port: u16,
+}
+
+/// An east-west gateway (or waypoint) address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayAddress {
+    pub destination: GatewayDestination,
+    pub hbone_mtls_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayDestination {
+    Address {
+        network: String,
+        ip: IpAddr,
+    },
+    /// A service, by "namespace/hostname".
+    Hostname(String),
+}
+
 /// A workload (pod or VM) as the control plane describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -22,10 +64,24 @@ pub struct Workload {
     pub namespace: String,
     pub service_account: String,
     pub trust_domain: String,
+    /// Canonical (IPv4-mapped addresses unmapped).
     pub addresses: Vec<IpAddr>,
     pub network: String,
     pub node: String,
+    pub cluster_id: String,
+    pub locality: Locality,
     pub protocol: TunnelProtocol,
+    pub healthy: bool,
+    /// Relative share of a service's traffic; 0 takes none.
+    pub capacity: u32,
+    /// Services this workload is an endpoint of, by "namespace/hostname".
+    pub services: HashMap<String, Vec<PortMapping>>,
+    /// WORKLOAD_SELECTOR policies that select it, by "namespace/name".
+    pub authorization_policies: Vec<String>,
+    pub network_gateway: Option<GatewayAddress>,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub workload_name: String,
 }
 
 impl Workload {
@@ -34,98 +90,71 @@ impl Workload {
     }
 }
 
-/// Workloads by uid and by address.
-#[derive(Debug, Default)]
-pub struct WorkloadIndex {
-    by_uid: HashMap<String, Arc<Workload>>,
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
+/// A service port and the port its endpoints listen on (0: same as the service port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub service_port: u16,
+    pub target_port: u16,
 }
 
-impl WorkloadIndex {
-    pub fn new() -> Self {
-        Self::default()
-    }
+/// Scopes of a routing preference, as in Istio's `LoadBalancing.Scope`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Region,
+    Zone,
+    Subzone,
+    Node,
+    Cluster,
+    Network,
+}
 
-    /// Adds or replaces the workload with this uid; addresses it no longer has are freed.
-    pub fn insert(&mut self, workload: Workload) {
-        self.remove(&workload.uid);
-        let workload = Arc::new(workload);
-        for ip in &workload.addresses {
-            self.by_ip.insert(*ip, workload.clone());
-        }
-        self.by_uid.insert(workload.uid.clone(), workload);
-    }
+/// What to do with a routing preference.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LbMode {
+    /// Only endpoints that match every scope.
+    Strict,
+    /// Endpoints that match the most leading scopes; fall back to fewer, then any.
+    #[default]
+    Failover,
+    /// No endpoint selection: connect to the address the application asked for.
+    Passthrough,
+}
 
-    pub fn remove(&mut self, uid: &str) -> Option<Arc<Workload>> {
-        let old = self.by_uid.remove(uid)?;
-        for ip in &old.addresses {
-            if self.by_ip.get(ip).is_some_and(|w| w.uid == old.uid) {
-                self.by_ip.remove(ip);
-            }
-        }
-        Some(old)
-    }
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthPolicy {
+    #[default]
+    OnlyHealthy,
+    AllowAll,
+}
 
-    pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.by_ip.get(&ip.to_canonical()).cloned()
-    }
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadBalancing {
+    pub routing_preference: Vec<Scope>,
+    pub mode: LbMode,
+    pub health_policy: HealthPolicy,
+}
 
-    pub fn len(&self) -> usize {
-        self.by_uid.len()
-    }
+/// A service: virtual addresses in front of a set of workloads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    /// Virtual IPs, each on a network.
+    pub vips: Vec<(String, IpAddr)>,
+    pub ports: Vec<ServicePort>,
+    /// Identities a tunnel to one of its endpoints may present besides the endpoint's own.
+    pub subject_alt_names: Vec<Identity>,
+    pub load_balancing: Option<LoadBalancing>,
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.by_uid.is_empty()
+impl Service {
+    /// The xDS resource name and the key workloads use: "namespace/hostname".
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn workload(uid: &str, ips: &[&str]) -> Workload {
-        Workload {
-            uid: uid.into(),
-            name: uid.into(),
-            namespace: "default".into(),
-            service_account: "sa".into(),
-            trust_domain: "cluster.local".into(),
-            addresses: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-            network: String::new(),
-            node: "node-a".into(),
-            protocol: TunnelProtocol::Hbone,
-        }
-    }
-
-    #[test]
-    fn finds_workloads_by_any_address_and_forgets_old_ones() {
-        let mut index = WorkloadIndex::new();
-        index.insert(workload("a", &["10.0.0.1", "fd00::1"]));
-        assert_eq!(index.by_ip("fd00::1".parse().unwrap()).unwrap().uid, "a");
-        assert_eq!(
-            index.by_ip("::ffff:10.0.0.1".parse().unwrap()).unwrap().uid,
-            "a"
-        );
-        index.insert(workload("a", &["10.0.0.2"]));
-        assert!(index.by_ip("10.0.0.1".parse().unwrap()).is_none());
-        assert_eq!(index.by_ip("10.0.0.2".parse().unwrap()).unwrap().uid, "a");
-        assert_eq!(index.len(), 1);
-    }
-
-    #[test]
-    fn removing_a_workload_keeps_an_address_another_took_over() {
-        let mut index = WorkloadIndex::new();
-        index.insert(workload("a", &["10.0.0.1"]));
-        index.insert(workload("b", &["10.0.0.1"]));
-        index.remove("a");
-        assert_eq!(index.by_ip("10.0.0.1".parse().unwrap()).unwrap().uid, "b");
-        assert_eq!(
-            index
-                .by_ip("10.0.0.1".parse().unwrap())
-                .unwrap()
-                .identity()
-                .to_string(),
-            "spiffe://cluster.local/ns/default/sa/sa"
-        );
-    }
-}
+/// An authorization policy, keyed "namespace/name". Kept as the control plane sent it; the
+/// policy engine reads it.
+pub type Policy = Authorization;

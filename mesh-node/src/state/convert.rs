@@ -1,0 +1,365 @@
+//! Control-plane resources (the protobuf messages istiod sends, or the local file's entries
+//! after parsing) into [`super`]'s types. Every check that can refuse a resource is here, so
+//! xDS and the local file refuse the same things with the same words.
+use std::{collections::HashMap, net::IpAddr};
+
+use super::{
+    GatewayAddress, GatewayDestination, HealthPolicy, LbMode, LoadBalancing, Locality, PortMapping,
+    Scope, Service, ServicePort, TunnelProtocol, Workload,
+};
+use crate::{
+    identity::{Identity, is_valid_trust_domain},
+    xds::proto::{security, workload as pb},
+};
+
+/// A resource that cannot be used, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name:?}: {field}: {message}")]
+pub struct ConvertError {
+    /// "workload", "service" or "authorization".
+    pub kind: &'static str,
+    pub name: String,
+    /// The field path, e.g. `addresses[1]`.
+    pub field: String,
+    pub message: String,
+}
+
+/// A decoded `istio.workload.Address`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    Workload(Box<Workload>),
+    Service(Service),
+}
+
+/// Converts an `Address` resource; `default_trust_domain` fills in workloads that omit theirs.
+pub fn address(address: pb::Address, default_trust_domain: &str) -> Result<Address, ConvertError> {
+    match address.r#type {
+        Some(pb::address::Type::Workload(w)) => {
+            workload(w, default_trust_domain).map(|w| Address::Workload(Box::new(w)))
+        }
+        Some(pb::address::Type::Service(s)) => service(s).map(Address::Service),
+        None => Err(ConvertError {
+            kind: "address",
+            name: String::new(),
+            field: "type".into(),
+            message: "neither workload nor service is set".into(),
+        }),
+    }
+}
+
+pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload, ConvertError> {
+    let fail = |field: &str, message: String| ConvertError {
+        kind: "workload",
+        name: w.uid.clone(),
+        field: field.to_owned(),
+        message,
+    };
+    if w.uid.trim().is_empty() {
+        return Err(fail("uid", "must not be empty".into()));
+    }
+    let mut addresses = Vec::with_capacity(w.addresses.len());
+    for (i, bytes) in w.addresses.iter().enumerate() {
+        addresses.push(ip(bytes).map_err(|m| fail(&format!("addresses[{i}]"), m))?);
+    }
+    let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(pb::TunnelProtocol::None) => TunnelProtocol::None,
+        Ok(pb::TunnelProtocol::Hbone) => TunnelProtocol::Hbone,
+        Err(_) => return Err(fail("tunnel_protocol", unknown(w.tunnel_protocol))),
+    };
+    let trust_domain = if w.trust_domain.is_empty() {
+        default_trust_domain.to_owned()
+    } else {
+        w.trust_domain.clone()
+    };
+    if !is_valid_trust_domain(&trust_domain) {
+        return Err(fail(
+            "trust_domain",
+            format!("{trust_domain:?} may hold only a-z, 0-9, '.', '-' and '_'"),
+        ));
+    }
+    let service_account = if w.service_account.is_empty() {
+        "default".to_owned()
+    } else {
+        w.service_account.clone()
+    };
+    if service_account.contains('/') || service_account.trim().is_empty() {
+        return Err(fail(
+            "service_account",
+            format!("{service_account:?} is not a name"),
+        ));
+    }
+    if protocol == TunnelProtocol::Hbone && (w.namespace.is_empty() || w.namespace.contains('/')) {
+        return Err(fail(
+            "namespace",
+            format!(
+                "{:?} is not a namespace; an HBONE workload's identity needs one",
+                w.namespace
+            ),
+        ));
+    }
+    let healthy = match pb::WorkloadStatus::try_from(w.status) {
+        Ok(pb::WorkloadStatus::Healthy) => true,
+        Ok(pb::WorkloadStatus::Unhealthy) => false,
+        Err(_) => return Err(fail("status", unknown(w.status))),
+    };
+    let mut services = HashMap::with_capacity(w.services.len());
+    for (key, list) in &w.services {
+        if !is_namespaced_hostname(key) {
+            return Err(fail(
+                &format!("services[{key:?}]"),
+                "key must be \"namespace/hostname\"".into(),
+            ));
+        }
+        let mut ports = Vec::with_capacity(list.ports.len());
+        for (i, p) in list.ports.iter().enumerate() {
+            let field = format!("services[{key:?}].ports[{i}]");
+            ports.push(PortMapping {
+                service_port: port(p.service_port).map_err(|m| fail(&field, m))?,
+                target_port: port(p.target_port).map_err(|m| fail(&field, m))?,
+            });
+        }
+        services.insert(key.clone(), ports);
+    }
+    let network_gateway = match &w.network_gateway {
+        Some(g) => {
+            Some(gateway(g).map_err(|(field, m)| fail(&format!("network_gateway.{field}"), m))?)
+        }
+        None => None,
+    };
+    let locality = w.locality.clone().unwrap_or_default();
+    Ok(Workload {
+        addresses,
+        protocol,
+        trust_domain,
+        service_account,
+        healthy,
+        services,
+        network_gateway,
+        capacity: w.capacity.unwrap_or(1),
+        locality: Locality {
+            region: locality.region,
+            zone: locality.zone,
+            subzone: locality.subzone,
+        },
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        network: w.network,
+        node: w.node,
+        cluster_id: w.cluster_id,
+        authorization_policies: w.authorization_policies,
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        workload_name: w.workload_name,
+    })
+}
+
+pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
+    let fail = |field: &str, message: String| ConvertError {
+        kind: "service",
+        name: format!("{}/{}", s.namespace, s.hostname),
+        field: field.to_owned(),
+        message,
+    };
+    for (field, value) in [("namespace", &s.namespace), ("hostname", &s.hostname)] {
+        if value.trim().is_empty() || value.contains('/') {
+            return Err(fail(field, format!("{value:?} is not a name")));
+        }
+    }
+    let mut vips = Vec::with_capacity(s.addresses.len());
+    for (i, a) in s.addresses.iter().enumerate() {
+        vips.push((
+            a.network.clone(),
+            ip(&a.address).map_err(|m| fail(&format!("addresses[{i}].address"), m))?,
+        ));
+    }
+    let mut ports = Vec::with_capacity(s.ports.len());
+    for (i, p) in s.ports.iter().enumerate() {
+        let field = format!("ports[{i}]");
+        let service_port = port(p.service_port).map_err(|m| fail(&field, m))?;
+        if service_port == 0 {
+            return Err(fail(&field, "service_port must not be 0".into()));
+        }
+        ports.push(ServicePort {
+            service_port,
+            target_port: port(p.target_port).map_err(|m| fail(&field, m))?,
+        });
+    }
+    let mut subject_alt_names = Vec::with_capacity(s.subject_alt_names.len());
+    for (i, san) in s.subject_alt_names.iter().enumerate() {
+        subject_alt_names.push(
+            san.parse::<Identity>()
+                .map_err(|e| fail(&format!("subject_alt_names[{i}]"), e.to_string()))?,
+        );
+    }
+    let load_balancing = match &s.load_balancing {
+        Some(lb) => Some(
+            load_balancing(lb).map_err(|(field, m)| fail(&format!("load_balancing.{field}"), m))?,
+        ),
+        None => None,
+    };
+    Ok(Service {
+        vips,
+        ports,
+        subject_alt_names,
+        load_balancing,
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+    })
+}
+
+fn load_balancing(lb: &pb::LoadBalancing) -> Result<LoadBalancing, (String, String)> {
+    use pb::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
+    let mut routing_preference = Vec::with_capacity(lb.routing_preference.len());
+    for (i, value) in lb.routing_preference.iter().enumerate() {
+        routing_preference.push(match S::try_from(*value) {
+            Ok(S::Region) => Scope::Region,
+            Ok(S::Zone) => Scope::Zone,
+            Ok(S::Subzone) => Scope::Subzone,
+            Ok(S::Node) => Scope::Node,
+            Ok(S::Cluster) => Scope::Cluster,
+            Ok(S::Network) => Scope::Network,
+            Ok(S::UnspecifiedScope) | Err(_) => {
+                return Err((format!("routing_preference[{i}]"), unknown(*value)));
+            }
+        });
+    }
+    let mode = match M::try_from(lb.mode) {
+        Ok(M::Strict) => LbMode::Strict,
+        Ok(M::Failover | M::UnspecifiedMode) => LbMode::Failover,
+        Ok(M::Passthrough) => LbMode::Passthrough,
+        Err(_) => return Err(("mode".into(), unknown(lb.mode))),
+    };
+    let health_policy = match H::try_from(lb.health_policy) {
+        Ok(H::OnlyHealthy) => HealthPolicy::OnlyHealthy,
+        Ok(H::AllowAll) => HealthPolicy::AllowAll,
+        Err(_) => return Err(("health_policy".into(), unknown(lb.health_policy))),
+    };
+    Ok(LoadBalancing {
+        routing_preference,
+        mode,
+        health_policy,
+    })
+}
+
+fn gateway(g: &pb::GatewayAddress) -> Result<GatewayAddress, (String, String)> {
+    let destination = match &g.destination {
+        Some(pb::gateway_address::Destination::Address(a)) => GatewayDestination::Address {
+            network: a.network.clone(),
+            ip: ip(&a.address).map_err(|m| ("address.address".to_owned(), m))?,
+        },
+        Some(pb::gateway_address::Destination::Hostname(h)) => {
+            GatewayDestination::Hostname(format!("{}/{}", h.namespace, h.hostname))
+        }
+        None => {
+            return Err((
+                "destination".into(),
+                "neither address nor hostname is set".into(),
+            ));
+        }
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port: port(g.hbone_mtls_port).map_err(|m| ("hbone_mtls_port".to_owned(), m))?,
+    })
+}
+
+/// Checks an authorization policy's fields that the wire format cannot: enums, CIDRs, ports.
+pub fn authorization(
+    policy: security::Authorization,
+) -> Result<security::Authorization, ConvertError> {
+    let fail = |field: String, message: String| ConvertError {
+        kind: "authorization",
+        name: format!("{}/{}", policy.namespace, policy.name),
+        field,
+        message,
+    };
+    if policy.name.trim().is_empty() {
+        return Err(fail("name".into(), "must not be empty".into()));
+    }
+    if security::Scope::try_from(policy.scope).is_err() {
+        return Err(fail("scope".into(), unknown(policy.scope)));
+    }
+    if security::Action::try_from(policy.action).is_err() {
+        return Err(fail("action".into(), unknown(policy.action)));
+    }
+    for (r, rule) in policy.rules.iter().enumerate() {
+        for (c, clause) in rule.clauses.iter().enumerate() {
+            for (m, matched) in clause.matches.iter().enumerate() {
+                let at = format!("rules[{r}].clauses[{c}].matches[{m}]");
+                let cidrs = [
+                    ("source_ips", &matched.source_ips),
+                    ("not_source_ips", &matched.not_source_ips),
+                    ("destination_ips", &matched.destination_ips),
+                    ("not_destination_ips", &matched.not_destination_ips),
+                ];
+                for (field, list) in cidrs {
+                    for (i, cidr) in list.iter().enumerate() {
+                        let addr =
+                            ip(&cidr.address).map_err(|m| fail(format!("{at}.{field}[{i}]"), m))?;
+                        let max = if addr.is_ipv4() { 32 } else { 128 };
+                        if cidr.length > max {
+                            return Err(fail(
+                                format!("{at}.{field}[{i}]"),
+                                format!("prefix length {} exceeds {max}", cidr.length),
+                            ));
+                        }
+                    }
+                }
+                let ports = [
+                    ("destination_ports", &matched.destination_ports),
+                    ("not_destination_ports", &matched.not_destination_ports),
+                ];
+                for (field, list) in ports {
+                    for (i, p) in list.iter().enumerate() {
+                        port(*p).map_err(|m| fail(format!("{at}.{field}[{i}]"), m))?;
+                    }
+                }
+                let strings = [
+                    ("namespaces", &matched.namespaces),
+                    ("not_namespaces", &matched.not_namespaces),
+                    ("principals", &matched.principals),
+                    ("not_principals", &matched.not_principals),
+                ];
+                for (field, list) in strings {
+                    for (i, s) in list.iter().enumerate() {
+                        if s.match_type.is_none() {
+                            return Err(fail(
+                                format!("{at}.{field}[{i}]"),
+                                "no match type (exact, prefix, suffix or presence) is set".into(),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(policy)
+}
+
+fn ip(bytes: &[u8]) -> Result<IpAddr, String> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Ok(IpAddr::from(v4));
+    }
+    if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        return Ok(IpAddr::from(v6).to_canonical());
+    }
+    Err(format!(
+        "{} bytes is not an IPv4 (4) or IPv6 (16) address",
+        bytes.len()
+    ))
+}
+
+fn port(value: u32) -> Result<u16, String> {
+    u16::try_from(value).map_err(|_| format!("port {value} is above 65535"))
+}
+
+fn unknown(value: i32) -> String {
+    format!("unknown enum value {value}")
+}
+
+fn is_namespaced_hostname(key: &str) -> bool {
+    key.split_once('/')
+        .is_some_and(|(ns, host)| !ns.is_empty() && !host.is_empty() && !host.contains('/'))
+}

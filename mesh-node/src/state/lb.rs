@@ -1,0 +1,170 @@
+//! Picking one endpoint of a service: port mapping, health, routing preference (STRICT or
+//! FAILOVER over NODE / CLUSTER / NETWORK / REGION / ZONE / SUBZONE), then a random choice
+//! weighted by `capacity`. Pure: the caller passes the random source.
+use std::{net::IpAddr, sync::Arc};
+
+use super::{HealthPolicy, LbMode, Locality, Scope, Service, State, Workload};
+
+/// Where the connection comes from, for routing preferences.
+#[derive(Clone, Debug)]
+pub struct Origin<'a> {
+    pub node: &'a str,
+    pub cluster_id: &'a str,
+    pub network: &'a str,
+    pub locality: &'a Locality,
+}
+
+impl<'a> Origin<'a> {
+    pub fn of(workload: &'a Workload) -> Self {
+        Self {
+            node: &workload.node,
+            cluster_id: &workload.cluster_id,
+            network: &workload.network,
+            locality: &workload.locality,
+        }
+    }
+}
+
+/// The endpoint chosen for a connection.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// Why no endpoint was chosen.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LbError {
+    #[error("service {service} has no port {port}")]
+    NoSuchPort { service: String, port: u16 },
+    #[error("service {service} has no healthy endpoint reachable from network {network:?}")]
+    NoEndpoint { service: String, network: String },
+    #[error(
+        "service {service}: no endpoint satisfies the STRICT routing preference {preference:?}"
+    )]
+    StrictPreference {
+        service: String,
+        preference: Vec<Scope>,
+    },
+}
+
+/// What to do with a connection to a service VIP.
+#[derive(Clone, Debug)]
+pub enum Choice {
+    Endpoint(Endpoint),
+    /// PASSTHROUGH mode: connect to the VIP itself.
+    Passthrough,
+}
+
+/// Picks an endpoint of `service` for a connection to `port` from `origin`. `random` returns a
+/// uniformly distributed u64 on each call.
+pub fn pick(
+    state: &State,
+    service: &Service,
+    port: u16,
+    origin: &Origin<'_>,
+    random: &mut impl FnMut() -> u64,
+) -> Result<Choice, LbError> {
+    let lb = service.load_balancing.clone().unwrap_or_default();
+    if lb.mode == LbMode::Passthrough {
+        return Ok(Choice::Passthrough);
+    }
+    let key = service.key();
+    let service_port = match service.ports.iter().find(|p| p.service_port == port) {
+        Some(p) => *p,
+        None if service.ports.is_empty() => super::ServicePort {
+            service_port: port,
+            target_port: port,
+        },
+        None => {
+            return Err(LbError::NoSuchPort { service: key, port });
+        }
+    };
+    // Candidates with their rank: how many leading preference scopes they share with the origin.
+    let mut best_rank = 0;
+    let mut candidates: Vec<(usize, Endpoint)> = Vec::new();
+    for workload in state.endpoints(&key) {
+        if lb.health_policy == HealthPolicy::OnlyHealthy && !workload.healthy {
+            continue;
+        }
+        if workload.capacity == 0 || workload.network != origin.network {
+            // Other networks are reached through their east-west gateway, not directly.
+            continue;
+        }
+        let Some(ip) = workload.addresses.first().copied() else {
+            continue;
+        };
+        let target = workload
+            .services
+            .get(&key)
+            .and_then(|ports| ports.iter().find(|p| p.service_port == port))
+            .map(|p| p.target_port)
+            .filter(|p| *p != 0)
+            .unwrap_or(if service_port.target_port != 0 {
+                service_port.target_port
+            } else {
+                port
+            });
+        let rank = lb
+            .routing_preference
+            .iter()
+            .take_while(|scope| matches(**scope, origin, workload))
+            .count();
+        if lb.mode == LbMode::Strict && rank < lb.routing_preference.len() {
+            continue;
+        }
+        best_rank = best_rank.max(rank);
+        candidates.push((
+            rank,
+            Endpoint {
+                workload: workload.clone(),
+                ip,
+                port: target,
+            },
+        ));
+    }
+    candidates.retain(|(rank, _)| *rank == best_rank);
+    if candidates.is_empty() {
+        return Err(
+            if lb.mode == LbMode::Strict && !lb.routing_preference.is_empty() {
+                LbError::StrictPreference {
+                    service: key,
+                    preference: lb.routing_preference,
+                }
+            } else {
+                LbError::NoEndpoint {
+                    service: key,
+                    network: origin.network.to_owned(),
+                }
+            },
+        );
+    }
+    let total: u64 = candidates
+        .iter()
+        .map(|(_, e)| u64::from(e.workload.capacity))
+        .sum();
+    let mut ticket = random() % total;
+    let mut chosen = candidates.len() - 1;
+    for (i, (_, endpoint)) in candidates.iter().enumerate() {
+        let weight = u64::from(endpoint.workload.capacity);
+        if ticket < weight {
+            chosen = i;
+            break;
+        }
+        ticket -= weight;
+    }
+    Ok(Choice::Endpoint(candidates.swap_remove(chosen).1))
+}
+
+fn matches(scope: Scope, origin: &Origin<'_>, workload: &Workload) -> bool {
+    let (a, b) = (origin.locality, &workload.locality);
+    match scope {
+        Scope::Region => a.region == b.region,
+        Scope::Zone => a.region == b.region && a.zone == b.zone,
+        Scope::Subzone => a.region == b.region && a.zone == b.zone && a.subzone == b.subzone,
+        Scope::Node => origin.node == workload.node,
+        Scope::Cluster => origin.cluster_id == workload.cluster_id,
+        Scope::Network => origin.network == workload.network,
+    }
+}

@@ -1,0 +1,374 @@
+use std::{collections::HashMap, net::IpAddr};
+
+use super::{
+    convert::{self, Address},
+    lb::{self, Choice, LbError, Origin},
+    *,
+};
+use crate::xds::proto::workload as pb;
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn bytes(text: &str) -> Vec<u8> {
+    match ip(text) {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// A workload message as istiod would send it.
+fn pb_workload(uid: &str, ips: &[&str]) -> pb::Workload {
+    pb::Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "default".into(),
+        service_account: "sa".into(),
+        addresses: ips.iter().map(|i| bytes(i)).collect(),
+        node: "node-a".into(),
+        tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+        ..Default::default()
+    }
+}
+
+fn workload(uid: &str, ips: &[&str]) -> Workload {
+    convert::workload(pb_workload(uid, ips), "cluster.local").unwrap()
+}
+
+/// An endpoint of "default/svc.example" on port 80 → 8080.
+fn endpoint(uid: &str, ip: &str, edit: impl FnOnce(&mut pb::Workload)) -> Workload {
+    let mut w = pb_workload(uid, &[ip]);
+    w.services.insert(
+        "default/svc.example".into(),
+        pb::PortList {
+            ports: vec![pb::Port {
+                service_port: 80,
+                target_port: 8080,
+            }],
+        },
+    );
+    edit(&mut w);
+    convert::workload(w, "cluster.local").unwrap()
+}
+
+fn pb_service(lb: Option<pb::LoadBalancing>) -> pb::Service {
+    pb::Service {
+        name: "svc".into(),
+        namespace: "default".into(),
+        hostname: "svc.example".into(),
+        addresses: vec![pb::NetworkAddress {
+            network: String::new(),
+            address: bytes("10.96.0.10"),
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: 8080,
+        }],
+        load_balancing: lb,
+        ..Default::default()
+    }
+}
+
+fn service(lb: Option<pb::LoadBalancing>) -> Service {
+    convert::service(pb_service(lb)).unwrap()
+}
+
+/// A deterministic xorshift random source.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+fn origin_workload() -> Workload {
+    endpoint("client", "10.0.0.100", |w| {
+        w.services.clear();
+        w.node = "node-a".into();
+        w.locality = Some(pb::Locality {
+            region: "r1".into(),
+            zone: "z1".into(),
+            subzone: String::new(),
+        });
+    })
+}
+
+/// Counts picks per endpoint uid over `n` connections.
+fn spread(state: &State, service: &Service, origin: &Workload, n: usize) -> HashMap<String, usize> {
+    let mut random = rng(7);
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        match lb::pick(state, service, 80, &Origin::of(origin), &mut random).unwrap() {
+            Choice::Endpoint(e) => *counts.entry(e.workload.uid.clone()).or_default() += 1,
+            Choice::Passthrough => panic!("unexpected passthrough"),
+        }
+    }
+    counts
+}
+
+#[test]
+fn finds_workloads_by_any_address_and_forgets_old_ones() {
+    let mut state = State::new();
+    state.upsert_workload(workload("a", &["10.0.0.1", "fd00::1"]));
+    assert_eq!(state.workload_by_ip("", ip("fd00::1")).unwrap().uid, "a");
+    assert_eq!(
+        state.workload_by_ip("", ip("::ffff:10.0.0.1")).unwrap().uid,
+        "a"
+    );
+    assert!(state.workload_by_ip("other-net", ip("10.0.0.1")).is_none());
+    state.upsert_workload(workload("a", &["10.0.0.2"]));
+    assert!(state.workload_by_ip("", ip("10.0.0.1")).is_none());
+    assert_eq!(state.workload_by_ip("", ip("10.0.0.2")).unwrap().uid, "a");
+    assert_eq!(state.workload_count(), 1);
+}
+
+#[test]
+fn removing_a_workload_keeps_an_address_another_took_over() {
+    let mut state = State::new();
+    state.upsert_workload(workload("a", &["10.0.0.1"]));
+    state.upsert_workload(workload("b", &["10.0.0.1"]));
+    state.remove_workload("a");
+    let found = state.workload_by_ip("", ip("10.0.0.1")).unwrap();
+    assert_eq!(found.uid, "b");
+    assert_eq!(
+        found.identity().to_string(),
+        "spiffe://cluster.local/ns/default/sa/sa"
+    );
+}
+
+#[test]
+fn service_vips_and_endpoints_follow_upserts_and_removals() {
+    let mut state = State::new();
+    state.upsert_workload(endpoint("e1", "10.0.1.1", |_| {}));
+    // The service arrives after its endpoint: the endpoint is already waiting for it.
+    state.upsert_service(service(None));
+    assert!(matches!(
+        state.lookup("", ip("10.96.0.10")),
+        Some(Destination::Service(s)) if s.key() == "default/svc.example"
+    ));
+    assert_eq!(state.endpoints("default/svc.example").count(), 1);
+    assert!(state.remove_address("e1"));
+    assert_eq!(state.endpoints("default/svc.example").count(), 0);
+    assert!(state.remove_address("default/svc.example"));
+    assert!(state.lookup("", ip("10.96.0.10")).is_none());
+    assert!(!state.remove_address("default/svc.example"));
+}
+
+#[test]
+fn spreads_evenly_without_weights() {
+    let mut state = State::new();
+    for i in 0..4 {
+        state.upsert_workload(endpoint(&format!("e{i}"), &format!("10.0.1.{i}"), |_| {}));
+    }
+    let svc = service(None);
+    state.upsert_service(svc.clone());
+    let counts = spread(&state, &svc, &origin_workload(), 4000);
+    assert_eq!(counts.len(), 4);
+    for (uid, n) in counts {
+        assert!((800..1200).contains(&n), "{uid} got {n} of 4000");
+    }
+}
+
+#[test]
+fn follows_capacity_weights_and_skips_zero_capacity() {
+    let mut state = State::new();
+    state.upsert_workload(endpoint("heavy", "10.0.1.1", |w| w.capacity = Some(3)));
+    state.upsert_workload(endpoint("light", "10.0.1.2", |_| {}));
+    state.upsert_workload(endpoint("drained", "10.0.1.3", |w| w.capacity = Some(0)));
+    let svc = service(None);
+    let counts = spread(&state, &svc, &origin_workload(), 4000);
+    assert_eq!(counts.get("drained"), None);
+    let heavy = counts["heavy"] as f64 / 4000.0;
+    assert!((0.70..0.80).contains(&heavy), "heavy share {heavy}");
+}
+
+#[test]
+fn maps_the_target_port_per_workload() {
+    let mut state = State::new();
+    state.upsert_workload(endpoint("e1", "10.0.1.1", |w| {
+        w.services.get_mut("default/svc.example").unwrap().ports[0].target_port = 9090;
+    }));
+    let svc = service(None);
+    let Choice::Endpoint(chosen) = lb::pick(
+        &state,
+        &svc,
+        80,
+        &Origin::of(&origin_workload()),
+        &mut rng(1),
+    )
+    .unwrap() else {
+        panic!("expected an endpoint")
+    };
+    assert_eq!((chosen.ip, chosen.port), (ip("10.0.1.1"), 9090));
+    assert_eq!(
+        lb::pick(
+            &state,
+            &svc,
+            81,
+            &Origin::of(&origin_workload()),
+            &mut rng(1)
+        )
+        .unwrap_err(),
+        LbError::NoSuchPort {
+            service: "default/svc.example".into(),
+            port: 81
+        }
+    );
+}
+
+#[test]
+fn skips_unhealthy_endpoints_unless_allowed() {
+    let mut state = State::new();
+    state.upsert_workload(endpoint("sick", "10.0.1.1", |w| {
+        w.status = pb::WorkloadStatus::Unhealthy as i32;
+    }));
+    let origin = origin_workload();
+    let svc = service(None);
+    assert!(matches!(
+        lb::pick(&state, &svc, 80, &Origin::of(&origin), &mut rng(1)),
+        Err(LbError::NoEndpoint { .. })
+    ));
+    let svc = service(Some(pb::LoadBalancing {
+        health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
+        ..Default::default()
+    }));
+    assert!(lb::pick(&state, &svc, 80, &Origin::of(&origin), &mut rng(1)).is_ok());
+}
+
+fn preference(mode: pb::load_balancing::Mode) -> Option<pb::LoadBalancing> {
+    use pb::load_balancing::Scope;
+    Some(pb::LoadBalancing {
+        routing_preference: vec![Scope::Region as i32, Scope::Zone as i32, Scope::Node as i32],
+        mode: mode as i32,
+        ..Default::default()
+    })
+}
+
+fn located(uid: &str, ip: &str, zone: &str, node: &str) -> Workload {
+    endpoint(uid, ip, |w| {
+        w.node = node.into();
+        w.locality = Some(pb::Locality {
+            region: "r1".into(),
+            zone: zone.into(),
+            subzone: String::new(),
+        });
+    })
+}
+
+#[test]
+fn failover_prefers_the_closest_endpoints_and_moves_when_they_vanish() {
+    let mut state = State::new();
+    state.upsert_workload(located("same-node", "10.0.1.1", "z1", "node-a"));
+    state.upsert_workload(located("same-zone", "10.0.1.2", "z1", "node-b"));
+    state.upsert_workload(located("other-zone", "10.0.1.3", "z2", "node-c"));
+    let svc = service(preference(pb::load_balancing::Mode::Failover));
+    let origin = origin_workload();
+    let only = |state: &State| {
+        spread(state, &svc, &origin, 200)
+            .into_keys()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(only(&state), ["same-node"]);
+    state.remove_workload("same-node");
+    assert_eq!(only(&state), ["same-zone"]);
+    state.remove_workload("same-zone");
+    assert_eq!(only(&state), ["other-zone"]);
+}
+
+#[test]
+fn strict_refuses_when_no_endpoint_matches_every_scope() {
+    let mut state = State::new();
+    state.upsert_workload(located("same-zone", "10.0.1.2", "z1", "node-b"));
+    let svc = service(preference(pb::load_balancing::Mode::Strict));
+    let origin = origin_workload();
+    let error = lb::pick(&state, &svc, 80, &Origin::of(&origin), &mut rng(1)).unwrap_err();
+    assert!(
+        error.to_string().contains("STRICT routing preference"),
+        "{error}"
+    );
+    state.upsert_workload(located("same-node", "10.0.1.1", "z1", "node-a"));
+    assert_eq!(
+        spread(&state, &svc, &origin, 100)
+            .into_keys()
+            .collect::<Vec<_>>(),
+        ["same-node"]
+    );
+}
+
+#[test]
+fn passthrough_mode_selects_nothing() {
+    let state = State::new();
+    let svc = service(Some(pb::LoadBalancing {
+        mode: pb::load_balancing::Mode::Passthrough as i32,
+        ..Default::default()
+    }));
+    assert!(matches!(
+        lb::pick(
+            &state,
+            &svc,
+            80,
+            &Origin::of(&origin_workload()),
+            &mut rng(1)
+        ),
+        Ok(Choice::Passthrough)
+    ));
+}
+
+#[test]
+fn endpoints_on_other_networks_are_not_reached_directly() {
+    let mut state = State::new();
+    state.upsert_workload(endpoint("remote", "10.0.1.1", |w| {
+        w.network = "net2".into()
+    }));
+    let svc = service(None);
+    assert!(matches!(
+        lb::pick(
+            &state,
+            &svc,
+            80,
+            &Origin::of(&origin_workload()),
+            &mut rng(1)
+        ),
+        Err(LbError::NoEndpoint { .. })
+    ));
+}
+
+#[test]
+fn conversion_refuses_bad_fields_by_name() {
+    let mut w = pb_workload("w1", &["10.0.0.1"]);
+    w.addresses.push(vec![1, 2, 3]);
+    let error = convert::workload(w, "cluster.local").unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "workload \"w1\": addresses[1]: 3 bytes is not an IPv4 (4) or IPv6 (16) address"
+    );
+    let mut w = pb_workload("w1", &["10.0.0.1"]);
+    w.tunnel_protocol = 7;
+    assert!(
+        convert::workload(w, "cluster.local")
+            .unwrap_err()
+            .to_string()
+            .ends_with("tunnel_protocol: unknown enum value 7")
+    );
+    let mut s = pb_service(None);
+    s.ports[0].target_port = 70000;
+    assert_eq!(
+        convert::service(s).unwrap_err().to_string(),
+        "service \"default/svc.example\": ports[0]: port 70000 is above 65535"
+    );
+    let mut s = pb_service(None);
+    s.subject_alt_names = vec!["not-a-spiffe-id".into()];
+    assert!(convert::service(s).unwrap_err().field == "subject_alt_names[0]");
+    let address = convert::address(
+        pb::Address {
+            r#type: Some(pb::address::Type::Service(pb_service(None))),
+        },
+        "cluster.local",
+    )
+    .unwrap();
+    assert!(matches!(address, Address::Service(_)));
+}

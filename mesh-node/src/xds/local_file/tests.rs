@@ -1,0 +1,120 @@
+use super::*;
+use crate::state::{LbMode, Scope, TunnelProtocol};
+
+fn parse_str(text: &str) -> Result<LocalState, LocalFileError> {
+    parse(Path::new("state.yaml"), text, "cluster.local")
+}
+
+#[test]
+fn reads_workloads_with_defaults() {
+    let state = parse_str(
+        "workloads:\n  - name: server\n    namespace: default\n    addresses: [10.0.0.7]\n    tunnelProtocol: HBONE\n    serviceAccount: srv\n  - name: legacy\n    namespace: default\n    addresses: [10.0.0.8]\n",
+    )
+    .unwrap();
+    let workloads = state.workloads;
+    assert_eq!(workloads[0].uid, "default/server");
+    assert_eq!(workloads[0].protocol, TunnelProtocol::Hbone);
+    assert_eq!(
+        workloads[0].identity().to_string(),
+        "spiffe://cluster.local/ns/default/sa/srv"
+    );
+    assert_eq!(workloads[1].protocol, TunnelProtocol::None);
+    assert_eq!(workloads[1].service_account, "default");
+    assert_eq!(workloads[1].capacity, 1);
+    assert!(workloads[1].healthy);
+}
+
+#[test]
+fn reads_services_endpoints_and_policies() {
+    let state = parse_str(
+        r#"
+workloads:
+  - name: echo-1
+    namespace: default
+    addresses: [10.0.0.7]
+    tunnelProtocol: HBONE
+    capacity: 3
+    locality: {region: r1, zone: z1}
+    services:
+      default/echo.default.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
+services:
+  - name: echo
+    namespace: default
+    hostname: echo.default.svc.cluster.local
+    addresses: [10.96.0.10, {network: net2, address: 10.97.0.10}]
+    ports: [{servicePort: 80, targetPort: 8080}]
+    loadBalancing: {routingPreference: [NODE, ZONE], mode: STRICT}
+policies:
+  - name: deny-legacy
+    namespace: default
+    scope: NAMESPACE
+    action: DENY
+    rules: [{clauses: [{matches: [{namespaces: [{exact: legacy}], sourceIps: [10.0.0.0/8], destinationPorts: [80]}]}]}]
+"#,
+    )
+    .unwrap();
+    let w = &state.workloads[0];
+    assert_eq!(w.capacity, 3);
+    assert_eq!(w.locality.zone, "z1");
+    assert_eq!(
+        w.services["default/echo.default.svc.cluster.local"][0].target_port,
+        8080
+    );
+    let s = &state.services[0];
+    assert_eq!(s.vips.len(), 2);
+    assert_eq!(s.vips[1].0, "net2");
+    let lb = s.load_balancing.as_ref().unwrap();
+    assert_eq!(lb.mode, LbMode::Strict);
+    assert_eq!(lb.routing_preference, [Scope::Node, Scope::Zone]);
+    let p = &state.policies[0];
+    assert_eq!(p.rules[0].clauses[0].matches[0].source_ips[0].length, 8);
+}
+
+#[test]
+fn errors_name_the_file_the_entry_and_the_field() {
+    let error = |text: &str| parse_str(text).unwrap_err().to_string();
+    assert_eq!(
+        error(
+            "workloads:\n  - name: a\n    namespace: b\n    addresses: [10.0.0.1]\n    trustDomain: Bad!\n"
+        ),
+        "local state file state.yaml: workloads[0]: trust_domain: \"Bad!\" may hold only a-z, 0-9, '.', '-' and '_'"
+    );
+    let e = error("workloads:\n  - name: a\n    namespace: b\n    addresses: [x]\n");
+    assert!(
+        e.starts_with("local state file state.yaml: workloads[0].addresses[0]")
+            && e.contains("line 4"),
+        "{e}"
+    );
+    let e = error(
+        "workloads:\n  - name: a\n    namespace: b\n    addresses: [10.0.0.1]\n    tunnelProtocol: QUIC\n",
+    );
+    assert!(
+        e.contains("unknown variant `QUIC`") && e.contains("line 5"),
+        "{e}"
+    );
+    let e = error(
+        "workloads:\n  - {name: a, namespace: b, addresses: [10.0.0.1]}\n  - {name: a, namespace: b, addresses: [10.0.0.2]}\n",
+    );
+    assert!(e.ends_with("workloads[1]: duplicate uid b/a"), "{e}");
+    let e = error(
+        "services:\n  - name: s\n    namespace: d\n    hostname: s.d\n    ports: [{servicePort: 99999}]\n",
+    );
+    assert!(
+        e.contains("services[0].ports[0].servicePort") && e.contains("line 5"),
+        "{e}"
+    );
+    let e = error(
+        "policies:\n  - name: p\n    namespace: d\n    rules: [{clauses: [{matches: [{sourceIps: [10.0.0.0/40]}]}]}]\n",
+    );
+    assert!(
+        e.contains("prefix length must be 0..=32") && e.contains("line 4"),
+        "{e}"
+    );
+    let e = error(
+        "services:\n  - {name: s, namespace: d, hostname: s.d, addresses: [10.0.0.1]}\nworkloads:\n  - {name: a, namespace: b, addresses: [10.0.0.1]}\n",
+    );
+    assert!(
+        e.ends_with("services[0]: addresses: 10.0.0.1 is already the address of b/a"),
+        "{e}"
+    );
+}

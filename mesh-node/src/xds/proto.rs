@@ -1,0 +1,23 @@
+//! Generated protobuf types and gRPC stubs (see `proto/` and build.rs).
+#![expect(clippy::all, clippy::pedantic, reason = "generated code")]
+#![expect(missing_docs, reason = "generated code")]
+
+/// Envoy's delta discovery messages and the ADS service.
+pub mod discovery {
+    tonic::include_proto!("envoy.service.discovery.v3");
+}
+
+/// Istio's workload API: `Address` = `Workload` | `Service`.
+pub mod workload {
+    tonic::include_proto!("istio.workload");
+}
+
+/// Istio's L4 authorization policy.
+pub mod security {
+    tonic::include_proto!("istio.security");
+}
+
+/// Type URL of workload and service resources.
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+/// Type URL of authorization policies.
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";

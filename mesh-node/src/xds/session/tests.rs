@@ -1,0 +1,133 @@
+use prost::Message;
+use prost_types::Any;
+
+use super::*;
+use crate::xds::proto::discovery::Resource;
+
+fn workload_resource(uid: &str, version: &str, address: Vec<u8>) -> Resource {
+    let body = workload::Address {
+        r#type: Some(workload::address::Type::Workload(workload::Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "default".into(),
+            addresses: vec![address],
+            ..Default::default()
+        })),
+    };
+    Resource {
+        name: uid.into(),
+        version: version.into(),
+        resource: Some(Any {
+            type_url: ADDRESS_TYPE.into(),
+            value: body.encode_to_vec(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn response(nonce: &str, resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: ADDRESS_TYPE.into(),
+        nonce: nonce.into(),
+        resources,
+        removed_resources: removed.iter().map(|r| r.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn session() -> Session {
+    Session::new(
+        Node {
+            id: "ztunnel~10.0.0.1~mesh-node-x.istio-system~istio-system.svc.cluster.local".into(),
+            ..Default::default()
+        },
+        "cluster.local",
+    )
+}
+
+#[test]
+fn acks_applies_and_resumes_with_the_versions_it_holds() {
+    let mut session = session();
+    let first = session.initial_requests();
+    assert_eq!(first.len(), 2);
+    assert!(first.iter().all(|r| r.initial_resource_versions.is_empty()));
+    assert!(first[0].node.as_ref().unwrap().id.starts_with("ztunnel~"));
+    assert!(!session.synced());
+
+    let handled = session.handle(response(
+        "n1",
+        vec![
+            workload_resource("a", "v1", vec![10, 0, 0, 1]),
+            workload_resource("b", "v1", vec![10, 0, 0, 2]),
+        ],
+        &[],
+    ));
+    assert_eq!(handled.reply.response_nonce, "n1");
+    assert!(handled.reply.error_detail.is_none());
+    let mut state = State::new();
+    handled.update.unwrap().apply(&mut state);
+    assert_eq!(state.workload_count(), 2);
+    assert!(!session.synced(), "policies have not answered yet");
+
+    let handled = session.handle(DeltaDiscoveryResponse {
+        type_url: AUTHORIZATION_TYPE.into(),
+        nonce: "n2".into(),
+        ..Default::default()
+    });
+    assert!(handled.rejected.is_none());
+    assert!(session.synced());
+
+    let handled = session.handle(response("n3", vec![], &["a"]));
+    handled.update.unwrap().apply(&mut state);
+    assert_eq!(state.workload_count(), 1);
+
+    let resumed = session.initial_requests();
+    assert_eq!(
+        resumed[0].initial_resource_versions,
+        HashMap::from([("b".to_owned(), "v1".to_owned())])
+    );
+}
+
+#[test]
+fn a_bad_resource_is_nacked_and_nothing_of_the_response_applies() {
+    let mut session = session();
+    let handled = session.handle(response(
+        "n1",
+        vec![
+            workload_resource("good", "v2", vec![10, 0, 0, 1]),
+            workload_resource("bad", "v2", vec![1, 2, 3]),
+        ],
+        &[],
+    ));
+    assert!(handled.update.is_none());
+    let detail = handled.reply.error_detail.unwrap();
+    assert_eq!(detail.code, INVALID_ARGUMENT);
+    assert_eq!(
+        detail.message,
+        "resource \"bad\": workload \"bad\": addresses[0]: 3 bytes is not an IPv4 (4) or IPv6 (16) address"
+    );
+    assert_eq!(handled.reply.response_nonce, "n1");
+    // Nothing of the rejected response counts as held.
+    assert!(
+        session.initial_requests()[0]
+            .initial_resource_versions
+            .is_empty()
+    );
+
+    let mut garbage = workload_resource("junk", "v1", vec![]);
+    garbage.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff];
+    let handled = session.handle(response("n2", vec![garbage], &[]));
+    assert!(
+        handled
+            .rejected
+            .unwrap()
+            .starts_with("resource \"junk\": decode:")
+    );
+
+    let handled = session.handle(DeltaDiscoveryResponse {
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        nonce: "n3".into(),
+        ..Default::default()
+    });
+    assert!(handled.rejected.unwrap().contains("is not supported"));
+}

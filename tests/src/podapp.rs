@@ -129,11 +129,25 @@ pub fn connect(
     bytes: usize,
     conns: usize,
 ) -> Result<PodRun> {
+    connect_holding(netns, cgroup, target, bytes, conns, Duration::ZERO)
+}
+
+/// Like [`connect`], but each connection stays open for `hold` after the server has answered
+/// and before the transfer.
+pub fn connect_holding(
+    netns: &Path,
+    cgroup: &Path,
+    target: SocketAddr,
+    bytes: usize,
+    conns: usize,
+    hold: Duration,
+) -> Result<PodRun> {
     let args = [
         "connect".into(),
         target.to_string(),
         bytes.to_string(),
         conns.to_string(),
+        hold.as_millis().to_string(),
     ];
     let (mut cmd, _files) = command_in(netns, cgroup, &args)?;
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;

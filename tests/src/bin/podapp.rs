@@ -3,8 +3,8 @@
 //! `podapp serve ADDR`: echo server. For each connection it first sends one line
 //! `peer=<client address as the server sees it>\n`, then echoes every byte until EOF.
 //!
-//! `podapp connect ADDR BYTES CONNS`: opens CONNS connections in parallel; on each, reads the
-//! server's line, sends BYTES of a fixed pattern, half-closes, and checks the echo is identical.
+//! `podapp connect ADDR BYTES CONNS [HOLD_MS]`: opens CONNS connections in parallel; on each,
+//! reads the server's line, waits HOLD_MS (default 0), sends BYTES of a fixed pattern, half-closes, and checks the echo is identical.
 //! Prints `ok local=… peer=… server_saw=… bytes=…` or `error conn=N …` per connection.
 use std::{
     env,
@@ -24,8 +24,9 @@ fn main() -> ExitCode {
         .as_slice()
     {
         ["serve", addr] => serve(addr),
-        ["connect", addr, bytes, conns] => connect(addr, bytes, conns),
-        _ => Err("usage: podapp serve ADDR | podapp connect ADDR BYTES CONNS".to_owned()),
+        ["connect", addr, bytes, conns] => connect(addr, bytes, conns, "0"),
+        ["connect", addr, bytes, conns, hold_ms] => connect(addr, bytes, conns, hold_ms),
+        _ => Err("usage: podapp serve ADDR | podapp connect ADDR BYTES CONNS [HOLD_MS]".to_owned()),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -64,12 +65,17 @@ fn echo(mut stream: TcpStream) -> std::io::Result<()> {
     stream.shutdown(Shutdown::Write)
 }
 
-fn connect(addr: &str, bytes: &str, conns: &str) -> Result<bool, String> {
+fn connect(addr: &str, bytes: &str, conns: &str, hold_ms: &str) -> Result<bool, String> {
+    let hold = Duration::from_millis(
+        hold_ms
+            .parse()
+            .map_err(|e| format!("hold {hold_ms}: {e}"))?,
+    );
     let addr: SocketAddr = addr.parse().map_err(|e| format!("address {addr}: {e}"))?;
     let bytes: usize = bytes.parse().map_err(|e| format!("bytes {bytes}: {e}"))?;
     let conns: usize = conns.parse().map_err(|e| format!("conns {conns}: {e}"))?;
     let handles: Vec<_> = (0..conns)
-        .map(|_| thread::spawn(move || one_connection(addr, bytes)))
+        .map(|_| thread::spawn(move || one_connection(addr, bytes, hold)))
         .collect();
     let mut all_ok = true;
     for (index, handle) in handles.into_iter().enumerate() {
@@ -89,7 +95,7 @@ fn connect(addr: &str, bytes: &str, conns: &str) -> Result<bool, String> {
 
 use mesh_tests::podapp::pattern;
 
-fn one_connection(addr: SocketAddr, bytes: usize) -> Result<String, String> {
+fn one_connection(addr: SocketAddr, bytes: usize, hold: Duration) -> Result<String, String> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .map_err(|e| format!("connect: {e}"))?;
     stream
@@ -111,6 +117,9 @@ fn one_connection(addr: SocketAddr, bytes: usize) -> Result<String, String> {
         .strip_prefix("peer=")
         .ok_or(format!("bad server line {line:?}"))?
         .to_owned();
+    // Connected, and the server has spoken: keep the connection open this long before the
+    // transfer, so a test can change the mesh under it.
+    thread::sleep(hold);
 
     let mut writer = stream;
     let sender = thread::spawn(move || -> std::io::Result<()> {

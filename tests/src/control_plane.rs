@@ -1,0 +1,416 @@
+//! A small control plane for tests: a real gRPC server speaking delta ADS over TLS, as istiod
+//! does, inside a node's network namespace. Tests put and remove resources while it runs; each
+//! open stream is sent what changed. It records what clients sent (ACKs, NACKs, metadata,
+//! initial versions) so tests can assert on the protocol, and can be stopped and started again
+//! on the same address with the same resources.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    thread::JoinHandle,
+};
+
+use anyhow::{Context, Result, bail};
+use mesh_node::xds::proto::{
+    ADDRESS_TYPE, AUTHORIZATION_TYPE,
+    discovery::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
+    },
+    security, workload,
+};
+use prost::Message;
+use prost_types::Any;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Identity, Server, ServerTlsConfig},
+};
+
+/// The name the control plane's serving certificate carries, as istiod's does.
+pub const SERVER_NAME: &str = "istiod.istio-system.svc";
+
+/// What clients told the control plane.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    pub streams: usize,
+    pub acks: usize,
+    /// NACK messages (`error_detail.message`).
+    pub nacks: Vec<String>,
+    pub authorization: Vec<String>,
+    pub cluster_ids: Vec<String>,
+    pub node_ids: Vec<String>,
+    /// `initial_resource_versions` of each first request, per type.
+    pub initial_versions: Vec<(String, HashMap<String, String>)>,
+}
+
+#[derive(Default)]
+struct Resources {
+    /// (type url, name) → (version, body).
+    items: BTreeMap<(String, String), (String, Any)>,
+    next_version: u64,
+}
+
+struct Store {
+    resources: Mutex<Resources>,
+    generation: watch::Sender<u64>,
+    seen: Mutex<Seen>,
+}
+
+impl Store {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Resources> {
+        self.resources
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn changed(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// What a stream that holds `sent` must be told: changed resources and removed names.
+    fn diff(&self, type_url: &str, sent: &HashMap<String, String>) -> (Vec<Resource>, Vec<String>) {
+        let resources = self.lock();
+        let mut changed = Vec::new();
+        let mut present = Vec::new();
+        for ((t, name), (version, body)) in &resources.items {
+            if t != type_url {
+                continue;
+            }
+            present.push(name.clone());
+            if sent.get(name) != Some(version) {
+                changed.push(Resource {
+                    name: name.clone(),
+                    version: version.clone(),
+                    resource: Some(body.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let removed = sent
+            .keys()
+            .filter(|name| !present.contains(name))
+            .cloned()
+            .collect();
+        (changed, removed)
+    }
+}
+
+/// A running (or stopped) test control plane.
+pub struct ControlPlane {
+    store: Arc<Store>,
+    pub addr: SocketAddr,
+    netns: std::path::PathBuf,
+    identity: (String, String),
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl ControlPlane {
+    /// Starts serving on `addr` inside `netns`, with a serving certificate for [`SERVER_NAME`]
+    /// signed by the mesh CA in `ca_dir`.
+    pub fn start(netns: &Path, addr: SocketAddr, ca_dir: &Path) -> Result<Self> {
+        let (generation, _) = watch::channel(0);
+        let mut plane = Self {
+            store: Arc::new(Store {
+                resources: Mutex::new(Resources::default()),
+                generation,
+                seen: Mutex::new(Seen::default()),
+            }),
+            addr,
+            netns: netns.to_owned(),
+            identity: serving_certificate(ca_dir)?,
+            running: None,
+        };
+        plane.resume()?;
+        Ok(plane)
+    }
+
+    /// Stops serving: the listener closes and every stream is cut.
+    pub fn stop(&mut self) {
+        if let Some((stop, thread)) = self.running.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+    }
+
+    /// Serves again on the same address with the same resources.
+    pub fn resume(&mut self) -> Result<()> {
+        if self.running.is_some() {
+            return Ok(());
+        }
+        let netns = std::fs::File::open(&self.netns)
+            .with_context(|| format!("open {}", self.netns.display()))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let store = self.store.clone();
+        let addr = self.addr;
+        let (cert, key) = self.identity.clone();
+        let thread = std::thread::spawn(move || {
+            let setup = || -> Result<_> {
+                // SAFETY: setns on this thread only; `netns` is open.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                let listener = bind(addr)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let listener = {
+                    let _context = runtime.enter();
+                    tokio::net::TcpListener::from_std(listener)?
+                };
+                let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+                let server = Server::builder().tls_config(tls)?;
+                Ok((runtime, listener, server))
+            };
+            let (runtime, listener, server) = match setup() {
+                Ok(parts) => parts,
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            runtime.block_on(async move {
+                let service = AggregatedDiscoveryServiceServer::new(Ads { store })
+                    .max_decoding_message_size(64 << 20);
+                let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                // Dropping the server future on stop closes the listener and every connection
+                // at once, as a crashed control plane would.
+                tokio::select! {
+                    _ = server.clone().serve_with_incoming(service, incoming) => {}
+                    _ = stop_rx => {}
+                }
+            });
+        });
+        ready_rx
+            .recv()
+            .context("control plane thread ended before serving")??;
+        self.running = Some((stop_tx, thread));
+        Ok(())
+    }
+
+    fn put(&self, type_url: &str, name: &str, body: Any) {
+        let mut resources = self.store.lock();
+        resources.next_version += 1;
+        let version = format!("v{}", resources.next_version);
+        resources
+            .items
+            .insert((type_url.to_owned(), name.to_owned()), (version, body));
+        drop(resources);
+        self.store.changed();
+    }
+
+    pub fn put_workload(&self, w: workload::Workload) {
+        let name = w.uid.clone();
+        let body = workload::Address {
+            r#type: Some(workload::address::Type::Workload(w)),
+        };
+        self.put(ADDRESS_TYPE, &name, any(ADDRESS_TYPE, &body));
+    }
+
+    pub fn put_service(&self, s: workload::Service) {
+        let name = format!("{}/{}", s.namespace, s.hostname);
+        let body = workload::Address {
+            r#type: Some(workload::address::Type::Service(s)),
+        };
+        self.put(ADDRESS_TYPE, &name, any(ADDRESS_TYPE, &body));
+    }
+
+    pub fn put_policy(&self, p: security::Authorization) {
+        let name = format!("{}/{}", p.namespace, p.name);
+        self.put(AUTHORIZATION_TYPE, &name, any(AUTHORIZATION_TYPE, &p));
+    }
+
+    /// Puts an Address resource whose body is `bytes` as they are, valid or not.
+    pub fn put_raw_address(&self, name: &str, bytes: Vec<u8>) {
+        self.put(
+            ADDRESS_TYPE,
+            name,
+            Any {
+                type_url: ADDRESS_TYPE.into(),
+                value: bytes,
+            },
+        );
+    }
+
+    /// Removes an Address (workload uid or "namespace/hostname") or a policy.
+    pub fn remove(&self, name: &str) {
+        let mut resources = self.store.lock();
+        resources.items.retain(|(_, n), _| n != name);
+        drop(resources);
+        self.store.changed();
+    }
+
+    pub fn seen(&self) -> Seen {
+        self.store.seen().clone()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn any(type_url: &str, message: &impl Message) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: message.encode_to_vec(),
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    // A restarted control plane binds again while old connections linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("bind {addr}"))?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
+/// A serving certificate for [`SERVER_NAME`], signed by the CA in `ca_dir`.
+fn serving_certificate(ca_dir: &Path) -> Result<(String, String)> {
+    let root_pem = std::fs::read_to_string(ca_dir.join("root-cert.pem"))?;
+    let root_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("root-key.pem"))?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+struct Ads {
+    store: Arc<Store>,
+}
+
+type ResponseStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        {
+            let metadata = request.metadata();
+            let text = |key| {
+                metadata
+                    .get(key)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let mut seen = self.store.seen();
+            seen.streams += 1;
+            seen.authorization.push(text("authorization"));
+            seen.cluster_ids.push(text("clusterid"));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(serve_stream(self.store.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn serve_stream(
+    store: Arc<Store>,
+    mut incoming: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    // Per subscribed type: what this stream has been sent (name → version).
+    let mut sent: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut generation = store.generation.subscribe();
+    let mut answered: std::collections::HashSet<String> = Default::default();
+    let mut nonce = 0u64;
+    loop {
+        let mut push_types: Vec<String> = Vec::new();
+        tokio::select! {
+            request = incoming.message() => {
+                let Ok(Some(request)) = request else { return };
+                if !request.response_nonce.is_empty() {
+                    let mut seen = store.seen();
+                    match request.error_detail {
+                        Some(status) => seen.nacks.push(status.message),
+                        None => seen.acks += 1,
+                    }
+                    continue;
+                }
+                {
+                    let mut seen = store.seen();
+                    if let Some(node) = &request.node {
+                        seen.node_ids.push(node.id.clone());
+                    }
+                    seen.initial_versions.push((
+                        request.type_url.clone(),
+                        request.initial_resource_versions.clone(),
+                    ));
+                }
+                sent.insert(request.type_url.clone(), request.initial_resource_versions);
+                push_types.push(request.type_url);
+            }
+            changed = generation.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                push_types.extend(sent.keys().cloned());
+            }
+        }
+        for type_url in push_types {
+            let Some(held) = sent.get_mut(&type_url) else {
+                continue;
+            };
+            let (changed, removed) = store.diff(&type_url, held);
+            // The first answer of a type is sent even when empty: it tells the client it is
+            // in sync.
+            let first = answered.insert(type_url.clone());
+            if changed.is_empty() && removed.is_empty() && !first {
+                continue;
+            }
+            for name in &removed {
+                held.remove(name);
+            }
+            for resource in &changed {
+                held.insert(resource.name.clone(), resource.version.clone());
+            }
+            nonce += 1;
+            let response = DeltaDiscoveryResponse {
+                type_url: type_url.clone(),
+                nonce: format!("n{nonce}"),
+                resources: changed,
+                removed_resources: removed,
+                ..Default::default()
+            };
+            if tx.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Fails unless `condition` holds within 10 s.
+pub fn eventually(what: &str, condition: impl FnMut() -> bool) -> Result<()> {
+    if crate::wait_for(condition) {
+        Ok(())
+    } else {
+        bail!("timed out waiting for {what}")
+    }
+}

@@ -1,0 +1,464 @@
+//! mesh-node driven by a control plane over delta ADS (the test control plane in
+//! `mesh_tests::control_plane`, a real gRPC server with TLS): service VIPs load-balanced over
+//! their endpoints, endpoint and preference changes pushed mid-test, NACKs, and a control-plane
+//! restart. Assertions are on what users see: connections that succeed or fail, and which
+//! endpoint each one reached according to mesh-node's connection log.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    thread,
+    time::Duration,
+};
+
+use mesh_node::xds::proto::{ADDRESS_TYPE, workload as pb};
+use mesh_tests::{
+    MeshNode, NodeSpec, PodSpec, Topology,
+    control_plane::{ControlPlane, SERVER_NAME, eventually},
+    podapp, privileged,
+};
+
+const SERVICE: &str = "default/echo.default.svc.cluster.local";
+const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+const TARGET_PORT: u16 = 8080;
+/// node1's address on the link between the nodes; the control plane listens there.
+const CONTROL_PLANE: &str = "198.19.0.1:15012";
+const TOKEN: &str = "test-token";
+
+struct Mesh {
+    topo: Topology,
+    plane: ControlPlane,
+    nodes: Vec<MeshNode>,
+}
+
+impl Mesh {
+    /// `node1_pods` and `node2_pods` are all enrolled; every pod runs the echo server.
+    fn start(
+        node1_pods: &[&'static str],
+        node2_pods: &[&'static str],
+        service: pb::Service,
+    ) -> (Self, Vec<podapp::Server>) {
+        let topo = Topology::build(&[
+            NodeSpec {
+                name: "node1",
+                pods: node1_pods.iter().map(|p| PodSpec::enrolled(p)).collect(),
+            },
+            NodeSpec {
+                name: "node2",
+                pods: node2_pods.iter().map(|p| PodSpec::enrolled(p)).collect(),
+            },
+        ])
+        .expect("build topology");
+        let plane = ControlPlane::start(
+            &std::path::Path::new("/run/netns").join(&topo.node("node1").netns),
+            CONTROL_PLANE.parse().unwrap(),
+            &topo.ca_dir(),
+        )
+        .expect("start control plane");
+        let mut servers = Vec::new();
+        for pod in node1_pods.iter().chain(node2_pods) {
+            servers.push(topo.serve(pod, TARGET_PORT));
+        }
+        let mut mesh = Self {
+            topo,
+            plane,
+            nodes: Vec::new(),
+        };
+        for pod in node1_pods {
+            mesh.plane.put_workload(mesh.workload(pod, "node1", |_| {}));
+        }
+        for pod in node2_pods {
+            mesh.plane.put_workload(mesh.workload(pod, "node2", |_| {}));
+        }
+        mesh.plane.put_service(service);
+        let token = mesh.topo.workdir.join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        for node in ["node1", "node2"] {
+            let root = mesh.topo.ca_dir().join("root-cert.pem");
+            let args = [
+                "--ca-dir".to_owned(),
+                mesh.topo.ca_dir().display().to_string(),
+                "--xds-address".to_owned(),
+                CONTROL_PLANE.to_owned(),
+                "--xds-root-cert".to_owned(),
+                root.display().to_string(),
+                "--xds-server-name".to_owned(),
+                SERVER_NAME.to_owned(),
+                "--xds-token-file".to_owned(),
+                token.display().to_string(),
+                "--cluster-id".to_owned(),
+                "cluster1".to_owned(),
+                "--node-name".to_owned(),
+                node.to_owned(),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            mesh.nodes
+                .push(MeshNode::start(&mesh.topo, node, &args).expect("start mesh-node"));
+        }
+        (mesh, servers)
+    }
+
+    fn uid(pod: &str) -> String {
+        format!("cluster1//Pod/default/{pod}")
+    }
+
+    /// The workload for a pod; endpoints (names starting "ep" or "near") serve the service.
+    fn workload(
+        &self,
+        pod: &str,
+        node: &str,
+        edit: impl FnOnce(&mut pb::Workload),
+    ) -> pb::Workload {
+        let mut w = pb::Workload {
+            uid: Self::uid(pod),
+            name: pod.into(),
+            namespace: "default".into(),
+            service_account: pod.into(),
+            addresses: vec![self.topo.pod(pod).ip.octets().to_vec()],
+            node: node.into(),
+            cluster_id: "cluster1".into(),
+            tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+            ..Default::default()
+        };
+        if pod.starts_with("ep") || pod.starts_with("near") {
+            w.services.insert(
+                SERVICE.into(),
+                pb::PortList {
+                    ports: vec![pb::Port {
+                        service_port: 80,
+                        target_port: TARGET_PORT.into(),
+                    }],
+                },
+            );
+        }
+        edit(&mut w);
+        w
+    }
+
+    fn node1(&self) -> &MeshNode {
+        &self.nodes[0]
+    }
+
+    /// Connections from `client` to the VIP.
+    fn connect(&self, conns: usize) -> podapp::PodRun {
+        self.topo.connect_from("client", VIP, 1024, conns)
+    }
+
+    /// Closed connections per endpoint pod, from node1's connection log.
+    fn endpoint_counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for line in self
+            .node1()
+            .log_lines_with(&["outbound connection closed", "original_dst=10.96.0.10:80"])
+        {
+            for node in &self.topo.nodes {
+                for pod in &node.pods {
+                    if line.contains(&format!("endpoint={}:{TARGET_PORT}", pod.ip)) {
+                        *counts.entry(pod.name.to_owned()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    /// Closed connections per endpoint pod, once `n` more than in `before` have been logged.
+    fn counts_after(&self, before: &HashMap<String, usize>, n: usize) -> HashMap<String, usize> {
+        let total = |c: &HashMap<String, usize>| c.values().sum::<usize>();
+        let mut counts = HashMap::new();
+        mesh_tests::wait_for(|| {
+            counts = self.endpoint_counts();
+            total(&counts) >= total(before) + n
+        });
+        counts
+    }
+
+    /// Waits until node1 has applied `n` xDS updates in all.
+    fn wait_applied(&self, n: usize) {
+        eventually("node1 to apply the xDS update", || {
+            self.node1().log_lines_with(&["xDS update applied"]).len() >= n
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.node1().log_text()));
+    }
+
+    fn applied(&self) -> usize {
+        self.node1().log_lines_with(&["xDS update applied"]).len()
+    }
+}
+
+fn service(lb: Option<pb::LoadBalancing>) -> pb::Service {
+    pb::Service {
+        name: "echo".into(),
+        namespace: "default".into(),
+        hostname: "echo.default.svc.cluster.local".into(),
+        addresses: vec![pb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 10],
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: TARGET_PORT.into(),
+        }],
+        load_balancing: lb,
+        ..Default::default()
+    }
+}
+
+fn all_ok(run: &podapp::PodRun, conns: usize) {
+    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
+    assert_eq!(run.ok.len(), conns);
+}
+
+fn delta(after: &HashMap<String, usize>, before: &HashMap<String, usize>, pod: &str) -> usize {
+    after.get(pod).copied().unwrap_or(0) - before.get(pod).copied().unwrap_or(0)
+}
+
+#[test]
+fn service_traffic_follows_capacity_and_endpoint_removal_spares_open_connections() {
+    if !privileged() {
+        return;
+    }
+    let (mesh, _servers) = Mesh::start(&["client"], &["ep-a", "ep-b", "ep-c"], service(None));
+    mesh.plane
+        .put_workload(mesh.workload("ep-c", "node2", |w| w.capacity = Some(2)));
+    mesh.wait_applied(3);
+
+    // The proxy speaks to the control plane as istiod expects of a node proxy.
+    let seen = mesh.plane.seen();
+    assert!(
+        seen.authorization.iter().all(|a| a == "Bearer test-token"),
+        "{seen:?}"
+    );
+    assert!(seen.cluster_ids.iter().all(|c| c == "cluster1"), "{seen:?}");
+    assert!(
+        seen.node_ids.iter().all(|id| id.starts_with("ztunnel~")),
+        "{seen:?}"
+    );
+    assert!(seen.acks >= 4 && seen.nacks.is_empty(), "{seen:?}");
+
+    let run = mesh.connect(200);
+    all_ok(&run, 200);
+    assert!(
+        run.ok.iter().all(|c| c.peer == VIP),
+        "the application sees the VIP"
+    );
+    let counts = mesh.counts_after(&HashMap::new(), 200);
+    assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
+    // capacity 1 : 1 : 2 → expected 50 : 50 : 100; bounds are about four standard deviations.
+    assert!((70..=130).contains(&counts["ep-c"]), "{counts:?}");
+    for pod in ["ep-a", "ep-b"] {
+        assert!((25..=75).contains(&counts[pod]), "{counts:?}");
+    }
+
+    // Connections that are open when ep-a is removed are not cut...
+    let before = mesh.endpoint_counts();
+    let (netns, cgroup) = (
+        mesh.topo.pod("client").netns_path(),
+        mesh.topo.pod("client").cgroup.clone(),
+    );
+    let held = thread::spawn(move || {
+        podapp::connect_holding(&netns, &cgroup, VIP, 64 * 1024, 24, Duration::from_secs(5))
+            .expect("held connections")
+    });
+    eventually("24 held connections to be captured", || {
+        mesh.node1()
+            .log_lines_with(&["outbound connection captured"])
+            .len()
+            >= 224
+    })
+    .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let applied = mesh.applied();
+    mesh.plane.remove(&Mesh::uid("ep-a"));
+    mesh.wait_applied(applied + 1);
+
+    // ...and new connections no longer reach it.
+    all_ok(&mesh.connect(60), 60);
+    let after_new = mesh.counts_after(&before, 60);
+    assert_eq!(delta(&after_new, &before, "ep-a"), 0, "{after_new:?}");
+    assert_eq!(
+        delta(&after_new, &before, "ep-b") + delta(&after_new, &before, "ep-c"),
+        60
+    );
+
+    all_ok(&held.join().unwrap(), 24);
+    let after_held = mesh.counts_after(&after_new, 24);
+    assert!(
+        delta(&after_held, &after_new, "ep-a") > 0,
+        "some held connections were on ep-a and finished after its removal: {after_held:?}"
+    );
+}
+
+#[test]
+fn routing_preference_fails_over_and_strict_refuses() {
+    if !privileged() {
+        return;
+    }
+    use pb::load_balancing::{Mode, Scope};
+    let preference = |mode: Mode| {
+        Some(pb::LoadBalancing {
+            routing_preference: vec![Scope::Node as i32],
+            mode: mode as i32,
+            ..Default::default()
+        })
+    };
+    let (mesh, _servers) = Mesh::start(
+        &["client", "near"],
+        &["ep-far"],
+        service(preference(Mode::Failover)),
+    );
+
+    let only = |run: podapp::PodRun, conns: usize, before: &HashMap<String, usize>, pod: &str| {
+        all_ok(&run, conns);
+        let after = mesh.counts_after(before, conns);
+        assert_eq!(delta(&after, before, pod), conns, "{after:?}");
+    };
+    let before = mesh.endpoint_counts();
+    only(mesh.connect(20), 20, &before, "near");
+    assert_eq!(
+        mesh.node1()
+            .log_lines_with(&["route=local", "endpoint="])
+            .len(),
+        20
+    );
+
+    let applied = mesh.applied();
+    mesh.plane.remove(&Mesh::uid("near"));
+    mesh.wait_applied(applied + 1);
+    let before = mesh.endpoint_counts();
+    only(mesh.connect(20), 20, &before, "ep-far");
+
+    let applied = mesh.applied();
+    mesh.plane.put_service(service(preference(Mode::Strict)));
+    mesh.wait_applied(applied + 1);
+    let run = mesh.connect(10);
+    assert_eq!(
+        run.errors.len(),
+        10,
+        "STRICT with no same-node endpoint refuses: {:?}",
+        run.ok
+    );
+    assert!(
+        mesh.node1()
+            .log_lines_with(&[
+                "outbound connection refused: no endpoint",
+                "STRICT routing preference"
+            ])
+            .len()
+            == 10,
+        "{}",
+        mesh.node1().log_text()
+    );
+
+    let applied = mesh.applied();
+    mesh.plane
+        .put_workload(mesh.workload("near", "node1", |_| {}));
+    mesh.wait_applied(applied + 1);
+    let before = mesh.endpoint_counts();
+    only(mesh.connect(10), 10, &before, "near");
+}
+
+#[test]
+fn malformed_resources_are_nacked_and_the_previous_state_keeps_serving() {
+    if !privileged() {
+        return;
+    }
+    let (mut mesh, _servers) = Mesh::start(&["client"], &["ep-a"], service(None));
+    all_ok(&mesh.connect(5), 5);
+
+    // Bytes that are not a protobuf message.
+    mesh.plane
+        .put_raw_address("default/garbage", vec![0xff, 0xff, 0xff]);
+    eventually("a NACK", || !mesh.plane.seen().nacks.is_empty()).unwrap();
+    let nack = mesh.plane.seen().nacks[0].clone();
+    assert!(
+        nack.starts_with("resource \"default/garbage\": decode:"),
+        "{nack}"
+    );
+    mesh.plane.remove("default/garbage");
+
+    // A well-formed message with a field that cannot be used, next to a good change: neither
+    // applies.
+    let mut broken = mesh.workload("ep-a", "node2", |w| w.addresses = vec![vec![10, 0, 0]]);
+    broken.uid = "cluster1//Pod/default/broken".into();
+    mesh.plane.put_workload(broken);
+    // Both nodes NACK each bad push; find the one about this resource.
+    eventually("a NACK naming the bad field", || {
+        mesh.plane.seen().nacks.iter().any(|n| {
+            n.contains("resource \"cluster1//Pod/default/broken\"")
+                && n.contains("addresses[0]: 3 bytes is not an IPv4 (4) or IPv6 (16) address")
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", mesh.plane.seen().nacks));
+    assert!(
+        !mesh
+            .node1()
+            .log_lines_with(&["xDS response rejected (NACK)", "addresses[0]"])
+            .is_empty(),
+        "{}",
+        mesh.node1().log_text()
+    );
+    // The service still works on the state from before the bad pushes.
+    let before = mesh.counts_after(&HashMap::new(), 5);
+    all_ok(&mesh.connect(10), 10);
+    assert_eq!(delta(&mesh.counts_after(&before, 10), &before, "ep-a"), 10);
+    assert!(mesh.nodes.iter_mut().all(|m| m.is_running()));
+}
+
+#[test]
+fn control_plane_restart_resyncs_without_disturbing_traffic() {
+    if !privileged() {
+        return;
+    }
+    let (mut mesh, _servers) = Mesh::start(&["client"], &["ep-a", "ep-b"], service(None));
+    all_ok(&mesh.connect(10), 10);
+
+    let (netns, cgroup) = (
+        mesh.topo.pod("client").netns_path(),
+        mesh.topo.pod("client").cgroup.clone(),
+    );
+    let held = thread::spawn(move || {
+        podapp::connect_holding(&netns, &cgroup, VIP, 64 * 1024, 6, Duration::from_secs(4))
+            .expect("held connections")
+    });
+    eventually("held connections to be captured", || {
+        mesh.node1()
+            .log_lines_with(&["outbound connection captured"])
+            .len()
+            >= 16
+    })
+    .unwrap();
+
+    mesh.plane.stop();
+    eventually("node1 to notice the control plane is gone", || {
+        !mesh
+            .node1()
+            .log_lines_with(&["xDS stream"])
+            .iter()
+            .all(|l| l.contains("xDS stream open"))
+    })
+    .unwrap();
+    // With the control plane down, the last state keeps serving.
+    all_ok(&mesh.connect(20), 20);
+    // A change made while the client was away...
+    mesh.plane.remove(&Mesh::uid("ep-b"));
+    let applied = mesh.applied();
+    mesh.plane.resume().expect("restart control plane");
+    // ...arrives when it reconnects and resumes from the versions it holds.
+    mesh.wait_applied(applied + 1);
+    let seen = mesh.plane.seen();
+    let resumed = seen
+        .initial_versions
+        .iter()
+        .rev()
+        .find(|(type_url, _)| type_url == ADDRESS_TYPE)
+        .unwrap();
+    assert!(
+        resumed.1.contains_key(&Mesh::uid("ep-b")),
+        "the reconnect announced what the client held: {resumed:?}"
+    );
+    // The held connections lived through the restart.
+    all_ok(&held.join().unwrap(), 6);
+    let before = mesh.counts_after(&HashMap::new(), 10 + 6 + 20);
+    all_ok(&mesh.connect(20), 20);
+    assert_eq!(delta(&mesh.counts_after(&before, 20), &before, "ep-a"), 20);
+}

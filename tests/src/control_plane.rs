@@ -115,7 +115,8 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts serving on `addr` inside `netns`, with a serving certificate for [`SERVER_NAME`]
+    /// Starts serving on `addr` inside `netns` (port 0: any free port, then [`Self::addr`]
+    /// tells which), with a serving certificate for [`SERVER_NAME`]
     /// signed by the mesh CA in `ca_dir`.
     pub fn start(netns: &Path, addr: SocketAddr, ca_dir: &Path) -> Result<Self> {
         let (generation, _) = watch::channel(0);
@@ -149,7 +150,7 @@ impl ControlPlane {
         }
         let netns = std::fs::File::open(&self.netns)
             .with_context(|| format!("open {}", self.netns.display()))?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let store = self.store.clone();
         let addr = self.addr;
@@ -161,6 +162,7 @@ impl ControlPlane {
                     return Err(std::io::Error::last_os_error().into());
                 }
                 let listener = bind(addr)?;
+                let bound = listener.local_addr()?;
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -170,16 +172,16 @@ impl ControlPlane {
                 };
                 let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
                 let server = Server::builder().tls_config(tls)?;
-                Ok((runtime, listener, server))
+                Ok((runtime, listener, server, bound))
             };
-            let (runtime, listener, server) = match setup() {
+            let (runtime, listener, server, bound) = match setup() {
                 Ok(parts) => parts,
                 Err(error) => {
                     let _ = ready_tx.send(Err(error));
                     return;
                 }
             };
-            let _ = ready_tx.send(Ok(()));
+            let _ = ready_tx.send(Ok(bound));
             runtime.block_on(async move {
                 let service = AggregatedDiscoveryServiceServer::new(Ads { store })
                     .max_decoding_message_size(64 << 20);
@@ -192,7 +194,7 @@ impl ControlPlane {
                 }
             });
         });
-        ready_rx
+        self.addr = ready_rx
             .recv()
             .context("control plane thread ended before serving")??;
         self.running = Some((stop_tx, thread));

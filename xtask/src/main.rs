@@ -5,6 +5,7 @@
 //! - `demo`: setup, build, then run the two-node demo.
 //! - `test`: setup, build, lint, then every test, privileged integration tests included (a missing
 //!   privilege fails the run instead of skipping).
+//! - `bench xds [SIZES]`: release build, then the control-plane scale benchmark.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -37,6 +38,22 @@ enum Cmd {
     Demo,
     /// Set up, build, lint and run every test (integration tests need root).
     Test,
+    /// Build with optimisations and run a benchmark suite.
+    Bench {
+        #[command(subcommand)]
+        suite: BenchSuite,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchSuite {
+    /// Control-plane scale: N workloads + N/10 services pushed over delta ADS; first-sync time
+    /// and resident memory of the receiving process.
+    Xds {
+        /// Comma-separated workload counts.
+        #[arg(default_value = "1000,10000,100000")]
+        sizes: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -50,6 +67,25 @@ fn main() -> Result<()> {
             let toolchain = setup()?;
             build(&toolchain)?;
             run(Command::new(root.join("target/debug/mesh-demo")))?;
+        }
+        Cmd::Bench {
+            suite: BenchSuite::Xds { sizes },
+        } => {
+            let toolchain = setup()?;
+            cargo(
+                &toolchain,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "mesh-tests",
+                    "--bin",
+                    "xds-scale",
+                ],
+            )?;
+            let mut bench = Command::new(root.join("target/release/xds-scale"));
+            bench.arg(sizes);
+            run(bench)?;
         }
         Cmd::Test => {
             let toolchain = setup()?;

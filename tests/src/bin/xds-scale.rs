@@ -1,0 +1,261 @@
+//! Scale benchmark of the control-plane path: the test control plane pushes N workloads and
+//! N/10 services over delta ADS (TLS, loopback) to a separate process running mesh-node's xDS
+//! client and state index, which reports how long the first sync took and its resident memory.
+//!
+//! `xds-scale [SIZES]` (default `1000,10000,100000`) prints a Markdown table and writes
+//! `target/bench/xds-scale.json`. `xds-scale client ADDR ROOT_CERT` is the measured process.
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use mesh_node::{
+    identity::file_ca::FileCa,
+    state::State,
+    xds::{client::XdsConfig, proto::workload as pb},
+};
+use mesh_tests::control_plane::{ControlPlane, SERVER_NAME};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["client", addr, root] => client(addr, root),
+        [] => bench(&[1_000, 10_000, 100_000]),
+        [sizes] => bench(
+            &sizes
+                .split(',')
+                .map(|s| s.parse().with_context(|| format!("size {s:?}")))
+                .collect::<Result<Vec<usize>>>()?,
+        ),
+        _ => bail!("usage: xds-scale [SIZE,SIZE,...] | xds-scale client ADDR ROOT_CERT"),
+    }
+}
+
+struct Row {
+    workloads: usize,
+    services: usize,
+    wire_bytes: usize,
+    sync_ms: f64,
+    idle_rss_kib: u64,
+    synced_rss_kib: u64,
+}
+
+fn bench(sizes: &[usize]) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("xds-scale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    FileCa::init(&dir, "cluster.local")?;
+    let mut rows = Vec::new();
+    for &n in sizes {
+        rows.push(one(&dir, n)?);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!(
+        "| workloads | services | pushed (MiB) | first sync (ms) | RSS idle (MiB) | RSS synced (MiB) | per workload+service (bytes) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut json = Vec::new();
+    for r in &rows {
+        let added = r.synced_rss_kib.saturating_sub(r.idle_rss_kib) * 1024;
+        let per = added as f64 / (r.workloads + r.services) as f64;
+        println!(
+            "| {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {:.0} |",
+            r.workloads,
+            r.services,
+            r.wire_bytes as f64 / 1048576.0,
+            r.sync_ms,
+            r.idle_rss_kib as f64 / 1024.0,
+            r.synced_rss_kib as f64 / 1024.0,
+            per
+        );
+        json.push(format!(
+            "{{\"workloads\":{},\"services\":{},\"wire_bytes\":{},\"sync_ms\":{:.1},\"idle_rss_kib\":{},\"synced_rss_kib\":{},\"bytes_per_resource\":{:.0}}}",
+            r.workloads, r.services, r.wire_bytes, r.sync_ms, r.idle_rss_kib, r.synced_rss_kib, per
+        ));
+    }
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    let path = out.join("xds-scale.json");
+    std::fs::write(&path, format!("[{}]\n", json.join(",\n ")))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn one(ca_dir: &std::path::Path, workloads: usize) -> Result<Row> {
+    let services = (workloads / 10).max(1);
+    let plane = ControlPlane::start(
+        std::path::Path::new("/proc/self/ns/net"),
+        "127.0.0.1:0".parse()?,
+        ca_dir,
+    )?;
+    let mut wire_bytes = 0;
+    for i in 0..services {
+        let s = service(i);
+        wire_bytes += prost::Message::encoded_len(&s);
+        plane.put_service(s);
+    }
+    for i in 0..workloads {
+        let w = workload(i, services);
+        wire_bytes += prost::Message::encoded_len(&w);
+        plane.put_workload(w);
+    }
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["client", &plane.addr.to_string()])
+        .arg(ca_dir.join("root-cert.pem"))
+        .stdout(Stdio::piped())
+        .stdin(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut idle = None;
+    let mut synced = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        let field = |name: &str| -> Option<f64> {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        };
+        if line.starts_with("idle") {
+            idle = field("rss_kib");
+        } else if line.starts_with("synced") {
+            synced = Some((field("ms").unwrap_or(0.0), field("rss_kib").unwrap_or(0.0)));
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let (Some(idle), Some((sync_ms, synced_rss))) = (idle, synced) else {
+        bail!("the client process did not report a sync for {workloads} workloads");
+    };
+    Ok(Row {
+        workloads,
+        services,
+        wire_bytes,
+        sync_ms,
+        idle_rss_kib: idle as u64,
+        synced_rss_kib: synced_rss as u64,
+    })
+}
+
+/// A workload as istiod describes a pod: every field a real one carries.
+fn workload(i: usize, services: usize) -> pb::Workload {
+    let ns = format!("ns-{}", i % 100);
+    let ip = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+    let service = i % services;
+    pb::Workload {
+        uid: format!("cluster1//Pod/{ns}/app-{i}-7d9f8c6b5-x2k4q"),
+        name: format!("app-{i}-7d9f8c6b5-x2k4q"),
+        namespace: ns.clone(),
+        addresses: vec![ip.to_vec()],
+        network: "network1".into(),
+        tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+        service_account: format!("app-{}", i % 1000),
+        node: format!("node-{}", i % 500),
+        canonical_name: format!("app-{}", i % 1000),
+        canonical_revision: "v1".into(),
+        workload_type: pb::WorkloadType::Pod as i32,
+        workload_name: format!("app-{}", i % 1000),
+        cluster_id: "cluster1".into(),
+        locality: Some(pb::Locality {
+            region: "us-east1".into(),
+            zone: format!("us-east1-{}", ["b", "c", "d"][i % 3]),
+            subzone: String::new(),
+        }),
+        services: [(
+            format!(
+                "ns-{}/svc-{service}.ns-{}.svc.cluster.local",
+                service % 100,
+                service % 100
+            ),
+            pb::PortList {
+                ports: vec![pb::Port {
+                    service_port: 80,
+                    target_port: 8080,
+                }],
+            },
+        )]
+        .into(),
+        ..Default::default()
+    }
+}
+
+fn service(i: usize) -> pb::Service {
+    let ns = format!("ns-{}", i % 100);
+    pb::Service {
+        name: format!("svc-{i}"),
+        hostname: format!("svc-{i}.{ns}.svc.cluster.local"),
+        namespace: ns,
+        addresses: vec![pb::NetworkAddress {
+            network: "network1".into(),
+            address: vec![172, 16 + (i >> 16) as u8, (i >> 8) as u8, i as u8],
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: 8080,
+        }],
+        ..Default::default()
+    }
+}
+
+/// The measured process: mesh-node's xDS client and state index, nothing else.
+fn client(addr: &str, root: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let config = XdsConfig {
+        address: addr.parse::<SocketAddr>()?.to_string(),
+        root_cert: root.into(),
+        server_name: Some(SERVER_NAME.into()),
+        token_file: None,
+        cluster_id: "cluster1".into(),
+        pod_name: "mesh-node-bench".into(),
+        pod_namespace: "istio-system".into(),
+        node_name: "node-0".into(),
+        instance_ips: vec![],
+        trust_domain: "cluster.local".into(),
+    };
+    let endpoint = config.endpoint()?;
+    let state = Arc::new(RwLock::new(State::new()));
+    println!("idle rss_kib={}", rss_kib()?);
+    let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
+    let sink = state.clone();
+    let started = Instant::now();
+    runtime.block_on(async move {
+        let apply = move |update: mesh_node::xds::session::Update| {
+            update.apply(&mut sink.write().unwrap());
+        };
+        tokio::spawn(mesh_node::xds::client::run(
+            config, endpoint, apply, ready_tx,
+        ));
+        ready.wait_for(|r| *r).await?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let (w, s) = {
+            let state = state.read().unwrap();
+            (state.workload_count(), state.service_count())
+        };
+        println!(
+            "synced ms={ms:.1} rss_kib={} workloads={w} services={s}",
+            rss_kib()?
+        );
+        // Stay alive (and resident) until the parent has read the figures and kills us.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok(())
+    })
+}
+
+fn rss_kib() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/self/status")
+}

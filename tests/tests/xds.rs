@@ -462,3 +462,28 @@ fn control_plane_restart_resyncs_without_disturbing_traffic() {
     all_ok(&mesh.connect(20), 20);
     assert_eq!(delta(&mesh.counts_after(&before, 20), &before, "ep-a"), 20);
 }
+
+/// Keeps the scale benchmark (`cargo xtask bench xds`) working; asserts what it reports, never
+/// how fast.
+#[test]
+fn scale_benchmark_smoke() {
+    if !privileged() {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("xds-scale-smoke-{}.json", std::process::id()));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_xds-scale"))
+        .arg("200")
+        .env("XDS_SCALE_OUT", &out)
+        .output()
+        .expect("run xds-scale");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("\n| 200 | 20 |"), "{stdout}");
+    let json = std::fs::read_to_string(&out).expect("JSON results");
+    let _ = std::fs::remove_file(&out);
+    assert!(json.contains("\"workloads\":200,\"services\":20"), "{json}");
+}

@@ -3,7 +3,7 @@
 //! client and state index, which reports how long the first sync took and its resident memory.
 //!
 //! `xds-scale [SIZES]` (default `1000,10000,100000`) prints a Markdown table and writes
-//! `target/bench/xds-scale.json`. `xds-scale client ADDR ROOT_CERT` is the measured process.
+//! `target/bench/xds-scale.json` (or `$XDS_SCALE_OUT`). `xds-scale client ADDR ROOT_CERT` is the measured process.
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -82,9 +82,16 @@ fn bench(sizes: &[usize]) -> Result<()> {
             r.workloads, r.services, r.wire_bytes, r.sync_ms, r.idle_rss_kib, r.synced_rss_kib, per
         ));
     }
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out)?;
-    let path = out.join("xds-scale.json");
+    // XDS_SCALE_OUT: where the smoke test writes, so it never replaces real results.
+    let path = match std::env::var_os("XDS_SCALE_OUT") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/xds-scale.json")
+        }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     std::fs::write(&path, format!("[{}]\n", json.join(",\n ")))?;
     eprintln!("wrote {}", path.display());
     Ok(())

@@ -199,6 +199,7 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
         None => None,
     };
     Ok(Service {
+        key: format!("{}/{}", s.namespace, s.hostname),
         vips,
         ports,
         subject_alt_names,

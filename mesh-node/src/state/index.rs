@@ -11,13 +11,44 @@ pub enum Destination {
     Service(Arc<Service>),
 }
 
+/// Addresses per network: network name → IP → entry. Two levels so that a lookup borrows the
+/// network name instead of building a key, and each network's name is stored once.
+type ByAddress<T> = HashMap<String, HashMap<IpAddr, Arc<T>>>;
+
+fn addr_get<'a, T>(map: &'a ByAddress<T>, network: &str, ip: IpAddr) -> Option<&'a Arc<T>> {
+    map.get(network)?.get(&ip.to_canonical())
+}
+
+fn addr_insert<T>(map: &mut ByAddress<T>, network: &str, ip: IpAddr, value: Arc<T>) {
+    match map.get_mut(network) {
+        Some(ips) => {
+            ips.insert(ip, value);
+        }
+        None => {
+            map.insert(network.to_owned(), HashMap::from([(ip, value)]));
+        }
+    }
+}
+
+/// Removes the entry at (network, ip) if `owned` says it is the one being removed.
+fn addr_remove<T>(map: &mut ByAddress<T>, network: &str, ip: IpAddr, owned: impl Fn(&T) -> bool) {
+    if let Some(ips) = map.get_mut(network) {
+        if ips.get(&ip).is_some_and(|v| owned(v)) {
+            ips.remove(&ip);
+        }
+        if ips.is_empty() {
+            map.remove(network);
+        }
+    }
+}
+
 /// The mesh as the sources last described it.
 #[derive(Debug, Default)]
 pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
-    workload_addrs: HashMap<(String, IpAddr), Arc<Workload>>,
+    workload_addrs: ByAddress<Workload>,
     services: HashMap<String, Arc<Service>>,
-    service_vips: HashMap<(String, IpAddr), Arc<Service>>,
+    service_vips: ByAddress<Service>,
     /// Service key → endpoint uid → workload. A workload may name a service that has not
     /// arrived yet; its endpoints are waiting here when it does.
     endpoints: HashMap<String, HashMap<String, Arc<Workload>>>,
@@ -35,8 +66,12 @@ impl State {
         self.remove_workload(&workload.uid);
         let workload = Arc::new(workload);
         for ip in &workload.addresses {
-            self.workload_addrs
-                .insert((workload.network.clone(), *ip), workload.clone());
+            addr_insert(
+                &mut self.workload_addrs,
+                &workload.network,
+                *ip,
+                workload.clone(),
+            );
         }
         for service in workload.services.keys() {
             self.endpoints
@@ -50,14 +85,9 @@ impl State {
     pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
         for ip in &old.addresses {
-            let key = (old.network.clone(), *ip);
-            if self
-                .workload_addrs
-                .get(&key)
-                .is_some_and(|w| w.uid == old.uid)
-            {
-                self.workload_addrs.remove(&key);
-            }
+            addr_remove(&mut self.workload_addrs, &old.network, *ip, |w| {
+                w.uid == old.uid
+            });
         }
         for service in old.services.keys() {
             if let Some(endpoints) = self.endpoints.get_mut(service) {
@@ -72,22 +102,18 @@ impl State {
 
     /// Adds or replaces the service with this "namespace/hostname".
     pub fn upsert_service(&mut self, service: Service) {
-        let key = service.key();
-        self.remove_service(&key);
+        self.remove_service(service.key());
         let service = Arc::new(service);
         for (network, ip) in &service.vips {
-            self.service_vips
-                .insert((network.clone(), *ip), service.clone());
+            addr_insert(&mut self.service_vips, network, *ip, service.clone());
         }
-        self.services.insert(key, service);
+        self.services.insert(service.key().to_owned(), service);
     }
 
     pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
-        for vip in &old.vips {
-            if self.service_vips.get(vip).is_some_and(|s| s.key() == key) {
-                self.service_vips.remove(vip);
-            }
+        for (network, ip) in &old.vips {
+            addr_remove(&mut self.service_vips, network, *ip, |s| s.key() == key);
         }
         Some(old)
     }
@@ -111,19 +137,14 @@ impl State {
     /// The service or workload at `ip` on `network`. Service VIPs win: a VIP is never also a
     /// workload's address.
     pub fn lookup(&self, network: &str, ip: IpAddr) -> Option<Destination> {
-        let key = (network.to_owned(), ip.to_canonical());
-        if let Some(service) = self.service_vips.get(&key) {
+        if let Some(service) = addr_get(&self.service_vips, network, ip) {
             return Some(Destination::Service(service.clone()));
         }
-        self.workload_addrs
-            .get(&key)
-            .map(|w| Destination::Workload(w.clone()))
+        self.workload_by_ip(network, ip).map(Destination::Workload)
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.workload_addrs
-            .get(&(network.to_owned(), ip.to_canonical()))
-            .cloned()
+        addr_get(&self.workload_addrs, network, ip).cloned()
     }
 
     pub fn workload(&self, uid: &str) -> Option<Arc<Workload>> {

@@ -3,7 +3,14 @@
 //! weighted by `capacity`. Pure: the caller passes the random source.
 use std::{net::IpAddr, sync::Arc};
 
-use super::{HealthPolicy, LbMode, Locality, Scope, Service, State, Workload};
+use super::{HealthPolicy, LbMode, LoadBalancing, Locality, Scope, Service, State, Workload};
+
+/// What a service without `load_balancing` gets: FAILOVER with no preference, healthy only.
+static DEFAULT_LB: LoadBalancing = LoadBalancing {
+    routing_preference: Vec::new(),
+    mode: LbMode::Failover,
+    health_policy: HealthPolicy::OnlyHealthy,
+};
 
 /// Where the connection comes from, for routing preferences.
 #[derive(Clone, Debug)]
@@ -66,7 +73,7 @@ pub fn pick(
     origin: &Origin<'_>,
     random: &mut impl FnMut() -> u64,
 ) -> Result<Choice, LbError> {
-    let lb = service.load_balancing.clone().unwrap_or_default();
+    let lb = service.load_balancing.as_ref().unwrap_or(&DEFAULT_LB);
     if lb.mode == LbMode::Passthrough {
         return Ok(Choice::Passthrough);
     }
@@ -78,13 +85,16 @@ pub fn pick(
             target_port: port,
         },
         None => {
-            return Err(LbError::NoSuchPort { service: key, port });
+            return Err(LbError::NoSuchPort {
+                service: key.to_owned(),
+                port,
+            });
         }
     };
     // Candidates with their rank: how many leading preference scopes they share with the origin.
     let mut best_rank = 0;
     let mut candidates: Vec<(usize, Endpoint)> = Vec::new();
-    for workload in state.endpoints(&key) {
+    for workload in state.endpoints(key) {
         if lb.health_policy == HealthPolicy::OnlyHealthy && !workload.healthy {
             continue;
         }
@@ -97,7 +107,7 @@ pub fn pick(
         };
         let target = workload
             .services
-            .get(&key)
+            .get(key)
             .and_then(|ports| ports.iter().find(|p| p.service_port == port))
             .map(|p| p.target_port)
             .filter(|p| *p != 0)
@@ -129,12 +139,12 @@ pub fn pick(
         return Err(
             if lb.mode == LbMode::Strict && !lb.routing_preference.is_empty() {
                 LbError::StrictPreference {
-                    service: key,
-                    preference: lb.routing_preference,
+                    service: key.to_owned(),
+                    preference: lb.routing_preference.clone(),
                 }
             } else {
                 LbError::NoEndpoint {
-                    service: key,
+                    service: key.to_owned(),
                     network: origin.network.to_owned(),
                 }
             },

@@ -137,6 +137,8 @@ pub struct LoadBalancing {
 /// A service: virtual addresses in front of a set of workloads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
+    /// "namespace/hostname", kept because every connection to the service looks it up.
+    key: String,
     pub name: String,
     pub namespace: String,
     pub hostname: String,
@@ -150,8 +152,8 @@ pub struct Service {
 
 impl Service {
     /// The xDS resource name and the key workloads use: "namespace/hostname".
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.hostname)
+    pub fn key(&self) -> &str {
+        &self.key
     }
 }
 

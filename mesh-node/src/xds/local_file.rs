@@ -115,7 +115,8 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
 
     let mut state = LocalState::default();
     let mut uids = HashSet::new();
-    let mut owners: HashMap<IpAddr, String> = HashMap::new();
+    // (network, address) → owner: the same IP may be reused on another network.
+    let mut owners: HashMap<(String, IpAddr), String> = HashMap::new();
     for (index, entry) in file.workloads.into_iter().enumerate() {
         let workload = convert::workload(entry.into_proto(), trust_domain)
             .map_err(converted("workloads", index))?;
@@ -129,7 +130,8 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
         // One address, one workload: otherwise which identity a tunnel expects would depend on
         // the order of the file.
         for ip in &workload.addresses {
-            if let Some(other) = owners.insert(*ip, workload.uid.clone()) {
+            let key = (workload.network.clone(), *ip);
+            if let Some(other) = owners.insert(key, workload.uid.clone()) {
                 return Err(invalid(
                     "workloads",
                     index,
@@ -142,15 +144,16 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
     let mut keys = HashSet::new();
     for (index, entry) in file.services.into_iter().enumerate() {
         let service = convert::service(entry.into_proto()).map_err(converted("services", index))?;
-        if !keys.insert(service.key()) {
+        if !keys.insert(service.key().to_owned()) {
             return Err(invalid(
                 "services",
                 index,
                 format!("duplicate service {}", service.key()),
             ));
         }
-        for (_, vip) in &service.vips {
-            if let Some(other) = owners.insert(*vip, service.key()) {
+        for (network, vip) in &service.vips {
+            let key = (network.clone(), *vip);
+            if let Some(other) = owners.insert(key, service.key().to_owned()) {
                 return Err(invalid(
                     "services",
                     index,

@@ -118,3 +118,27 @@ fn errors_name_the_file_the_entry_and_the_field() {
         "{e}"
     );
 }
+
+#[test]
+fn the_same_address_may_be_reused_on_another_network() {
+    let state = parse_str(
+        "workloads:\n  - {name: a, namespace: d, addresses: [10.0.0.1]}\n  - {name: b, namespace: d, addresses: [10.0.0.1], network: net2}\n",
+    )
+    .unwrap();
+    let mut index = State::new();
+    state.apply(&mut index);
+    assert_eq!(
+        index
+            .workload_by_ip("", "10.0.0.1".parse().unwrap())
+            .unwrap()
+            .uid,
+        "d/a"
+    );
+    assert_eq!(
+        index
+            .workload_by_ip("net2", "10.0.0.1".parse().unwrap())
+            .unwrap()
+            .uid,
+        "d/b"
+    );
+}

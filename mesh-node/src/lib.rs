@@ -15,3 +15,18 @@ pub mod proxy;
 pub mod state;
 pub mod tls;
 pub mod xds;
+
+/// An error and its causes on one line, skipping causes a message already quotes.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(err) = cause {
+        let text = err.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = err.source();
+    }
+    line
+}

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_node::{
     config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, NodeInfo, RunConfig, Settings},
+    error_chain,
     identity::file_ca::FileCa,
     xds::client::XdsConfig,
 };
@@ -200,19 +201,4 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-}
-
-/// The error and its causes on one line, skipping causes a message already quotes.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(err) = cause {
-        let text = err.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = err.source();
-    }
-    line
 }

@@ -16,6 +16,8 @@ use tonic::{
     transport::{Certificate, ClientTlsConfig, Endpoint},
 };
 
+use crate::error_chain;
+
 use super::{
     proto::discovery::{
         Node, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
@@ -54,6 +56,8 @@ pub enum XdsError {
         path: PathBuf,
         io_error: std::io::Error,
     },
+    #[error("xDS root certificate {path}: {message}")]
+    RootCertInvalid { path: PathBuf, message: String },
     #[error("xDS address {address:?}: {message}")]
     Address { address: String, message: String },
 }
@@ -101,6 +105,10 @@ impl XdsConfig {
         let pem = std::fs::read(&self.root_cert).map_err(|io_error| XdsError::RootCert {
             path: self.root_cert.clone(),
             io_error,
+        })?;
+        check_pem(&pem).map_err(|message| XdsError::RootCertInvalid {
+            path: self.root_cert.clone(),
+            message,
         })?;
         let bad = |message: String| XdsError::Address {
             address: self.address.clone(),
@@ -252,13 +260,74 @@ fn read_token(path: &Path) -> Result<String, String> {
     Ok(token.trim().to_owned())
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+/// Refuses a root file that holds no certificate or a broken one, at start rather than at
+/// every connect attempt.
+fn check_pem(pem: &[u8]) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
+        count += 1;
     }
-    text
+    if count == 0 {
+        return Err("no PEM certificate in it".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_root_file_without_a_certificate_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("xds-root-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("root-cert.pem");
+        std::fs::write(&root, "hello\n").unwrap();
+        let config = XdsConfig {
+            address: "istiod.istio-system.svc:15012".into(),
+            root_cert: root.clone(),
+            server_name: None,
+            token_file: None,
+            cluster_id: "c".into(),
+            pod_name: "p".into(),
+            pod_namespace: "n".into(),
+            node_name: String::new(),
+            instance_ips: vec![],
+            trust_domain: "cluster.local".into(),
+        };
+        let error = config.endpoint().unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "xDS root certificate {}: no PEM certificate in it",
+                root.display()
+            )
+        );
+        std::fs::write(
+            &root,
+            "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(
+            config
+                .endpoint()
+                .unwrap_err()
+                .to_string()
+                .contains("not a PEM certificate")
+        );
+        let missing = XdsConfig {
+            root_cert: dir.join("absent.pem"),
+            ..config
+        };
+        assert!(
+            missing
+                .endpoint()
+                .unwrap_err()
+                .to_string()
+                .starts_with("read xDS root certificate")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -71,7 +71,8 @@ struct TypeState {
     type_url: &'static str,
     /// Resource name → version, of what we hold.
     versions: HashMap<String, String>,
-    /// Whether any response of this type has arrived since start.
+    /// Whether a response of this type has been accepted since start: only then do we hold
+    /// the control plane's view of it.
     answered: bool,
 }
 
@@ -111,7 +112,7 @@ impl Session {
             .collect()
     }
 
-    /// True once every type has had its first answer.
+    /// True once a response of every type has been accepted.
     pub fn synced(&self) -> bool {
         self.types.iter().all(|t| t.answered)
     }
@@ -133,10 +134,10 @@ impl Session {
             let message = format!("type {:?} is not supported", response.type_url);
             return reject(&response.type_url, nonce, message);
         };
-        self.types[index].answered = true;
         let type_url = self.types[index].type_url;
         match decode(&response, &self.default_trust_domain) {
             Ok(update) => {
+                self.types[index].answered = true;
                 let versions = &mut self.types[index].versions;
                 for name in &response.removed_resources {
                     versions.remove(name);

@@ -81,13 +81,8 @@ impl Store {
     fn diff(&self, type_url: &str, sent: &HashMap<String, String>) -> (Vec<Resource>, Vec<String>) {
         let resources = self.lock();
         let mut changed = Vec::new();
-        let mut present = Vec::new();
         for ((t, name), (version, body)) in &resources.items {
-            if t != type_url {
-                continue;
-            }
-            present.push(name.clone());
-            if sent.get(name) != Some(version) {
+            if t == type_url && sent.get(name) != Some(version) {
                 changed.push(Resource {
                     name: name.clone(),
                     version: version.clone(),
@@ -98,7 +93,11 @@ impl Store {
         }
         let removed = sent
             .keys()
-            .filter(|name| !present.contains(name))
+            .filter(|name| {
+                !resources
+                    .items
+                    .contains_key(&(type_url.to_owned(), (*name).clone()))
+            })
             .cloned()
             .collect();
         (changed, removed)
@@ -202,22 +201,40 @@ impl ControlPlane {
     }
 
     fn put(&self, type_url: &str, name: &str, body: Any) {
+        self.put_all(vec![(type_url, name.to_owned(), body)]);
+    }
+
+    /// Puts every resource, then notifies streams once, so they all go out in one response.
+    fn put_all(&self, items: Vec<(&str, String, Any)>) {
         let mut resources = self.store.lock();
-        resources.next_version += 1;
-        let version = format!("v{}", resources.next_version);
-        resources
-            .items
-            .insert((type_url.to_owned(), name.to_owned()), (version, body));
+        for (type_url, name, body) in items {
+            resources.next_version += 1;
+            let version = format!("v{}", resources.next_version);
+            resources
+                .items
+                .insert((type_url.to_owned(), name), (version, body));
+        }
         drop(resources);
         self.store.changed();
     }
 
     pub fn put_workload(&self, w: workload::Workload) {
-        let name = w.uid.clone();
-        let body = workload::Address {
-            r#type: Some(workload::address::Type::Workload(w)),
-        };
-        self.put(ADDRESS_TYPE, &name, any(ADDRESS_TYPE, &body));
+        self.put_workloads(vec![w]);
+    }
+
+    /// Puts several workloads in one response.
+    pub fn put_workloads(&self, workloads: Vec<workload::Workload>) {
+        let items = workloads
+            .into_iter()
+            .map(|w| {
+                let name = w.uid.clone();
+                let body = workload::Address {
+                    r#type: Some(workload::address::Type::Workload(w)),
+                };
+                (ADDRESS_TYPE, name, any(ADDRESS_TYPE, &body))
+            })
+            .collect();
+        self.put_all(items);
     }
 
     pub fn put_service(&self, s: workload::Service) {

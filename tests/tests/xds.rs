@@ -219,7 +219,7 @@ fn service_traffic_follows_capacity_and_endpoint_removal_spares_open_connections
     }
     let (mesh, _servers) = Mesh::start(&["client"], &["ep-a", "ep-b", "ep-c"], service(None));
     mesh.plane
-        .put_workload(mesh.workload("ep-c", "node2", |w| w.capacity = Some(2)));
+        .put_workload(mesh.workload("ep-c", "node2", |w| w.capacity = Some(4)));
     mesh.wait_applied(3);
 
     // The proxy speaks to the control plane as istiod expects of a node proxy.
@@ -243,10 +243,11 @@ fn service_traffic_follows_capacity_and_endpoint_removal_spares_open_connections
     );
     let counts = mesh.counts_after(&HashMap::new(), 200);
     assert_eq!(counts.values().sum::<usize>(), 200, "{counts:?}");
-    // capacity 1 : 1 : 2 → expected 50 : 50 : 100; bounds are about four standard deviations.
-    assert!((70..=130).contains(&counts["ep-c"]), "{counts:?}");
+    // capacity 1 : 1 : 4 → expected 33 : 33 : 133 (standard deviations 5.3 and 6.7). The bounds
+    // are about 3.5 deviations wide, and an even split (67 each) falls far outside them.
+    assert!((110..=156).contains(&counts["ep-c"]), "{counts:?}");
     for pod in ["ep-a", "ep-b"] {
-        assert!((25..=75).contains(&counts[pod]), "{counts:?}");
+        assert!((14..=52).contains(&counts[pod]), "{counts:?}");
     }
 
     // Connections that are open when ep-a is removed are not cut...
@@ -376,11 +377,13 @@ fn malformed_resources_are_nacked_and_the_previous_state_keeps_serving() {
     );
     mesh.plane.remove("default/garbage");
 
-    // A well-formed message with a field that cannot be used, next to a good change: neither
-    // applies.
+    // A well-formed message with a field that cannot be used, in one response with a change
+    // that would drain ep-a (capacity 0): neither applies, so ep-a keeps serving. Were the good
+    // half applied, the service would have no endpoint and every connection below would fail.
     let mut broken = mesh.workload("ep-a", "node2", |w| w.addresses = vec![vec![10, 0, 0]]);
     broken.uid = "cluster1//Pod/default/broken".into();
-    mesh.plane.put_workload(broken);
+    let drained = mesh.workload("ep-a", "node2", |w| w.capacity = Some(0));
+    mesh.plane.put_workloads(vec![drained, broken]);
     // Both nodes NACK each bad push; find the one about this resource.
     eventually("a NACK naming the bad field", || {
         mesh.plane.seen().nacks.iter().any(|n| {
@@ -398,6 +401,12 @@ fn malformed_resources_are_nacked_and_the_previous_state_keeps_serving() {
         mesh.node1().log_text()
     );
     // The service still works on the state from before the bad pushes.
+    assert!(
+        mesh.node1()
+            .log_lines_with(&["xDS update applied", "changed=2"])
+            .is_empty(),
+        "the rejected response must not be applied"
+    );
     let before = mesh.counts_after(&HashMap::new(), 5);
     all_ok(&mesh.connect(10), 10);
     assert_eq!(delta(&mesh.counts_after(&before, 10), &before, "ep-a"), 10);

@@ -4,6 +4,7 @@
 //! connection.
 
 pub mod app;
+pub mod authz;
 pub mod config;
 pub mod dataplane;
 pub mod enroll;
@@ -12,6 +13,7 @@ pub mod identity;
 pub mod netns;
 pub mod preflight;
 pub mod proxy;
+pub mod splice;
 pub mod state;
 pub mod tls;
 pub mod xds;

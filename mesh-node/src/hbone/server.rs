@@ -19,10 +19,12 @@ use super::{
     CONNECTION_WINDOW, H2Stream, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER,
     SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
 };
-use crate::{identity::Identity, identity::san, tls};
+use crate::{
+    identity::{Identity, san},
+    splice::{Ended, Revoked, splice},
+    tls,
+};
 
-/// Copy buffer per direction when splicing a tunnel to its application.
-const COPY_BUFFER: usize = 64 * 1024;
 /// Streams a peer may reset before we have accepted them before it is cut off (rapid reset).
 const MAX_PENDING_RESETS: usize = 50;
 
@@ -46,7 +48,14 @@ pub struct Refusal {
     pub reason: String,
 }
 
-pub type OpenFuture = Pin<Box<dyn Future<Output = Result<TcpStream, Refusal>> + Send>>;
+/// The application connection a tunnel is spliced to.
+pub struct Opened {
+    pub stream: TcpStream,
+    /// Resolves when the tunnel must be closed early (a policy change denies it).
+    pub revoked: Option<Revoked>,
+}
+
+pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Opened, Refusal>> + Send>>;
 
 /// Where accepted tunnels go.
 pub trait TunnelTarget: Send + Sync + 'static {
@@ -158,8 +167,11 @@ async fn handle_stream(
         Err(refusal) => return refuse(&mut respond, refusal),
     };
     let started = Instant::now();
-    let mut upstream = match target.open(&tunnel).await {
-        Ok(upstream) => upstream,
+    let Opened {
+        stream: mut upstream,
+        revoked,
+    } = match target.open(&tunnel).await {
+        Ok(opened) => opened,
         Err(refusal) => return refuse(&mut respond, refusal),
     };
     let send = match respond.send_response(Response::new(()), false) {
@@ -175,24 +187,21 @@ async fn handle_stream(
     tracing::info!(dst = %tunnel.authority, %client, "HBONE tunnel opened");
     let mut stream = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        &mut stream,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await;
+    let ended = splice(&mut stream, &mut upstream, revoked).await;
     let duration_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok((received, sent)) => tracing::info!(
+    match ended {
+        Ended::Closed { a_to_b, b_to_a } => tracing::info!(
             dst = %tunnel.authority,
-            bytes_received = received,
-            bytes_sent = sent,
+            bytes_received = a_to_b,
+            bytes_sent = b_to_a,
             duration_ms,
             "HBONE tunnel closed"
         ),
-        Err(error) => {
+        Ended::Reset(error) => {
             tracing::info!(dst = %tunnel.authority, %error, duration_ms, "HBONE tunnel reset")
+        }
+        Ended::Revoked(reason) => {
+            tracing::info!(dst = %tunnel.authority, %reason, duration_ms, "HBONE tunnel closed by policy")
         }
     }
 }

@@ -1,16 +1,19 @@
 //! Traffic arriving for a pod on this node: HBONE tunnels on `<pod IP>:15008`, and the one way
 //! every path (HBONE, same-node, captured plaintext) reaches the application: [`deliver`].
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use http::StatusCode;
 use mesh_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{ProxyContext, connect_from_pod};
+use super::{
+    ProxyContext,
+    authorize::{Inbound, Revocation},
+    connect_from_pod,
+};
 use crate::{
     enroll::Pod,
-    hbone::server::{self, OpenFuture, Refusal, TunnelRequest, TunnelTarget},
-    identity::Identity,
+    hbone::server::{self, OpenFuture, Opened, Refusal, TunnelRequest, TunnelTarget},
 };
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until the task is aborted.
@@ -59,11 +62,11 @@ struct PodTarget {
 impl TunnelTarget for PodTarget {
     fn open(&self, request: &TunnelRequest) -> OpenFuture {
         let dst = request.authority;
-        let (pod, ctx, source) = (
-            self.pod.clone(),
-            self.ctx.clone(),
-            request.peer_identity.clone(),
-        );
+        let (pod, ctx) = (self.pod.clone(), self.ctx.clone());
+        // The source node vouches for the application's address in `forwarded`; without it,
+        // the TCP peer is the best we know.
+        let source_ip = request.forwarded_for.unwrap_or(request.peer).ip();
+        let source = request.peer_identity.clone();
         Box::pin(async move {
             if !pod.owns(dst.ip()) {
                 return Err(Refusal {
@@ -80,27 +83,62 @@ impl TunnelTarget for PodTarget {
                     reason: format!("authority {dst} is the HBONE port itself"),
                 });
             }
-            deliver(&ctx, &pod, Some(&source), dst).await
+            let conn = Inbound {
+                pod,
+                source: Some(source),
+                source_ip,
+                destination: dst,
+            };
+            let Delivered { stream, revocation } = deliver(&ctx, conn).await?;
+            Ok(Opened {
+                stream,
+                revoked: Some(Box::pin(revocation.wait())),
+            })
         })
     }
 }
 
-/// Connects to the application at `dst` inside `pod`, for a client with identity `source`
-/// (`None`: a plaintext client, no verified identity).
-/// Authorization policy, when it arrives, is checked here, so every path into a pod obeys it.
-pub async fn deliver(
-    ctx: &ProxyContext,
-    pod: &Pod,
-    source: Option<&Identity>,
-    dst: SocketAddr,
-) -> Result<TcpStream, Refusal> {
-    let client = source.map_or_else(|| "a plaintext client".to_owned(), ToString::to_string);
+/// An application connection inside a local pod, authorized, and how to learn that policy
+/// took the authorization back.
+pub struct Delivered {
+    pub stream: TcpStream,
+    pub revocation: Revocation,
+}
+
+/// Authorizes `conn` and connects to the application at its destination. Every path into a
+/// pod (HBONE, same-node, captured plaintext) comes through here, so all of them obey policy.
+pub async fn deliver(ctx: &ProxyContext, conn: Inbound) -> Result<Delivered, Refusal> {
+    let (pod, dst) = (conn.pod.clone(), conn.destination);
+    let client = conn.source_display();
+    let revocation = {
+        let state = ctx.state();
+        let decision = conn.decide(&state, &ctx.node);
+        conn.log_dry_run(&decision);
+        if !decision.verdict.is_allowed() {
+            tracing::info!(
+                pod = %pod.spec,
+                source = %client,
+                source_ip = %conn.source_ip,
+                %dst,
+                reason = %decision.verdict,
+                "connection denied by policy"
+            );
+            return Err(Refusal {
+                status: StatusCode::UNAUTHORIZED,
+                reason: decision.verdict.to_string(),
+            });
+        }
+        // Registered while the state is read-locked: a policy change either came before
+        // the decision or will recheck this connection.
+        ctx.live.register(conn)
+    };
     // The socket is made in the destination pod and connects to the pod's own address:
     // sk_lookup lets `remote == local` through to the application's listener.
-    connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout)
+    let stream = connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout)
         .await
         .map_err(|error| Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
             reason: format!("connect to {dst} in pod {} for {client}: {error}", pod.spec),
-        })
+        })?;
+    Ok(Delivered { stream, revocation })
 }

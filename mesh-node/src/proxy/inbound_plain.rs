@@ -6,8 +6,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration, time::Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::{COPY_BUFFER, ProxyContext, inbound};
-use crate::enroll::Pod;
+use super::{
+    ProxyContext,
+    authorize::Inbound,
+    inbound::{self, Delivered},
+};
+use crate::{
+    enroll::Pod,
+    splice::{Ended, splice},
+};
 
 /// Accepts captured plaintext connections until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
@@ -39,32 +46,54 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     }
     let started = Instant::now();
     tracing::info!(%dst, "inbound plaintext connection captured");
-    let mut upstream = match inbound::deliver(&ctx, &pod, None, dst).await {
-        Ok(upstream) => upstream,
+    let peer = match client.peer_addr() {
+        Ok(peer) => peer,
+        Err(error) => {
+            tracing::info!(%error, "inbound plaintext connection lost before it was read");
+            return;
+        }
+    };
+    let conn = Inbound {
+        pod: pod.clone(),
+        source: None,
+        source_ip: peer.ip().to_canonical(),
+        destination: dst,
+    };
+    let Delivered {
+        stream: mut upstream,
+        revocation,
+    } = match inbound::deliver(&ctx, conn).await {
+        Ok(delivered) => delivered,
         Err(refusal) => {
-            tracing::info!(%dst, reason = %refusal.reason, "inbound plaintext connection failed");
+            // A reset, not a clean close: the client must not mistake a refusal for an
+            // empty answer.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            tracing::info!(%dst, status = refusal.status.as_u16(), reason = %refusal.reason, "inbound plaintext connection failed");
             return;
         }
     };
     let _ = client.set_nodelay(true);
-    let result = tokio::io::copy_bidirectional_with_sizes(
+    let ended = splice(
         &mut client,
         &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
+        Some(Box::pin(revocation.wait())),
     )
     .await;
     let duration_ms = started.elapsed().as_millis() as u64;
-    match result {
-        Ok((received, sent)) => tracing::info!(
+    match ended {
+        Ended::Closed { a_to_b, b_to_a } => tracing::info!(
             %dst,
-            bytes_received = received,
-            bytes_sent = sent,
+            bytes_received = a_to_b,
+            bytes_sent = b_to_a,
             duration_ms,
             "inbound plaintext connection closed"
         ),
-        Err(error) => {
+        Ended::Reset(error) => {
             tracing::info!(%dst, %error, duration_ms, "inbound plaintext connection reset")
+        }
+        Ended::Revoked(reason) => {
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            tracing::info!(%dst, %reason, duration_ms, "inbound plaintext connection closed by policy")
         }
     }
 }

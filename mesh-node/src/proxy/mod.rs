@@ -1,5 +1,6 @@
 //! The data path: captured outbound connections, HBONE tunnels arriving for local pods, and
 //! plaintext connections captured on their way into local pods.
+pub mod authorize;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod outbound;
@@ -14,12 +15,11 @@ use std::{
 
 pub use upstream::connect_from_pod;
 
+use self::authorize::Live;
+
 use crate::{
     dataplane::Dataplane, enroll::Pod, hbone::pool::Pool, identity::CertManager, state::State,
 };
-
-/// Copy buffer per direction: fewer syscalls than tokio's 8 KiB default on bulk transfers.
-pub const COPY_BUFFER: usize = 64 * 1024;
 
 /// Timeouts of the data path.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +60,8 @@ pub struct ProxyContext {
     pub certs: Option<Arc<CertManager>>,
     pub pool: Pool,
     pub settings: Settings,
+    /// Open connections into local pods, re-authorized when policies change.
+    pub live: Arc<Live>,
 }
 
 impl ProxyContext {
@@ -77,6 +79,7 @@ impl ProxyContext {
             certs,
             pool: Pool::new(),
             settings,
+            live: Arc::new(Live::default()),
         }
     }
 
@@ -85,9 +88,15 @@ impl ProxyContext {
         self.state.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes the mesh state; connections already open are not affected.
+    /// Changes the mesh state. Open connections keep their routes; those into local pods are
+    /// authorized again if the change touched what their verdict depends on, and closed if now
+    /// denied. The recheck runs under the write lock, so a connection being authorized
+    /// concurrently is either decided on the new state or rechecked here.
     pub fn update_state<T>(&self, change: impl FnOnce(&mut State) -> T) -> T {
-        change(&mut self.state.write().unwrap_or_else(PoisonError::into_inner))
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let result = change(&mut state);
+        self.live.recheck(&state, &self.node);
+        result
     }
 }
 

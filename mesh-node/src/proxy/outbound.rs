@@ -15,8 +15,14 @@ use tokio::{
 };
 use tracing::Instrument;
 
-use super::{COPY_BUFFER, ProxyContext, connect_from_pod, inbound};
+use super::{
+    ProxyContext,
+    authorize::Inbound,
+    connect_from_pod,
+    inbound::{self, Delivered},
+};
 use crate::{
+    splice::{Ended, Revoked, splice},
     enroll::Pod,
     hbone::{
         H2Stream,
@@ -154,9 +160,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     };
     match route {
         Route::Local { pod: dst_pod, dst } => {
-            match inbound::deliver(&ctx, &dst_pod, Some(&pod.identity), dst).await {
-                Ok(upstream) => {
-                    splice(client, upstream, &log, dst, &dst_pod.identity.to_string()).await
+            let conn = Inbound {
+                pod: dst_pod.clone(),
+                source: Some(pod.identity.clone()),
+                source_ip: app_addr.ip(),
+                destination: dst,
+            };
+            match inbound::deliver(&ctx, conn).await {
+                Ok(Delivered { stream, revocation }) => {
+                    let revoked = Some(Box::pin(revocation.wait()) as Revoked);
+                    let peer = dst_pod.identity.to_string();
+                    relay(client, stream, revoked, &log, dst, &peer).await
                 }
                 Err(refusal) => tracing::info!(
                     original_dst = %original, endpoint = %dst, route = %name,
@@ -172,7 +186,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         } => match open_tunnel(&ctx, &pod, &workload, also_trusted, dst, app_addr).await {
             Ok(stream) => {
                 let identity = workload.identity().to_string();
-                splice(client, stream, &log, dst, &identity).await
+                relay(client, stream, None, &log, dst, &identity).await
             }
             Err(reason) => tracing::info!(
                 original_dst = %original, endpoint = %dst, route = %name, %reason,
@@ -181,7 +195,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         },
         Route::Passthrough(dst) => {
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
-                Ok(upstream) => splice(client, upstream, &log, dst, "").await,
+                Ok(upstream) => relay(client, upstream, None, &log, dst, "").await,
                 Err(error) => tracing::info!(
                     original_dst = %original, endpoint = %dst, route = %name, %error,
                     "outbound connection failed: upstream connect"
@@ -285,35 +299,30 @@ struct Conn {
     started: Instant,
 }
 
-async fn splice<U>(
+async fn relay<U>(
     mut client: TcpStream,
     mut upstream: U,
+    revoked: Option<Revoked>,
     conn: &Conn,
     endpoint: SocketAddr,
     peer_identity: &str,
 ) where
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let result = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await;
+    let ended = splice(&mut client, &mut upstream, revoked).await;
     let duration_ms = conn.started.elapsed().as_millis() as u64;
-    match result {
-        Ok((sent, received)) => tracing::info!(
+    match ended {
+        Ended::Closed { a_to_b, b_to_a } => tracing::info!(
             original_dst = %conn.original,
             %endpoint,
             route = %conn.route,
             peer_identity = %peer_identity,
-            bytes_sent = sent,
-            bytes_received = received,
+            bytes_sent = a_to_b,
+            bytes_received = b_to_a,
             duration_ms,
             "outbound connection closed"
         ),
-        Err(error) => tracing::info!(
+        Ended::Reset(error) => tracing::info!(
             original_dst = %conn.original,
             %endpoint,
             route = %conn.route,
@@ -322,6 +331,18 @@ async fn splice<U>(
             duration_ms,
             "outbound connection reset"
         ),
+        Ended::Revoked(reason) => {
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            tracing::info!(
+                original_dst = %conn.original,
+                %endpoint,
+                route = %conn.route,
+                peer_identity = %peer_identity,
+                %reason,
+                duration_ms,
+                "outbound connection closed by policy"
+            )
+        }
     }
 }
 

@@ -1,8 +1,13 @@
 //! The index the proxy queries: workloads by uid and by (network, IP), services by key and by
 //! (network, VIP), each service's endpoints, and the policies.
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
 
 use super::{Policy, Service, Workload};
+use crate::authz::Scope;
 
 /// What an address the application connected to turned out to be.
 #[derive(Clone, Debug)]
@@ -53,6 +58,13 @@ pub struct State {
     /// arrived yet; its endpoints are waiting here when it does.
     endpoints: HashMap<String, HashMap<String, Arc<Workload>>>,
     policies: HashMap<String, Arc<Policy>>,
+    /// Keys of GLOBAL policies, and of NAMESPACE policies by namespace (sorted, so that which
+    /// policy a log names does not depend on hashing).
+    global_policies: BTreeSet<String>,
+    namespace_policies: HashMap<String, BTreeSet<String>>,
+    /// Moves whenever what a connection's authorization depends on may have changed: a policy,
+    /// or a workload's namespace or selecting policies.
+    authz_version: u64,
 }
 
 impl State {
@@ -63,7 +75,18 @@ impl State {
     /// Adds or replaces the workload with this uid; addresses and services it no longer has are
     /// let go.
     pub fn upsert_workload(&mut self, workload: Workload) {
-        self.remove_workload(&workload.uid);
+        // What the policy engine reads of a workload: which addresses it has, its namespace,
+        // the policies that select it.
+        let same_authz = self.workloads.get(&workload.uid).is_some_and(|old| {
+            old.namespace == workload.namespace
+                && old.authorization_policies == workload.authorization_policies
+                && old.network == workload.network
+                && old.addresses == workload.addresses
+        });
+        self.unindex_workload(&workload.uid);
+        if !same_authz {
+            self.authz_version += 1;
+        }
         let workload = Arc::new(workload);
         for ip in &workload.addresses {
             addr_insert(
@@ -83,6 +106,12 @@ impl State {
     }
 
     pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        let old = self.unindex_workload(uid)?;
+        self.authz_version += 1;
+        Some(old)
+    }
+
+    fn unindex_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
         for ip in &old.addresses {
             addr_remove(&mut self.workload_addrs, &old.network, *ip, |w| {
@@ -126,12 +155,58 @@ impl State {
 
     /// Adds or replaces a policy under "namespace/name".
     pub fn upsert_policy(&mut self, policy: Policy) {
-        let key = format!("{}/{}", policy.namespace, policy.name);
+        let key = policy.key();
+        self.remove_policy(&key);
+        match policy.scope {
+            Scope::Global => {
+                self.global_policies.insert(key.clone());
+            }
+            Scope::Namespace => {
+                self.namespace_policies
+                    .entry(policy.namespace.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            // Found through the workloads that name them.
+            Scope::WorkloadSelector => {}
+        }
         self.policies.insert(key, Arc::new(policy));
+        self.authz_version += 1;
     }
 
     pub fn remove_policy(&mut self, key: &str) -> bool {
-        self.policies.remove(key).is_some()
+        let Some(old) = self.policies.remove(key) else {
+            return false;
+        };
+        self.global_policies.remove(key);
+        if let Some(keys) = self.namespace_policies.get_mut(&old.namespace) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.namespace_policies.remove(&old.namespace);
+            }
+        }
+        self.authz_version += 1;
+        true
+    }
+
+    /// The policies that may apply to a workload in `namespace` selected by the
+    /// WORKLOAD_SELECTOR policies `selected_by`: GLOBAL, then its namespace's, then those.
+    pub fn policies_for<'a>(
+        &'a self,
+        namespace: &str,
+        selected_by: &'a [String],
+    ) -> impl Iterator<Item = &'a Policy> + 'a {
+        let namespaced = self.namespace_policies.get(namespace).into_iter().flatten();
+        self.global_policies
+            .iter()
+            .chain(namespaced)
+            .chain(selected_by)
+            .filter_map(|key| self.policies.get(key).map(|p| &**p))
+    }
+
+    /// Changes whenever a connection's authorization may have changed.
+    pub fn authz_version(&self) -> u64 {
+        self.authz_version
     }
 
     /// The service or workload at `ip` on `network`. Service VIPs win: a VIP is never also a

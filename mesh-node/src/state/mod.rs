@@ -12,7 +12,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 pub use index::{Destination, State};
 
-use crate::{identity::Identity, xds::proto::security::Authorization};
+use crate::identity::Identity;
 
 /// How a workload accepts mesh traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -157,6 +157,5 @@ impl Service {
     }
 }
 
-/// An authorization policy, keyed "namespace/name". Kept as the control plane sent it; the
-/// policy engine reads it.
-pub type Policy = Authorization;
+/// An authorization policy, keyed "namespace/name", in the form the policy engine evaluates.
+pub type Policy = crate::authz::Policy;

@@ -1,0 +1,338 @@
+//! L4 authorization: Istio's `istio.security.Authorization` policies, evaluated for each
+//! connection into a local pod. Pure: no I/O, no clock.
+//!
+//! Semantics, as Istio's:
+//! - the policies that apply to a workload are the GLOBAL ones, the NAMESPACE ones of its
+//!   namespace, and the WORKLOAD_SELECTOR ones its `authorization_policies` name;
+//! - any matching DENY refuses; otherwise, if any ALLOW applies, one of them must match;
+//!   otherwise the connection is allowed;
+//! - `dry_run` policies never decide; they are evaluated on their own, and what they would
+//!   have done is reported for the log.
+//!
+//! A policy matches when any of its rules matches; a rule when all of its clauses match; a
+//! clause when any of its matches matches; a match when every field it sets matches (any value
+//! of a positive field, no value of a `not_` field). A policy without rules matches nothing; a
+//! rule without clauses, and a clause without matches, match everything; a match without any
+//! field set matches nothing.
+//!
+//! Principals are compared without the `spiffe://` prefix (`cluster.local/ns/a/sa/b`), as
+//! istiod writes them. A connection without a verified identity (captured plaintext) has no
+//! principal and no namespace: positive principal and namespace fields never match it and
+//! `not_` forms always do.
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use crate::identity::Identity;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Namespace,
+    WorkloadSelector,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// A policy, checked and ready to evaluate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub action: Action,
+    /// Rules (OR) of clauses (AND) of matches (OR).
+    pub rules: Vec<Vec<Vec<Match>>>,
+    pub dry_run: bool,
+}
+
+impl Policy {
+    /// The xDS resource name: "namespace/name".
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn matches(&self, conn: &Connection<'_>) -> bool {
+        let principal = conn.principal();
+        let namespace = conn.source.map(|id| id.namespace.as_str());
+        self.rules.iter().any(|rule| {
+            rule.iter().all(|clause| {
+                clause.is_empty()
+                    || clause
+                        .iter()
+                        .any(|m| m.matches(conn, principal.as_deref(), namespace))
+            })
+        })
+    }
+}
+
+/// One match: the fields that are set must all match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Match {
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    pub source_ips: Vec<Cidr>,
+    pub not_source_ips: Vec<Cidr>,
+    pub destination_ips: Vec<Cidr>,
+    pub not_destination_ips: Vec<Cidr>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+}
+
+impl Match {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn matches(&self, conn: &Connection<'_>, principal: Option<&str>, ns: Option<&str>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let string = |m: &StringMatch, value: Option<&str>| value.is_some_and(|v| m.matches(v));
+        let (src, dst) = (conn.source_ip.to_canonical(), conn.destination.ip());
+        field(&self.namespaces, &self.not_namespaces, |m| string(m, ns))
+            && field(&self.principals, &self.not_principals, |m| {
+                string(m, principal)
+            })
+            && field(&self.source_ips, &self.not_source_ips, |c| c.contains(src))
+            && field(&self.destination_ips, &self.not_destination_ips, |c| {
+                c.contains(dst)
+            })
+            && field(&self.destination_ports, &self.not_destination_ports, |p| {
+                *p == conn.destination.port()
+            })
+    }
+}
+
+/// A positive list (empty, or any value matches) and its `not_` list (no value matches).
+fn field<T>(positive: &[T], negative: &[T], matches: impl Fn(&T) -> bool) -> bool {
+    (positive.is_empty() || positive.iter().any(&matches)) && !negative.iter().any(matches)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// Any non-empty value.
+    Presence,
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Self::Exact(exact) => value == exact,
+            Self::Prefix(prefix) => value.starts_with(prefix.as_str()),
+            Self::Suffix(suffix) => value.ends_with(suffix.as_str()),
+            Self::Presence => !value.is_empty(),
+        }
+    }
+}
+
+/// An address block. IPv4-mapped IPv6 addresses are compared as IPv4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// `None` when `prefix` is longer than the address. An IPv4-mapped block (`::ffff:a.b.c.d`
+    /// with a prefix of 96 or more) becomes the IPv4 block it stands for.
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return None;
+        }
+        match addr.to_canonical() {
+            IpAddr::V4(v4) if addr.is_ipv6() => (prefix >= 96).then_some(Self {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            }),
+            canonical => Some(Self {
+                addr: canonical,
+                prefix,
+            }),
+        }
+        .or(Some(Self { addr, prefix }))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// What is known about a connection into a local pod.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection<'a> {
+    /// The client's verified identity; `None` for captured plaintext.
+    pub source: Option<&'a Identity>,
+    pub source_ip: IpAddr,
+    /// The pod address and port the client asked for.
+    pub destination: SocketAddr,
+}
+
+impl Connection<'_> {
+    /// The principal as Istio writes it: the SPIFFE ID without `spiffe://`.
+    fn principal(&self) -> Option<String> {
+        self.source.map(|id| {
+            format!(
+                "{}/ns/{}/sa/{}",
+                id.trust_domain, id.namespace, id.service_account
+            )
+        })
+    }
+}
+
+/// The workload a connection is for, as far as policy selection cares.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    /// "namespace/name" of the WORKLOAD_SELECTOR policies that select the workload.
+    pub selected_by: &'a [String],
+}
+
+impl Target<'_> {
+    pub fn is_subject_of(&self, policy: &Policy) -> bool {
+        match policy.scope {
+            Scope::Global => true,
+            Scope::Namespace => policy.namespace == self.namespace,
+            Scope::WorkloadSelector => self
+                .selected_by
+                .iter()
+                .any(|key| is_key_of(key, policy)),
+        }
+    }
+}
+
+fn is_key_of(key: &str, policy: &Policy) -> bool {
+    key.split_once('/')
+        .is_some_and(|(ns, name)| ns == policy.namespace && name == policy.name)
+}
+
+/// Why a connection is allowed or refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No policy applies to the workload.
+    AllowedNoPolicy,
+    /// The named ALLOW policy matched.
+    Allowed(String),
+    /// The named DENY policy matched.
+    Denied(String),
+    /// ALLOW policies apply and none matched.
+    NotAllowed,
+}
+
+impl Verdict {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Self::AllowedNoPolicy | Self::Allowed(_))
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AllowedNoPolicy => write!(f, "allowed: no policy applies"),
+            Self::Allowed(key) => write!(f, "allowed by policy {key}"),
+            Self::Denied(key) => write!(f, "denied by policy {key}"),
+            Self::NotAllowed => write!(f, "denied: no ALLOW policy matched"),
+        }
+    }
+}
+
+/// The enforced verdict, and what the dry-run policies would have decided on their own (`None`
+/// when no dry-run policy applies).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub dry_run: Option<Verdict>,
+}
+
+/// Decides `conn` against the `policies` that may apply to `target`.
+pub fn evaluate<'p>(
+    policies: impl IntoIterator<Item = &'p Policy>,
+    target: &Target<'_>,
+    conn: &Connection<'_>,
+) -> Decision {
+    let mut enforced = Tally::default();
+    let mut shadow = Tally::default();
+    for policy in policies {
+        if !target.is_subject_of(policy) {
+            continue;
+        }
+        let tally = if policy.dry_run {
+            &mut shadow
+        } else {
+            &mut enforced
+        };
+        tally.add(policy, conn);
+    }
+    Decision {
+        verdict: enforced.verdict(),
+        dry_run: shadow.applies.then(|| shadow.verdict()),
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    applies: bool,
+    any_allow: bool,
+    allowed_by: Option<String>,
+    denied_by: Option<String>,
+}
+
+impl Tally {
+    fn add(&mut self, policy: &Policy, conn: &Connection<'_>) {
+        self.applies = true;
+        match policy.action {
+            Action::Deny => {
+                if self.denied_by.is_none() && policy.matches(conn) {
+                    self.denied_by = Some(policy.key());
+                }
+            }
+            Action::Allow => {
+                self.any_allow = true;
+                if self.allowed_by.is_none() && policy.matches(conn) {
+                    self.allowed_by = Some(policy.key());
+                }
+            }
+        }
+    }
+
+    fn verdict(self) -> Verdict {
+        match (self.denied_by, self.allowed_by) {
+            (Some(deny), _) => Verdict::Denied(deny),
+            (None, Some(allow)) => Verdict::Allowed(allow),
+            (None, None) if self.any_allow => Verdict::NotAllowed,
+            (None, None) => Verdict::AllowedNoPolicy,
+        }
+    }
+}

@@ -14,7 +14,10 @@ pub type Revoked = Pin<Box<dyn Future<Output = String> + Send>>;
 #[derive(Debug)]
 pub enum Ended {
     /// Both directions finished: bytes copied from `a` to `b`, and from `b` to `a`.
-    Closed { a_to_b: u64, b_to_a: u64 },
+    Closed {
+        a_to_b: u64,
+        b_to_a: u64,
+    },
     Reset(io::Error),
     /// Closed by us, for this reason; both streams are dropped, which resets them.
     Revoked(String),

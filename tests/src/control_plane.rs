@@ -13,6 +13,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+use crate::Topology;
 use mesh_node::xds::proto::{
     ADDRESS_TYPE, AUTHORIZATION_TYPE,
     discovery::{
@@ -272,6 +274,56 @@ impl ControlPlane {
 
     pub fn seen(&self) -> Seen {
         self.store.seen().clone()
+    }
+
+    /// `mesh-node run` arguments that take the mesh state from this control plane, as node
+    /// `node` of cluster "cluster1", with the topology's CA root and a token file written once.
+    pub fn client_args(&self, topo: &Topology, node: &str) -> Vec<String> {
+        let token = topo.workdir.join("xds-token");
+        if !token.exists() {
+            std::fs::write(&token, format!("{TOKEN}\n")).expect("write token file");
+        }
+        [
+            "--xds-address",
+            &self.addr.to_string(),
+            "--xds-root-cert",
+            &topo.ca_dir().join("root-cert.pem").display().to_string(),
+            "--xds-server-name",
+            SERVER_NAME,
+            "--xds-token-file",
+            &token.display().to_string(),
+            "--cluster-id",
+            "cluster1",
+            "--node-name",
+            node,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}
+
+/// The bearer token [`ControlPlane::client_args`] hands mesh-node.
+pub const TOKEN: &str = "test-token";
+
+/// The workload resource of a topology pod: uid `cluster1//Pod/<ns>/<name>`, service account
+/// = pod name, HBONE when enrolled.
+pub fn pod_workload(topo: &Topology, pod: &str, node: &str) -> workload::Workload {
+    let p = topo.pod(pod);
+    let protocol = if p.enrolled {
+        workload::TunnelProtocol::Hbone
+    } else {
+        workload::TunnelProtocol::None
+    };
+    workload::Workload {
+        uid: format!("cluster1//Pod/{}/{}", p.namespace, p.name),
+        name: p.name.into(),
+        namespace: p.namespace.into(),
+        service_account: p.name.into(),
+        addresses: vec![p.ip.octets().to_vec()],
+        node: node.into(),
+        cluster_id: "cluster1".into(),
+        tunnel_protocol: protocol as i32,
+        ..Default::default()
     }
 }
 

@@ -32,6 +32,8 @@ pub struct NodeSpec {
 pub struct PodSpec {
     pub name: &'static str,
     pub enrolled: bool,
+    /// Kubernetes namespace ("default" unless set); the service account is the pod's name.
+    pub namespace: &'static str,
 }
 
 impl PodSpec {
@@ -39,13 +41,18 @@ impl PodSpec {
         Self {
             name,
             enrolled: true,
+            namespace: "default",
         }
     }
     pub fn plain(name: &'static str) -> Self {
         Self {
             name,
             enrolled: false,
+            namespace: "default",
         }
+    }
+    pub fn in_namespace(self, namespace: &'static str) -> Self {
+        Self { namespace, ..self }
     }
 }
 
@@ -253,7 +260,7 @@ impl Topology {
             fs::create_dir_all(&pod_cgroup)?;
             pods.push(Pod {
                 name: pod.name,
-                namespace: "default",
+                namespace: pod.namespace,
                 netns: pod_ns,
                 ip: ip_addr,
                 cgroup: pod_cgroup,

@@ -13,7 +13,7 @@ use std::{
 use mesh_node::xds::proto::{ADDRESS_TYPE, workload as pb};
 use mesh_tests::{
     MeshNode, NodeSpec, PodSpec, Topology,
-    control_plane::{ControlPlane, SERVER_NAME, eventually},
+    control_plane::{ControlPlane, TOKEN, eventually, pod_workload},
     podapp, privileged,
 };
 
@@ -22,7 +22,6 @@ const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))
 const TARGET_PORT: u16 = 8080;
 /// node1's address on the link between the nodes; the control plane listens there.
 const CONTROL_PLANE: &str = "198.19.0.1:15012";
-const TOKEN: &str = "test-token";
 
 struct Mesh {
     topo: Topology,
@@ -70,26 +69,12 @@ impl Mesh {
             mesh.plane.put_workload(mesh.workload(pod, "node2", |_| {}));
         }
         mesh.plane.put_service(service);
-        let token = mesh.topo.workdir.join("token");
-        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
         for node in ["node1", "node2"] {
-            let root = mesh.topo.ca_dir().join("root-cert.pem");
-            let args = [
+            let mut args = mesh.plane.client_args(&mesh.topo, node);
+            args.extend([
                 "--ca-dir".to_owned(),
                 mesh.topo.ca_dir().display().to_string(),
-                "--xds-address".to_owned(),
-                CONTROL_PLANE.to_owned(),
-                "--xds-root-cert".to_owned(),
-                root.display().to_string(),
-                "--xds-server-name".to_owned(),
-                SERVER_NAME.to_owned(),
-                "--xds-token-file".to_owned(),
-                token.display().to_string(),
-                "--cluster-id".to_owned(),
-                "cluster1".to_owned(),
-                "--node-name".to_owned(),
-                node.to_owned(),
-            ];
+            ]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             mesh.nodes
                 .push(MeshNode::start(&mesh.topo, node, &args).expect("start mesh-node"));
@@ -108,17 +93,7 @@ impl Mesh {
         node: &str,
         edit: impl FnOnce(&mut pb::Workload),
     ) -> pb::Workload {
-        let mut w = pb::Workload {
-            uid: Self::uid(pod),
-            name: pod.into(),
-            namespace: "default".into(),
-            service_account: pod.into(),
-            addresses: vec![self.topo.pod(pod).ip.octets().to_vec()],
-            node: node.into(),
-            cluster_id: "cluster1".into(),
-            tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
-            ..Default::default()
-        };
+        let mut w = pod_workload(&self.topo, pod, node);
         if pod.starts_with("ep") || pod.starts_with("near") {
             w.services.insert(
                 SERVICE.into(),
@@ -225,7 +200,9 @@ fn service_traffic_follows_capacity_and_endpoint_removal_spares_open_connections
     // The proxy speaks to the control plane as istiod expects of a node proxy.
     let seen = mesh.plane.seen();
     assert!(
-        seen.authorization.iter().all(|a| a == "Bearer test-token"),
+        seen.authorization
+            .iter()
+            .all(|a| *a == format!("Bearer {TOKEN}")),
         "{seen:?}"
     );
     assert!(seen.cluster_ids.iter().all(|c| c == "cluster1"), "{seen:?}");

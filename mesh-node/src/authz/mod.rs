@@ -170,7 +170,9 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -225,10 +227,7 @@ impl Target<'_> {
         match policy.scope {
             Scope::Global => true,
             Scope::Namespace => policy.namespace == self.namespace,
-            Scope::WorkloadSelector => self
-                .selected_by
-                .iter()
-                .any(|key| is_key_of(key, policy)),
+            Scope::WorkloadSelector => self.selected_by.iter().any(|key| is_key_of(key, policy)),
         }
     }
 }

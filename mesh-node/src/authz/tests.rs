@@ -175,13 +175,19 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "principal of another service account is not allowed",
-            vec![allow("p", principals(&["cluster.local/ns/frontend/sa/bob"]))],
+            vec![allow(
+                "p",
+                principals(&["cluster.local/ns/frontend/sa/bob"]),
+            )],
             alice(),
             NotAllowed,
         ),
         case(
             "principal with the spiffe:// prefix never matches",
-            vec![allow("p", principals(&["spiffe://cluster.local/ns/frontend/sa/alice"]))],
+            vec![allow(
+                "p",
+                principals(&["spiffe://cluster.local/ns/frontend/sa/alice"]),
+            )],
             alice(),
             NotAllowed,
         ),
@@ -487,7 +493,10 @@ fn cases() -> Vec<Case> {
             vec![policy(
                 "or",
                 Action::Allow,
-                vec![vec![vec![ports(&[9090])]], vec![vec![principals(&[alice_p])]]],
+                vec![
+                    vec![vec![ports(&[9090])]],
+                    vec![vec![principals(&[alice_p])]],
+                ],
             )],
             alice(),
             allowed("or"),
@@ -636,7 +645,6 @@ fn cidr_rejects_prefixes_longer_than_the_address() {
     let mapped = Cidr::new("::ffff:10.0.0.0".parse().unwrap(), 120).unwrap();
     assert!(mapped.contains("10.0.0.200".parse().unwrap()));
     assert!(!mapped.contains("10.0.1.1".parse().unwrap()));
-
 }
 
 #[test]

@@ -22,7 +22,6 @@ use super::{
     inbound::{self, Delivered},
 };
 use crate::{
-    splice::{Ended, Revoked, splice},
     enroll::Pod,
     hbone::{
         H2Stream,
@@ -30,6 +29,7 @@ use crate::{
         pool::PoolKey,
     },
     identity::Identity,
+    splice::{Ended, Revoked, splice},
     state::{
         Destination, Locality, TunnelProtocol, Workload,
         lb::{self, Choice, Origin},

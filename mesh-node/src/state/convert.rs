@@ -300,9 +300,10 @@ pub fn authorization(policy: security::Authorization) -> Result<authz::Policy, C
             let mut matches = Vec::with_capacity(clause.matches.len());
             for (m, matched) in clause.matches.iter().enumerate() {
                 let at = format!("rules[{r}].clauses[{c}].matches[{m}]");
-                matches.push(authz_match(matched).map_err(|(field, message)| {
-                    fail(format!("{at}.{field}"), message)
-                })?);
+                matches.push(
+                    authz_match(matched)
+                        .map_err(|(field, message)| fail(format!("{at}.{field}"), message))?,
+                );
             }
             clauses.push(matches);
         }

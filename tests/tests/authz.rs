@@ -1,0 +1,349 @@
+//! L4 authorization on a real kernel: policies pushed by the test control plane decide which
+//! clients reach `server`, over every path into it — HBONE from another node (identity
+//! known), the same-node shortcut, and captured plaintext (no identity) — and a policy pushed
+//! while connections are open closes the ones it denies. Assertions are on what clients see.
+use std::{net::SocketAddr, thread, time::Duration};
+
+use mesh_node::xds::proto::security as pb;
+use mesh_tests::{
+    MeshNode, NodeSpec, PodSpec, Server, Topology,
+    control_plane::{ControlPlane, eventually, pod_workload},
+    podapp, privileged,
+};
+
+const PORT: u16 = 8080;
+const OTHER_PORT: u16 = 9090;
+const CONTROL_PLANE: &str = "198.19.0.1:15012";
+
+/// node1: `server` (default) and `neighbor` (frontend); node2: `alice` (frontend), `bob`
+/// (backend), and `outsider`, which is not in the mesh and reaches `server` in plaintext.
+struct Mesh {
+    topo: Topology,
+    plane: ControlPlane,
+    node1: MeshNode,
+    _node2: MeshNode,
+    _servers: Vec<Server>,
+}
+
+impl Mesh {
+    fn start() -> Self {
+        let topo = Topology::build(&[
+            NodeSpec {
+                name: "node1",
+                pods: vec![
+                    PodSpec::enrolled("server"),
+                    PodSpec::enrolled("neighbor").in_namespace("frontend"),
+                ],
+            },
+            NodeSpec {
+                name: "node2",
+                pods: vec![
+                    PodSpec::enrolled("alice").in_namespace("frontend"),
+                    PodSpec::enrolled("bob").in_namespace("backend"),
+                    PodSpec::plain("outsider"),
+                ],
+            },
+        ])
+        .expect("build topology");
+        let plane = ControlPlane::start(
+            &std::path::Path::new("/run/netns").join(&topo.node("node1").netns),
+            CONTROL_PLANE.parse().unwrap(),
+            &topo.ca_dir(),
+        )
+        .expect("start control plane");
+        for (pod, node) in [
+            ("server", "node1"),
+            ("neighbor", "node1"),
+            ("alice", "node2"),
+            ("bob", "node2"),
+            ("outsider", "node2"),
+        ] {
+            plane.put_workload(pod_workload(&topo, pod, node));
+        }
+        let servers = vec![topo.serve("server", PORT), topo.serve("server", OTHER_PORT)];
+        let start = |node: &str| {
+            let mut args = plane.client_args(&topo, node);
+            args.extend(["--ca-dir".to_owned(), topo.ca_dir().display().to_string()]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            MeshNode::start(&topo, node, &args).expect("start mesh-node")
+        };
+        let (node1, node2) = (start("node1"), start("node2"));
+        Self {
+            topo,
+            plane,
+            node1,
+            _node2: node2,
+            _servers: servers,
+        }
+    }
+
+    fn server(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.topo.pod("server").ip, port))
+    }
+
+    /// Whether one connection from `pod` to the server's `port` completes its echo.
+    fn reaches(&self, pod: &str, port: u16) -> bool {
+        let run = self.topo.connect_from(pod, self.server(port), 4096, 1);
+        run.ok.len() == 1
+    }
+
+    /// Who of `pods` reaches the server's `port`, in order.
+    fn who_reaches(&self, pods: &[&str], port: u16) -> Vec<String> {
+        pods.iter()
+            .filter(|pod| self.reaches(pod, port))
+            .map(|pod| (*pod).to_owned())
+            .collect()
+    }
+
+    fn applied(&self) -> usize {
+        self.node1.log_lines_with(&["xDS update applied"]).len()
+    }
+
+    /// Pushes `change` and waits until node1 has applied it.
+    fn push(&self, change: impl FnOnce(&ControlPlane)) {
+        let before = self.applied();
+        change(&self.plane);
+        eventually("node1 to apply the push", || self.applied() > before)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.node1.log_text()));
+    }
+
+    fn cidr(&self, pod: &str) -> pb::Address {
+        pb::Address {
+            address: self.topo.pod(pod).ip.octets().to_vec(),
+            length: 32,
+        }
+    }
+}
+
+const CLIENTS: [&str; 4] = ["alice", "bob", "neighbor", "outsider"];
+
+fn exact(value: &str) -> pb::StringMatch {
+    pb::StringMatch {
+        match_type: Some(pb::string_match::MatchType::Exact(value.into())),
+    }
+}
+
+/// A NAMESPACE policy in `default` (the server's namespace) with one rule of one clause per
+/// entry of `matches` (rules are OR-ed).
+fn policy(name: &str, action: pb::Action, matches: Vec<pb::Match>) -> pb::Authorization {
+    pb::Authorization {
+        name: name.into(),
+        namespace: "default".into(),
+        scope: pb::Scope::Namespace as i32,
+        action: action as i32,
+        rules: matches
+            .into_iter()
+            .map(|m| pb::Rule {
+                clauses: vec![pb::Clause { matches: vec![m] }],
+            })
+            .collect(),
+        dry_run: false,
+    }
+}
+
+fn names(pods: &[&str]) -> Vec<String> {
+    pods.iter().map(|p| (*p).to_owned()).collect()
+}
+
+#[test]
+fn policies_decide_by_principal_namespace_source_address_and_port() {
+    if !privileged() {
+        return;
+    }
+    let mesh = Mesh::start();
+    assert_eq!(
+        mesh.who_reaches(&CLIENTS, PORT),
+        names(&CLIENTS),
+        "without policy everyone reaches the server\n{}",
+        mesh.node1.log_text()
+    );
+
+    // DENY by principal: only alice is refused, with a 401 her node logs.
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Deny,
+            vec![pb::Match {
+                principals: vec![exact("cluster.local/ns/frontend/sa/alice")],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(
+        mesh.who_reaches(&CLIENTS, PORT),
+        names(&["bob", "neighbor", "outsider"])
+    );
+    assert!(
+        mesh.node1
+            .log_lines_with(&[
+                "connection denied by policy",
+                "denied by policy default/gate"
+            ])
+            .iter()
+            .any(|l| l.contains("sa/alice")),
+        "{}",
+        mesh.node1.log_text()
+    );
+
+    // The same rule in dry-run: logged, not enforced.
+    let mut dry = policy(
+        "gate",
+        pb::Action::Deny,
+        vec![pb::Match {
+            principals: vec![exact("cluster.local/ns/frontend/sa/alice")],
+            ..Default::default()
+        }],
+    );
+    dry.dry_run = true;
+    mesh.push(|plane| plane.put_policy(dry));
+    assert!(mesh.reaches("alice", PORT));
+    assert!(
+        !mesh
+            .node1
+            .log_lines_with(&["dry-run policy would change the verdict", "sa/alice"])
+            .is_empty(),
+        "{}",
+        mesh.node1.log_text()
+    );
+
+    // ALLOW by namespace only: backend passes; frontend pods (across nodes or on the same
+    // node) and plaintext clients (no namespace) do not.
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Allow,
+            vec![pb::Match {
+                namespaces: vec![exact("backend")],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
+
+    // ALLOW by source address: alice's address (carried by her node in `forwarded`) and the
+    // plaintext outsider's.
+    let (alice, outsider) = (mesh.cidr("alice"), mesh.cidr("outsider"));
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Allow,
+            vec![pb::Match {
+                source_ips: vec![alice, outsider],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(
+        mesh.who_reaches(&CLIENTS, PORT),
+        names(&["alice", "outsider"])
+    );
+
+    // DENY by destination port: 9090 is closed to everyone, 8080 stays open.
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Deny,
+            vec![pb::Match {
+                destination_ports: vec![u32::from(OTHER_PORT)],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(mesh.who_reaches(&CLIENTS, OTHER_PORT), Vec::<String>::new());
+    assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&CLIENTS));
+
+    // A WORKLOAD_SELECTOR policy applies once the server's workload names it.
+    mesh.push(|plane| plane.remove("default/gate"));
+    let mut selected = policy(
+        "only-bob",
+        pb::Action::Allow,
+        vec![pb::Match {
+            principals: vec![exact("cluster.local/ns/backend/sa/bob")],
+            ..Default::default()
+        }],
+    );
+    selected.scope = pb::Scope::WorkloadSelector as i32;
+    mesh.push(|plane| plane.put_policy(selected));
+    assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&CLIENTS));
+    let mut server = pod_workload(&mesh.topo, "server", "node1");
+    server.authorization_policies = vec!["default/only-bob".into()];
+    mesh.push(|plane| plane.put_workload(server));
+    assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
+}
+
+#[test]
+fn a_policy_pushed_mid_connection_closes_the_connections_it_denies() {
+    if !privileged() {
+        return;
+    }
+    let mesh = Mesh::start();
+    let hold = Duration::from_secs(6);
+    let per_client = [("alice", 4), ("bob", 4), ("neighbor", 2), ("outsider", 2)];
+    let held: Vec<_> = per_client
+        .iter()
+        .map(|&(pod, conns)| {
+            let p = mesh.topo.pod(pod);
+            let (netns, cgroup, target) = (p.netns_path(), p.cgroup.clone(), mesh.server(PORT));
+            let run = thread::spawn(move || {
+                podapp::connect_holding(&netns, &cgroup, target, 64 * 1024, conns, hold)
+                    .expect("run podapp")
+            });
+            (pod, conns, run)
+        })
+        .collect();
+    // All 12 connections are open: 8 tunnels from node2, 2 same-node, 2 captured plaintext.
+    eventually("the held connections to open", || {
+        mesh.node1.log_lines_with(&["HBONE tunnel opened"]).len() >= 8
+            && mesh
+                .node1
+                .log_lines_with(&["inbound plaintext connection captured"])
+                .len()
+                >= 2
+            && mesh
+                .node1
+                .log_lines_with(&["outbound connection captured"])
+                .len()
+                >= 2
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.node1.log_text()));
+
+    // Frontend (alice, neighbor) and the outsider's address are denied from now on.
+    let outsider = mesh.cidr("outsider");
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "lockdown",
+            pb::Action::Deny,
+            vec![
+                pb::Match {
+                    namespaces: vec![exact("frontend")],
+                    ..Default::default()
+                },
+                pb::Match {
+                    source_ips: vec![outsider],
+                    ..Default::default()
+                },
+            ],
+        ))
+    });
+    for (pod, conns, run) in held {
+        let run = run.join().expect("podapp thread");
+        if pod == "bob" {
+            assert_eq!(run.ok.len(), conns, "bob's connections survive: {run:?}");
+        } else {
+            assert_eq!(
+                run.errors.len(),
+                conns,
+                "{pod}'s open connections are closed: {run:?}\n{}",
+                mesh.node1.log_text()
+            );
+        }
+    }
+    assert_eq!(
+        mesh.node1
+            .log_lines_with(&["open connection closed: policy changed"])
+            .len(),
+        8,
+        "{}",
+        mesh.node1.log_text()
+    );
+}

@@ -64,13 +64,14 @@ fn missing_tool(toolchain: &str) -> Option<String> {
     None
 }
 
-/// The xDS protos under `proto/`: message types, the ADS client and (for test control planes
-/// and gateways) the ADS server.
+/// The protos under `proto/` (xDS and the CA): message types, clients, and (for test control
+/// planes, test CAs and gateways) servers.
 fn compile_protos() -> anyhow::Result<()> {
     let files = [
         "proto/discovery.proto",
         "proto/workload.proto",
         "proto/authorization.proto",
+        "proto/ca.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -1,8 +1,8 @@
 //! `mesh-node run`: checks the environment, starts the data plane, enrolls pods, serves until
 //! SIGTERM/SIGINT.
 //!
-//! One multi-threaded runtime carries the data path; control-plane work (xDS, CA, admin) will get
-//! its own small runtime when it arrives.
+//! One multi-threaded runtime carries the data path; control-plane work (xDS, certificate
+//! fetches) runs on a single-threaded runtime of its own.
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
@@ -10,9 +10,10 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     enroll::{Enroller, static_file},
     identity::{
-        CertManager,
+        CertManager, CertSource,
         file_ca::{FileCa, FileCaError},
         is_valid_trust_domain,
+        istio_ca::IstioCa,
     },
     preflight::{self, PreflightError},
     proxy::ProxyContext,
@@ -43,6 +44,10 @@ pub enum RunError {
     ControlThread(std::io::Error),
     #[error("certificate authority: {0}")]
     Ca(#[from] FileCaError),
+    #[error(transparent)]
+    IstioCa(crate::istiod::EndpointError),
+    #[error("--ca-dir and --ca-address are exclusive: workload certificates come from one CA")]
+    TwoCas,
     #[error("trust domain {0:?} may hold only a-z, 0-9, '.', '-' and '_'")]
     TrustDomain(String),
     #[error(transparent)]
@@ -73,14 +78,34 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         Some(path) => Some(local_file::load(path, &config.trust_domain)?),
         None => None,
     };
-    let certs = match &config.ca_dir {
-        Some(dir) => {
-            let ca = FileCa::load(dir, config.cert_ttl)?;
-            let tls = Arc::new(Tls::new(&config.trust_domain));
-            Some(Arc::new(CertManager::new(Arc::new(ca), tls)))
-        }
+    if config.ca_dir.is_some() && config.ca.is_some() {
+        return Err(RunError::TwoCas);
+    }
+    let file_ca = match &config.ca_dir {
+        Some(dir) => Some(FileCa::load(dir, config.cert_ttl)?),
         None => None,
     };
+    let control = control_runtime()?;
+    let source: Option<(Arc<dyn CertSource>, &str)> = match (file_ca, &config.ca) {
+        (Some(ca), _) => Some((Arc::new(ca), "the file CA")),
+        (None, Some(ca)) => {
+            // The channel belongs to the runtime its calls run on.
+            let _control = control.enter();
+            let ca = IstioCa::new(ca.clone()).map_err(RunError::IstioCa)?;
+            Some((Arc::new(ca), "istiod's CA"))
+        }
+        (None, None) => None,
+    };
+    let certs = source.map(|(source, name)| {
+        let tls = Arc::new(Tls::new(&config.trust_domain));
+        tracing::info!(trust_domain = %config.trust_domain, "HBONE on: workload certificates from {name}");
+        Arc::new(CertManager::new(
+            source,
+            tls,
+            control.clone(),
+            config.cert_settings,
+        ))
+    });
     preflight::check_capabilities()?;
     let kernel = preflight::check_kernel()?;
     let mount = preflight::cgroup2_mount()?;
@@ -104,9 +129,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             fail_mode = ?config.fail_mode,
             "data plane loaded"
         );
-        match &certs {
-            Some(_) => tracing::info!(trust_domain = %config.trust_domain, "HBONE on: workload certificates from the file CA"),
-            None => tracing::warn!("no --ca-dir: HBONE off; traffic to mesh workloads will fail, other traffic passes through"),
+        if certs.is_none() {
+            tracing::warn!("no --ca-dir or --ca-address: HBONE off; traffic to mesh workloads will fail, other traffic passes through");
         }
         let ctx = Arc::new(ProxyContext::new(
             dataplane.clone(),
@@ -125,7 +149,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         }
         let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(config.xds.is_none());
         if let (Some(xds), Some(endpoint)) = (config.xds.clone(), xds_endpoint) {
-            start_control_plane(xds, endpoint, ctx.clone(), ready_tx)?;
+            start_control_plane(&control, xds, endpoint, ctx.clone(), ready_tx);
         }
         let sweeper = ctx.clone();
         tokio::spawn(async move {
@@ -174,29 +198,33 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     })
 }
 
-/// The control runtime: a single thread of its own for xDS, so control-plane work never
-/// queues behind the data path (and the reverse).
-fn start_control_plane(
-    config: xds_client::XdsConfig,
-    endpoint: tonic::transport::Endpoint,
-    ctx: Arc<ProxyContext>,
-    ready: tokio::sync::watch::Sender<bool>,
-) -> Result<(), RunError> {
+/// The control runtime: a single thread of its own for xDS and the CA, so control-plane work
+/// never queues behind the data path (and the reverse).
+fn control_runtime() -> Result<tokio::runtime::Handle, RunError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
-    tracing::info!(address = %config.address, "taking the mesh state from the control plane");
+    let handle = runtime.handle().clone();
     std::thread::Builder::new()
         .name("mesh-control".into())
-        .spawn(move || {
-            let apply = move |update: crate::xds::session::Update| {
-                ctx.update_state(|state| update.apply(state));
-            };
-            runtime.block_on(xds_client::run(config, endpoint, apply, ready));
-        })
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
         .map_err(RunError::ControlThread)?;
-    Ok(())
+    Ok(handle)
+}
+
+fn start_control_plane(
+    control: &tokio::runtime::Handle,
+    config: xds_client::XdsConfig,
+    endpoint: tonic::transport::Endpoint,
+    ctx: Arc<ProxyContext>,
+    ready: tokio::sync::watch::Sender<bool>,
+) {
+    tracing::info!(address = %config.address, "taking the mesh state from the control plane");
+    let apply = move |update: crate::xds::session::Update| {
+        ctx.update_state(|state| update.apply(state));
+    };
+    control.spawn(xds_client::run(config, endpoint, apply, ready));
 }
 
 async fn wait_for_shutdown() -> Result<(), RunError> {

@@ -27,6 +27,10 @@ pub struct RunConfig {
     /// Directory of the file-backed CA (`mesh-node ca init`). `None`: no workload certificates,
     /// so no HBONE; captured traffic to mesh workloads fails, the rest passes through.
     pub ca_dir: Option<PathBuf>,
+    /// istiod's CA; exclusive with `ca_dir`.
+    pub ca: Option<crate::identity::istio_ca::IstioCaConfig>,
+    /// Bounds and retry pacing of certificate fetches.
+    pub cert_settings: crate::identity::CertSettings,
     /// Lifetime of the workload certificates this node signs.
     pub cert_ttl: Duration,
     /// The mesh's SPIFFE trust domain.
@@ -50,6 +54,8 @@ impl Default for RunConfig {
             fail_mode: FailMode::Open,
             worker_threads: 0,
             ca_dir: None,
+            ca: None,
+            cert_settings: crate::identity::CertSettings::default(),
             cert_ttl: crate::identity::file_ca::DEFAULT_WORKLOAD_TTL,
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             local_xds: None,

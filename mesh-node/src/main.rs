@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mesh_node::{
     config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, NodeInfo, RunConfig, Settings},
     error_chain,
-    identity::file_ca::FileCa,
+    identity::{CertSettings, file_ca::FileCa, istio_ca::IstioCaConfig},
+    istiod,
     xds::client::XdsConfig,
 };
 
@@ -65,6 +66,21 @@ struct RunArgs {
     /// File-backed CA directory (from `mesh-node ca init`); without it HBONE is off.
     #[arg(long, env = "MESH_NODE_CA_DIR")]
     ca_dir: Option<PathBuf>,
+    /// istiod's CA address, host:port (usually istiod.istio-system.svc:15012); workload
+    /// certificates come from it. Exclusive with --ca-dir.
+    #[arg(long, env = "MESH_NODE_CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// CA certificate (PEM) of the CA's serving certificate and the mesh root
+    /// [default: --xds-root-cert].
+    #[arg(long, env = "MESH_NODE_CA_ROOT_CERT")]
+    ca_root_cert: Option<PathBuf>,
+    /// Name the CA's certificate must carry [default: --xds-server-name, else the host of
+    /// --ca-address].
+    #[arg(long, env = "MESH_NODE_CA_SERVER_NAME")]
+    ca_server_name: Option<String>,
+    /// Certificate fetches in flight at once.
+    #[arg(long, env = "MESH_NODE_CA_MAX_CONCURRENT", default_value_t = 8)]
+    ca_max_concurrent: usize,
     /// Lifetime of workload certificates, in seconds (renewed at half-life).
     #[arg(long, env = "MESH_NODE_CERT_TTL", default_value_t = 86400)]
     cert_ttl: u64,
@@ -90,7 +106,7 @@ struct RunArgs {
     /// Name the control plane's certificate must carry [default: the host of --xds-address].
     #[arg(long, env = "MESH_NODE_XDS_SERVER_NAME")]
     xds_server_name: Option<String>,
-    /// Bearer token file sent to the control plane (a service-account token).
+    /// Bearer token file sent to the control plane and the CA (a service-account token).
     #[arg(long, env = "MESH_NODE_XDS_TOKEN_FILE")]
     xds_token_file: Option<PathBuf>,
     /// This cluster's id, sent to the control plane and used for routing preferences.
@@ -145,6 +161,18 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             let args = *args;
+            let ca = args.ca_address.map(|address| IstioCaConfig {
+                target: istiod::Target {
+                    address,
+                    root_cert: args
+                        .ca_root_cert
+                        .unwrap_or_else(|| args.xds_root_cert.clone()),
+                    server_name: args.ca_server_name.or_else(|| args.xds_server_name.clone()),
+                },
+                token_file: args.xds_token_file.clone(),
+                cluster_id: args.cluster_id.clone(),
+                ttl: Duration::from_secs(args.cert_ttl.max(60)),
+            });
             let xds = args.xds_address.map(|address| XdsConfig {
                 address,
                 root_cert: args.xds_root_cert,
@@ -167,6 +195,11 @@ fn main() -> ExitCode {
                 },
                 worker_threads: args.workers,
                 ca_dir: args.ca_dir,
+                ca,
+                cert_settings: CertSettings {
+                    max_concurrent_fetches: args.ca_max_concurrent.max(1),
+                    ..CertSettings::default()
+                },
                 cert_ttl: Duration::from_secs(args.cert_ttl.max(60)),
                 trust_domain: args.trust_domain,
                 local_xds: args.local_xds,

@@ -195,6 +195,10 @@ impl Enroller {
             .enroll(netns_cookie, id)
             .map_err(|source| fail(&tasks, source))?;
         self.ctx.local_pods.insert(&pod);
+        // Its certificate is fetched now, so that its first connection does not wait.
+        if let Some(certs) = &self.ctx.certs {
+            certs.track(&pod.identity);
+        }
         tracing::info!(
             pod = %key,
             identity = %pod.identity,
@@ -220,6 +224,9 @@ impl Enroller {
             return Ok(());
         };
         self.ctx.local_pods.remove(&enrolled.pod);
+        if let Some(certs) = &self.ctx.certs {
+            certs.untrack(&enrolled.pod.identity);
+        }
         let result = self.release_capture(&enrolled.pod);
         enrolled.tasks.iter().for_each(JoinHandle::abort);
         tracing::info!(pod = %key, "pod un-enrolled");

@@ -156,13 +156,54 @@ impl FileCa {
             reason,
         };
         let key = KeyPair::generate().map_err(|error| fail(error.to_string()))?;
+        let (cert, not_before, not_after) = self.sign(identity, &key, ttl).map_err(fail)?;
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            roots: vec![self.root_der.clone()],
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Signs a PEM certificate signing request whose one URI SAN must be `identity`, as a CA
+    /// server does; returns the chain in PEM, leaf first, ending with the root. Only the
+    /// request's key and SAN are used: usages and lifetime are the CA's.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<String>, String> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|error| format!("CSR: {error}"))?;
+        let want = identity.to_string();
+        match csr.params.subject_alt_names.as_slice() {
+            [SanType::URI(uri)] if uri.as_str() == want => {}
+            other => {
+                return Err(format!(
+                    "CSR must carry exactly one URI SAN {want}, it has {other:?}"
+                ));
+            }
+        }
+        let (cert, _, _) = self.sign(identity, &csr.public_key, ttl)?;
+        Ok(vec![cert.pem(), self.root_pem.clone()])
+    }
+
+    fn sign(
+        &self,
+        identity: &Identity,
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+    ) -> Result<(rcgen::Certificate, SystemTime, SystemTime), String> {
         let mut params = CertificateParams::default();
         // Istio's workload certificates carry an empty subject; the identity is the URI SAN.
         params.distinguished_name = DistinguishedName::new();
         let uri = identity
             .to_string()
             .try_into()
-            .map_err(|error: rcgen::Error| fail(error.to_string()))?;
+            .map_err(|error: rcgen::Error| error.to_string())?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -179,16 +220,9 @@ impl FileCa {
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|error| fail(error.to_string()))?;
-        Ok(WorkloadCert {
-            identity: identity.clone(),
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            roots: vec![self.root_der.clone()],
-            not_before,
-            not_after,
-        })
+            .signed_by(public_key, &self.issuer)
+            .map_err(|error| error.to_string())?;
+        Ok((cert, not_before, not_after))
     }
 }
 

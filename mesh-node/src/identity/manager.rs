@@ -1,14 +1,24 @@
-//! Per-identity certificate cache with renewal at half-life.
+//! Certificates of the identities this node serves: fetched when a pod is enrolled (so its
+//! first connection does not wait), renewed at half-life, retried with capped backoff while the
+//! old certificate stays in use until it expires, with a bound on concurrent fetches.
+//!
+//! Each tracked identity has one worker task on the control runtime that owns its fetches;
+//! connections read the latest result from a watch channel and never call the CA themselves.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use rustls::{RootCertStore, ServerConfig, sign::CertifiedKey};
+use tokio::{
+    runtime::Handle,
+    sync::{Semaphore, watch},
+    task::JoinHandle,
+};
 
 use super::{CertError, CertSource, Identity, WorkloadCert};
-use crate::tls::Tls;
+use crate::{istiod::Backoff, tls::Tls};
 
 /// A workload certificate made ready for rustls: the signing key, the roots, and the HBONE
 /// server configuration that presents it.
@@ -29,37 +39,89 @@ impl Certified {
         roots: Arc<RootCertStore>,
         server_config: Arc<ServerConfig>,
     ) -> Self {
-        let lifetime = cert
-            .not_after
-            .duration_since(cert.not_before)
-            .unwrap_or_default();
+        // Half of the lifetime that is left from now: CAs back-date `not_before` for clock
+        // skew, which would otherwise put a short-lived certificate's half-life in the past.
+        let start = cert.not_before.max(SystemTime::now());
+        let left = cert.not_after.duration_since(start).unwrap_or_default();
         Self {
             identity: cert.identity.clone(),
             key,
             roots,
             server_config,
             not_after: cert.not_after,
-            refresh_at: cert.not_before + lifetime / 2,
+            refresh_at: start + left / 2,
+        }
+    }
+
+    fn is_valid(&self) -> bool {
+        SystemTime::now() < self.not_after
+    }
+}
+
+/// Limits of the certificate manager.
+#[derive(Clone, Copy, Debug)]
+pub struct CertSettings {
+    /// Fetches in flight at once, over all identities.
+    pub max_concurrent_fetches: usize,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long a connection waits for an identity's first fetch to finish.
+    pub first_fetch_wait: Duration,
+}
+
+impl Default for CertSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_fetches: 8,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            first_fetch_wait: Duration::from_secs(15),
         }
     }
 }
 
-/// Hands out the certificate of each identity this node serves, fetching and renewing on demand.
+/// What an identity's worker has to say.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    cert: Option<Arc<Certified>>,
+    /// The last attempt's error, if it failed.
+    error: Option<String>,
+    attempts: u64,
+}
+
+struct Entry {
+    /// Enrolled pods with this identity; the worker stops when the last one leaves.
+    users: usize,
+    slot: watch::Receiver<Slot>,
+    worker: JoinHandle<()>,
+}
+
+/// Hands out the certificate of each identity this node serves.
 pub struct CertManager {
     source: Arc<dyn CertSource>,
     tls: Arc<Tls>,
-    cache: Mutex<HashMap<Identity, Arc<Certified>>>,
-    /// One fetch at a time: concurrent first connections of a pod share one certificate.
-    fetching: tokio::sync::Mutex<()>,
+    runtime: Handle,
+    permits: Arc<Semaphore>,
+    settings: CertSettings,
+    entries: Mutex<HashMap<Identity, Entry>>,
 }
 
 impl CertManager {
-    pub fn new(source: Arc<dyn CertSource>, tls: Arc<Tls>) -> Self {
+    /// Workers run on `runtime` (the control runtime), so CA work never queues behind the
+    /// data path.
+    pub fn new(
+        source: Arc<dyn CertSource>,
+        tls: Arc<Tls>,
+        runtime: Handle,
+        settings: CertSettings,
+    ) -> Self {
         Self {
             source,
             tls,
-            cache: Mutex::new(HashMap::new()),
-            fetching: tokio::sync::Mutex::new(()),
+            runtime,
+            permits: Arc::new(Semaphore::new(settings.max_concurrent_fetches.max(1))),
+            settings,
+            entries: Mutex::new(HashMap::new()),
         }
     }
 
@@ -67,53 +129,173 @@ impl CertManager {
         &self.tls
     }
 
-    /// The current certificate for `identity`. Past half-life a new one is fetched; if that
-    /// fails, the old one is used until it expires.
-    pub async fn get(&self, identity: &Identity) -> Result<Arc<Certified>, CertError> {
-        if let Some(fresh) = self.fresh(identity) {
-            return Ok(fresh);
-        }
-        let _fetching = self.fetching.lock().await;
-        if let Some(fresh) = self.fresh(identity) {
-            return Ok(fresh);
-        }
-        let fetched = match self.source.fetch(identity).await {
-            Ok(cert) => self.tls.certified(&cert),
-            Err(error) => Err(error),
-        };
-        match fetched {
-            Ok(certified) => {
-                let certified = Arc::new(certified);
-                tracing::info!(
-                    identity = %identity,
-                    expires_in_s = certified
-                        .not_after
-                        .duration_since(SystemTime::now())
-                        .unwrap_or_default()
-                        .as_secs(),
-                    "workload certificate issued"
-                );
-                self.lock().insert(identity.clone(), certified.clone());
-                Ok(certified)
+    /// A pod with `identity` was enrolled: fetch its certificate now and keep it renewed.
+    pub fn track(&self, identity: &Identity) {
+        self.entry(identity, 1);
+    }
+
+    /// A pod with `identity` left; the last one stops the renewals and drops the certificate.
+    pub fn untrack(&self, identity: &Identity) {
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(identity) {
+            entry.users = entry.users.saturating_sub(1);
+            if entry.users == 0 {
+                entry.worker.abort();
+                entries.remove(identity);
+                tracing::info!(identity = %identity, "workload certificate released");
             }
-            Err(error) => match self.lock().get(identity).cloned() {
-                Some(old) if SystemTime::now() < old.not_after => {
-                    tracing::warn!(identity = %identity, %error, "certificate renewal failed; keeping the current one until it expires");
-                    Ok(old)
-                }
-                _ => Err(error),
-            },
         }
     }
 
-    fn fresh(&self, identity: &Identity) -> Option<Arc<Certified>> {
-        self.lock()
-            .get(identity)
-            .filter(|certified| SystemTime::now() < certified.refresh_at)
-            .cloned()
+    /// Identities with a worker.
+    pub fn tracked(&self) -> usize {
+        self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Arc<Certified>>> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The current certificate for `identity`. An identity nobody enrolled is tracked from
+    /// now on. Waits only for an identity's first fetch; after a failed attempt with no valid
+    /// certificate in hand, returns that failure at once (the worker keeps retrying).
+    pub async fn get(&self, identity: &Identity) -> Result<Arc<Certified>, CertError> {
+        let mut slot = self.entry(identity, 0);
+        let settled = |s: &Slot| s.cert.as_ref().is_some_and(|c| c.is_valid()) || s.attempts > 0;
+        let waited = tokio::time::timeout(self.settings.first_fetch_wait, slot.wait_for(settled));
+        let fail = |reason: String| CertError::Issue {
+            identity: identity.to_string(),
+            reason,
+        };
+        let current = match waited.await {
+            Ok(Ok(current)) => current.clone(),
+            Ok(Err(_)) => return Err(fail("certificate worker stopped".into())),
+            Err(_) => {
+                return Err(fail(format!(
+                    "no answer from the CA within {:?}",
+                    self.settings.first_fetch_wait
+                )));
+            }
+        };
+        match current {
+            Slot {
+                cert: Some(cert), ..
+            } if cert.is_valid() => Ok(cert),
+            Slot {
+                error: Some(error), ..
+            } => Err(fail(error)),
+            _ => Err(fail("certificate expired and not yet renewed".into())),
+        }
     }
+
+    /// The entry of `identity`, created (with its worker) if absent; `users` more users.
+    fn entry(&self, identity: &Identity, users: usize) -> watch::Receiver<Slot> {
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(identity) {
+            entry.users += users;
+            return entry.slot.clone();
+        }
+        let (tx, rx) = watch::channel(Slot::default());
+        let worker = Worker {
+            identity: identity.clone(),
+            source: self.source.clone(),
+            tls: self.tls.clone(),
+            permits: self.permits.clone(),
+            backoff: Backoff::new(self.settings.initial_backoff, self.settings.max_backoff),
+            slot: tx,
+        };
+        let worker = self.runtime.spawn(worker.run());
+        entries.insert(
+            identity.clone(),
+            Entry {
+                users,
+                slot: rx.clone(),
+                worker,
+            },
+        );
+        rx
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for CertManager {
+    fn drop(&mut self) {
+        for entry in self.lock().values() {
+            entry.worker.abort();
+        }
+    }
+}
+
+/// Fetches and renews one identity's certificate for as long as it is tracked.
+struct Worker {
+    identity: Identity,
+    source: Arc<dyn CertSource>,
+    tls: Arc<Tls>,
+    permits: Arc<Semaphore>,
+    backoff: Backoff,
+    slot: watch::Sender<Slot>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            let fetched = {
+                let Ok(_permit) = self.permits.acquire().await else {
+                    return;
+                };
+                match self.source.fetch(&self.identity).await {
+                    Ok(cert) => self.tls.certified(&cert),
+                    Err(error) => Err(error),
+                }
+            };
+            let wait = match fetched {
+                Ok(certified) => {
+                    let certified = Arc::new(certified);
+                    tracing::info!(
+                        identity = %self.identity,
+                        expires_in_s = until(certified.not_after).as_secs(),
+                        "workload certificate issued"
+                    );
+                    let wait = until(certified.refresh_at);
+                    self.slot.send_modify(|slot| {
+                        slot.cert = Some(certified);
+                        slot.error = None;
+                        slot.attempts += 1;
+                    });
+                    self.backoff.reset();
+                    wait
+                }
+                Err(error) => {
+                    let wait = self.backoff.next_wait();
+                    let kept = self
+                        .slot
+                        .borrow()
+                        .cert
+                        .as_ref()
+                        .filter(|cert| cert.is_valid())
+                        .map(|cert| until(cert.not_after));
+                    match kept {
+                        Some(left) => tracing::warn!(
+                            identity = %self.identity, %error, retry_in_ms = wait.as_millis() as u64,
+                            expires_in_s = left.as_secs(),
+                            "certificate renewal failed; the current certificate stays in use until it expires"
+                        ),
+                        None => tracing::warn!(
+                            identity = %self.identity, %error, retry_in_ms = wait.as_millis() as u64,
+                            "certificate fetch failed; connections of this identity fail until it succeeds"
+                        ),
+                    }
+                    self.slot.send_modify(|slot| {
+                        slot.error = Some(error.to_string());
+                        slot.attempts += 1;
+                    });
+                    wait
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn until(time: SystemTime) -> Duration {
+    time.duration_since(SystemTime::now()).unwrap_or_default()
 }

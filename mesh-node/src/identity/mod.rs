@@ -1,9 +1,11 @@
 //! Workload identities (SPIFFE IDs), their certificates, and where certificates come from.
 //!
 //! The proxy asks a [`CertManager`] for the certificate of an identity it serves; the manager
-//! caches it and renews it at half-life from a [`CertSource`] — the file-backed CA today
-//! ([`file_ca::FileCa`]), istiod's CA client later.
+//! fetches it ahead of the first connection, keeps it, and renews it at half-life from a
+//! [`CertSource`]: istiod's CA ([`istio_ca::IstioCa`]) or, standalone, the file-backed CA
+//! ([`file_ca::FileCa`]).
 pub mod file_ca;
+pub mod istio_ca;
 mod manager;
 pub mod san;
 
@@ -11,7 +13,7 @@ use std::{fmt, future::Future, pin::Pin, str::FromStr, time::SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use manager::{CertManager, Certified};
+pub use manager::{CertManager, CertSettings, Certified};
 
 /// A workload identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -17,6 +17,11 @@ pub mod security {
     tonic::include_proto!("istio.security");
 }
 
+/// Istio's certificate service.
+pub mod ca {
+    tonic::include_proto!("istio.v1.auth");
+}
+
 /// Type URL of workload and service resources.
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of authorization policies.

@@ -299,3 +299,6 @@ impl Worker {
 fn until(time: SystemTime) -> Duration {
     time.duration_since(SystemTime::now()).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;

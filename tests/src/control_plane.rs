@@ -6,15 +6,16 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    os::fd::AsRawFd,
     path::Path,
     sync::{Arc, Mutex, PoisonError},
-    thread::JoinHandle,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
-use crate::Topology;
+use crate::{
+    Topology,
+    netns_server::{NetnsServer, Serve},
+};
 use mesh_node::xds::proto::{
     ADDRESS_TYPE, AUTHORIZATION_TYPE,
     discovery::{
@@ -27,15 +28,11 @@ use mesh_node::xds::proto::{
 };
 use prost::Message;
 use prost_types::Any;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Request, Response, Status, Streaming,
-    transport::{Identity, Server, ServerTlsConfig},
-};
+use tonic::{Request, Response, Status, Streaming};
 
-/// The name the control plane's serving certificate carries, as istiod's does.
-pub const SERVER_NAME: &str = "istiod.istio-system.svc";
+pub use crate::netns_server::SERVER_NAME;
 
 /// What clients told the control plane.
 #[derive(Debug, Default, Clone)]
@@ -109,10 +106,7 @@ impl Store {
 /// A running (or stopped) test control plane.
 pub struct ControlPlane {
     store: Arc<Store>,
-    pub addr: SocketAddr,
-    netns: std::path::PathBuf,
-    identity: (String, String),
-    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    server: NetnsServer,
 }
 
 impl ControlPlane {
@@ -121,85 +115,37 @@ impl ControlPlane {
     /// signed by the mesh CA in `ca_dir`.
     pub fn start(netns: &Path, addr: SocketAddr, ca_dir: &Path) -> Result<Self> {
         let (generation, _) = watch::channel(0);
-        let mut plane = Self {
-            store: Arc::new(Store {
-                resources: Mutex::new(Resources::default()),
-                generation,
-                seen: Mutex::new(Seen::default()),
-            }),
-            addr,
-            netns: netns.to_owned(),
-            identity: serving_certificate(ca_dir)?,
-            running: None,
-        };
-        plane.resume()?;
-        Ok(plane)
+        let store = Arc::new(Store {
+            resources: Mutex::new(Resources::default()),
+            generation,
+            seen: Mutex::new(Seen::default()),
+        });
+        let ads = store.clone();
+        let serve: Serve = Arc::new(move |server, incoming| {
+            let service = AggregatedDiscoveryServiceServer::new(Ads { store: ads.clone() })
+                .max_decoding_message_size(64 << 20);
+            Box::pin(async move {
+                let _ = server.clone().serve_with_incoming(service, incoming).await;
+            })
+        });
+        Ok(Self {
+            store,
+            server: NetnsServer::start(netns, addr, ca_dir, serve)?,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
     }
 
     /// Stops serving: the listener closes and every stream is cut.
     pub fn stop(&mut self) {
-        if let Some((stop, thread)) = self.running.take() {
-            let _ = stop.send(());
-            let _ = thread.join();
-        }
+        self.server.stop();
     }
 
     /// Serves again on the same address with the same resources.
     pub fn resume(&mut self) -> Result<()> {
-        if self.running.is_some() {
-            return Ok(());
-        }
-        let netns = std::fs::File::open(&self.netns)
-            .with_context(|| format!("open {}", self.netns.display()))?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr>>();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let store = self.store.clone();
-        let addr = self.addr;
-        let (cert, key) = self.identity.clone();
-        let thread = std::thread::spawn(move || {
-            let setup = || -> Result<_> {
-                // SAFETY: setns on this thread only; `netns` is open.
-                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error().into());
-                }
-                let listener = bind(addr)?;
-                let bound = listener.local_addr()?;
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let listener = {
-                    let _context = runtime.enter();
-                    tokio::net::TcpListener::from_std(listener)?
-                };
-                let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-                let server = Server::builder().tls_config(tls)?;
-                Ok((runtime, listener, server, bound))
-            };
-            let (runtime, listener, server, bound) = match setup() {
-                Ok(parts) => parts,
-                Err(error) => {
-                    let _ = ready_tx.send(Err(error));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(bound));
-            runtime.block_on(async move {
-                let service = AggregatedDiscoveryServiceServer::new(Ads { store })
-                    .max_decoding_message_size(64 << 20);
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                // Dropping the server future on stop closes the listener and every connection
-                // at once, as a crashed control plane would.
-                tokio::select! {
-                    _ = server.clone().serve_with_incoming(service, incoming) => {}
-                    _ = stop_rx => {}
-                }
-            });
-        });
-        self.addr = ready_rx
-            .recv()
-            .context("control plane thread ended before serving")??;
-        self.running = Some((stop_tx, thread));
-        Ok(())
+        self.server.resume()
     }
 
     fn put(&self, type_url: &str, name: &str, body: Any) {
@@ -285,7 +231,7 @@ impl ControlPlane {
         }
         [
             "--xds-address",
-            &self.addr.to_string(),
+            &self.addr().to_string(),
             "--xds-root-cert",
             &topo.ca_dir().join("root-cert.pem").display().to_string(),
             "--xds-server-name",
@@ -327,45 +273,11 @@ pub fn pod_workload(topo: &Topology, pod: &str, node: &str) -> workload::Workloa
     }
 }
 
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 fn any(type_url: &str, message: &impl Message) -> Any {
     Any {
         type_url: type_url.to_owned(),
         value: message.encode_to_vec(),
     }
-}
-
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    // A restarted control plane binds again while old connections linger in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("bind {addr}"))?;
-    socket.listen(128)?;
-    Ok(socket.into())
-}
-
-/// A serving certificate for [`SERVER_NAME`], signed by the CA in `ca_dir`.
-fn serving_certificate(ca_dir: &Path) -> Result<(String, String)> {
-    let root_pem = std::fs::read_to_string(ca_dir.join("root-cert.pem"))?;
-    let root_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("root-key.pem"))?)?;
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key)?;
-    let key = rcgen::KeyPair::generate()?;
-    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok((cert.pem(), key.serialize_pem()))
 }
 
 struct Ads {

@@ -68,3 +68,22 @@ pub fn anonymous_config(ca_dir: &Path, server: &str) -> Result<Arc<ClientConfig>
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
+
+/// The certificate the server at `peer` presents, after a full TLS handshake that `config`
+/// verified (chain, validity, identity).
+pub async fn server_certificate(
+    config: Arc<ClientConfig>,
+    peer: std::net::SocketAddr,
+) -> Result<rustls::pki_types::CertificateDer<'static>> {
+    let tcp = tokio::net::TcpStream::connect(peer).await?;
+    let name = rustls::pki_types::ServerName::try_from("mesh.invalid")?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| leaf.clone().into_owned())
+        .context("the server presented no certificate")
+}

@@ -5,9 +5,11 @@
 //! Everything is named after the test process's pid and a counter, and removed when the
 //! [`Topology`] is dropped, also when a test panics. Leftovers of killed runs (whose pid is gone)
 //! are swept when the next topology is built.
+pub mod ca_server;
 pub mod control_plane;
 pub mod hbone_client;
 pub mod meshnode;
+pub mod netns_server;
 pub mod podapp;
 pub mod privilege;
 pub mod sniff;

@@ -38,6 +38,7 @@ pub struct IstioCaConfig {
 /// The CA client. Cheap to clone: the channel is shared.
 #[derive(Clone)]
 pub struct IstioCa {
+    address: String,
     client: IstioCertificateServiceClient<Channel>,
     roots: Vec<CertificateDer<'static>>,
     token_file: Option<PathBuf>,
@@ -61,6 +62,7 @@ impl IstioCa {
         let endpoint = config.target.endpoint("CA")?;
         let roots = read_roots(&config.target.root_cert)?;
         Ok(Self {
+            address: config.target.address,
             client: IstioCertificateServiceClient::new(endpoint.connect_lazy()),
             roots,
             token_file: config.token_file,
@@ -129,7 +131,7 @@ impl CertSource for IstioCa {
                 .await
                 .map_err(|reason| CertError::Issue {
                     identity: identity.to_string(),
-                    reason: format!("istiod CA: {reason}"),
+                    reason: format!("istiod CA at {}: {reason}", self.address),
                 })
         })
     }
@@ -196,15 +198,12 @@ fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, EndpointError
 
 /// A gRPC failure in one line: the code, the message, and a transport cause if any.
 fn describe_status(status: &tonic::Status) -> String {
-    let mut line = format!("{:?}: {}", status.code(), status.message());
-    if let Some(source) = std::error::Error::source(status) {
-        let cause = error_chain(source);
-        if !line.contains(&cause) {
-            line.push_str(": ");
-            line.push_str(&cause);
-        }
+    let (code, message) = (status.code(), status.message());
+    match std::error::Error::source(status).map(error_chain) {
+        Some(cause) if cause.contains(message) => format!("{code:?}: {cause}"),
+        Some(cause) => format!("{code:?}: {message}: {cause}"),
+        None => format!("{code:?}: {message}"),
     }
-    line
 }
 
 #[cfg(test)]

@@ -116,7 +116,7 @@ fn one(ca_dir: &std::path::Path, workloads: usize) -> Result<Row> {
         plane.put_workload(w);
     }
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["client", &plane.addr.to_string()])
+        .args(["client", &plane.addr().to_string()])
         .arg(ca_dir.join("root-cert.pem"))
         .stdout(Stdio::piped())
         .stdin(Stdio::piped())

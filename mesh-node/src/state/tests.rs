@@ -5,7 +5,7 @@ use super::{
     lb::{self, Choice, LbError, Origin},
     *,
 };
-use crate::xds::proto::workload as pb;
+use crate::xds::proto::{security, workload as pb};
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
@@ -371,4 +371,77 @@ fn conversion_refuses_bad_fields_by_name() {
     )
     .unwrap();
     assert!(matches!(address, Address::Service(_)));
+}
+
+fn pb_policy(namespace: &str, name: &str, scope: security::Scope) -> security::Authorization {
+    security::Authorization {
+        name: name.into(),
+        namespace: namespace.into(),
+        scope: scope as i32,
+        action: security::Action::Deny as i32,
+        rules: vec![security::Rule { clauses: vec![] }],
+        dry_run: false,
+    }
+}
+
+#[test]
+fn policies_for_a_workload_are_global_its_namespace_and_those_that_select_it() {
+    use security::Scope as S;
+    let mut state = State::new();
+    for (ns, name, scope) in [
+        ("istio-system", "mesh-wide", S::Global),
+        ("default", "ns-wide", S::Namespace),
+        ("other", "ns-wide", S::Namespace),
+        ("default", "picked", S::WorkloadSelector),
+        ("default", "not-picked", S::WorkloadSelector),
+    ] {
+        state.upsert_policy(convert::authorization(pb_policy(ns, name, scope)).unwrap());
+    }
+    let selected = vec!["default/picked".to_owned(), "default/absent".to_owned()];
+    let keys: Vec<String> = state
+        .policies_for("default", &selected)
+        .map(|p| p.key())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "istio-system/mesh-wide",
+            "default/ns-wide",
+            "default/picked"
+        ]
+    );
+    // A policy moving to another scope leaves its old index.
+    state.upsert_policy(
+        convert::authorization(pb_policy("default", "ns-wide", S::WorkloadSelector)).unwrap(),
+    );
+    assert_eq!(state.policies_for("default", &[]).count(), 1);
+    assert!(state.remove_policy("istio-system/mesh-wide"));
+    assert_eq!(state.policies_for("default", &[]).count(), 0);
+}
+
+#[test]
+fn the_authz_version_moves_only_for_changes_policy_depends_on() {
+    let mut state = State::new();
+    let mut seen = state.authz_version();
+    let mut moved = |state: &State| {
+        let now = state.authz_version();
+        std::mem::replace(&mut seen, now) != now
+    };
+    state.upsert_workload(workload("a", &["10.0.0.1"]));
+    assert!(moved(&state), "a new workload");
+    let mut w = pb_workload("a", &["10.0.0.1"]);
+    w.canonical_name = "renamed".into();
+    state.upsert_workload(convert::workload(w.clone(), "cluster.local").unwrap());
+    assert!(!moved(&state), "a label change");
+    w.authorization_policies = vec!["default/p".into()];
+    state.upsert_workload(convert::workload(w, "cluster.local").unwrap());
+    assert!(moved(&state), "a selecting policy");
+    state.upsert_workload(workload("a", &["10.0.0.2"]));
+    assert!(moved(&state), "new addresses");
+    state.upsert_policy(
+        convert::authorization(pb_policy("default", "p", security::Scope::Namespace)).unwrap(),
+    );
+    assert!(moved(&state), "a policy");
+    state.remove_workload("a");
+    assert!(moved(&state), "a removal");
 }

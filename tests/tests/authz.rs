@@ -141,6 +141,15 @@ fn policy(name: &str, action: pb::Action, matches: Vec<pb::Match>) -> pb::Author
     }
 }
 
+/// One connection from `pod` to the server fails with a reset.
+fn assert_reset(mesh: &Mesh, pod: &str) {
+    let run = mesh.topo.connect_from(pod, mesh.server(PORT), 1024, 1);
+    assert!(
+        run.errors.len() == 1 && run.errors[0].contains("reset"),
+        "{pod}: {run:?}"
+    );
+}
+
 fn names(pods: &[&str]) -> Vec<String> {
     pods.iter().map(|p| (*p).to_owned()).collect()
 }
@@ -219,6 +228,9 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
         ))
     });
     assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
+    // So is a refused same-node or plaintext connection.
+    assert_reset(&mesh, "neighbor");
+    assert_reset(&mesh, "outsider");
 
     // ALLOW by source address: alice's address (carried by her node in `forwarded`) and the
     // plaintext outsider's.

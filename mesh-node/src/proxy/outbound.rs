@@ -172,11 +172,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                     let peer = dst_pod.identity.to_string();
                     relay(client, stream, revoked, &log, dst, &peer).await
                 }
-                Err(refusal) => tracing::info!(
-                    original_dst = %original, endpoint = %dst, route = %name,
-                    status = refusal.status.as_u16(), reason = %refusal.reason,
-                    "outbound connection failed"
-                ),
+                Err(refusal) => {
+                    reset(&client);
+                    tracing::info!(
+                        original_dst = %original, endpoint = %dst, route = %name,
+                        status = refusal.status.as_u16(), reason = %refusal.reason,
+                        "outbound connection failed"
+                    )
+                }
             }
         }
         Route::Hbone {
@@ -188,25 +191,40 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 let identity = workload.identity().to_string();
                 relay(client, stream, None, &log, dst, &identity).await
             }
-            Err(reason) => tracing::info!(
-                original_dst = %original, endpoint = %dst, route = %name, %reason,
-                "outbound connection failed"
-            ),
+            Err(reason) => {
+                reset(&client);
+                tracing::info!(
+                    original_dst = %original, endpoint = %dst, route = %name, %reason,
+                    "outbound connection failed"
+                )
+            }
         },
         Route::Passthrough(dst) => {
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
                 Ok(upstream) => relay(client, upstream, None, &log, dst, "").await,
-                Err(error) => tracing::info!(
-                    original_dst = %original, endpoint = %dst, route = %name, %error,
-                    "outbound connection failed: upstream connect"
-                ),
+                Err(error) => {
+                    reset(&client);
+                    tracing::info!(
+                        original_dst = %original, endpoint = %dst, route = %name, %error,
+                        "outbound connection failed: upstream connect"
+                    )
+                }
             }
         }
-        Route::Refused(reason) => tracing::info!(
-            original_dst = %original, route = %name, %reason,
-            "outbound connection refused: no endpoint"
-        ),
+        Route::Refused(reason) => {
+            reset(&client);
+            tracing::info!(
+                original_dst = %original, route = %name, %reason,
+                "outbound connection refused: no endpoint"
+            )
+        }
     }
+}
+
+/// Makes closing `client` send a reset: the application was already told its connect
+/// succeeded, and must not mistake a refusal for an empty answer.
+fn reset(client: &TcpStream) {
+    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
 }
 
 /// A tunnel to `dst` through the destination's 15008, on a pooled connection.
@@ -221,7 +239,7 @@ async fn open_tunnel(
     let certs = ctx
         .certs
         .as_ref()
-        .ok_or("no certificate source configured (mesh-node run --ca-dir)")?;
+        .ok_or("no certificate source configured (mesh-node run --ca-address or --ca-dir)")?;
     let source = certs
         .get(&pod.identity)
         .await
@@ -332,7 +350,7 @@ async fn relay<U>(
             "outbound connection reset"
         ),
         Ended::Revoked(reason) => {
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            reset(&client);
             tracing::info!(
                 original_dst = %conn.original,
                 %endpoint,

@@ -109,7 +109,7 @@ pub struct WorkloadCert {
 pub enum CertError {
     #[error("issue certificate for {identity}: {reason}")]
     Issue { identity: String, reason: String },
-    #[error("certificate for {identity}: {source}")]
+    #[error("certificate for {identity}: {}", crate::tls::describe(source))]
     Tls {
         identity: String,
         source: Box<rustls::Error>,

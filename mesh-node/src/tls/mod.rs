@@ -11,6 +11,8 @@ use std::sync::Arc;
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
     crypto::{CryptoProvider, aws_lc_rs},
+    pki_types::UnixTime,
+    server::danger::ClientCertVerifier,
     sign::{CertifiedKey, SingleCertAndKey},
     version::TLS13,
 };
@@ -46,7 +48,9 @@ impl Tls {
     }
 
     /// Loads a workload certificate into rustls and builds the HBONE server configuration that
-    /// presents it.
+    /// presents it. The certificate must pass the check peers will make of it (chain to the
+    /// roots, validity, identity in our trust domain): a CA that answered with something else is
+    /// reported here, once, instead of at every handshake.
     pub fn certified(&self, cert: &WorkloadCert) -> Result<Certified, CertError> {
         let fail = |source| CertError::Tls {
             identity: cert.identity.to_string(),
@@ -61,24 +65,33 @@ impl Tls {
             roots.add(root.clone()).map_err(fail)?;
         }
         let roots = Arc::new(roots);
-        let server_config = self
-            .server_config(key.clone(), roots.clone())
-            .map_err(fail)?;
+        let verifier = Arc::new(
+            TrustDomainClientVerifier::new(
+                roots.clone(),
+                self.provider.clone(),
+                &self.trust_domain,
+            )
+            .map_err(fail)?,
+        );
+        if let [leaf, intermediates @ ..] = cert.chain.as_slice() {
+            verifier
+                .verify_client_cert(leaf, intermediates, UnixTime::now())
+                .map_err(fail)?;
+        }
+        let server_config = self.server_config(key.clone(), verifier).map_err(fail)?;
         Ok(Certified::new(cert, key, roots, server_config))
     }
 
-    /// The server side of HBONE: presents `key`, requires a client certificate chaining to
-    /// `roots` whose identity is in our trust domain.
-    pub fn server_config(
+    /// The server side of HBONE: presents `key`, requires a client certificate that `verifier`
+    /// accepts (chain to the roots, identity in our trust domain).
+    fn server_config(
         &self,
         key: Arc<CertifiedKey>,
-        roots: Arc<RootCertStore>,
+        verifier: Arc<TrustDomainClientVerifier>,
     ) -> Result<Arc<ServerConfig>, rustls::Error> {
-        let verifier =
-            TrustDomainClientVerifier::new(roots, self.provider.clone(), &self.trust_domain)?;
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&TLS13])?
-            .with_client_cert_verifier(Arc::new(verifier))
+            .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(key)));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Arc::new(config))

@@ -129,3 +129,27 @@ fn server_requires_a_client_certificate() {
         "{error}"
     );
 }
+
+#[test]
+fn a_certificate_peers_would_refuse_is_refused_when_it_arrives() {
+    let tls = Tls::new("cluster.local");
+    let id = Identity::new("cluster.local", "ns", "sa");
+    let ca = FileCa::generate("cluster.local", TTL).unwrap();
+    let other = FileCa::generate("cluster.local", TTL).unwrap();
+    // Signed by one root, presented with another as the mesh root.
+    let mut cert = other.issue(&id, TTL).unwrap();
+    cert.roots = vec![ca.root().clone()];
+    let error = tls.certified(&cert).unwrap_err().to_string();
+    assert!(
+        error.starts_with("certificate for spiffe://cluster.local/ns/ns/sa/sa:")
+            && error.contains("invalid peer certificate"),
+        "{error}"
+    );
+    // Its identity outside our trust domain.
+    let foreign = Identity::new("evil.example", "ns", "sa");
+    let error = tls
+        .certified(&ca.issue(&foreign, TTL).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("outside trust domain"), "{error}");
+}

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     Topology,
-    control_plane::TOKEN,
+    control_plane::{TOKEN, token_file},
     netns_server::{NetnsServer, SERVER_NAME, Serve},
 };
 
@@ -95,10 +95,7 @@ impl TestCa {
 
     /// `mesh-node run` arguments that take workload certificates from this CA.
     pub fn client_args(&self, topo: &Topology) -> Vec<String> {
-        let token = topo.workdir.join("ca-token");
-        if !token.exists() {
-            std::fs::write(&token, format!("{TOKEN}\n")).expect("write token file");
-        }
+        let token = token_file(topo);
         [
             "--ca-address",
             &self.server.addr().to_string(),

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Result, bail};
 
 use crate::{
-    Topology,
+    MeshNode, Topology,
     netns_server::{NetnsServer, Serve},
 };
 use mesh_node::xds::proto::{
@@ -225,10 +225,7 @@ impl ControlPlane {
     /// `mesh-node run` arguments that take the mesh state from this control plane, as node
     /// `node` of cluster "cluster1", with the topology's CA root and a token file written once.
     pub fn client_args(&self, topo: &Topology, node: &str) -> Vec<String> {
-        let token = topo.workdir.join("xds-token");
-        if !token.exists() {
-            std::fs::write(&token, format!("{TOKEN}\n")).expect("write token file");
-        }
+        let token = token_file(topo);
         [
             "--xds-address",
             &self.addr().to_string(),
@@ -246,10 +243,28 @@ impl ControlPlane {
         .map(str::to_owned)
         .to_vec()
     }
+
+    /// Starts mesh-node on `node`, taking the mesh state from this control plane and workload
+    /// certificates from the topology's file CA.
+    pub fn start_mesh_node(&self, topo: &Topology, node: &str) -> MeshNode {
+        let mut args = self.client_args(topo, node);
+        args.extend(["--ca-dir".to_owned(), topo.ca_dir().display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        MeshNode::start(topo, node, &args).expect("start mesh-node")
+    }
 }
 
-/// The bearer token [`ControlPlane::client_args`] hands mesh-node.
+/// The bearer token mesh-node presents to the test control plane and the test CA.
 pub const TOKEN: &str = "test-token";
+
+/// A file holding [`TOKEN`] in the topology's work directory, written on first use.
+pub fn token_file(topo: &Topology) -> std::path::PathBuf {
+    let token = topo.workdir.join("token");
+    if !token.exists() {
+        std::fs::write(&token, format!("{TOKEN}\n")).expect("write token file");
+    }
+    token
+}
 
 /// The workload resource of a topology pod: uid `cluster1//Pod/<ns>/<name>`, service account
 /// = pod name, HBONE when enrolled.

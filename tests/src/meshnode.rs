@@ -61,7 +61,7 @@ impl MeshNode {
         }
         let log = next_log_path(&topo.workdir, node.name);
         let log_file = File::create(&log)?;
-        let netns = File::open(Path::new("/run/netns").join(&node.netns))?;
+        let netns = File::open(node.netns_path())?;
         let mut cmd = Command::new(&bin);
         cmd.arg("run")
             .arg("--pods")

@@ -67,6 +67,13 @@ pub struct Node {
     pub pods: Vec<Pod>,
 }
 
+impl Node {
+    /// The node's network namespace file, for `setns`.
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+}
+
 #[derive(Debug)]
 pub struct Pod {
     pub name: &'static str,

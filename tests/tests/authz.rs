@@ -46,7 +46,7 @@ impl Mesh {
         ])
         .expect("build topology");
         let plane = ControlPlane::start(
-            &std::path::Path::new("/run/netns").join(&topo.node("node1").netns),
+            &topo.node("node1").netns_path(),
             CONTROL_PLANE.parse().unwrap(),
             &topo.ca_dir(),
         )
@@ -61,13 +61,8 @@ impl Mesh {
             plane.put_workload(pod_workload(&topo, pod, node));
         }
         let servers = vec![topo.serve("server", PORT), topo.serve("server", OTHER_PORT)];
-        let start = |node: &str| {
-            let mut args = plane.client_args(&topo, node);
-            args.extend(["--ca-dir".to_owned(), topo.ca_dir().display().to_string()]);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            MeshNode::start(&topo, node, &args).expect("start mesh-node")
-        };
-        let (node1, node2) = (start("node1"), start("node2"));
+        let node1 = plane.start_mesh_node(&topo, "node1");
+        let node2 = plane.start_mesh_node(&topo, "node2");
         Self {
             topo,
             plane,

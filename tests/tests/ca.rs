@@ -4,7 +4,6 @@
 use std::{
     collections::HashSet,
     net::SocketAddr,
-    path::Path,
     thread,
     time::{Duration, Instant},
 };
@@ -34,10 +33,6 @@ fn topology() -> Topology {
     .expect("build topology")
 }
 
-fn node1_netns(topo: &Topology) -> std::path::PathBuf {
-    Path::new("/run/netns").join(&topo.node("node1").netns)
-}
-
 /// mesh-node on `node`, workloads from the local file, certificates from `ca`.
 fn start(topo: &Topology, node: &str, ca: &TestCa) -> MeshNode {
     let mut args = ca.client_args(topo);
@@ -61,7 +56,7 @@ fn certificates_are_fetched_at_enrollment_and_rotate_under_traffic_without_a_fai
     let topo = topology();
     // Four-second certificates: renewed about every two seconds.
     let ca = TestCa::start(
-        &node1_netns(&topo),
+        &topo.node("node1").netns_path(),
         CA.parse().unwrap(),
         &topo.ca_dir(),
         Duration::from_secs(4),
@@ -147,7 +142,7 @@ fn a_ca_down_at_start_is_reported_retried_and_recovered_from() {
     }
     let topo = topology();
     let mut ca = TestCa::stopped(
-        &node1_netns(&topo),
+        &topo.node("node1").netns_path(),
         CA.parse().unwrap(),
         &topo.ca_dir(),
         Duration::from_secs(3600),

@@ -152,7 +152,7 @@ fn non_enrolled_pods_and_the_host_namespace_are_not_captured() {
     // A host-network process of node1, also inside the hooked cgroup.
     let node = topo.node("node1");
     let host_cgroup = topo.host_cgroup("node1").expect("host cgroup");
-    let netns = std::path::Path::new("/run/netns").join(&node.netns);
+    let netns = node.netns_path();
     let host = podapp::connect(&netns, &host_cgroup, server.addr, 4096, 2).expect("host client");
     assert_direct(&host, server.addr);
 

@@ -48,7 +48,7 @@ impl Mesh {
         ])
         .expect("build topology");
         let plane = ControlPlane::start(
-            &std::path::Path::new("/run/netns").join(&topo.node("node1").netns),
+            &topo.node("node1").netns_path(),
             CONTROL_PLANE.parse().unwrap(),
             &topo.ca_dir(),
         )

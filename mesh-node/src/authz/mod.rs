@@ -60,16 +60,10 @@ impl Policy {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    pub fn matches(&self, conn: &Connection<'_>) -> bool {
-        let principal = conn.principal();
-        let namespace = conn.source.map(|id| id.namespace.as_str());
+    fn matches_as(&self, conn: &Connection<'_>, subject: &Subject<'_>) -> bool {
         self.rules.iter().any(|rule| {
-            rule.iter().all(|clause| {
-                clause.is_empty()
-                    || clause
-                        .iter()
-                        .any(|m| m.matches(conn, principal.as_deref(), namespace))
-            })
+            rule.iter()
+                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(conn, subject)))
         })
     }
 }
@@ -94,7 +88,12 @@ impl Match {
         *self == Self::default()
     }
 
-    fn matches(&self, conn: &Connection<'_>, principal: Option<&str>, ns: Option<&str>) -> bool {
+    fn matches(&self, conn: &Connection<'_>, subject: &Subject<'_>) -> bool {
+        let Subject {
+            principal,
+            namespace: ns,
+        } = subject;
+        let (principal, ns) = (principal.as_deref(), *ns);
         if self.is_empty() {
             return false;
         }
@@ -139,11 +138,12 @@ impl StringMatch {
     }
 }
 
-/// An address block. IPv4-mapped IPv6 addresses are compared as IPv4.
+/// An address block. IPv4-mapped IPv6 addresses are compared as IPv4. Only [`Cidr::new`]
+/// makes one, so the prefix always fits the address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
+    addr: IpAddr,
+    prefix: u8,
 }
 
 impl Cidr {
@@ -154,17 +154,17 @@ impl Cidr {
         if prefix > max {
             return None;
         }
-        match addr.to_canonical() {
-            IpAddr::V4(v4) if addr.is_ipv6() => (prefix >= 96).then_some(Self {
+        match (addr, addr.to_canonical()) {
+            (IpAddr::V6(_), IpAddr::V4(v4)) if prefix >= 96 => Some(Self {
                 addr: IpAddr::V4(v4),
                 prefix: prefix - 96,
             }),
-            canonical => Some(Self {
-                addr: canonical,
-                prefix,
-            }),
+            _ => Some(Self { addr, prefix }),
         }
-        .or(Some(Self { addr, prefix }))
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -202,15 +202,24 @@ pub struct Connection<'a> {
     pub destination: SocketAddr,
 }
 
-impl Connection<'_> {
+/// Who the client is, as principal and namespace rules see it; built once per decision.
+struct Subject<'a> {
     /// The principal as Istio writes it: the SPIFFE ID without `spiffe://`.
-    fn principal(&self) -> Option<String> {
-        self.source.map(|id| {
-            format!(
-                "{}/ns/{}/sa/{}",
-                id.trust_domain, id.namespace, id.service_account
-            )
-        })
+    principal: Option<String>,
+    namespace: Option<&'a str>,
+}
+
+impl<'a> Subject<'a> {
+    fn of(conn: &Connection<'a>) -> Self {
+        Self {
+            principal: conn.source.map(|id| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    id.trust_domain, id.namespace, id.service_account
+                )
+            }),
+            namespace: conn.source.map(|id| id.namespace.as_str()),
+        }
     }
 }
 
@@ -283,6 +292,8 @@ pub fn evaluate<'p>(
 ) -> Decision {
     let mut enforced = Tally::default();
     let mut shadow = Tally::default();
+    // Built on the first policy that applies: most connections meet none.
+    let mut subject = None;
     for policy in policies {
         if !target.is_subject_of(policy) {
             continue;
@@ -292,7 +303,11 @@ pub fn evaluate<'p>(
         } else {
             &mut enforced
         };
-        tally.add(policy, conn);
+        tally.add(
+            policy,
+            conn,
+            subject.get_or_insert_with(|| Subject::of(conn)),
+        );
     }
     Decision {
         verdict: enforced.verdict(),
@@ -309,17 +324,17 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, policy: &Policy, conn: &Connection<'_>) {
+    fn add(&mut self, policy: &Policy, conn: &Connection<'_>, subject: &Subject<'_>) {
         self.applies = true;
         match policy.action {
             Action::Deny => {
-                if self.denied_by.is_none() && policy.matches(conn) {
+                if self.denied_by.is_none() && policy.matches_as(conn, subject) {
                     self.denied_by = Some(policy.key());
                 }
             }
             Action::Allow => {
                 self.any_allow = true;
-                if self.allowed_by.is_none() && policy.matches(conn) {
+                if self.allowed_by.is_none() && policy.matches_as(conn, subject) {
                     self.allowed_by = Some(policy.key());
                 }
             }

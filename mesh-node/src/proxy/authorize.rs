@@ -6,6 +6,7 @@
 //! closes those that are now denied.
 use std::{
     collections::HashMap,
+    fmt,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
@@ -62,20 +63,26 @@ impl Inbound {
             && shadow.is_allowed() != decision.verdict.is_allowed()
         {
             tracing::info!(
-                pod = %self.pod.spec,
-                source = %self.source_display(),
-                source_ip = %self.source_ip,
-                dst = %self.destination,
+                connection = %self,
                 dry_run = %shadow,
                 "dry-run policy would change the verdict; not enforced"
             );
         }
     }
+}
 
-    pub fn source_display(&self) -> String {
-        self.source
-            .as_ref()
-            .map_or_else(|| "-".to_owned(), ToString::to_string)
+/// `<identity or "plaintext"> at <source ip> → <pod> <destination>`, for logs.
+impl fmt::Display for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(identity) => write!(f, "{identity}")?,
+            None => f.write_str("plaintext")?,
+        }
+        write!(
+            f,
+            " at {} → {} {}",
+            self.source_ip, self.pod.spec, self.destination
+        )
     }
 }
 
@@ -146,13 +153,9 @@ impl Live {
             .collect();
         for (id, reason) in &denied {
             if let Some(registered) = conns.remove(id) {
-                let conn = &registered.conn;
                 tracing::info!(
-                    pod = %conn.pod.spec,
-                    source = %conn.source_display(),
-                    source_ip = %conn.source_ip,
-                    dst = %conn.destination,
-                    reason = %reason,
+                    connection = %registered.conn,
+                    %reason,
                     "open connection closed: policy changed"
                 );
                 let _ = registered.revoke.send(reason.clone());

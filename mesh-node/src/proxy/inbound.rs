@@ -109,17 +109,13 @@ pub struct Delivered {
 /// pod (HBONE, same-node, captured plaintext) comes through here, so all of them obey policy.
 pub async fn deliver(ctx: &ProxyContext, conn: Inbound) -> Result<Delivered, Refusal> {
     let (pod, dst) = (conn.pod.clone(), conn.destination);
-    let client = conn.source_display();
     let revocation = {
         let state = ctx.state();
         let decision = conn.decide(&state, &ctx.node);
         conn.log_dry_run(&decision);
         if !decision.verdict.is_allowed() {
             tracing::info!(
-                pod = %pod.spec,
-                source = %client,
-                source_ip = %conn.source_ip,
-                %dst,
+                connection = %conn,
                 reason = %decision.verdict,
                 "connection denied by policy"
             );
@@ -138,7 +134,7 @@ pub async fn deliver(ctx: &ProxyContext, conn: Inbound) -> Result<Delivered, Ref
         .await
         .map_err(|error| Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: format!("connect to {dst} in pod {} for {client}: {error}", pod.spec),
+            reason: format!("connect to {dst} in pod {}: {error}", pod.spec),
         })?;
     Ok(Delivered { stream, revocation })
 }

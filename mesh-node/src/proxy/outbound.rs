@@ -142,7 +142,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         .dataplane
         .take_original_dst(pod.netns_cookie, peer.port())
     else {
-        tracing::warn!("no original destination recorded for this connection; closing it");
+        tracing::warn!("no original destination recorded for this connection; resetting it");
+        reset(&client);
         return;
     };
     let original = original_destination(&orig);
@@ -158,7 +159,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         route: name,
         started,
     };
-    match route {
+    // Each way either relays (and returns) or says why it could not carry the connection.
+    let (endpoint, reason, message): (Option<SocketAddr>, String, &str) = match route {
         Route::Local { pod: dst_pod, dst } => {
             let conn = Inbound {
                 pod: dst_pod.clone(),
@@ -170,16 +172,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 Ok(Delivered { stream, revocation }) => {
                     let revoked = Some(Box::pin(revocation.wait()) as Revoked);
                     let peer = dst_pod.identity.to_string();
-                    relay(client, stream, revoked, &log, dst, &peer).await
+                    return relay(client, stream, revoked, &log, dst, &peer).await;
                 }
-                Err(refusal) => {
-                    reset(&client);
-                    tracing::info!(
-                        original_dst = %original, endpoint = %dst, route = %name,
-                        status = refusal.status.as_u16(), reason = %refusal.reason,
-                        "outbound connection failed"
-                    )
-                }
+                Err(refusal) => (
+                    Some(dst),
+                    format!("{} {}", refusal.status.as_u16(), refusal.reason),
+                    "outbound connection failed",
+                ),
             }
         }
         Route::Hbone {
@@ -189,36 +188,25 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         } => match open_tunnel(&ctx, &pod, &workload, also_trusted, dst, app_addr).await {
             Ok(stream) => {
                 let identity = workload.identity().to_string();
-                relay(client, stream, None, &log, dst, &identity).await
+                return relay(client, stream, None, &log, dst, &identity).await;
             }
-            Err(reason) => {
-                reset(&client);
-                tracing::info!(
-                    original_dst = %original, endpoint = %dst, route = %name, %reason,
-                    "outbound connection failed"
-                )
-            }
+            Err(reason) => (Some(dst), reason, "outbound connection failed"),
         },
         Route::Passthrough(dst) => {
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
-                Ok(upstream) => relay(client, upstream, None, &log, dst, "").await,
-                Err(error) => {
-                    reset(&client);
-                    tracing::info!(
-                        original_dst = %original, endpoint = %dst, route = %name, %error,
-                        "outbound connection failed: upstream connect"
-                    )
-                }
+                Ok(upstream) => return relay(client, upstream, None, &log, dst, "").await,
+                Err(error) => (
+                    Some(dst),
+                    error.to_string(),
+                    "outbound connection failed: upstream connect",
+                ),
             }
         }
-        Route::Refused(reason) => {
-            reset(&client);
-            tracing::info!(
-                original_dst = %original, route = %name, %reason,
-                "outbound connection refused: no endpoint"
-            )
-        }
-    }
+        Route::Refused(reason) => (None, reason, "outbound connection refused: no endpoint"),
+    };
+    reset(&client);
+    let endpoint = endpoint.map_or_else(|| "-".to_owned(), |e| e.to_string());
+    tracing::info!(original_dst = %original, %endpoint, route = %name, %reason, "{message}");
 }
 
 /// Makes closing `client` send a reset: the application was already told its connect

@@ -445,3 +445,69 @@ fn the_authz_version_moves_only_for_changes_policy_depends_on() {
     state.remove_workload("a");
     assert!(moved(&state), "a removal");
 }
+
+#[test]
+fn policy_conversion_names_the_bad_field() {
+    let with_match = |m: security::Match| {
+        let mut p = pb_policy("default", "p", security::Scope::Namespace);
+        p.rules = vec![security::Rule {
+            clauses: vec![security::Clause { matches: vec![m] }],
+        }];
+        convert::authorization(p).unwrap_err().to_string()
+    };
+    let at = "rules[0].clauses[0].matches[0]";
+    let error = with_match(security::Match {
+        source_ips: vec![security::Address {
+            address: vec![10, 0, 0],
+            length: 8,
+        }],
+        ..Default::default()
+    });
+    assert!(
+        error.contains("default/p")
+            && error.contains(&format!("{at}.source_ips[0]"))
+            && error.contains("3 bytes is not an IPv4"),
+        "{error}"
+    );
+    let error = with_match(security::Match {
+        not_destination_ips: vec![security::Address {
+            address: vec![10, 0, 0, 0],
+            length: 33,
+        }],
+        ..Default::default()
+    });
+    assert!(
+        error.contains(&format!("{at}.not_destination_ips[0]"))
+            && error.contains("prefix length 33 exceeds 32"),
+        "{error}"
+    );
+    let error = with_match(security::Match {
+        destination_ports: vec![70000],
+        ..Default::default()
+    });
+    assert!(error.contains("port 70000 is above 65535"), "{error}");
+    let error = with_match(security::Match {
+        not_principals: vec![security::StringMatch { match_type: None }],
+        ..Default::default()
+    });
+    assert!(
+        error.contains(&format!("{at}.not_principals[0]")) && error.contains("no match type"),
+        "{error}"
+    );
+    let mut bad_action = pb_policy("default", "p", security::Scope::Namespace);
+    bad_action.action = 7;
+    let error = convert::authorization(bad_action).unwrap_err().to_string();
+    assert!(
+        error.contains("action") && error.contains("unknown enum value 7"),
+        "{error}"
+    );
+    let mut no_namespace = pb_policy("", "p", security::Scope::Global);
+    no_namespace.namespace.clear();
+    let error = convert::authorization(no_namespace)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("namespace") && error.contains("must not be empty"),
+        "{error}"
+    );
+}

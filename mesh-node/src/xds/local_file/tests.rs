@@ -67,7 +67,7 @@ policies:
     assert_eq!(lb.mode, LbMode::Strict);
     assert_eq!(lb.routing_preference, [Scope::Node, Scope::Zone]);
     let p = &state.policies[0];
-    assert_eq!(p.rules[0][0][0].source_ips[0].prefix, 8);
+    assert_eq!(p.rules[0][0][0].source_ips[0].prefix(), 8);
 }
 
 #[test]

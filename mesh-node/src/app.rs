@@ -107,6 +107,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         ))
     });
     preflight::check_capabilities()?;
+    let open_files = preflight::raise_open_file_limit();
     let kernel = preflight::check_kernel()?;
     let mount = preflight::cgroup2_mount()?;
     let cgroup: PathBuf = config.cgroup.clone().unwrap_or_else(|| mount.clone());
@@ -127,6 +128,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             cgroup = %cgroup.display(),
             pin_dir = %config.bpffs_dir.display(),
             fail_mode = ?config.fail_mode,
+            open_files,
             "data plane loaded"
         );
         if certs.is_none() {

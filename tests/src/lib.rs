@@ -5,6 +5,7 @@
 //! Everything is named after the test process's pid and a counter, and removed when the
 //! [`Topology`] is dropped, also when a test panics. Leftovers of killed runs (whose pid is gone)
 //! are swept when the next topology is built.
+pub mod bench;
 pub mod ca_server;
 pub mod control_plane;
 pub mod hbone_client;

@@ -63,6 +63,11 @@ impl MeshNode {
         let log_file = File::create(&log)?;
         let netns = File::open(node.netns_path())?;
         let mut cmd = Command::new(&bin);
+        let workers: &[&str] = if extra.contains(&"--workers") {
+            &[]
+        } else {
+            &["--workers", "2"]
+        };
         cmd.arg("run")
             .arg("--pods")
             .arg(&node.pods_file)
@@ -70,7 +75,7 @@ impl MeshNode {
             .arg(&node.cgroup)
             .arg("--bpffs")
             .arg(&node.bpffs)
-            .args(["--workers", "2"])
+            .args(workers)
             .args(extra)
             .env("MESH_NODE_LOG", "info")
             .stdin(Stdio::null())
@@ -164,6 +169,11 @@ impl MeshNode {
             }
         }
         Ok(())
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {

@@ -23,31 +23,46 @@ pub fn pattern_bytes(offset: usize, len: usize) -> Vec<u8> {
     (offset..offset + len).map(pattern).collect()
 }
 
-/// The podapp binary: `PODAPP_BIN`, else next to the running executable (test binaries live in
-/// `target/<profile>/deps`, binaries in `target/<profile>`).
+/// The podapp binary: `PODAPP_BIN`, else next to the running executable.
 pub fn binary() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("PODAPP_BIN") {
+    sibling_binary("podapp", "PODAPP_BIN")
+}
+
+/// A binary of this package: `$env` if set, else next to the running executable (test
+/// binaries live in `target/<profile>/deps`, binaries in `target/<profile>`).
+pub fn sibling_binary(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no directory")?;
-    [dir.join("podapp"), dir.join("../podapp")]
+    [dir.join(name), dir.join("..").join(name)]
         .into_iter()
         .find(|p| p.exists())
-        .context(
-            "podapp binary not found next to the test executable: build the mesh-tests package",
-        )
+        .with_context(|| {
+            format!("{name} binary not found next to the running executable: build the mesh-tests package")
+        })
 }
 
 /// A command that joins `cgroup` and then `netns` before it execs. The cgroup move comes first:
 /// it needs the cgroup2 mount, which is visible in the parent's mount namespace.
 pub fn command_in(netns: &Path, cgroup: &Path, args: &[String]) -> Result<(Command, [File; 2])> {
+    command_of(&binary()?, netns, cgroup, args)
+}
+
+/// Like [`command_in`], for any program.
+pub fn command_of(
+    program: &Path,
+    netns: &Path,
+    cgroup: &Path,
+    args: &[String],
+) -> Result<(Command, [File; 2])> {
     let ns = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
     let procs = OpenOptions::new()
         .write(true)
         .open(cgroup.join("cgroup.procs"))
         .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
-    let mut cmd = Command::new(binary()?);
+    let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null());
     let (ns_fd, procs_fd) = (ns.as_raw_fd(), procs.as_raw_fd());
     // SAFETY: only write(2) and setns(2) run between fork and exec; the files are returned to the
@@ -76,7 +91,18 @@ pub struct Server {
 
 impl Server {
     pub fn start(netns: &Path, cgroup: &Path, addr: SocketAddr) -> Result<Self> {
-        let (mut cmd, _files) = command_in(netns, cgroup, &["serve".into(), addr.to_string()])?;
+        Self::start_program(&binary()?, netns, cgroup, addr)
+    }
+
+    /// Starts `program serve ADDR` in a pod; the program prints `listening …` once bound.
+    pub fn start_program(
+        program: &Path,
+        netns: &Path,
+        cgroup: &Path,
+        addr: SocketAddr,
+    ) -> Result<Self> {
+        let (mut cmd, _files) =
+            command_of(program, netns, cgroup, &["serve".into(), addr.to_string()])?;
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -87,7 +113,7 @@ impl Server {
         if !line.starts_with("listening") {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("podapp serve {addr} did not start: {line:?}");
+            bail!("{} serve {addr} did not start: {line:?}", program.display());
         }
         Ok(Self { child, addr })
     }
@@ -189,7 +215,7 @@ fn parse_ok(rest: &str) -> Result<ConnResult> {
     })
 }
 
-fn wait_with_timeout(child: Child, timeout: Duration) -> Result<std::process::Output> {
+pub fn wait_with_timeout(child: Child, timeout: Duration) -> Result<std::process::Output> {
     // Reading the pipes on another thread keeps a chatty child from blocking on a full pipe.
     let pid = child.id() as libc::pid_t;
     let (tx, rx) = std::sync::mpsc::channel();

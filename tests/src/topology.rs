@@ -367,7 +367,8 @@ pub fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn sysctl(netns: &str, setting: &str) -> Result<()> {
+/// Sets a sysctl inside `netns` (`key=value`).
+pub fn sysctl(netns: &str, setting: &str) -> Result<()> {
     let (key, value) = setting.split_once('=').context("sysctl setting")?;
     let path = format!("/proc/sys/{}", key.replace('.', "/"));
     let out = Command::new("ip")

@@ -152,6 +152,32 @@ fn find_mount(mounts: &str, fs_type: &str) -> Option<PathBuf> {
     })
 }
 
+/// Raises the soft open-file limit to the hard limit, as proxies do: every proxied connection
+/// holds one or two descriptors, and runtimes often start processes at a soft limit of 1024.
+/// Returns the limit now in force; failing to raise it is not fatal.
+pub fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,30 +218,19 @@ mod tests {
             "{err}"
         );
     }
-}
 
-/// Raises the soft open-file limit to the hard limit, as proxies do: every proxied connection
-/// holds one or two descriptors, and runtimes often start processes at a soft limit of 1024.
-/// Returns the limit now in force; failing to raise it is not fatal.
-pub fn raise_open_file_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur;
-            }
-        }
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let raised = raise_open_file_limit();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct passed in.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!((raised, limit.rlim_cur), (limit.rlim_max, limit.rlim_max));
     }
-    limit.rlim_cur
 }

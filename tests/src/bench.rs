@@ -295,7 +295,10 @@ pub fn run(config: &Config) -> Result<Report> {
             }
             thread::sleep(config.settle());
             let rss = meshes.rss_mib(route)?;
-            eprintln!("bench: {} with {n} open connections: {rss:.1} MiB", route.key());
+            eprintln!(
+                "bench: {} with {n} open connections: {rss:.1} MiB",
+                route.key()
+            );
             samples.add(&format!("rss_{n}"), route, rss);
             held.close()?;
         }
@@ -367,6 +370,7 @@ pub fn run(config: &Config) -> Result<Report> {
             }
         }
     }
+    bench.check_routes(&meshes)?;
     drop(meshes);
 
     let report = Report {
@@ -431,7 +435,12 @@ fn metric_defs(config: &Config) -> Vec<(String, String, &'static str, Compare)> 
     ] {
         defs.push((key.into(), label.into(), "µs", Added));
     }
-    defs.push(("rss_idle".into(), "mesh-node RSS, idle".into(), "MiB", MeshOnly));
+    defs.push((
+        "rss_idle".into(),
+        "mesh-node RSS, idle".into(),
+        "MiB",
+        MeshOnly,
+    ));
     for n in &config.held {
         defs.push((
             format!("rss_{n}"),
@@ -465,7 +474,10 @@ pub fn markdown(report: &Report) -> String {
         m.date,
     );
     if !c.mesh_args.is_empty() {
-        out.push_str(&format!("mesh-node arguments: {}\n\n", c.mesh_args.join(" ")));
+        out.push_str(&format!(
+            "mesh-node arguments: {}\n\n",
+            c.mesh_args.join(" ")
+        ));
     }
     out.push_str("| metric |");
     for route in Route::ALL {
@@ -586,6 +598,35 @@ impl Bench<'_> {
         Outcome::parse(line)
     }
 
+    /// The figures are only worth something if each path went where it says: node1's mesh-node
+    /// logged the captured paths' connections with their route, and none of the direct ones.
+    fn check_routes(&self, meshes: &Meshes) -> Result<()> {
+        for route in Route::ALL {
+            let dst = format!("original_dst={}", self.target(route));
+            let carried = meshes
+                .node1
+                .log_lines_with(&["outbound connection closed", &dst]);
+            let expected = match route {
+                Route::Direct => None,
+                Route::SameNode => Some("route=local"),
+                Route::CrossNode => Some("route=hbone"),
+            };
+            match expected {
+                None => ensure!(
+                    carried.is_empty(),
+                    "the direct path went through mesh-node: {}",
+                    carried[0]
+                ),
+                Some(how) => ensure!(
+                    carried.iter().any(|line| line.contains(how)),
+                    "mesh-node on node1 logged no {} connection with {how}",
+                    route.key()
+                ),
+            }
+        }
+        Ok(())
+    }
+
     fn hold(&self, route: Route, n: usize) -> Result<Held> {
         let pod = self.topo.pod(route.client());
         let args = ["hold".into(), self.target(route), n.to_string()];
@@ -603,7 +644,10 @@ impl Bench<'_> {
         let Some(rest) = line.strip_prefix("held ") else {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("loadgen hold {n} on {} did not report: {line:?}", route.key());
+            bail!(
+                "loadgen hold {n} on {} did not report: {line:?}",
+                route.key()
+            );
         };
         let outcome = Outcome::parse(rest)?;
         Ok(Held {
@@ -626,7 +670,11 @@ impl Held {
         drop(self.stdin.take());
         let child = self.child.take().context("already closed")?;
         let out = podapp::wait_with_timeout(child, Duration::from_secs(30))?;
-        ensure!(out.status.success(), "loadgen hold exited with {}", out.status);
+        ensure!(
+            out.status.success(),
+            "loadgen hold exited with {}",
+            out.status
+        );
         Ok(())
     }
 }
@@ -656,7 +704,8 @@ impl Meshes {
                 } else {
                     &self.node2
                 };
-                mesh.pid().with_context(|| format!("mesh-node on {node} is not running"))
+                mesh.pid()
+                    .with_context(|| format!("mesh-node on {node} is not running"))
             })
             .collect()
     }

@@ -5,6 +5,8 @@
 //! - `demo`: setup, build, then run the two-node demo.
 //! - `test`: setup, build, lint, then every test, privileged integration tests included (a missing
 //!   privilege fails the run instead of skipping).
+//! - `bench [datapath] [--smoke] [--runs N] [-- MESH_NODE_ARGS]`: release build, then the data-path
+//!   benchmark (direct vs same-node vs cross-node HBONE).
 //! - `bench xds [SIZES]`: release build, then the control-plane scale benchmark.
 use std::{
     env,
@@ -38,15 +40,28 @@ enum Cmd {
     Demo,
     /// Set up, build, lint and run every test (integration tests need root).
     Test,
-    /// Build with optimisations and run a benchmark suite.
+    /// Build with optimisations and run a benchmark suite (default: the data path; needs root).
     Bench {
         #[command(subcommand)]
-        suite: BenchSuite,
+        suite: Option<BenchSuite>,
     },
 }
 
 #[derive(Subcommand)]
 enum BenchSuite {
+    /// Data path: throughput, latency, connection rate and memory of mesh-node's paths against
+    /// a no-mesh baseline; Markdown on stdout, JSON in target/bench.
+    Datapath {
+        /// A few seconds through every code path (what CI runs); the figures mean nothing.
+        #[arg(long)]
+        smoke: bool,
+        /// Runs per figure (default 5).
+        #[arg(long)]
+        runs: Option<usize>,
+        /// Extra `mesh-node run` arguments, after `--` (e.g. `-- --workers 1`).
+        #[arg(last = true)]
+        mesh_args: Vec<String>,
+    },
     /// Control-plane scale: N workloads + N/10 services pushed over delta ADS; first-sync time
     /// and resident memory of the receiving process.
     Xds {
@@ -68,24 +83,43 @@ fn main() -> Result<()> {
             build(&toolchain)?;
             run(Command::new(root.join("target/debug/mesh-demo")))?;
         }
-        Cmd::Bench {
-            suite: BenchSuite::Xds { sizes },
-        } => {
+        Cmd::Bench { suite } => {
             let toolchain = setup()?;
             cargo(
                 &toolchain,
-                &[
-                    "build",
-                    "--release",
-                    "-p",
-                    "mesh-tests",
-                    "--bin",
-                    "xds-scale",
-                ],
+                &["build", "--release", "-p", "mesh-node", "-p", "mesh-tests"],
             )?;
-            let mut bench = Command::new(root.join("target/release/xds-scale"));
-            bench.arg(sizes);
-            run(bench)?;
+            let release = root.join("target/release");
+            let suite = suite.unwrap_or(BenchSuite::Datapath {
+                smoke: false,
+                runs: None,
+                mesh_args: Vec::new(),
+            });
+            match suite {
+                BenchSuite::Datapath {
+                    smoke,
+                    runs,
+                    mesh_args,
+                } => {
+                    let mut bench = Command::new(release.join("mesh-bench"));
+                    bench.env("MESH_NODE_BIN", release.join("mesh-node"));
+                    if smoke {
+                        bench.arg("--smoke");
+                    }
+                    if let Some(runs) = runs {
+                        bench.args(["--runs", &runs.to_string()]);
+                    }
+                    if !mesh_args.is_empty() {
+                        bench.arg("--").args(mesh_args);
+                    }
+                    run(bench)?;
+                }
+                BenchSuite::Xds { sizes } => {
+                    let mut bench = Command::new(release.join("xds-scale"));
+                    bench.arg(sizes);
+                    run(bench)?;
+                }
+            }
         }
         Cmd::Test => {
             let toolchain = setup()?;

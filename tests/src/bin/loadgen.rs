@@ -65,10 +65,12 @@ fn main() -> ExitCode {
             )
         })(),
         ["hold", addr, n] => (|| hold(addr.parse()?, n.parse()?))(),
-        _ => Err("usage: loadgen serve ADDR | throughput ADDR STREAMS WARMUP_MS DURATION_MS | \
+        _ => Err(
+            "usage: loadgen serve ADDR | throughput ADDR STREAMS WARMUP_MS DURATION_MS | \
                   latency ADDR CONNS RATE WARMUP_MS DURATION_MS | \
                   connrate ADDR THREADS WARMUP_MS DURATION_MS | hold ADDR N"
-            .into()),
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -143,7 +145,9 @@ fn open_echo(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let mut byte = [0u8];
     stream.read_exact(&mut byte)?;
     if byte[0] != ECHO {
-        return Err(std::io::Error::other("the echo server answered a wrong byte"));
+        return Err(std::io::Error::other(
+            "the echo server answered a wrong byte",
+        ));
     }
     Ok(stream)
 }
@@ -154,7 +158,12 @@ struct Upload {
     finished: Instant,
 }
 
-fn throughput(addr: SocketAddr, streams: usize, warmup: Duration, duration: Duration) -> Result<()> {
+fn throughput(
+    addr: SocketAddr,
+    streams: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<()> {
     let start = Arc::new(Barrier::new(streams + 1));
     let t0 = Arc::new(std::sync::OnceLock::<Instant>::new());
     let workers: Vec<_> = (0..streams)
@@ -204,8 +213,15 @@ fn throughput(addr: SocketAddr, streams: usize, warmup: Duration, duration: Dura
         uploads.push(worker.join().map_err(|_| "stream thread panicked")??);
     }
     let bytes: u64 = uploads.iter().map(|u| u.counted).sum();
-    let measured: u64 = uploads.iter().map(|u| u.counted - u.before_warmup_end).sum();
-    let last = uploads.iter().map(|u| u.finished).max().ok_or("no streams")?;
+    let measured: u64 = uploads
+        .iter()
+        .map(|u| u.counted - u.before_warmup_end)
+        .sum();
+    let last = uploads
+        .iter()
+        .map(|u| u.finished)
+        .max()
+        .ok_or("no streams")?;
     let seconds = last.duration_since(warm_end).as_secs_f64();
     println!("result bytes={bytes} measured_bytes={measured} seconds={seconds:.6}");
     Ok(())

@@ -51,10 +51,16 @@ fn run() -> Result<()> {
     print!("{}", bench::markdown(&report));
     eprintln!(
         "mesh-bench: wrote {}",
-        config.out_dir.join(format!("{}.json", config.name)).display()
+        config
+            .out_dir
+            .join(format!("{}.json", config.name))
+            .display()
     );
     if !report.errors.is_empty() {
-        bail!("{} error(s) during the run (listed above)", report.errors.len());
+        bail!(
+            "{} error(s) during the run (listed above)",
+            report.errors.len()
+        );
     }
     Ok(())
 }

@@ -1,0 +1,80 @@
+//! The data-path benchmark in smoke mode, so that `cargo xtask bench` keeps working: every path
+//! measured, every figure present and plausible, nothing failed. No timing is asserted — the
+//! figures of a few hundred milliseconds on a loaded CI machine mean nothing.
+use mesh_tests::{
+    bench::{self, Config, Route},
+    privileged,
+};
+
+#[test]
+fn smoke_run_measures_every_path() {
+    if !privileged() {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("meshtest-bench-{}", std::process::id()));
+    let config = Config::smoke(out.clone());
+    let result = bench::run(&config);
+    let written = std::fs::read_to_string(out.join("datapath-smoke.json"));
+    let _ = std::fs::remove_dir_all(&out);
+    let report = result.expect("the smoke benchmark runs");
+    assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
+
+    let mesh = [Route::SameNode, Route::CrossNode];
+    let mut expected = vec![
+        ("throughput_1", &Route::ALL[..]),
+        ("throughput_8", &Route::ALL[..]),
+        ("cpu_per_gb_1", &mesh[..]),
+        ("cpu_per_gb_8", &mesh[..]),
+        ("latency_p50", &Route::ALL[..]),
+        ("latency_p99", &Route::ALL[..]),
+        ("latency_max", &Route::ALL[..]),
+        ("conn_rate", &Route::ALL[..]),
+        ("connect_p99", &Route::ALL[..]),
+        ("exchange_p99", &Route::ALL[..]),
+        ("rss_idle", &mesh[..]),
+    ];
+    let held: Vec<String> = config.held.iter().map(|n| format!("rss_{n}")).collect();
+    expected.extend(held.iter().map(|k| (k.as_str(), &mesh[..])));
+    for (key, routes) in expected {
+        let metric = report
+            .metric(key)
+            .unwrap_or_else(|| panic!("no metric {key}"));
+        let measured: Vec<&str> = metric.paths.keys().copied().collect();
+        let wanted: Vec<&str> = routes.iter().map(|r| r.key()).collect();
+        assert_eq!(measured, sorted(wanted), "{key} measured on");
+        for (path, stat) in &metric.paths {
+            assert!(
+                stat.median.is_finite() && stat.median > 0.0,
+                "{key} on {path}: {stat:?}"
+            );
+            assert!(stat.min <= stat.median && stat.median <= stat.max);
+        }
+    }
+    // Cross-node memory is two mesh-nodes; each path's held connections cost memory.
+    let rss = |key: &str, route: Route| report.metric(key).unwrap().paths[route.key()].median;
+    let most = format!("rss_{}", config.held.iter().max().unwrap());
+    for route in mesh {
+        assert!(rss(&most, route) > rss("rss_idle", route), "{route:?}");
+    }
+
+    let json: serde_json::Value =
+        serde_json::from_str(&written.expect("JSON written")).expect("JSON parses");
+    assert_eq!(
+        json["metrics"].as_array().map(Vec::len),
+        Some(report.metrics.len())
+    );
+    let table = bench::markdown(&report);
+    assert!(
+        table.contains("| throughput, 1 stream (Gbit/s) |"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.starts_with("| ")).count(),
+        report.metrics.len() + 1
+    );
+}
+
+fn sorted(mut keys: Vec<&str>) -> Vec<&str> {
+    keys.sort_unstable();
+    keys
+}

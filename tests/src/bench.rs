@@ -52,11 +52,43 @@ pub struct Config {
     pub held: Vec<usize>,
     /// Extra `mesh-node run` arguments (experiments: `--workers 1`, …).
     pub mesh_args: Vec<String>,
+    /// Paths and tests to run, and whether to measure memory (all, by default; fewer for
+    /// quick experiments).
+    #[serde(serialize_with = "route_keys")]
+    pub routes: Vec<Route>,
+    pub tests: Vec<Test>,
+    pub memory: bool,
     #[serde(skip)]
     pub out_dir: PathBuf,
     /// Output file stem in `out_dir`.
     #[serde(skip)]
     pub name: String,
+}
+
+fn route_keys<S: serde::Serializer>(routes: &[Route], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(routes.iter().map(|r| r.key()))
+}
+
+/// One of the timed tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Test {
+    Throughput,
+    Latency,
+    ConnRate,
+}
+
+impl Test {
+    pub const ALL: [Test; 3] = [Test::Throughput, Test::Latency, Test::ConnRate];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "throughput" => Test::Throughput,
+            "latency" => Test::Latency,
+            "connrate" => Test::ConnRate,
+            other => bail!("unknown test {other:?} (throughput, latency, connrate)"),
+        })
+    }
 }
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -75,6 +107,9 @@ impl Config {
             connrate_threads: 4,
             held: vec![1000, 10_000],
             mesh_args: Vec::new(),
+            routes: Route::ALL.to_vec(),
+            tests: Test::ALL.to_vec(),
+            memory: true,
             out_dir,
             name: "datapath".into(),
         }
@@ -110,6 +145,13 @@ pub enum Route {
 
 impl Route {
     pub const ALL: [Route; 3] = [Route::Direct, Route::SameNode, Route::CrossNode];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Route::ALL
+            .into_iter()
+            .find(|r| r.key() == name)
+            .with_context(|| format!("unknown path {name:?} (direct, same-node, cross-node)"))
+    }
 
     pub fn key(self) -> &'static str {
         match self {
@@ -274,113 +316,43 @@ pub fn run(config: &Config) -> Result<Report> {
         topo: &topo,
         loadgen,
     };
-    let mut samples = Samples::default();
-    let mut errors = Vec::new();
-    let mut notes = Vec::new();
+    let mut found = Found::default();
 
-    for route in [Route::SameNode, Route::CrossNode] {
-        let meshes = bench.start_meshes()?;
-        thread::sleep(config.settle());
-        samples.add("rss_idle", route, meshes.rss_mib(route)?);
-        for &n in &config.held {
-            let needed = descriptors_needed(route, n);
-            if needed > open_files {
-                notes.push(format!(
-                    "{} with {n} open connections not measured: its mesh-node would need {needed} \
-                     file descriptors, and the open-file limit here is {open_files} (raising it \
-                     needs CAP_SYS_RESOURCE)",
-                    route.key()
-                ));
-                continue;
-            }
-            let held = bench.hold(route, n)?;
-            if held.errors > 0 {
-                errors.push(format!(
-                    "{}: {} of {n} held connections failed",
-                    route.key(),
-                    held.errors
-                ));
-            }
-            thread::sleep(config.settle());
-            let rss = meshes.rss_mib(route)?;
-            eprintln!(
-                "bench: {} with {n} open connections: {rss:.1} MiB",
-                route.key()
-            );
-            samples.add(&format!("rss_{n}"), route, rss);
-            held.close()?;
+    if config.memory {
+        for route in config
+            .routes
+            .iter()
+            .copied()
+            .filter(|r| *r != Route::Direct)
+        {
+            bench.memory(route, open_files, &mut found)?;
         }
     }
-
     let meshes = bench.start_meshes()?;
     for run in 1..=config.runs {
-        for route in Route::ALL {
+        for &route in &config.routes {
             let tag = format!("run {run}/{} {}", config.runs, route.key());
-            for streams in [1, 8] {
-                let cpu_before = meshes.cpu_seconds(route)?;
-                let out = bench.client(
-                    route,
-                    &["throughput".into(), streams.to_string()],
-                    &[config.warmup, config.duration],
-                )?;
-                let cpu = meshes.cpu_seconds(route)? - cpu_before;
-                let gbit = out.get("measured_bytes")? * 8.0 / out.get("seconds")? / 1e9;
-                eprintln!("bench: {tag} throughput, {streams} stream(s): {gbit:.2} Gbit/s");
-                samples.add(&format!("throughput_{streams}"), route, gbit);
-                if !route.mesh_nodes().is_empty() {
-                    let gb = out.get("bytes")? / 1e9;
-                    samples.add(&format!("cpu_per_gb_{streams}"), route, cpu / gb);
+            for &test in &config.tests {
+                match test {
+                    Test::Throughput => {
+                        for streams in [1, 8] {
+                            bench.throughput(&tag, route, streams, &meshes, &mut found)?;
+                        }
+                    }
+                    Test::Latency => bench.latency(&tag, route, &mut found)?,
+                    Test::ConnRate => bench.connrate(&tag, route, &mut found)?,
                 }
-            }
-
-            let out = bench.client(
-                route,
-                &[
-                    "latency".into(),
-                    config.latency_conns.to_string(),
-                    config.latency_rate.to_string(),
-                ],
-                &[config.warmup, config.duration],
-            )?;
-            let failed = out.get("errors")?;
-            if failed > 0.0 || out.get("count")? == 0.0 {
-                errors.push(format!(
-                    "{tag} latency: {failed} failed connections, {} requests answered",
-                    out.get("count")?
-                ));
-            }
-            for p in ["p50", "p90", "p99", "max"] {
-                samples.add(&format!("latency_{p}"), route, out.get(&format!("{p}_us"))?);
-            }
-            eprintln!(
-                "bench: {tag} latency p50 {:.0} µs, p99 {:.0} µs",
-                out.get("p50_us")?,
-                out.get("p99_us")?
-            );
-
-            let out = bench.client(
-                route,
-                &["connrate".into(), config.connrate_threads.to_string()],
-                &[config.warmup, config.duration],
-            )?;
-            let failed = out.get("errors")?;
-            if failed > 0.0 || out.get("conns")? == 0.0 {
-                errors.push(format!(
-                    "{tag} connection rate: {failed} failed, {} completed",
-                    out.get("conns")?
-                ));
-            }
-            let rate = out.get("conns")? / out.get("seconds")?;
-            eprintln!("bench: {tag} {rate:.0} connections/s");
-            samples.add("conn_rate", route, rate);
-            for key in ["connect_p50", "connect_p99", "exchange_p50", "exchange_p99"] {
-                samples.add(key, route, out.get(&format!("{key}_us"))?);
             }
         }
     }
     bench.check_routes(&meshes)?;
     drop(meshes);
 
+    let Found {
+        mut samples,
+        errors,
+        notes,
+    } = found;
     let report = Report {
         machine: Machine::read(),
         config: config.clone(),
@@ -568,7 +540,136 @@ struct Bench<'a> {
     loadgen: PathBuf,
 }
 
+/// What a run found: figures, failures, and what could not be measured.
+#[derive(Default)]
+struct Found {
+    samples: Samples,
+    errors: Vec<String>,
+    notes: Vec<String>,
+}
+
 impl Bench<'_> {
+    /// mesh-node's resident memory on fresh processes: idle, then holding each count of open
+    /// connections in turn.
+    fn memory(&self, route: Route, open_files: u64, found: &mut Found) -> Result<()> {
+        let meshes = self.start_meshes()?;
+        thread::sleep(self.config.settle());
+        found.samples.add("rss_idle", route, meshes.rss_mib(route)?);
+        for &n in &self.config.held {
+            let needed = descriptors_needed(route, n);
+            if needed > open_files {
+                found.notes.push(format!(
+                    "{} with {n} open connections not measured: its mesh-node would need {needed} \
+                     file descriptors, and the open-file limit here is {open_files} (raising it \
+                     needs CAP_SYS_RESOURCE)",
+                    route.key()
+                ));
+                continue;
+            }
+            let held = self.hold(route, n)?;
+            if held.errors > 0 {
+                found.errors.push(format!(
+                    "{}: {} of {n} held connections failed",
+                    route.key(),
+                    held.errors
+                ));
+            }
+            thread::sleep(self.config.settle());
+            let rss = meshes.rss_mib(route)?;
+            eprintln!(
+                "bench: {} with {n} open connections: {rss:.1} MiB",
+                route.key()
+            );
+            found.samples.add(&format!("rss_{n}"), route, rss);
+            held.close()?;
+        }
+        Ok(())
+    }
+
+    /// Bulk upload on `streams` connections; mesh-node's CPU time over the whole run, per GB.
+    fn throughput(
+        &self,
+        tag: &str,
+        route: Route,
+        streams: usize,
+        meshes: &Meshes,
+        found: &mut Found,
+    ) -> Result<()> {
+        let cpu_before = meshes.cpu_seconds(route)?;
+        let out = self.client(
+            route,
+            &["throughput".into(), streams.to_string()],
+            &[self.config.warmup, self.config.duration],
+        )?;
+        let cpu = meshes.cpu_seconds(route)? - cpu_before;
+        let gbit = out.get("measured_bytes")? * 8.0 / out.get("seconds")? / 1e9;
+        eprintln!("bench: {tag} throughput, {streams} stream(s): {gbit:.2} Gbit/s");
+        found
+            .samples
+            .add(&format!("throughput_{streams}"), route, gbit);
+        if !route.mesh_nodes().is_empty() {
+            let gb = out.get("bytes")? / 1e9;
+            found
+                .samples
+                .add(&format!("cpu_per_gb_{streams}"), route, cpu / gb);
+        }
+        Ok(())
+    }
+
+    fn latency(&self, tag: &str, route: Route, found: &mut Found) -> Result<()> {
+        let out = self.client(
+            route,
+            &[
+                "latency".into(),
+                self.config.latency_conns.to_string(),
+                self.config.latency_rate.to_string(),
+            ],
+            &[self.config.warmup, self.config.duration],
+        )?;
+        let failed = out.get("errors")?;
+        if failed > 0.0 || out.get("count")? == 0.0 {
+            found.errors.push(format!(
+                "{tag} latency: {failed} failed connections, {} requests answered",
+                out.get("count")?
+            ));
+        }
+        for p in ["p50", "p90", "p99", "max"] {
+            found
+                .samples
+                .add(&format!("latency_{p}"), route, out.get(&format!("{p}_us"))?);
+        }
+        eprintln!(
+            "bench: {tag} latency p50 {:.0} µs, p99 {:.0} µs",
+            out.get("p50_us")?,
+            out.get("p99_us")?
+        );
+        Ok(())
+    }
+
+    fn connrate(&self, tag: &str, route: Route, found: &mut Found) -> Result<()> {
+        let out = self.client(
+            route,
+            &["connrate".into(), self.config.connrate_threads.to_string()],
+            &[self.config.warmup, self.config.duration],
+        )?;
+        let failed = out.get("errors")?;
+        if failed > 0.0 || out.get("conns")? == 0.0 {
+            found.errors.push(format!(
+                "{tag} connection rate: {failed} failed, {} completed",
+                out.get("conns")?
+            ));
+        }
+        let rate = out.get("conns")? / out.get("seconds")?;
+        eprintln!("bench: {tag} {rate:.0} connections/s");
+        found.samples.add("conn_rate", route, rate);
+        for key in ["connect_p50", "connect_p99", "exchange_p50", "exchange_p99"] {
+            found
+                .samples
+                .add(key, route, out.get(&format!("{key}_us"))?);
+        }
+        Ok(())
+    }
+
     fn start_meshes(&self) -> Result<Meshes> {
         let args: Vec<&str> = self.config.mesh_args.iter().map(String::as_str).collect();
         Ok(Meshes {
@@ -613,7 +714,7 @@ impl Bench<'_> {
     /// The figures are only worth something if each path went where it says: node1's mesh-node
     /// logged the captured paths' connections with their route, and none of the direct ones.
     fn check_routes(&self, meshes: &Meshes) -> Result<()> {
-        for route in Route::ALL {
+        for &route in &self.config.routes {
             let dst = format!("original_dst={}", self.target(route));
             let carried = meshes
                 .node1

@@ -5,7 +5,7 @@
 //! - `demo`: setup, build, then run the two-node demo.
 //! - `test`: setup, build, lint, then every test, privileged integration tests included (a missing
 //!   privilege fails the run instead of skipping).
-//! - `bench [datapath] [--smoke] [--runs N] [-- MESH_NODE_ARGS]`: release build, then the data-path
+//! - `bench [datapath [--smoke] [--runs N] …]`: release build, then the data-path
 //!   benchmark (direct vs same-node vs cross-node HBONE).
 //! - `bench xds [SIZES]`: release build, then the control-plane scale benchmark.
 use std::{
@@ -52,15 +52,10 @@ enum BenchSuite {
     /// Data path: throughput, latency, connection rate and memory of mesh-node's paths against
     /// a no-mesh baseline; Markdown on stdout, JSON in target/bench.
     Datapath {
-        /// A few seconds through every code path (what CI runs); the figures mean nothing.
-        #[arg(long)]
-        smoke: bool,
-        /// Runs per figure (default 5).
-        #[arg(long)]
-        runs: Option<usize>,
-        /// Extra `mesh-node run` arguments, after `--` (e.g. `-- --workers 1`).
-        #[arg(last = true)]
-        mesh_args: Vec<String>,
+        /// Passed to mesh-bench: `--smoke`, `--runs N`, `--paths P,…`, `--tests T,…`,
+        /// `--no-memory`, `--name NAME`, `--mesh "MESH_NODE_ARGS"`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Control-plane scale: N workloads + N/10 services pushed over delta ADS; first-sync time
     /// and resident memory of the receiving process.
@@ -90,28 +85,12 @@ fn main() -> Result<()> {
                 &["build", "--release", "-p", "mesh-node", "-p", "mesh-tests"],
             )?;
             let release = root.join("target/release");
-            let suite = suite.unwrap_or(BenchSuite::Datapath {
-                smoke: false,
-                runs: None,
-                mesh_args: Vec::new(),
-            });
-            match suite {
-                BenchSuite::Datapath {
-                    smoke,
-                    runs,
-                    mesh_args,
-                } => {
+            match suite.unwrap_or(BenchSuite::Datapath { args: Vec::new() }) {
+                BenchSuite::Datapath { args } => {
                     let mut bench = Command::new(release.join("mesh-bench"));
-                    bench.env("MESH_NODE_BIN", release.join("mesh-node"));
-                    if smoke {
-                        bench.arg("--smoke");
-                    }
-                    if let Some(runs) = runs {
-                        bench.args(["--runs", &runs.to_string()]);
-                    }
-                    if !mesh_args.is_empty() {
-                        bench.arg("--").args(mesh_args);
-                    }
+                    bench
+                        .env("MESH_NODE_BIN", release.join("mesh-node"))
+                        .args(args);
                     run(bench)?;
                 }
                 BenchSuite::Xds { sizes } => {

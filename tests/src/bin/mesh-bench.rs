@@ -1,10 +1,12 @@
-//! `mesh-bench [--smoke] [--runs N] [--out DIR] [-- MESH_NODE_ARGS…]`: the data-path benchmark
-//! (see `mesh_tests::bench`). Prints the Markdown table on stdout, progress on stderr, and writes
-//! `DIR/datapath.json` and `DIR/datapath.md` (default `DIR`: `target/bench`).
+//! `mesh-bench [--smoke] [--runs N] [--out DIR] [--name NAME] [--paths P,…] [--tests T,…]
+//! [--no-memory] [--mesh "ARGS"] [-- MESH_NODE_ARGS…]`: the data-path benchmark (see `mesh_tests::bench`).
+//! Prints the Markdown table on stdout, progress on stderr, and writes `DIR/NAME.json` and
+//! `DIR/NAME.md` (default `target/bench/datapath`). `--paths`, `--tests` and `--no-memory`
+//! narrow a run for quick experiments.
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::bench::{self, Config};
+use mesh_tests::bench::{self, Config, Route, Test};
 
 fn main() -> ExitCode {
     match run() {
@@ -23,18 +25,41 @@ fn run() -> Result<()> {
     }
     let default_out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let mut args = std::env::args().skip(1);
-    let (mut smoke, mut runs, mut out, mut mesh_args) = (false, None, default_out, Vec::new());
+    let (mut smoke, mut runs, mut out, mut name) = (false, None, default_out, None);
+    let (mut routes, mut tests, mut memory, mut mesh_args) = (None, None, true, Vec::new());
     while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--smoke" => smoke = true,
             "--runs" => {
-                let n = args.next().context("--runs needs a number")?;
+                let n = value()?;
                 runs = Some(n.parse().with_context(|| format!("--runs {n:?}"))?);
             }
-            "--out" => out = PathBuf::from(args.next().context("--out needs a directory")?),
+            "--out" => out = PathBuf::from(value()?),
+            "--name" => name = Some(value()?),
+            "--paths" => {
+                routes = Some(
+                    value()?
+                        .split(',')
+                        .map(Route::parse)
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            }
+            "--tests" => {
+                tests = Some(
+                    value()?
+                        .split(',')
+                        .map(Test::parse)
+                        .collect::<Result<Vec<_>>>()?,
+                )
+            }
+            "--no-memory" => memory = false,
+            "--mesh" => mesh_args.extend(value()?.split_whitespace().map(str::to_owned)),
             "--" => mesh_args.extend(args.by_ref()),
             other => bail!(
-                "unknown argument {other:?}; usage: mesh-bench [--smoke] [--runs N] [--out DIR] [-- MESH_NODE_ARGS…]"
+                "unknown argument {other:?}; usage: mesh-bench [--smoke] [--runs N] [--out DIR] \
+                 [--name NAME] [--paths P,…] [--tests T,…] [--no-memory] [--mesh \"ARGS\"] \
+                 [-- MESH_NODE_ARGS…]"
             ),
         }
     }
@@ -43,9 +68,11 @@ fn run() -> Result<()> {
     } else {
         Config::full(out)
     };
-    if let Some(runs) = runs {
-        config.runs = runs;
-    }
+    config.runs = runs.unwrap_or(config.runs);
+    config.name = name.unwrap_or(config.name);
+    config.routes = routes.unwrap_or(config.routes);
+    config.tests = tests.unwrap_or(config.tests);
+    config.memory = memory;
     config.mesh_args = mesh_args;
     let report = bench::run(&config)?;
     print!("{}", bench::markdown(&report));

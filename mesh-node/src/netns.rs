@@ -67,23 +67,25 @@ impl NetNs {
     /// namespace it was in. Sockets created by `f` stay in this namespace for their whole life.
     /// `f` must not block: it runs on whatever thread calls this, possibly a runtime worker.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetNsError> {
-        let home =
-            File::open("/proc/thread-self/ns/net").map_err(|io_error| NetNsError::SetNs {
+        HOME_NETNS.with(|home| {
+            let home = home.as_ref().map_err(|error| NetNsError::SetNs {
                 call: "open own netns",
+                io_error: io::Error::new(error.kind(), error.to_string()),
+            })?;
+            setns(&self.file).map_err(|io_error| NetNsError::SetNs {
+                call: "enter",
                 io_error,
             })?;
-        setns(&self.file).map_err(|io_error| NetNsError::SetNs {
-            call: "enter",
-            io_error,
-        })?;
-        let result = f();
-        // Failing to return would leave this thread (possibly a runtime worker, which survives
-        // a panic) in the pod's namespace, silently opening later sockets there. Stop instead.
-        if let Err(io_error) = setns(&home) {
-            tracing::error!(%io_error, "setns back to the original network namespace failed");
-            std::process::abort();
-        }
-        Ok(result)
+            let result = f();
+            // Failing to return would leave this thread (possibly a runtime worker, which
+            // survives a panic) in the pod's namespace, silently opening later sockets there.
+            // Stop instead.
+            if let Err(io_error) = setns(home) {
+                tracing::error!(%io_error, "setns back to the original network namespace failed");
+                std::process::abort();
+            }
+            Ok(result)
+        })
     }
 }
 

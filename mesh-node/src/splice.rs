@@ -16,8 +16,8 @@ use std::{
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// First buffer of each direction: one small request or response fits.
-pub const COPY_BUFFER_INITIAL: usize = 4 * 1024;
+/// First buffer of each direction: small, since most connections are idle most of the time.
+pub const COPY_BUFFER_INITIAL: usize = 1024;
 /// Largest buffer a direction grows to: few syscalls per megabyte on bulk transfers.
 pub const COPY_BUFFER_MAX: usize = 64 * 1024;
 

@@ -77,7 +77,10 @@ impl MeshNode {
             .arg(&node.bpffs)
             .args(workers)
             .args(extra)
-            .env("MESH_NODE_LOG", "info")
+            .env(
+                "MESH_NODE_LOG",
+                std::env::var("MESH_NODE_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);

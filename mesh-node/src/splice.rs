@@ -107,7 +107,8 @@ impl Copy {
                 if self.buf.is_empty() {
                     self.buf.resize(COPY_BUFFER_INITIAL, 0);
                 } else if grow {
-                    self.buf.resize((self.buf.len() * 2).min(COPY_BUFFER_MAX), 0);
+                    self.buf
+                        .resize((self.buf.len() * 2).min(COPY_BUFFER_MAX), 0);
                 }
                 let mut read = ReadBuf::new(&mut self.buf);
                 match reader.as_mut().poll_read(cx, &mut read) {
@@ -236,7 +237,10 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"thanks");
-        assert!(server_side.await.unwrap() == expected, "upload arrived intact");
+        assert!(
+            server_side.await.unwrap() == expected,
+            "upload arrived intact"
+        );
         match spliced.await.unwrap() {
             Ended::Closed { a_to_b, b_to_a } => assert_eq!((a_to_b, b_to_a), (1 << 20, 6)),
             other => panic!("{other:?}"),

@@ -22,7 +22,7 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     process::ExitCode,
-    sync::{Arc, Barrier},
+    sync::{Barrier, OnceLock},
     thread,
     time::{Duration, Instant},
 };
@@ -33,6 +33,8 @@ const SINK: u8 = b'S';
 const ECHO: u8 = b'E';
 const WRITE_CHUNK: usize = 256 * 1024;
 const REQUEST: usize = 1024;
+/// A read that takes this long means the path is stuck: fail rather than hang.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -141,6 +143,7 @@ async fn answer(mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
 fn open_echo(addr: SocketAddr) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.write_all(&[ECHO])?;
     let mut byte = [0u8];
     stream.read_exact(&mut byte)?;
@@ -164,54 +167,44 @@ fn throughput(
     warmup: Duration,
     duration: Duration,
 ) -> Result<()> {
-    let start = Arc::new(Barrier::new(streams + 1));
-    let t0 = Arc::new(std::sync::OnceLock::<Instant>::new());
-    let workers: Vec<_> = (0..streams)
-        .map(|_| {
-            let (start, t0) = (start.clone(), t0.clone());
-            thread::spawn(move || -> Result<Upload> {
-                let mut stream = TcpStream::connect(addr)?;
-                stream.write_all(&[SINK])?;
-                let chunk: Vec<u8> = (0..WRITE_CHUNK).map(|i| (i * 7) as u8).collect();
-                start.wait();
-                let t0 = *t0.get().ok_or("no start time")?;
-                let (warm_end, end) = (t0 + warmup, t0 + warmup + duration);
-                let (mut written, mut before_warmup_end) = (0u64, None);
-                loop {
-                    let now = Instant::now();
-                    if before_warmup_end.is_none() && now >= warm_end {
-                        before_warmup_end = Some(written);
-                    }
-                    if now >= end {
-                        break;
-                    }
-                    stream.write_all(&chunk)?;
-                    written += chunk.len() as u64;
+    let chunk: Vec<u8> = (0..WRITE_CHUNK).map(|i| (i * 7) as u8).collect();
+    let (t0, uploads) = in_step(
+        streams,
+        |_| {
+            let mut stream = TcpStream::connect(addr)?;
+            stream.write_all(&[SINK])?;
+            Ok(stream)
+        },
+        |_, mut stream, t0| {
+            let (warm_end, end) = (t0 + warmup, t0 + warmup + duration);
+            let (mut written, mut before_warmup_end) = (0u64, None);
+            loop {
+                let now = Instant::now();
+                if before_warmup_end.is_none() && now >= warm_end {
+                    before_warmup_end = Some(written);
                 }
-                stream.shutdown(Shutdown::Write)?;
-                let mut count = [0u8; 8];
-                stream.read_exact(&mut count)?;
-                let finished = Instant::now();
-                let counted = u64::from_be_bytes(count);
-                // The mode byte is not counted by the server.
-                if counted != written {
-                    return Err(format!("wrote {written} bytes, server counted {counted}").into());
+                if now >= end {
+                    break;
                 }
-                Ok(Upload {
-                    counted,
-                    before_warmup_end: before_warmup_end.unwrap_or(written),
-                    finished,
-                })
+                stream.write_all(&chunk)?;
+                written += chunk.len() as u64;
+            }
+            stream.shutdown(Shutdown::Write)?;
+            let mut count = [0u8; 8];
+            stream.read_exact(&mut count)?;
+            let finished = Instant::now();
+            let counted = u64::from_be_bytes(count);
+            // The mode byte is not counted by the server.
+            if counted != written {
+                return Err(format!("wrote {written} bytes, server counted {counted}").into());
+            }
+            Ok(Upload {
+                counted,
+                before_warmup_end: before_warmup_end.unwrap_or(written),
+                finished,
             })
-        })
-        .collect();
-    let _ = t0.set(Instant::now());
-    start.wait();
-    let warm_end = *t0.get().ok_or("no start time")? + warmup;
-    let mut uploads = Vec::new();
-    for worker in workers {
-        uploads.push(worker.join().map_err(|_| "stream thread panicked")??);
-    }
+        },
+    )?;
     let bytes: u64 = uploads.iter().map(|u| u.counted).sum();
     let measured: u64 = uploads
         .iter()
@@ -222,7 +215,7 @@ fn throughput(
         .map(|u| u.finished)
         .max()
         .ok_or("no streams")?;
-    let seconds = last.duration_since(warm_end).as_secs_f64();
+    let seconds = last.duration_since(t0 + warmup).as_secs_f64();
     println!("result bytes={bytes} measured_bytes={measured} seconds={seconds:.6}");
     Ok(())
 }
@@ -245,53 +238,44 @@ fn latency(
     if conns == 0 || rate == 0 {
         return Err("latency needs at least one connection and a positive rate".into());
     }
-    let start = Arc::new(Barrier::new(conns + 1));
-    let t0 = Arc::new(std::sync::OnceLock::<Instant>::new());
     // Each connection sends every `interval`; connection i is offset by i/conns of it.
     let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
-    let workers: Vec<_> = (0..conns)
-        .map(|conn| {
-            let (start, t0) = (start.clone(), t0.clone());
-            thread::spawn(move || -> Result<(Vec<u64>, u64)> {
-                let mut stream = open_echo(addr)?;
-                start.wait();
-                let t0 = *t0.get().ok_or("no start time")?;
-                let first = t0 + interval.mul_f64(conn as f64 / conns as f64);
-                let (warm_end, end) = (t0 + warmup, t0 + warmup + duration);
-                let (mut samples, mut errors) = (Vec::new(), 0u64);
-                let mut answer = vec![0u8; REQUEST];
-                for k in 0u64.. {
-                    let due = first + interval.mul_f64(k as f64);
-                    if due >= end {
-                        break;
-                    }
-                    let now = Instant::now();
-                    if due > now {
-                        thread::sleep(due - now);
-                    }
-                    let body = request(conn, k);
-                    let sent = Instant::now();
-                    let exchanged = stream
-                        .write_all(&body)
-                        .and_then(|()| stream.read_exact(&mut answer));
-                    let took = sent.elapsed();
-                    if exchanged.is_err() || answer != body {
-                        errors += 1;
-                        break;
-                    }
-                    if due >= warm_end {
-                        samples.push(took.as_nanos() as u64);
-                    }
+    let (_, results) = in_step(
+        conns,
+        |_| open_echo(addr),
+        |conn, mut stream, t0| {
+            let first = t0 + interval.mul_f64(conn as f64 / conns as f64);
+            let (warm_end, end) = (t0 + warmup, t0 + warmup + duration);
+            let (mut samples, mut errors) = (Vec::new(), 0u64);
+            let mut answer = vec![0u8; REQUEST];
+            for k in 0u64.. {
+                let due = first + interval.mul_f64(k as f64);
+                if due >= end {
+                    break;
                 }
-                Ok((samples, errors))
-            })
-        })
-        .collect();
-    let _ = t0.set(Instant::now());
-    start.wait();
+                let now = Instant::now();
+                if due > now {
+                    thread::sleep(due - now);
+                }
+                let body = request(conn, k);
+                let sent = Instant::now();
+                let exchanged = stream
+                    .write_all(&body)
+                    .and_then(|()| stream.read_exact(&mut answer));
+                let took = sent.elapsed();
+                if exchanged.is_err() || answer != body {
+                    errors += 1;
+                    break;
+                }
+                if due >= warm_end {
+                    samples.push(took.as_nanos() as u64);
+                }
+            }
+            Ok((samples, errors))
+        },
+    )?;
     let (mut samples, mut errors) = (Vec::new(), 0);
-    for worker in workers {
-        let (s, e) = worker.join().map_err(|_| "connection thread panicked")??;
+    for (s, e) in results {
         samples.extend(s);
         errors += e;
     }
@@ -308,54 +292,47 @@ fn latency(
 }
 
 fn connrate(addr: SocketAddr, threads: usize, warmup: Duration, duration: Duration) -> Result<()> {
-    let start = Arc::new(Barrier::new(threads + 1));
-    let t0 = Arc::new(std::sync::OnceLock::<Instant>::new());
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let (start, t0) = (start.clone(), t0.clone());
-            thread::spawn(move || -> Result<(Vec<u64>, Vec<u64>, u64)> {
-                start.wait();
-                let t0 = *t0.get().ok_or("no start time")?;
-                let (warm_end, end) = (t0 + warmup, t0 + warmup + duration);
-                let (mut connect, mut exchange, mut errors) = (Vec::new(), Vec::new(), 0u64);
-                let mut byte = [0u8];
-                loop {
-                    let began = Instant::now();
-                    if began >= end {
-                        break;
+    let (_, results) = in_step(
+        threads,
+        |_| Ok(()),
+        |_, (), t0| {
+            let (warm_end, end) = (t0 + warmup, t0 + warmup + duration);
+            let (mut connect, mut exchange, mut errors) = (Vec::new(), Vec::new(), 0u64);
+            let mut byte = [0u8];
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                let outcome = TcpStream::connect(addr).and_then(|mut stream| {
+                    let connected = began.elapsed();
+                    stream.set_nodelay(true)?;
+                    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+                    stream.write_all(&[ECHO])?;
+                    stream.read_exact(&mut byte)?;
+                    Ok((connected, began.elapsed()))
+                });
+                match outcome {
+                    Ok((connected, answered)) if byte[0] == ECHO => {
+                        if began >= warm_end {
+                            connect.push(connected.as_nanos() as u64);
+                            exchange.push(answered.as_nanos() as u64);
+                        }
                     }
-                    let outcome = TcpStream::connect(addr).and_then(|mut stream| {
-                        let connected = began.elapsed();
-                        stream.set_nodelay(true)?;
-                        stream.write_all(&[ECHO])?;
-                        stream.read_exact(&mut byte)?;
-                        Ok((connected, began.elapsed()))
-                    });
-                    match outcome {
-                        Ok((connected, answered)) if byte[0] == ECHO => {
-                            if began >= warm_end {
-                                connect.push(connected.as_nanos() as u64);
-                                exchange.push(answered.as_nanos() as u64);
-                            }
+                    Ok(_) => errors += 1,
+                    Err(error) => {
+                        if errors == 0 {
+                            eprintln!("loadgen: connection to {addr}: {error}");
                         }
-                        Ok(_) => errors += 1,
-                        Err(error) => {
-                            if errors == 0 {
-                                eprintln!("loadgen: connection to {addr}: {error}");
-                            }
-                            errors += 1;
-                        }
+                        errors += 1;
                     }
                 }
-                Ok((connect, exchange, errors))
-            })
-        })
-        .collect();
-    let _ = t0.set(Instant::now());
-    start.wait();
+            }
+            Ok((connect, exchange, errors))
+        },
+    )?;
     let (mut connect, mut exchange, mut errors) = (Vec::new(), Vec::new(), 0);
-    for worker in workers {
-        let (c, x, e) = worker.join().map_err(|_| "connection thread panicked")??;
+    for (c, x, e) in results {
         connect.extend(c);
         exchange.extend(x);
         errors += e;
@@ -373,6 +350,41 @@ fn connrate(addr: SocketAddr, threads: usize, warmup: Duration, duration: Durati
         micros(percentile(&exchange, 0.99)),
     );
     Ok(())
+}
+
+/// Runs `n` threads in step: each runs `prepare` (say, connects), all wait for each other,
+/// then each runs `body` with the same start instant, which is returned with the results in
+/// thread order. A thread whose `prepare` failed still takes part in the wait, then fails.
+fn in_step<P, T: Send>(
+    n: usize,
+    prepare: impl Fn(usize) -> std::io::Result<P> + Sync,
+    body: impl Fn(usize, P, Instant) -> Result<T> + Sync,
+) -> Result<(Instant, Vec<T>)> {
+    // All prepared, then the start instant is taken, then all go.
+    let (ready, go) = (Barrier::new(n + 1), Barrier::new(n + 1));
+    let t0 = OnceLock::new();
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..n)
+            .map(|i| {
+                let (ready, go, t0, prepare, body) = (&ready, &go, &t0, &prepare, &body);
+                scope.spawn(move || -> Result<T> {
+                    let prepared = prepare(i);
+                    ready.wait();
+                    go.wait();
+                    let t0 = *t0.get().ok_or("no start time")?;
+                    body(i, prepared?, t0)
+                })
+            })
+            .collect();
+        ready.wait();
+        let now = *t0.get_or_init(Instant::now);
+        go.wait();
+        let results = workers
+            .into_iter()
+            .map(|worker| worker.join().map_err(|_| "worker thread panicked")?)
+            .collect::<Result<Vec<T>>>()?;
+        Ok((now, results))
+    })
 }
 
 fn hold(addr: SocketAddr, n: usize) -> Result<()> {

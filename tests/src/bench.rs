@@ -867,14 +867,18 @@ impl Outcome {
     }
 }
 
-fn proc_rss_kib(pid: u32) -> Result<u64> {
+/// Resident memory of process `pid` (`VmRSS` of `/proc/<pid>/status`).
+pub fn proc_rss_kib(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+    kib_field(&status, "VmRSS:").with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// A `Name:   1234 kB` line of a /proc file.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in {path}"))
 }
 
 fn proc_cpu_seconds(pid: u32) -> Result<f64> {
@@ -910,8 +914,9 @@ fn descriptors_needed(route: Route, n: usize) -> u64 {
     (per_connection * n + 200) as u64
 }
 
-/// Raises this process's open-file limit (root may raise the hard limit too), which the
-/// mesh-nodes and load generators it starts inherit. Returns the soft limit in force.
+/// Raises this process's open-file limit, which the mesh-nodes and load generators it starts
+/// inherit: the hard limit too if allowed (root with CAP_SYS_RESOURCE), else the soft limit up to
+/// the hard one, as mesh-node does for itself. Returns the soft limit in force.
 fn raise_open_file_limit() -> u64 {
     let nr_open: u64 = fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
@@ -922,22 +927,11 @@ fn raise_open_file_limit() -> u64 {
         rlim_cur: wanted,
         rlim_max: wanted,
     };
-    let mut now = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit/getrlimit only read and write the structs passed in.
-    unsafe {
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            return wanted;
-        }
-        // Without CAP_SYS_RESOURCE only the soft limit can move, up to the hard one.
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
-        now.rlim_cur = now.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &now);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+    // SAFETY: setrlimit only reads the struct passed in.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return wanted;
     }
-    now.rlim_cur
+    mesh_node::preflight::raise_open_file_limit()
 }
 
 impl Machine {
@@ -948,14 +942,10 @@ impl Machine {
             .find_map(|l| l.strip_prefix("model name"))
             .and_then(|l| l.split_once(':'))
             .map_or_else(|| "unknown CPU".to_owned(), |(_, v)| v.trim().to_owned());
-        let memory_kib: f64 = fs::read_to_string("/proc/meminfo")
+        let memory_kib = fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-            .unwrap_or(0.0);
+            .and_then(|m| kib_field(&m, "MemTotal:"))
+            .unwrap_or(0) as f64;
         let command = |program: &str, args: &[&str]| {
             std::process::Command::new(program)
                 .args(args)

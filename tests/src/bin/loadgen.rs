@@ -43,30 +43,30 @@ fn main() -> ExitCode {
         ["serve", addr] => serve(addr),
         ["throughput", addr, streams, warmup, duration] => (|| {
             throughput(
-                addr.parse()?,
-                streams.parse()?,
-                millis(warmup)?,
-                millis(duration)?,
+                arg("ADDR", addr)?,
+                arg("STREAMS", streams)?,
+                millis("WARMUP_MS", warmup)?,
+                millis("DURATION_MS", duration)?,
             )
         })(),
         ["latency", addr, conns, rate, warmup, duration] => (|| {
             latency(
-                addr.parse()?,
-                conns.parse()?,
-                rate.parse()?,
-                millis(warmup)?,
-                millis(duration)?,
+                arg("ADDR", addr)?,
+                arg("CONNS", conns)?,
+                arg("RATE", rate)?,
+                millis("WARMUP_MS", warmup)?,
+                millis("DURATION_MS", duration)?,
             )
         })(),
         ["connrate", addr, threads, warmup, duration] => (|| {
             connrate(
-                addr.parse()?,
-                threads.parse()?,
-                millis(warmup)?,
-                millis(duration)?,
+                arg("ADDR", addr)?,
+                arg("THREADS", threads)?,
+                millis("WARMUP_MS", warmup)?,
+                millis("DURATION_MS", duration)?,
             )
         })(),
-        ["hold", addr, n] => (|| hold(addr.parse()?, n.parse()?))(),
+        ["hold", addr, n] => (|| hold(arg("ADDR", addr)?, arg("N", n)?))(),
         _ => Err(
             "usage: loadgen serve ADDR | throughput ADDR STREAMS WARMUP_MS DURATION_MS | \
                   latency ADDR CONNS RATE WARMUP_MS DURATION_MS | \
@@ -85,8 +85,17 @@ fn main() -> ExitCode {
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-fn millis(text: &str) -> Result<Duration> {
-    Ok(Duration::from_millis(text.parse()?))
+/// Parses one command-line argument, naming it when it is malformed.
+fn arg<T: std::str::FromStr>(name: &str, text: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse()
+        .map_err(|error| format!("{name} {text:?}: {error}").into())
+}
+
+fn millis(name: &str, text: &str) -> Result<Duration> {
+    arg(name, text).map(Duration::from_millis)
 }
 
 fn serve(addr: &str) -> Result<()> {

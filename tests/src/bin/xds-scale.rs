@@ -259,10 +259,5 @@ fn client(addr: &str, root: &str) -> Result<()> {
 }
 
 fn rss_kib() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS in /proc/self/status")
+    mesh_tests::bench::proc_rss_kib(std::process::id())
 }

@@ -6,7 +6,8 @@
 //! ~100 KB of resident memory per proxied connection in the benchmark) or bulk transfers make
 //! a syscall per few KiB. Here each direction starts with [`COPY_BUFFER_INITIAL`] bytes and
 //! doubles, up to [`COPY_BUFFER_MAX`], each time a read fills it — only directions that carry
-//! bulk data pay for large buffers.
+//! bulk data pay for large buffers. While the writer is busy, reading goes on into the free rest
+//! of the buffer, so that the next write carries more.
 use std::{
     future::Future,
     io,
@@ -129,11 +130,23 @@ impl Copy {
                 }
             }
             while self.pos < self.filled {
-                let n = ready!(
-                    writer
-                        .as_mut()
-                        .poll_write(cx, &self.buf[self.pos..self.filled])
-                )?;
+                let written = writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.pos..self.filled]);
+                let Poll::Ready(written) = written else {
+                    // The writer is busy: read on into the free rest of the buffer, so the next
+                    // write carries more (as tokio's copy does).
+                    if self.eof || self.filled == self.buf.len() {
+                        return Poll::Pending;
+                    }
+                    let mut read = ReadBuf::new(&mut self.buf[self.filled..]);
+                    ready!(reader.as_mut().poll_read(cx, &mut read))?;
+                    let n = read.filled().len();
+                    self.filled += n;
+                    self.eof = n == 0;
+                    continue;
+                };
+                let n = written?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -271,6 +284,59 @@ mod tests {
         .await
         .unwrap();
         assert_eq!((copied, copy.buf.len()), (4 << 20, COPY_BUFFER_MAX));
+    }
+
+    /// A writer that is busy every other call: the copy reads on meanwhile, loses nothing and
+    /// keeps the order.
+    #[tokio::test]
+    async fn reads_on_while_the_writer_is_busy() {
+        struct Busy {
+            out: Vec<u8>,
+            busy: bool,
+        }
+        impl AsyncWrite for Busy {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.busy = !self.busy;
+                if self.busy {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                let n = buf.len().min(3000);
+                self.out.extend_from_slice(&buf[..n]);
+                Poll::Ready(Ok(n))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let (mut feed, mut reader) = duplex(4096);
+        let source = data.clone();
+        let feeder = tokio::spawn(async move {
+            for chunk in source.chunks(777) {
+                feed.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut writer = Busy {
+            out: Vec::new(),
+            busy: false,
+        };
+        let mut copy = Copy::new();
+        let copied = std::future::poll_fn(|cx| {
+            copy.poll_copy(cx, Pin::new(&mut reader), Pin::new(&mut writer))
+        })
+        .await
+        .unwrap();
+        feeder.await.unwrap();
+        assert_eq!(copied, data.len() as u64);
+        assert!(writer.out == data, "bytes lost or reordered");
     }
 
     /// A failing writer fails the splice (the caller resets both ends).

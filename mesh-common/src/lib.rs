@@ -39,6 +39,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "MESH_COUNTERS";
     /// SOCKHASH of mesh-node's inbound plaintext (15006) listeners by [`crate::InboundKey`].
     pub const INBOUND: &str = "MESH_INBOUND";
+    /// Ring buffer of [`crate::TraceEvent`]s: every redirect decision for an enrolled pod.
+    pub const EVENTS: &str = "MESH_EVENTS";
 }
 
 /// Names of the programs in the eBPF object (also the link file names under the pin directory).
@@ -58,17 +60,130 @@ pub const MAX_ENROLLED: u32 = 4096;
 pub const MAX_INBOUND: u32 = 2 * MAX_ENROLLED;
 /// Capacity of the LRU maps that remember original destinations.
 pub const MAX_TRACKED_CONNS: u32 = 65536;
+/// Size of [`map_names::EVENTS`] in bytes (a power of two, a multiple of the page size): 4096
+/// events of 64 bytes (plus the kernel's 8-byte record headers).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
-/// Value of [`map_names::ENROLLED`]: a pod whose network namespace is captured.
+/// Value of [`map_names::ENROLLED`]: a pod whose network namespace is captured, with what an
+/// operator needs to recognise it, so that `mesh-node bpf` can name pods from the pinned map
+/// alone, while mesh-node runs or after it stopped. The programs read only `pod_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// mesh-node's own index for the pod, carried in trace events.
+    pub pod_id: u32,
+    /// [`EnrolledPod::LISTENER_OUTBOUND4`] and the other listener bits: which of mesh-node's
+    /// listeners were opened in the pod's namespace.
+    pub flags: u32,
+    /// The pod's addresses as 16 bytes each (IPv4 mapped into IPv6); `ip_count` are used.
+    pub ips: [[u8; 16]; 2],
+    pub ip_count: u8,
+    /// Byte lengths of the text fields below (each is UTF-8, truncated to its capacity).
+    pub namespace_len: u8,
+    pub name_len: u8,
+    pub service_account_len: u8,
+    pub _pad: [u8; 4],
+    pub namespace: [u8; 64],
+    pub name: [u8; 128],
+    pub service_account: [u8; 64],
+}
+const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 304);
+
+impl EnrolledPod {
+    /// 127.0.0.1:15001 is open in the pod's namespace.
+    pub const LISTENER_OUTBOUND4: u32 = 1 << 0;
+    /// [::1]:15001 is open.
+    pub const LISTENER_OUTBOUND6: u32 = 1 << 1;
+    /// 127.0.0.1:15006 is open (and registered for the pod's IPv4 addresses).
+    pub const LISTENER_INBOUND4: u32 = 1 << 2;
+    /// [::1]:15006 is open.
+    pub const LISTENER_INBOUND6: u32 = 1 << 3;
+    /// `<pod IP>:15008` (HBONE) is open.
+    pub const LISTENER_HBONE: u32 = 1 << 4;
+    /// A text field was longer than its capacity and was cut.
+    pub const TRUNCATED: u32 = 1 << 31;
+
+    /// An all-zero value: no addresses, empty names.
+    pub const fn empty(pod_id: u32) -> Self {
+        Self {
+            pod_id,
+            flags: 0,
+            ips: [[0; 16]; 2],
+            ip_count: 0,
+            namespace_len: 0,
+            name_len: 0,
+            service_account_len: 0,
+            _pad: [0; 4],
+            namespace: [0; 64],
+            name: [0; 128],
+            service_account: [0; 64],
+        }
+    }
+}
+
+/// Which program made a [`TraceEvent`] decision.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceHook {
+    /// `connect()` from an enrolled pod (cgroup/connect4 or connect6).
+    Connect = 1,
+    /// A new inbound connection to an enrolled pod (sk_lookup).
+    Inbound = 2,
+}
+
+/// What happened to the connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceAction {
+    /// Redirected to mesh-node.
+    Captured = 1,
+    /// Left to go where it was going, uncaptured.
+    Passed = 2,
+    /// Refused (`connect()` failed with `EPERM`).
+    Refused = 3,
+}
+
+/// Why, when the action is not the ordinary capture.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceReason {
+    /// Captured as configured.
+    None = 0,
+    /// mesh-node has no listener for the pod (not running, or not serving it yet).
+    NotServing = 1,
+    /// The original-destination map refused the entry (full).
+    MapFull = 2,
+}
+
+/// One redirect decision, as the programs write it to [`map_names::EVENTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct EnrolledPod {
-    /// mesh-node's own index for the pod, for tracing.
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub time_ns: u64,
+    /// The pod's network-namespace cookie; 0 for inbound (sk_lookup cannot read it: the pod is
+    /// the one that owns `dst`).
+    pub netns_cookie: u64,
+    /// Where the connection was headed, network-order words (IPv4 in `dst_ip[0]`).
+    pub dst_ip: [u32; 4],
+    /// The peer that opened an inbound connection; zero for outbound (not bound yet).
+    pub src_ip: [u32; 4],
+    /// The pod's id from [`EnrolledPod::pod_id`]; 0 for inbound.
     pub pod_id: u32,
-    /// Reserved for per-pod flags; zero today.
-    pub flags: u32,
+    /// Host byte order.
+    pub dst_port: u16,
+    pub src_port: u16,
+    /// [`FAMILY_INET`] or [`FAMILY_INET6`].
+    pub family: u16,
+    /// A [`TraceHook`].
+    pub hook: u8,
+    /// A [`TraceAction`].
+    pub action: u8,
+    /// A [`TraceReason`].
+    pub reason: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 8);
+const _: () = assert!(core::mem::size_of::<TraceEvent>() == 64);
 
 /// An IPv4 or IPv6 socket address as the kernel's socket-address hooks see it.
 ///
@@ -83,7 +198,10 @@ pub struct OrigDst {
     pub port: u16,
     /// [`FAMILY_INET`] or [`FAMILY_INET6`].
     pub family: u16,
-    pub _pad: u32,
+    /// The connecting socket's source port (host byte order), filled in when its SYN goes out;
+    /// 0 before.
+    pub src_port: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::align_of::<OrigDst>() == 8);
@@ -192,10 +310,12 @@ pub enum Counter {
     /// Inbound connections to an enrolled pod let through because no mesh-node listener was
     /// registered for its address (mesh-node not serving it).
     InboundNotServing = 6,
+    /// Trace events dropped because the ring buffer was full (nobody reading, or reading slowly).
+    TraceDropped = 7,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Captured,
         Counter::PassedNotServing,
         Counter::RefusedNotServing,
@@ -203,6 +323,7 @@ impl Counter {
         Counter::PeerRestored,
         Counter::InboundCaptured,
         Counter::InboundNotServing,
+        Counter::TraceDropped,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -215,6 +336,7 @@ impl Counter {
             Counter::PeerRestored => "peer_restored",
             Counter::InboundCaptured => "inbound_captured",
             Counter::InboundNotServing => "inbound_not_serving",
+            Counter::TraceDropped => "trace_dropped",
         }
     }
 }
@@ -225,7 +347,8 @@ mod pod {
     // and every bit pattern is a valid value.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     mod impls {
-        use crate::{ConnKey, DataplaneConfig, EnrolledPod, InboundKey, OrigDst};
+        use crate::{ConnKey, DataplaneConfig, EnrolledPod, InboundKey, OrigDst, TraceEvent};
+        unsafe impl aya::Pod for TraceEvent {}
         unsafe impl aya::Pod for InboundKey {}
         unsafe impl aya::Pod for EnrolledPod {}
         unsafe impl aya::Pod for OrigDst {}

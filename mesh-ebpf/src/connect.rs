@@ -9,12 +9,15 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use mesh_common::{Counter, FAMILY_INET, FAMILY_INET6, OUTBOUND_PORT, OrigDst, PROXY_MARK};
+use mesh_common::{
+    Counter, FAMILY_INET, FAMILY_INET6, OUTBOUND_PORT, OrigDst, PROXY_MARK, TraceAction,
+    TraceEvent, TraceHook, TraceReason,
+};
 
 use crate::{
     addr::{LOOPBACK4, LOOPBACK6, V4_MAPPED_PREFIX, is_loopback4, is_loopback6, is_v4_mapped},
     addr::{port_from_ctx, port_to_ctx, read_user_ip6, write_user_ip6},
-    maps::{ENROLLED, SOCK_ORIG, count, fail_closed},
+    maps::{ENROLLED, SOCK_ORIG, count, fail_closed, trace},
 };
 
 /// Return values of sock_addr programs.
@@ -26,29 +29,30 @@ const IPPROTO_TCP: u32 = 6;
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(netns_cookie) = capturable_netns(&ctx, sa) else {
+    let Some((netns_cookie, pod_id)) = capturable_netns(&ctx, sa) else {
         return PROCEED;
     };
     let dst = sa.user_ip4;
     if is_loopback4(dst) {
         return PROCEED;
     }
-    if !listener_alive(&ctx, None) {
-        return not_serving();
-    }
     let orig = OrigDst {
         netns_cookie,
         ip: [dst, 0, 0, 0],
         port: port_from_ctx(sa.user_port),
         family: FAMILY_INET,
+        src_port: 0,
         _pad: 0,
     };
-    if !remember(&ctx, &orig) {
+    if !listener_alive(&ctx, None) {
+        return not_serving(&orig, pod_id);
+    }
+    if !remember(&ctx, &orig, pod_id) {
         return PROCEED;
     }
     sa.user_ip4 = LOOPBACK4;
     sa.user_port = port_to_ctx(OUTBOUND_PORT);
-    count(Counter::Captured);
+    captured(&orig, pod_id);
     PROCEED
 }
 
@@ -56,7 +60,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(netns_cookie) = capturable_netns(&ctx, sa) else {
+    let Some((netns_cookie, pod_id)) = capturable_netns(&ctx, sa) else {
         return PROCEED;
     };
     let dst = read_user_ip6(sa);
@@ -65,17 +69,18 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     }
     // An IPv4-mapped destination on a dual-stack socket goes to the IPv4 listener.
     let mapped = is_v4_mapped(&dst);
-    if !listener_alive(&ctx, Some(mapped)) {
-        return not_serving();
-    }
     let orig = OrigDst {
         netns_cookie,
         ip: dst,
         port: port_from_ctx(sa.user_port),
         family: FAMILY_INET6,
+        src_port: 0,
         _pad: 0,
     };
-    if !remember(&ctx, &orig) {
+    if !listener_alive(&ctx, Some(mapped)) {
+        return not_serving(&orig, pod_id);
+    }
+    if !remember(&ctx, &orig, pod_id) {
         return PROCEED;
     }
     write_user_ip6(
@@ -87,14 +92,14 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         },
     );
     sa.user_port = port_to_ctx(OUTBOUND_PORT);
-    count(Counter::Captured);
+    captured(&orig, pod_id);
     PROCEED
 }
 
-/// The socket's network-namespace cookie if this connect is one to capture: TCP, not opened by
-/// mesh-node (marked), from an enrolled namespace.
+/// The socket's network-namespace cookie and pod id if this connect is one to capture: TCP, not
+/// opened by mesh-node (marked), from an enrolled namespace.
 #[inline(always)]
-fn capturable_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<u64> {
+fn capturable_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(u64, u32)> {
     if sa.protocol != IPPROTO_TCP {
         return None;
     }
@@ -105,7 +110,10 @@ fn capturable_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<u64> {
     }
     // SAFETY: helper call with the program's own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    ENROLLED.get_ptr(&netns_cookie).map(|_| netns_cookie)
+    // SAFETY: the pointer came from a successful lookup; one field is read, immediately.
+    ENROLLED
+        .get_ptr(&netns_cookie)
+        .map(|pod| (netns_cookie, unsafe { (*pod).pod_id }))
 }
 
 /// Is mesh-node's outbound listener open in this socket's network namespace? A killed mesh-node's
@@ -150,25 +158,49 @@ fn listener_alive(ctx: &SockAddrContext, v6: Option<bool>) -> bool {
 }
 
 #[inline(always)]
-fn not_serving() -> i32 {
+fn not_serving(orig: &OrigDst, pod_id: u32) -> i32 {
     if fail_closed() {
         count(Counter::RefusedNotServing);
+        decision(orig, pod_id, TraceAction::Refused, TraceReason::NotServing);
         REFUSE
     } else {
         count(Counter::PassedNotServing);
+        decision(orig, pod_id, TraceAction::Passed, TraceReason::NotServing);
         PROCEED
     }
+}
+
+#[inline(always)]
+fn captured(orig: &OrigDst, pod_id: u32) {
+    count(Counter::Captured);
+    decision(orig, pod_id, TraceAction::Captured, TraceReason::None);
 }
 
 /// Records the original destination under the socket's cookie; false when the map refused it,
 /// in which case the connection is not captured (mesh-node could not tell where it was going).
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> bool {
+fn remember(ctx: &SockAddrContext, orig: &OrigDst, pod_id: u32) -> bool {
     // SAFETY: helper call with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if SOCK_ORIG.insert(&cookie, orig, 0).is_err() {
         count(Counter::PassedMapFull);
+        decision(orig, pod_id, TraceAction::Passed, TraceReason::MapFull);
         return false;
     }
     true
+}
+
+#[inline(always)]
+fn decision(orig: &OrigDst, pod_id: u32, action: TraceAction, reason: TraceReason) {
+    trace(TraceEvent {
+        netns_cookie: orig.netns_cookie,
+        dst_ip: orig.ip,
+        pod_id,
+        dst_port: orig.port,
+        family: orig.family,
+        hook: TraceHook::Connect as u8,
+        action: action as u8,
+        reason: reason as u8,
+        ..TraceEvent::default()
+    });
 }

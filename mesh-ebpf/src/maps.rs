@@ -1,12 +1,13 @@
 //! Every map the programs share with user space. All are pinned by name under mesh-node's pin
 //! directory, so a restarted mesh-node and the still-attached programs see the same state.
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    ConnKey, Counter, DataplaneConfig, EnrolledPod, InboundKey, MAX_ENROLLED, MAX_INBOUND,
-    MAX_TRACKED_CONNS, OrigDst,
+    ConnKey, Counter, DataplaneConfig, EVENTS_BYTES, EnrolledPod, InboundKey, MAX_ENROLLED,
+    MAX_INBOUND, MAX_TRACKED_CONNS, OrigDst, TraceEvent,
 };
 
 /// Enrolled pods by network-namespace cookie. Written by mesh-node on (un)enrollment.
@@ -30,6 +31,12 @@ pub static CONFIG: Array<DataplaneConfig> = Array::pinned(1, 0);
 #[map(name = "MESH_INBOUND")]
 pub static INBOUND: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND, 0);
 
+/// Every redirect decision for an enrolled pod, for `mesh-node bpf trace`. Written whether or
+/// not anyone reads: when the buffer is full new events are dropped (counted), which costs one
+/// failed reservation; the reader skips events older than its start.
+#[map(name = "MESH_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
 /// Per-CPU counters indexed by [`Counter`].
 #[map(name = "MESH_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
@@ -47,4 +54,14 @@ pub fn fail_closed() -> bool {
     CONFIG
         .get(0)
         .is_some_and(|config| config.fail_mode == mesh_common::FailMode::Closed as u32)
+}
+
+/// Writes a trace event, stamping its time. A full buffer drops it.
+#[inline(always)]
+pub fn trace(mut event: TraceEvent) {
+    // SAFETY: helper without arguments.
+    event.time_ns = unsafe { bpf_ktime_get_ns() };
+    if EVENTS.output::<TraceEvent>(&event, 0).is_err() {
+        count(Counter::TraceDropped);
+    }
 }

@@ -6,9 +6,12 @@
 //! to the application: for those the kernel reports the veth, not lo, so `remote == local` is
 //! what tells them apart). Minimum kernel: 5.9.
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
-use mesh_common::{Counter, HBONE_PORT, InboundKey};
+use mesh_common::{
+    Counter, FAMILY_INET, FAMILY_INET6, HBONE_PORT, InboundKey, TraceAction, TraceEvent, TraceHook,
+    TraceReason,
+};
 
-use crate::maps::{INBOUND, count};
+use crate::maps::{INBOUND, count, trace};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -25,12 +28,21 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     {
         return sk_action::SK_PASS;
     }
+    let mut event = TraceEvent {
+        dst_port: lookup.local_port as u16,
+        src_port: u16::from_be(lookup.remote_port),
+        hook: TraceHook::Inbound as u8,
+        ..TraceEvent::default()
+    };
     let key = match lookup.family {
         AF_INET => {
             let remote = lookup.remote_ip4.to_ne_bytes();
             if lookup.remote_ip4 == lookup.local_ip4 || remote[0] == 127 {
                 return sk_action::SK_PASS;
             }
+            event.family = FAMILY_INET;
+            event.dst_ip[0] = lookup.local_ip4;
+            event.src_ip[0] = lookup.remote_ip4;
             InboundKey::v4(lookup.local_ip4)
         }
         AF_INET6 => {
@@ -39,14 +51,25 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
             if remote == local || remote == loopback {
                 return sk_action::SK_PASS;
             }
+            event.family = FAMILY_INET6;
+            event.dst_ip = local;
+            event.src_ip = remote;
             InboundKey::v6(local)
         }
         _ => return sk_action::SK_PASS,
     };
     match INBOUND.redirect_sk_lookup(&ctx, key, 0) {
-        Ok(()) => count(Counter::InboundCaptured),
+        Ok(()) => {
+            count(Counter::InboundCaptured);
+            event.action = TraceAction::Captured as u8;
+        }
         // No listener registered: mesh-node is not serving this pod; the application answers.
-        Err(_) => count(Counter::InboundNotServing),
+        Err(_) => {
+            count(Counter::InboundNotServing);
+            event.action = TraceAction::Passed as u8;
+            event.reason = TraceReason::NotServing as u8;
+        }
     }
+    trace(event);
     sk_action::SK_PASS
 }

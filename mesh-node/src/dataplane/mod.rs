@@ -1,6 +1,7 @@
 //! The kernel side of mesh-node: loads the eBPF object, attaches (or finds already attached)
 //! programs, and gives typed access to the shared maps.
 mod attach;
+pub mod record;
 
 use std::{
     fs, io,
@@ -194,9 +195,9 @@ impl Dataplane {
         &self.links
     }
 
-    /// Starts capturing the network namespace with this cookie.
-    pub fn enroll(&self, netns_cookie: u64, pod_id: u32) -> Result<(), DataplaneError> {
-        let pod = EnrolledPod { pod_id, flags: 0 };
+    /// Starts capturing the network namespace with this cookie; `pod` is what the programs and
+    /// `mesh-node bpf` know of it (see [`record::enrolled_pod`]).
+    pub fn enroll(&self, netns_cookie: u64, pod: &EnrolledPod) -> Result<(), DataplaneError> {
         lock(&self.enrolled)
             .insert(netns_cookie, pod, 0)
             .map_err(|source| DataplaneError::Map {

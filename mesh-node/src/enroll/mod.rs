@@ -16,12 +16,12 @@ use std::{
     },
 };
 
-use mesh_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
+use mesh_common::{EnrolledPod, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    dataplane::DataplaneError,
+    dataplane::{DataplaneError, record::PodRecord},
     identity::Identity,
     netns::{self, NetNs, NetNsError},
     proxy::{self, ProxyContext},
@@ -133,6 +133,10 @@ impl Enroller {
             source,
         })?;
         let listeners = open_listeners(&key, &spec, &netns, self.ctx.certs.is_some())?;
+        let listener_bits = listeners
+            .iter()
+            .map(|(role, addr, _)| listener_bit(*role, *addr))
+            .fold(0, |bits, bit| bits | bit);
         let netns_cookie = netns::socket_netns_cookie(&listeners[0].2).map_err(|io_error| {
             EnrollError::Cookie {
                 pod: key.clone(),
@@ -190,9 +194,18 @@ impl Enroller {
             .dataplane
             .attach_inbound(pod.netns.as_fd(), pod.netns.path(), netns_cookie)
             .map_err(|source| fail(&tasks, source))?;
+        let record = PodRecord {
+            pod_id: id,
+            namespace: pod.spec.namespace.clone(),
+            name: pod.spec.name.clone(),
+            service_account: pod.spec.service_account.clone(),
+            ips: pod.spec.ips.clone(),
+            listeners: listener_bits,
+            truncated: false,
+        };
         self.ctx
             .dataplane
-            .enroll(netns_cookie, id)
+            .enroll(netns_cookie, &record.encode())
             .map_err(|source| fail(&tasks, source))?;
         self.ctx.local_pods.insert(&pod);
         // Its certificate is fetched now, so that its first connection does not wait.
@@ -261,6 +274,17 @@ impl Enroller {
         self.pods
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The `EnrolledPod::LISTENER_*` bit of a listener.
+fn listener_bit(role: Role, addr: SocketAddr) -> u32 {
+    match (role, addr.is_ipv4()) {
+        (Role::Outbound, true) => EnrolledPod::LISTENER_OUTBOUND4,
+        (Role::Outbound, false) => EnrolledPod::LISTENER_OUTBOUND6,
+        (Role::InboundPlain, true) => EnrolledPod::LISTENER_INBOUND4,
+        (Role::InboundPlain, false) => EnrolledPod::LISTENER_INBOUND6,
+        (Role::Hbone, _) => EnrolledPod::LISTENER_HBONE,
     }
 }
 

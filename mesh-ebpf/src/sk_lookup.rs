@@ -1,10 +1,10 @@
 //! `sk_lookup`, one link per enrolled pod's network namespace: new inbound TCP connections to the
 //! pod go to mesh-node's plaintext listener (15006) instead of the application's.
 //!
-//! Not steered: HBONE (15008, mesh-node's own listener), and connections that start inside the
-//! pod itself — loopback, and the pod dialling its own address (which is how mesh-node delivers
-//! to the application: for those the kernel reports the veth, not lo, so `remote == local` is
-//! what tells them apart). Minimum kernel: 5.9.
+//! Not steered: HBONE (15008, mesh-node's own listener); lookups made by programs rather than by
+//! packets; and connections that start inside the pod itself — loopback, and the pod dialling
+//! its own address (which is how mesh-node delivers to the application: for those the kernel
+//! reports the veth, not lo, so `remote == local` is what tells them apart). Minimum kernel: 5.9.
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{
     Counter, FAMILY_INET, FAMILY_INET6, HBONE_PORT, InboundKey, TraceAction, TraceEvent, TraceHook,
@@ -22,9 +22,12 @@ const LOOPBACK_IFINDEX: u32 = 1;
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands every sk_lookup program a valid context.
     let lookup = unsafe { &*ctx.lookup };
+    // ingress_ifindex 0: no packet behind this lookup — it is a program's bpf_sk_lookup_tcp
+    // (our own connect hooks' liveness check runs one per captured connect), not a connection.
     if lookup.protocol != IPPROTO_TCP
         || lookup.local_port == u32::from(HBONE_PORT)
         || lookup.ingress_ifindex == LOOPBACK_IFINDEX
+        || lookup.ingress_ifindex == 0
     {
         return sk_action::SK_PASS;
     }

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod enroll;
 pub mod hbone;
 pub mod identity;
+pub mod inspect;
 pub mod istiod;
 pub mod netns;
 pub mod preflight;

@@ -29,6 +29,9 @@ enum Command {
     /// Manage the file-backed certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Inspect the kernel side: hooks, enrolled pods, maps, live connections, redirect decisions.
+    /// Read-only; works while mesh-node runs and after it stopped.
+    Bpf(BpfArgs),
     /// Print the version.
     Version,
 }
@@ -44,6 +47,60 @@ enum CaCommand {
         #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+}
+
+#[derive(clap::Args)]
+struct BpfArgs {
+    /// bpffs directory the mesh-node pinned its objects in (its --bpffs).
+    #[arg(long, env = "MESH_NODE_BPFFS", default_value = DEFAULT_BPFFS_DIR, global = true)]
+    bpffs: PathBuf,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputArg::Table, global = true)]
+    output: OutputArg,
+    #[command(subcommand)]
+    command: BpfCommand,
+}
+
+#[derive(Subcommand)]
+enum BpfCommand {
+    /// Kernel version and features, attached hooks with their links and run counts, fail mode,
+    /// decision counters.
+    Status,
+    /// Enrolled pods: addresses, identity, mesh-node's listeners, inbound capture state.
+    Pods,
+    /// Each map's type, fill and capacity; `--dump NAME` prints one map's entries decoded.
+    Maps {
+        /// Map to print (MESH_SOCK_ORIG, sock_orig, …).
+        #[arg(long, value_name = "NAME")]
+        dump: Option<String>,
+    },
+    /// Live captured connections with their original destinations.
+    Conns {
+        /// Only this pod (`namespace/name` or `name`).
+        #[arg(long)]
+        pod: Option<String>,
+    },
+    /// Stream redirect decisions as they happen (captured / passed / refused, and why).
+    Trace {
+        /// Only this pod (`namespace/name` or `name`).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only connections to or from this port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputArg {
+    Table,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -159,6 +216,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bpf(args) => bpf(args),
         Command::Run(args) => {
             let args = *args;
             let ca = args.ca_address.map(|address| IstioCaConfig {
@@ -221,6 +279,48 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn bpf(args: BpfArgs) -> ExitCode {
+    use mesh_node::inspect::{self, Output, TraceFilter};
+    let output = match args.output {
+        OutputArg::Table => Output::Table,
+        OutputArg::Json => Output::Json,
+    };
+    let dir = args.bpffs.as_path();
+    let mut out = std::io::stdout().lock();
+    let result = match args.command {
+        BpfCommand::Status => inspect::status(dir, output, &mut out),
+        BpfCommand::Pods => inspect::pods(dir, output, &mut out),
+        BpfCommand::Maps { dump: None } => inspect::maps(dir, output, &mut out),
+        BpfCommand::Maps { dump: Some(name) } => inspect::dump(dir, &name, output, &mut out),
+        BpfCommand::Conns { pod } => inspect::conns(dir, pod.as_deref(), output, &mut out),
+        BpfCommand::Trace {
+            pod,
+            port,
+            count,
+            duration,
+        } => {
+            let duration = duration
+                .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+                .map(Duration::from_secs_f64);
+            let filter = TraceFilter { pod, port };
+            inspect::trace(dir, &filter, count, duration, output, &mut out)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`| head`) is not an error.
+        Err(inspect::InspectError::Write(error))
+            if error.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("mesh-node bpf: error: {}", error_chain(&error));
+            ExitCode::FAILURE
         }
     }
 }

@@ -19,7 +19,7 @@ use aya::{
 use mesh_common::program_names;
 
 /// Each program with the hook it attaches to and the kernel that hook needs.
-const PROGRAMS: [(&str, &str, &str); 5] = [
+pub(crate) const PROGRAMS: [(&str, &str, &str); 5] = [
     (program_names::CONNECT4, "cgroup/connect4", "5.7"),
     (program_names::CONNECT6, "cgroup/connect6", "5.7"),
     (program_names::SOCK_OPS, "sockops", "5.0"),
@@ -179,7 +179,7 @@ fn attach_one(
 }
 
 /// The sk_lookup hook and the kernel it needs.
-const SK_LOOKUP: (&str, &str, &str) = (program_names::SK_LOOKUP, "sk_lookup", "5.9");
+pub(crate) const SK_LOOKUP: (&str, &str, &str) = (program_names::SK_LOOKUP, "sk_lookup", "5.9");
 
 /// Loads the sk_lookup program so the kernel verifies it at start-up, before any pod needs it.
 pub fn load_sk_lookup(ebpf: &mut Ebpf) -> Result<(), AttachError> {

@@ -19,7 +19,18 @@ use mesh_common::{
     ConnKey, Counter, DataplaneConfig, EnrolledPod, FailMode, InboundKey, OrigDst, map_names,
 };
 
+/// The cgroup programs: `(program, hook, minimum kernel)`.
+pub(crate) use attach::PROGRAMS as CGROUP_PROGRAMS;
 pub use attach::{AttachedLink, LinkOrigin};
+
+/// The hook a program of ours attaches to and the kernel that hook needs.
+pub fn hook_of(program: &str) -> Option<(&'static str, &'static str)> {
+    attach::PROGRAMS
+        .iter()
+        .chain([&attach::SK_LOOKUP])
+        .find(|(name, _, _)| *name == program)
+        .map(|(_, hook, min_kernel)| (*hook, *min_kernel))
+}
 
 /// The eBPF object built from mesh-ebpf; empty when the build skipped it (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use mesh_common::EnrolledPod;
 
 /// What an enrolled pod's record holds, decoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PodRecord {
     pub pod_id: u32,
     pub namespace: String,

@@ -3,9 +3,14 @@
 //!
 //! One multi-threaded runtime carries the data path; control-plane work (xDS, certificate
 //! fetches) runs on a single-threaded runtime of its own.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use crate::{
+    admin::{self, Admin, BindError, Readiness},
     config::RunConfig,
     dataplane::{Dataplane, DataplaneError},
     enroll::{Enroller, static_file},
@@ -17,6 +22,7 @@ use crate::{
     },
     preflight::{self, PreflightError},
     proxy::ProxyContext,
+    telemetry::Metrics,
     tls::Tls,
     xds::{
         client::{self as xds_client, XdsError},
@@ -54,6 +60,8 @@ pub enum RunError {
     Dataplane(#[from] DataplaneError),
     #[error("start runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Endpoint(#[from] BindError),
     #[error("install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -122,7 +130,20 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     let runtime = runtime.build().map_err(RunError::Runtime)?;
 
     runtime.block_on(async move {
+        // The endpoints come up first, so that readiness answers (503) while the rest starts.
+        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(config.xds.is_none());
+        let readiness = Arc::new(Readiness::new(xds_ready.clone(), certs.clone()));
+        let metrics = Arc::new(Metrics::new());
+        let admin = Arc::new(Admin {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            ctx: OnceLock::new(),
+            enroller: OnceLock::new(),
+        });
+        admin::start(admin.clone(), config.endpoints).await?;
         let dataplane = Arc::new(Dataplane::start(&config.bpffs_dir, &cgroup, config.fail_mode)?);
+        readiness.programs_attached();
+        metrics.attach_dataplane(dataplane.clone());
         tracing::info!(
             kernel,
             cgroup = %cgroup.display(),
@@ -139,7 +160,9 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             config.node.clone(),
             certs,
             config.settings,
+            metrics,
         ));
+        let _ = admin.ctx.set(ctx.clone());
         if let Some(local) = local {
             tracing::info!(
                 workloads = local.workloads.len(),
@@ -149,7 +172,6 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             );
             ctx.update_state(|state| local.apply(state));
         }
-        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(config.xds.is_none());
         if let (Some(xds), Some(endpoint)) = (config.xds.clone(), xds_endpoint) {
             start_control_plane(&control, xds, endpoint, ctx.clone(), ready_tx);
         }
@@ -163,7 +185,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 }
             }
         });
-        let enroller = Enroller::new(ctx, &config.trust_domain);
+        let enroller = Arc::new(Enroller::new(ctx, &config.trust_domain));
+        let _ = admin.enroller.set(enroller.clone());
         let total = pods.len();
         let mut enrolled = 0;
         for pod in pods {
@@ -173,6 +196,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 Err(error) => tracing::error!(%error, "pod not enrolled"),
             }
         }
+        readiness.startup_enrollment_done();
         let cookies = enroller.netns_cookies();
         let stale = dataplane.retain_enrolled(&cookies)?;
         let stale_links = dataplane.retain_inbound(&cookies)?;
@@ -190,6 +214,11 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             _ = xds_ready.wait_for(|ready| *ready) => {}
         }
         tracing::info!(enrolled, failed = total - enrolled, "mesh-node is ready");
+        // Certificates for the enrolled pods may still be on their way; /healthz/ready waits.
+        let missing = readiness.missing();
+        if !missing.is_empty() {
+            tracing::info!(waiting_for = ?missing, "readiness endpoint still waiting");
+        }
 
         shutdown.await?;
         tracing::info!(
@@ -223,10 +252,11 @@ fn start_control_plane(
     ready: tokio::sync::watch::Sender<bool>,
 ) {
     tracing::info!(address = %config.address, "taking the mesh state from the control plane");
+    let metrics = ctx.metrics.clone();
     let apply = move |update: crate::xds::session::Update| {
         ctx.update_state(|state| update.apply(state));
     };
-    control.spawn(xds_client::run(config, endpoint, apply, ready));
+    control.spawn(xds_client::run(config, endpoint, apply, ready, metrics));
 }
 
 async fn wait_for_shutdown() -> Result<(), RunError> {

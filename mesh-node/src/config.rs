@@ -43,6 +43,8 @@ pub struct RunConfig {
     pub node: NodeInfo,
     /// The control plane (istiod) to take the mesh state from; exclusive with `local_xds`.
     pub xds: Option<crate::xds::client::XdsConfig>,
+    /// Admin (15000), metrics (15020) and readiness (15021) listeners.
+    pub endpoints: crate::admin::Addresses,
 }
 
 impl Default for RunConfig {
@@ -62,6 +64,7 @@ impl Default for RunConfig {
             settings: Settings::default(),
             node: NodeInfo::default(),
             xds: None,
+            endpoints: crate::admin::Addresses::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md at the repository root for the runtimes, ports and the life of a
 //! connection.
 
+pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod config;
@@ -12,11 +13,13 @@ pub mod hbone;
 pub mod identity;
 pub mod inspect;
 pub mod istiod;
+pub mod logging;
 pub mod netns;
 pub mod preflight;
 pub mod proxy;
 pub mod splice;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod xds;
 

@@ -1,10 +1,11 @@
 //! The `mesh-node` binary: argument parsing and logging set-up around the library.
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_node::{
+    admin,
     config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, NodeInfo, RunConfig, Settings},
     error_chain,
     identity::{CertSettings, file_ca::FileCa, istio_ca::IstioCaConfig},
@@ -183,6 +184,15 @@ struct RunArgs {
     /// mesh-node's own IP (INSTANCE_IPS toward the control plane).
     #[arg(long, env = "INSTANCE_IP")]
     instance_ip: Vec<std::net::IpAddr>,
+    /// Admin endpoint (config dump, log level); keep it on loopback.
+    #[arg(long, env = "MESH_NODE_ADMIN_ADDRESS", default_value = admin::DEFAULT_ADMIN)]
+    admin_address: SocketAddr,
+    /// Prometheus metrics endpoint (/stats/prometheus).
+    #[arg(long, env = "MESH_NODE_METRICS_ADDRESS", default_value = admin::DEFAULT_METRICS)]
+    metrics_address: SocketAddr,
+    /// Readiness endpoint (/healthz/ready).
+    #[arg(long, env = "MESH_NODE_READINESS_ADDRESS", default_value = admin::DEFAULT_READINESS)]
+    readiness_address: SocketAddr,
     /// Seconds to wait for a TCP connect (upstreams, peers' 15008).
     #[arg(long, env = "MESH_NODE_CONNECT_TIMEOUT", default_value_t = 10)]
     connect_timeout: u64,
@@ -198,7 +208,8 @@ enum FailModeArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Held until main returns: dropping it flushes the log lines still queued.
+    let _log_guard = mesh_node::logging::init();
     match cli.command {
         Command::Version => {
             println!("mesh-node {}", env!("CARGO_PKG_VERSION"));
@@ -271,6 +282,11 @@ fn main() -> ExitCode {
                     connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
                     handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
                 },
+                endpoints: admin::Addresses {
+                    admin: args.admin_address,
+                    metrics: args.metrics_address,
+                    readiness: args.readiness_address,
+                },
             };
             match mesh_node::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -323,15 +339,4 @@ fn bpf(args: BpfArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("MESH_NODE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }

@@ -111,7 +111,7 @@ fn cross_node_traffic_is_mutual_tls_with_identities_and_no_cleartext_on_the_wire
             .log_lines_with(&[
                 "outbound connection closed",
                 "route=hbone",
-                &format!("peer_identity={SERVER_ID}")
+                &format!("dst_identity={SERVER_ID}")
             ])
             .len()
             == 4),
@@ -355,7 +355,7 @@ fn same_node_traffic_skips_tls_and_plaintext_from_outside_the_mesh_is_captured_i
             .log_lines_with(&[
                 "outbound connection closed",
                 "route=local",
-                "peer_identity=spiffe://cluster.local/ns/default/sa/neighbor"
+                "dst_identity=spiffe://cluster.local/ns/default/sa/neighbor"
             ])
             .len()
             == 8),

@@ -127,7 +127,7 @@ impl Mesh {
         {
             for node in &self.topo.nodes {
                 for pod in &node.pods {
-                    if line.contains(&format!("endpoint={}:{TARGET_PORT}", pod.ip)) {
+                    if line.contains(&format!(" dst={}:{TARGET_PORT}", pod.ip)) {
                         *counts.entry(pod.name.to_owned()).or_default() += 1;
                     }
                 }
@@ -293,9 +293,7 @@ fn routing_preference_fails_over_and_strict_refuses() {
     let before = mesh.endpoint_counts();
     only(mesh.connect(20), 20, &before, "near");
     assert_eq!(
-        mesh.node1()
-            .log_lines_with(&["route=local", "endpoint="])
-            .len(),
+        mesh.node1().log_lines_with(&["route=local", " dst="]).len(),
         20
     );
 

@@ -262,6 +262,13 @@ impl Enroller {
         results.into_iter().collect()
     }
 
+    /// Every enrolled pod, by key.
+    pub fn pods(&self) -> Vec<Arc<Pod>> {
+        let mut pods: Vec<Arc<Pod>> = self.lock().values().map(|e| e.pod.clone()).collect();
+        pods.sort_by_key(|pod| pod.spec.key());
+        pods
+    }
+
     /// Network-namespace cookies of every enrolled pod.
     pub fn netns_cookies(&self) -> Vec<u64> {
         self.lock()

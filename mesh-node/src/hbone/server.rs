@@ -1,12 +1,6 @@
 //! The HBONE server side of one accepted TCP connection: mutual TLS, h2, then one tunnel per
 //! CONNECT stream, each handed to a [`TunnelTarget`] that decides where it goes.
-use std::{
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -22,6 +16,7 @@ use super::{
 use crate::{
     identity::{Identity, san},
     splice::{Ended, Revoked, splice},
+    telemetry::{Outcome, Report},
     tls,
 };
 
@@ -53,6 +48,8 @@ pub struct Opened {
     pub stream: TcpStream,
     /// Resolves when the tunnel must be closed early (a policy change denies it).
     pub revoked: Option<Revoked>,
+    /// The destination side's report, closed with the tunnel.
+    pub report: Report,
 }
 
 pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Opened, Refusal>> + Send>>;
@@ -166,10 +163,10 @@ async fn handle_stream(
         Ok(tunnel) => tunnel,
         Err(refusal) => return refuse(&mut respond, refusal),
     };
-    let started = Instant::now();
     let Opened {
         stream: mut upstream,
         revoked,
+        report,
     } = match target.open(&tunnel).await {
         Ok(opened) => opened,
         Err(refusal) => return refuse(&mut respond, refusal),
@@ -188,21 +185,22 @@ async fn handle_stream(
     let mut stream = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
     let ended = splice(&mut stream, &mut upstream, revoked).await;
-    let duration_ms = started.elapsed().as_millis() as u64;
     match ended {
-        Ended::Closed { a_to_b, b_to_a } => tracing::info!(
-            dst = %tunnel.authority,
-            bytes_received = a_to_b,
-            bytes_sent = b_to_a,
-            duration_ms,
-            "HBONE tunnel closed"
+        Ended::Closed { a_to_b, b_to_a } => {
+            report.close(Outcome::Closed, a_to_b, b_to_a, "HBONE tunnel closed")
+        }
+        Ended::Reset(error) => report.close(
+            Outcome::Reset(error.to_string()),
+            0,
+            0,
+            "HBONE tunnel reset",
         ),
-        Ended::Reset(error) => {
-            tracing::info!(dst = %tunnel.authority, %error, duration_ms, "HBONE tunnel reset")
-        }
-        Ended::Revoked(reason) => {
-            tracing::info!(dst = %tunnel.authority, %reason, duration_ms, "HBONE tunnel closed by policy")
-        }
+        Ended::Revoked(reason) => report.close(
+            Outcome::Revoked(reason),
+            0,
+            0,
+            "HBONE tunnel closed by policy",
+        ),
     }
 }
 

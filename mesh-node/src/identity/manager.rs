@@ -59,6 +59,17 @@ impl Certified {
 }
 
 /// Limits of the certificate manager.
+/// One identity's certificate as the admin endpoints show it (never the key).
+#[derive(Clone, Debug)]
+pub struct CertStatus {
+    pub identity: Identity,
+    /// An enrolled pod needs it (not only fetched for one connection).
+    pub tracked: bool,
+    pub not_after: Option<SystemTime>,
+    pub valid: bool,
+    pub error: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct CertSettings {
     /// Fetches in flight at once, over all identities.
@@ -148,6 +159,27 @@ impl CertManager {
     }
 
     /// Identities with a worker.
+    /// Every identity the manager holds or fetches, with its certificate's expiry and the last
+    /// error. `tracked` is false for identities only fetched on demand (not enrolled here).
+    pub fn snapshot(&self) -> Vec<CertStatus> {
+        let mut statuses: Vec<CertStatus> = self
+            .lock()
+            .iter()
+            .map(|(identity, entry)| {
+                let slot = entry.slot.borrow();
+                CertStatus {
+                    identity: identity.clone(),
+                    tracked: entry.users > 0,
+                    not_after: slot.cert.as_ref().map(|cert| cert.not_after),
+                    valid: slot.cert.as_ref().is_some_and(|cert| cert.is_valid()),
+                    error: slot.error.clone(),
+                }
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.identity.cmp(&b.identity));
+        statuses
+    }
+
     pub fn tracked(&self) -> usize {
         self.lock().len()
     }

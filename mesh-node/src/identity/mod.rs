@@ -13,7 +13,7 @@ use std::{fmt, future::Future, pin::Pin, str::FromStr, time::SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use manager::{CertManager, CertSettings, Certified};
+pub use manager::{CertManager, CertSettings, CertStatus, Certified};
 
 /// A workload identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

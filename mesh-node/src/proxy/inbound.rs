@@ -1,6 +1,6 @@
 //! Traffic arriving for a pod on this node: HBONE tunnels on `<pod IP>:15008`, and the one way
 //! every path (HBONE, same-node, captured plaintext) reaches the application: [`deliver`].
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http::StatusCode;
 use mesh_common::HBONE_PORT;
@@ -14,6 +14,8 @@ use super::{
 use crate::{
     enroll::Pod,
     hbone::server::{self, OpenFuture, Opened, Refusal, TunnelRequest, TunnelTarget},
+    state::State,
+    telemetry::{Addresses, CONNECT_FAILED, DENIED, Outcome, Peer, Report, Reporter},
 };
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until the task is aborted.
@@ -65,7 +67,8 @@ impl TunnelTarget for PodTarget {
         let (pod, ctx) = (self.pod.clone(), self.ctx.clone());
         // The source node vouches for the application's address in `forwarded`; without it,
         // the TCP peer is the best we know.
-        let source_ip = request.forwarded_for.unwrap_or(request.peer).ip();
+        let source_addr = request.forwarded_for.unwrap_or(request.peer);
+        let source_ip = source_addr.ip();
         let source = request.peer_identity.clone();
         Box::pin(async move {
             if !pod.owns(dst.ip()) {
@@ -89,10 +92,15 @@ impl TunnelTarget for PodTarget {
                 source_ip,
                 destination: dst,
             };
-            let Delivered { stream, revocation } = deliver(&ctx, conn).await?;
+            let Delivered {
+                stream,
+                revocation,
+                report,
+            } = deliver(&ctx, conn, source_addr, None).await?;
             Ok(Opened {
                 stream,
                 revoked: Some(Box::pin(revocation.wait())),
+                report,
             })
         })
     }
@@ -103,14 +111,35 @@ impl TunnelTarget for PodTarget {
 pub struct Delivered {
     pub stream: TcpStream,
     pub revocation: Revocation,
+    /// The destination side's report, to close when the connection ends.
+    pub report: Report,
+}
+
+impl Refusal {
+    /// The `response_flags` a refusal is reported with.
+    pub fn flags(&self) -> &'static str {
+        if self.status == StatusCode::UNAUTHORIZED {
+            DENIED
+        } else {
+            CONNECT_FAILED
+        }
+    }
 }
 
 /// Authorizes `conn` and connects to the application at its destination. Every path into a
-/// pod (HBONE, same-node, captured plaintext) comes through here, so all of them obey policy.
-pub async fn deliver(ctx: &ProxyContext, conn: Inbound) -> Result<Delivered, Refusal> {
+/// pod (HBONE, same-node, captured plaintext) comes through here, so all of them obey policy
+/// and are reported (`reporter="destination"`). `src` is the client's address; `source_pod` its
+/// pod when it is enrolled on this node.
+pub async fn deliver(
+    ctx: &ProxyContext,
+    conn: Inbound,
+    src: SocketAddr,
+    source_pod: Option<&Pod>,
+) -> Result<Delivered, Refusal> {
     let (pod, dst) = (conn.pod.clone(), conn.destination);
-    let revocation = {
+    let (revocation, report) = {
         let state = ctx.state();
+        let report = open_report(ctx, &state, &conn, src, source_pod);
         let decision = conn.decide(&state, &ctx.node);
         conn.log_dry_run(&decision);
         if !decision.verdict.is_allowed() {
@@ -119,22 +148,88 @@ pub async fn deliver(ctx: &ProxyContext, conn: Inbound) -> Result<Delivered, Ref
                 reason = %decision.verdict,
                 "connection denied by policy"
             );
-            return Err(Refusal {
+            let refusal = Refusal {
                 status: StatusCode::UNAUTHORIZED,
                 reason: decision.verdict.to_string(),
-            });
+            };
+            let outcome = Outcome::Failed {
+                flags: DENIED,
+                reason: refusal.reason.clone(),
+            };
+            report.close(outcome, 0, 0, "inbound connection denied by policy");
+            return Err(refusal);
         }
         // Registered while the state is read-locked: a policy change either came before
         // the decision or will recheck this connection.
-        ctx.live.register(conn)
+        (ctx.live.register(conn), report)
     };
     // The socket is made in the destination pod and connects to the pod's own address:
     // sk_lookup lets `remote == local` through to the application's listener.
-    let stream = connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout)
-        .await
-        .map_err(|error| Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: format!("connect to {dst} in pod {}: {error}", pod.spec),
-        })?;
-    Ok(Delivered { stream, revocation })
+    match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
+        Ok(stream) => Ok(Delivered {
+            stream,
+            revocation,
+            report,
+        }),
+        Err(error) => {
+            let refusal = Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason: format!("connect to {dst} in pod {}: {error}", pod.spec),
+            };
+            let outcome = Outcome::Failed {
+                flags: CONNECT_FAILED,
+                reason: refusal.reason.clone(),
+            };
+            report.close(outcome, 0, 0, "inbound connection failed");
+            Err(refusal)
+        }
+    }
+}
+
+/// The destination side's report of `conn`: the local pod, and what is known of the client —
+/// its pod when it is enrolled here, else the workload at its address (when the identity it
+/// proved agrees), else the identity alone.
+fn open_report(
+    ctx: &ProxyContext,
+    state: &State,
+    conn: &Inbound,
+    src: SocketAddr,
+    source_pod: Option<&Pod>,
+) -> Report {
+    let network = &ctx.node.network;
+    let source_workload = state.workload_by_ip(network, conn.source_ip);
+    let source = match (source_pod, &conn.source, source_workload) {
+        (Some(pod), _, workload) => Peer::of_pod(pod, workload.as_deref()),
+        (None, Some(identity), Some(workload)) if workload.identity() == *identity => {
+            Peer::of_workload(&workload)
+        }
+        (None, Some(identity), _) => Peer::of_identity(identity),
+        (None, None, Some(workload)) => Peer {
+            // A plaintext client proved nothing: name its workload, claim no identity.
+            principal: String::new(),
+            ..Peer::of_workload(&workload)
+        },
+        (None, None, None) => Peer::unknown(),
+    };
+    let destination = Peer::of_pod(
+        &conn.pod,
+        state
+            .workload_by_ip(network, conn.destination.ip())
+            .as_deref(),
+    );
+    let addrs = Addresses {
+        src,
+        original_dst: conn.destination,
+        dst: Some(conn.destination),
+    };
+    Report::open(
+        &ctx.metrics,
+        Reporter::Destination,
+        &source,
+        &destination,
+        None,
+        conn.source.is_some(),
+        addrs,
+        "inbound",
+    )
 }

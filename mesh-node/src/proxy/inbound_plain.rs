@@ -1,7 +1,7 @@
 //! Plaintext connections into an enrolled pod, steered by sk_lookup to mesh-node's 15006
 //! listener in the pod's namespace. The accepted socket's local address is where the client
 //! was going.
-use std::{net::SocketAddr, sync::Arc, time::Duration, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -14,6 +14,7 @@ use super::{
 use crate::{
     enroll::Pod,
     splice::{Ended, splice},
+    telemetry::Outcome,
 };
 
 /// Accepts captured plaintext connections until the task is aborted.
@@ -44,10 +45,9 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         tracing::warn!(%dst, "inbound plaintext connection for an address the pod does not have; closing it");
         return;
     }
-    let started = Instant::now();
     tracing::info!(%dst, "inbound plaintext connection captured");
     let peer = match client.peer_addr() {
-        Ok(peer) => peer,
+        Ok(peer) => SocketAddr::new(peer.ip().to_canonical(), peer.port()),
         Err(error) => {
             tracing::info!(%error, "inbound plaintext connection lost before it was read");
             return;
@@ -56,19 +56,19 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let conn = Inbound {
         pod: pod.clone(),
         source: None,
-        source_ip: peer.ip().to_canonical(),
+        source_ip: peer.ip(),
         destination: dst,
     };
     let Delivered {
         stream: mut upstream,
         revocation,
-    } = match inbound::deliver(&ctx, conn).await {
+        report,
+    } = match inbound::deliver(&ctx, conn, peer, None).await {
         Ok(delivered) => delivered,
-        Err(refusal) => {
+        Err(_) => {
             // A reset, not a clean close: the client must not mistake a refusal for an
-            // empty answer.
+            // empty answer. `deliver` reported why.
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            tracing::info!(%dst, status = refusal.status.as_u16(), reason = %refusal.reason, "inbound plaintext connection failed");
             return;
         }
     };
@@ -79,21 +79,27 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         Some(Box::pin(revocation.wait())),
     )
     .await;
-    let duration_ms = started.elapsed().as_millis() as u64;
     match ended {
-        Ended::Closed { a_to_b, b_to_a } => tracing::info!(
-            %dst,
-            bytes_received = a_to_b,
-            bytes_sent = b_to_a,
-            duration_ms,
-            "inbound plaintext connection closed"
+        Ended::Closed { a_to_b, b_to_a } => report.close(
+            Outcome::Closed,
+            a_to_b,
+            b_to_a,
+            "inbound plaintext connection closed",
         ),
-        Ended::Reset(error) => {
-            tracing::info!(%dst, %error, duration_ms, "inbound plaintext connection reset")
-        }
+        Ended::Reset(error) => report.close(
+            Outcome::Reset(error.to_string()),
+            0,
+            0,
+            "inbound plaintext connection reset",
+        ),
         Ended::Revoked(reason) => {
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            tracing::info!(%dst, %reason, duration_ms, "inbound plaintext connection closed by policy")
+            report.close(
+                Outcome::Revoked(reason),
+                0,
+                0,
+                "inbound plaintext connection closed by policy",
+            )
         }
     }
 }

@@ -19,6 +19,7 @@ use self::authorize::Live;
 
 use crate::{
     dataplane::Dataplane, enroll::Pod, hbone::pool::Pool, identity::CertManager, state::State,
+    telemetry::Metrics,
 };
 
 /// Timeouts of the data path.
@@ -62,6 +63,7 @@ pub struct ProxyContext {
     pub settings: Settings,
     /// Open connections into local pods, re-authorized when policies change.
     pub live: Arc<Live>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ProxyContext {
@@ -70,8 +72,10 @@ impl ProxyContext {
         node: NodeInfo,
         certs: Option<Arc<CertManager>>,
         settings: Settings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             dataplane,
             state: RwLock::new(State::new()),
             node,

@@ -5,7 +5,7 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use mesh_common::{FAMILY_INET, HBONE_PORT, OrigDst};
@@ -34,6 +34,7 @@ use crate::{
         Destination, Locality, TunnelProtocol, Workload,
         lb::{self, Choice, Origin},
     },
+    telemetry::{Addresses, CONNECT_FAILED, Outcome, Peer, Report, Reporter},
 };
 
 /// Accepts captured connections on one of the pod's outbound listeners until the task is aborted.
@@ -147,35 +148,33 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         return;
     };
     let original = original_destination(&orig);
-    let started = Instant::now();
     tracing::info!(original_dst = %original, "outbound connection captured");
     let _ = client.set_nodelay(true);
     // The application's own address, as the destination will know it.
     let app_addr = SocketAddr::new(pod.spec.ips[0], peer.port());
     let route = route(&ctx, &pod, original);
-    let name = route.name();
-    let log = Conn {
-        original,
-        route: name,
-        started,
-    };
+    let mut report = open_report(&ctx, &pod, app_addr, original, &route);
     // Each way either relays (and returns) or says why it could not carry the connection.
-    let (endpoint, reason, message): (Option<SocketAddr>, String, &str) = match route {
+    let (flags, reason, message): (&str, String, &str) = match route {
         Route::Local { pod: dst_pod, dst } => {
+            report.delivered_to(dst);
             let conn = Inbound {
                 pod: dst_pod.clone(),
                 source: Some(pod.identity.clone()),
                 source_ip: app_addr.ip(),
                 destination: dst,
             };
-            match inbound::deliver(&ctx, conn).await {
-                Ok(Delivered { stream, revocation }) => {
+            match inbound::deliver(&ctx, conn, app_addr, Some(&pod)).await {
+                Ok(Delivered {
+                    stream,
+                    revocation,
+                    report: inbound_report,
+                }) => {
                     let revoked = Some(Box::pin(revocation.wait()) as Revoked);
-                    let peer = dst_pod.identity.to_string();
-                    return relay(client, stream, revoked, &log, dst, &peer).await;
+                    return relay(client, stream, revoked, report, Some(inbound_report)).await;
                 }
                 Err(refusal) => (
-                    Some(dst),
+                    refusal.flags(),
                     format!("{} {}", refusal.status.as_u16(), refusal.reason),
                     "outbound connection failed",
                 ),
@@ -185,28 +184,76 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             workload,
             dst,
             also_trusted,
-        } => match open_tunnel(&ctx, &pod, &workload, also_trusted, dst, app_addr).await {
-            Ok(stream) => {
-                let identity = workload.identity().to_string();
-                return relay(client, stream, None, &log, dst, &identity).await;
+        } => {
+            report.delivered_to(dst);
+            match open_tunnel(&ctx, &pod, &workload, also_trusted, dst, app_addr).await {
+                Ok(stream) => return relay(client, stream, None, report, None).await,
+                Err(reason) => (CONNECT_FAILED, reason, "outbound connection failed"),
             }
-            Err(reason) => (Some(dst), reason, "outbound connection failed"),
-        },
+        }
         Route::Passthrough(dst) => {
+            report.delivered_to(dst);
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
-                Ok(upstream) => return relay(client, upstream, None, &log, dst, "").await,
+                Ok(upstream) => return relay(client, upstream, None, report, None).await,
                 Err(error) => (
-                    Some(dst),
+                    CONNECT_FAILED,
                     error.to_string(),
                     "outbound connection failed: upstream connect",
                 ),
             }
         }
-        Route::Refused(reason) => (None, reason, "outbound connection refused: no endpoint"),
+        Route::Refused(reason) => (
+            CONNECT_FAILED,
+            reason,
+            "outbound connection refused: no endpoint",
+        ),
     };
     reset(&client);
-    let endpoint = endpoint.map_or_else(|| "-".to_owned(), |e| e.to_string());
-    tracing::info!(original_dst = %original, %endpoint, route = %name, %reason, "{message}");
+    report.close(Outcome::Failed { flags, reason }, 0, 0, message);
+}
+
+/// Opens the source side's report: who the application is, and what the route says about the
+/// destination.
+fn open_report(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    src: SocketAddr,
+    original_dst: SocketAddr,
+    route: &Route,
+) -> Report {
+    let state = ctx.state();
+    let network = &ctx.node.network;
+    let source = Peer::of_pod(pod, state.workload_by_ip(network, src.ip()).as_deref());
+    let service = match state.lookup(network, original_dst.ip()) {
+        Some(Destination::Service(service)) => Some(service.hostname.clone()),
+        _ => None,
+    };
+    let destination = match route {
+        Route::Local { pod, dst } => {
+            Peer::of_pod(pod, state.workload_by_ip(network, dst.ip()).as_deref())
+        }
+        Route::Hbone { workload, .. } => Peer::of_workload(workload),
+        Route::Passthrough(dst) => state
+            .workload_by_ip(network, dst.ip())
+            .map_or_else(Peer::unknown, |workload| Peer::of_workload(&workload)),
+        Route::Refused(_) => Peer::unknown(),
+    };
+    let addrs = Addresses {
+        src,
+        original_dst,
+        dst: None,
+    };
+    let mtls = matches!(route, Route::Hbone { .. });
+    Report::open(
+        &ctx.metrics,
+        Reporter::Source,
+        &source,
+        &destination,
+        service.as_deref(),
+        mtls,
+        addrs,
+        route.name(),
+    )
 }
 
 /// Makes closing `client` send a reset: the application was already told its connect
@@ -298,58 +345,54 @@ fn traceparent(provider: &rustls::crypto::CryptoProvider) -> String {
     value
 }
 
-/// What the closing log line of a connection says about it.
-struct Conn {
-    original: SocketAddr,
-    route: &'static str,
-    started: Instant,
-}
-
+/// Relays until both directions end, then closes the report (and, for a same-node delivery,
+/// the destination side's report too: one mesh-node is both ends).
 async fn relay<U>(
     mut client: TcpStream,
     mut upstream: U,
     revoked: Option<Revoked>,
-    conn: &Conn,
-    endpoint: SocketAddr,
-    peer_identity: &str,
+    report: Report,
+    inbound: Option<Report>,
 ) where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let ended = splice(&mut client, &mut upstream, revoked).await;
-    let duration_ms = conn.started.elapsed().as_millis() as u64;
-    match ended {
-        Ended::Closed { a_to_b, b_to_a } => tracing::info!(
-            original_dst = %conn.original,
-            %endpoint,
-            route = %conn.route,
-            peer_identity = %peer_identity,
-            bytes_sent = a_to_b,
-            bytes_received = b_to_a,
-            duration_ms,
-            "outbound connection closed"
+    let (outcome, request, response, message) = match ended {
+        Ended::Closed { a_to_b, b_to_a } => (
+            Outcome::Closed,
+            a_to_b,
+            b_to_a,
+            "outbound connection closed",
         ),
-        Ended::Reset(error) => tracing::info!(
-            original_dst = %conn.original,
-            %endpoint,
-            route = %conn.route,
-            peer_identity = %peer_identity,
-            %error,
-            duration_ms,
-            "outbound connection reset"
+        Ended::Reset(error) => (
+            Outcome::Reset(error.to_string()),
+            0,
+            0,
+            "outbound connection reset",
         ),
         Ended::Revoked(reason) => {
             reset(&client);
-            tracing::info!(
-                original_dst = %conn.original,
-                %endpoint,
-                route = %conn.route,
-                peer_identity = %peer_identity,
-                %reason,
-                duration_ms,
-                "outbound connection closed by policy"
+            (
+                Outcome::Revoked(reason),
+                0,
+                0,
+                "outbound connection closed by policy",
             )
         }
+    };
+    if let Some(inbound) = inbound {
+        let inbound_outcome = match &outcome {
+            Outcome::Closed => Outcome::Closed,
+            Outcome::Reset(error) => Outcome::Reset(error.clone()),
+            Outcome::Revoked(reason) => Outcome::Revoked(reason.clone()),
+            Outcome::Failed { flags, reason } => Outcome::Failed {
+                flags,
+                reason: reason.clone(),
+            },
+        };
+        inbound.close(inbound_outcome, request, response, "local delivery closed");
     }
+    report.close(outcome, request, response, message);
 }
 
 /// The socket address the application asked for. IPv4-mapped IPv6 destinations become IPv4.

@@ -243,6 +243,16 @@ impl State {
         self.policies.values()
     }
 
+    /// Every workload, in no particular order.
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    /// Every service, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
     pub fn workload_count(&self) -> usize {
         self.workloads.len()
     }

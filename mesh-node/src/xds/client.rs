@@ -1,7 +1,7 @@
 //! The delta-ADS client: one gRPC stream to istiod (`DeltaAggregatedResources`) over TLS, with
 //! the bearer token and cluster id istiod expects, reconnecting with jittered backoff. The
 //! protocol decisions live in [`Session`]; this file only moves messages.
-use std::{net::IpAddr, path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use prost_types::{Struct, Value, value::Kind};
 use tokio::sync::{mpsc, watch};
@@ -11,6 +11,7 @@ use tonic::{Request, transport::Endpoint};
 use crate::{
     error_chain,
     istiod::{self, Backoff},
+    telemetry::Metrics,
 };
 
 use super::{
@@ -103,6 +104,7 @@ pub async fn run(
     endpoint: Endpoint,
     apply: impl Fn(Update),
     ready: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
 ) {
     let mut session = Session::new(config.node(), &config.trust_domain);
     let mut backoff = Backoff::new(INITIAL_BACKOFF, MAX_BACKOFF);
@@ -115,8 +117,10 @@ pub async fn run(
             &apply,
             &ready,
             &mut answered,
+            &metrics,
         )
         .await;
+        metrics.xds_connected(false);
         if answered {
             backoff.reset();
         }
@@ -139,6 +143,7 @@ async fn stream(
     apply: &impl Fn(Update),
     ready: &watch::Sender<bool>,
     answered: &mut bool,
+    metrics: &Metrics,
 ) -> Result<(), String> {
     let channel = endpoint
         .connect()
@@ -166,6 +171,7 @@ async fn stream(
         .map_err(|status| format!("open stream: {}", status.message()))?
         .into_inner();
     tracing::info!(address = %config.address, "xDS stream open");
+    metrics.xds_connected(true);
     loop {
         let response = match responses.message().await {
             Ok(Some(response)) => response,
@@ -179,9 +185,11 @@ async fn stream(
         match (handled.update, handled.rejected) {
             (Some(update), _) => {
                 apply(update);
+                metrics.xds_update(&type_url, true);
                 tracing::info!(type_url, changed, removed, "xDS update applied");
             }
             (None, Some(reason)) => {
+                metrics.xds_update(&type_url, false);
                 tracing::warn!(type_url, %reason, "xDS response rejected (NACK); the previous state stays in force");
             }
             (None, None) => {}

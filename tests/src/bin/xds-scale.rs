@@ -239,8 +239,9 @@ fn client(addr: &str, root: &str) -> Result<()> {
         let apply = move |update: mesh_node::xds::session::Update| {
             update.apply(&mut sink.write().unwrap());
         };
+        let metrics = std::sync::Arc::new(mesh_node::telemetry::Metrics::new());
         tokio::spawn(mesh_node::xds::client::run(
-            config, endpoint, apply, ready_tx,
+            config, endpoint, apply, ready_tx, metrics,
         ));
         ready.wait_for(|r| *r).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;

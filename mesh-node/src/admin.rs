@@ -1,0 +1,436 @@
+//! mesh-node's own HTTP endpoints, in its own network namespace:
+//! - admin, `127.0.0.1:15000`: `GET /config_dump` (workloads, services, policies, enrolled
+//!   pods, certificates with expiry — never keys), `GET|POST /logging[?level=FILTER]`;
+//! - metrics, `:15020`: `GET /stats/prometheus` (also `/metrics`), Prometheus text;
+//! - readiness, `:15021`: `GET /healthz/ready`, 200 once programs are attached, start-up
+//!   enrollment is done, the control plane's first answer arrived and every enrolled pod has a
+//!   certificate; 503 with the reasons before.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    enroll::Enroller, identity::CertManager, logging, proxy::ProxyContext, telemetry::Metrics,
+};
+
+/// What readiness waits for. Shared by the start-up sequence (which sets the flags) and the
+/// readiness endpoint.
+pub struct Readiness {
+    programs: AtomicBool,
+    enrolled: AtomicBool,
+    xds: watch::Receiver<bool>,
+    certs: Option<Arc<CertManager>>,
+}
+
+impl Readiness {
+    /// `xds` turns true with the control plane's first answer (true from the start without a
+    /// control plane).
+    pub fn new(xds: watch::Receiver<bool>, certs: Option<Arc<CertManager>>) -> Self {
+        Self {
+            programs: AtomicBool::new(false),
+            enrolled: AtomicBool::new(false),
+            xds,
+            certs,
+        }
+    }
+
+    pub fn programs_attached(&self) {
+        self.programs.store(true, Ordering::Release);
+    }
+
+    pub fn startup_enrollment_done(&self) {
+        self.enrolled.store(true, Ordering::Release);
+    }
+
+    /// What is still missing; empty when ready.
+    pub fn missing(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        if !self.programs.load(Ordering::Acquire) {
+            missing.push("eBPF programs not attached yet".to_owned());
+        }
+        if !self.enrolled.load(Ordering::Acquire) {
+            missing.push("pods not enrolled yet".to_owned());
+        }
+        if !*self.xds.borrow() {
+            missing.push("no answer from the control plane yet".to_owned());
+        }
+        if let Some(certs) = &self.certs {
+            for status in certs.snapshot().iter().filter(|s| s.tracked && !s.valid) {
+                let why = status.error.as_deref().unwrap_or("not issued yet");
+                missing.push(format!("no certificate for {}: {why}", status.identity));
+            }
+        }
+        missing
+    }
+}
+
+/// Everything the endpoints read.
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    /// Set once the data plane is up.
+    pub ctx: OnceLock<Arc<ProxyContext>>,
+    pub enroller: OnceLock<Arc<Enroller>>,
+}
+
+/// Where each endpoint listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// Istio's ports: admin on loopback only (it can change the log level), metrics and readiness
+/// on every address, for Prometheus and the kubelet.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS: &str = "0.0.0.0:15020";
+pub const DEFAULT_READINESS: &str = "0.0.0.0:15021";
+
+impl Default for Addresses {
+    fn default() -> Self {
+        let parse = |addr: &str| {
+            addr.parse()
+                .unwrap_or_else(|_| unreachable!("constant address"))
+        };
+        Self {
+            admin: parse(DEFAULT_ADMIN),
+            metrics: parse(DEFAULT_METRICS),
+            readiness: parse(DEFAULT_READINESS),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("listen on {addr} for the {what} endpoint: {source}")]
+pub struct BindError {
+    pub what: &'static str,
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+type Handler = fn(&Admin, &Request<Incoming>) -> Response<Full<Bytes>>;
+
+/// Binds the three listeners (failing on the first that cannot be bound) and serves them on the
+/// current runtime.
+pub async fn start(admin: Arc<Admin>, addrs: Addresses) -> Result<(), BindError> {
+    let endpoints: [(&str, SocketAddr, Handler); 3] = [
+        ("admin", addrs.admin, admin_routes),
+        ("metrics", addrs.metrics, metrics_routes),
+        ("readiness", addrs.readiness, readiness_routes),
+    ];
+    for (what, addr, handler) in endpoints {
+        let listener =
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError { what, addr, source })?;
+        tracing::info!(%addr, "{what} endpoint listening");
+        tokio::spawn(serve(listener, admin.clone(), handler));
+    }
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, admin: Arc<Admin>, handler: Handler) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "accept on an admin endpoint failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let response = handler(&admin, &request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_string_pretty(value).unwrap_or_default();
+    body.push('\n');
+    respond(status, "application/json", body)
+}
+
+fn not_found(request: &Request<Incoming>, known: &str) -> Response<Full<Bytes>> {
+    text(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint {} {}; this port serves: {known}\n",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+fn readiness_routes(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/healthz/ready" => {
+            let missing = admin.readiness.missing();
+            if missing.is_empty() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready:\n- {}\n", missing.join("\n- ")),
+                )
+            }
+        }
+        _ => not_found(request, "GET /healthz/ready"),
+    }
+}
+
+fn metrics_routes(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match request.uri().path() {
+        "/stats/prometheus" | "/metrics" => {
+            if let Some(certs) = admin.ctx.get().and_then(|ctx| ctx.certs.as_ref()) {
+                let snapshot = certs.snapshot();
+                let valid = snapshot.iter().filter(|s| s.valid).count();
+                admin.metrics.certificates(valid, snapshot.len() - valid);
+            }
+            respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                admin.metrics.encode(),
+            )
+        }
+        _ => not_found(request, "GET /stats/prometheus, GET /metrics"),
+    }
+}
+
+fn admin_routes(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(admin)),
+        (&Method::GET, "/logging") => {
+            text(StatusCode::OK, format!("{}\n", logging::current_filter()))
+        }
+        (&Method::POST, "/logging") => {
+            let level = request
+                .uri()
+                .query()
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("level="));
+            let Some(level) = level else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "POST /logging?level=FILTER (for example level=debug)\n",
+                );
+            };
+            let level = percent_decode(level);
+            match logging::set_filter(&level) {
+                Ok(now) => {
+                    tracing::warn!(filter = %now, "log filter changed through the admin endpoint");
+                    text(StatusCode::OK, format!("{now}\n"))
+                }
+                Err(error) => text(StatusCode::BAD_REQUEST, format!("{error}\n")),
+            }
+        }
+        _ => not_found(
+            request,
+            "GET /config_dump, GET /logging, POST /logging?level=FILTER",
+        ),
+    }
+}
+
+/// `%XX` escapes and `+` decoded; anything malformed is kept as written.
+fn percent_decode(value: &str) -> String {
+    let hex = |byte: u8| (byte as char).to_digit(16);
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                match (
+                    bytes.get(i + 1).and_then(|b| hex(*b)),
+                    bytes.get(i + 2).and_then(|b| hex(*b)),
+                ) {
+                    (Some(high), Some(low)) => {
+                        out.push((high * 16 + low) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    time::OffsetDateTime::from(time)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn config_dump(admin: &Admin) -> Value {
+    let Some(ctx) = admin.ctx.get() else {
+        return json!({ "error": "the data plane is not up yet" });
+    };
+    let state = ctx.state();
+    let mut workloads: Vec<Value> = state
+        .workloads()
+        .map(|w| {
+            json!({
+                "uid": w.uid,
+                "name": w.name,
+                "namespace": w.namespace,
+                "identity": w.identity().to_string(),
+                "addresses": w.addresses,
+                "network": w.network,
+                "node": w.node,
+                "cluster_id": w.cluster_id,
+                "protocol": format!("{:?}", w.protocol),
+                "healthy": w.healthy,
+                "services": w.services.keys().collect::<Vec<_>>(),
+                "authorization_policies": w.authorization_policies,
+                "canonical_name": w.canonical_name,
+                "canonical_revision": w.canonical_revision,
+            })
+        })
+        .collect();
+    workloads.sort_by_key(|w| w["uid"].as_str().unwrap_or_default().to_owned());
+    let mut services: Vec<Value> = state
+        .services()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "namespace": s.namespace,
+                "hostname": s.hostname,
+                "vips": s.vips.iter().map(|(network, ip)| json!({"network": network, "address": ip})).collect::<Vec<_>>(),
+                "ports": s.ports.iter().map(|p| json!({"service_port": p.service_port, "target_port": p.target_port})).collect::<Vec<_>>(),
+                "endpoints": state.endpoints(s.key()).map(|w| w.uid.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    services.sort_by_key(|s| s["hostname"].as_str().unwrap_or_default().to_owned());
+    let mut policies: Vec<Value> = state
+        .policies()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "namespace": p.namespace,
+                "scope": format!("{:?}", p.scope),
+                "action": format!("{:?}", p.action),
+                "dry_run": p.dry_run,
+                "rules": format!("{:?}", p.rules),
+            })
+        })
+        .collect();
+    policies.sort_by_key(|p| format!("{}/{}", p["namespace"], p["name"]));
+    drop(state);
+    let pods: Vec<Value> = admin
+        .enroller
+        .get()
+        .map(|enroller| {
+            enroller
+                .pods()
+                .iter()
+                .map(|pod| {
+                    json!({
+                        "pod": pod.spec.to_string(),
+                        "identity": pod.identity.to_string(),
+                        "addresses": pod.spec.ips,
+                        "netns": pod.netns.path(),
+                        "netns_cookie": pod.netns_cookie,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let now = SystemTime::now();
+    let certificates: Vec<Value> = ctx
+        .certs
+        .as_ref()
+        .map(|certs| {
+            certs
+                .snapshot()
+                .into_iter()
+                .map(|status| {
+                    json!({
+                        "identity": status.identity.to_string(),
+                        "enrolled_pod": status.tracked,
+                        "valid": status.valid,
+                        "not_after": status.not_after.map(rfc3339),
+                        "expires_in_seconds": status.not_after.map(|t| t.duration_since(now).map_or(0, |d| d.as_secs())),
+                        "last_error": status.error,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "node": {
+            "name": ctx.node.node_name,
+            "cluster_id": ctx.node.cluster_id,
+            "network": ctx.node.network,
+        },
+        "enrolled_pods": pods,
+        "workloads": workloads,
+        "services": services,
+        "policies": policies,
+        "certificates": certificates,
+        "log_filter": logging::current_filter(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded_and_bad_escapes_kept() {
+        assert_eq!(
+            percent_decode("info%2Cmesh_node%3A%3Axds%3Ddebug"),
+            "info,mesh_node::xds=debug"
+        );
+        assert_eq!(percent_decode("a+b"), "a b");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}

@@ -1,0 +1,365 @@
+//! The Prometheus registry: Istio's standard TCP metrics, plus mesh-node's own xDS, certificate
+//! and eBPF counters. Served as text on :15020 (`/stats/prometheus`, `/metrics`).
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+};
+
+use mesh_common::Counter as KernelCounter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+    },
+    registry::Registry,
+};
+
+use super::{Peer, Reporter};
+use crate::dataplane::Dataplane;
+
+/// The labels of Istio's `istio_tcp_*` metrics, named and filled as Istio's proxies fill them
+/// ("unknown" where a value is not known).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_cluster: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+fn known(value: &str) -> String {
+    if value.is_empty() {
+        "unknown".to_owned()
+    } else {
+        value.to_owned()
+    }
+}
+
+impl TcpLabels {
+    pub fn new(
+        reporter: Reporter,
+        source: &Peer,
+        destination: &Peer,
+        destination_service: Option<&str>,
+        mutual_tls: bool,
+    ) -> Self {
+        Self {
+            reporter: match reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            },
+            source_workload: known(&source.workload),
+            source_canonical_service: known(&source.canonical_service),
+            source_canonical_revision: known(&source.canonical_revision),
+            source_workload_namespace: known(&source.namespace),
+            source_principal: known(&source.principal),
+            source_cluster: known(&source.cluster),
+            destination_service: known(destination_service.unwrap_or_default()),
+            destination_workload: known(&destination.workload),
+            destination_canonical_service: known(&destination.canonical_service),
+            destination_canonical_revision: known(&destination.canonical_revision),
+            destination_workload_namespace: known(&destination.namespace),
+            destination_principal: known(&destination.principal),
+            destination_cluster: known(&destination.cluster),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    type_url: String,
+    result: &'static str,
+}
+
+/// Every metric mesh-node exports.
+pub struct Metrics {
+    registry: Registry,
+    dataplane: Arc<OnceLock<Arc<Dataplane>>>,
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    xds_updates: Family<TypeLabel, Counter>,
+    xds_connected: Gauge,
+    certs: Family<ResultLabel, Gauge>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// The registry. The kernel's counters appear once [`Metrics::attach_dataplane`] is called
+    /// and are read at each scrape.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let tcp = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<TcpLabels, Counter>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let opened = tcp(
+            &mut registry,
+            "istio_tcp_connections_opened",
+            "Connections opened",
+        );
+        let closed = tcp(
+            &mut registry,
+            "istio_tcp_connections_closed",
+            "Connections closed",
+        );
+        let received = tcp(
+            &mut registry,
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction)",
+        );
+        let sent = tcp(
+            &mut registry,
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client (response direction)",
+        );
+        let xds_updates = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "mesh_xds_updates",
+            "xDS responses by type and whether they were applied (ack) or refused (nack)",
+            xds_updates.clone(),
+        );
+        let xds_connected = Gauge::default();
+        registry.register(
+            "mesh_xds_connected",
+            "1 while the control-plane stream is up",
+            xds_connected.clone(),
+        );
+        let certs = Family::<ResultLabel, Gauge>::default();
+        registry.register(
+            "mesh_workload_certificates",
+            "Workload certificates by state (valid, missing: not issued or expired)",
+            certs.clone(),
+        );
+        let dataplane = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(KernelCounters(dataplane.clone())));
+        Self {
+            registry,
+            dataplane,
+            opened,
+            closed,
+            received,
+            sent,
+            xds_updates,
+            xds_connected,
+            certs,
+        }
+    }
+
+    /// Exports the programs' decision counters from now on.
+    pub fn attach_dataplane(&self, dataplane: Arc<Dataplane>) {
+        let _ = self.dataplane.set(dataplane);
+    }
+
+    pub fn opened(&self, labels: &TcpLabels) {
+        self.opened.get_or_create(labels).inc();
+    }
+
+    pub fn closed(&self, labels: &TcpLabels, request: u64, response: u64) {
+        self.closed.get_or_create(labels).inc();
+        self.received.get_or_create(labels).inc_by(request);
+        self.sent.get_or_create(labels).inc_by(response);
+    }
+
+    /// An xDS response of `type_url` was applied (`ack`) or refused (`nack`).
+    pub fn xds_update(&self, type_url: &str, applied: bool) {
+        let type_url = type_url.rsplit('/').next().unwrap_or(type_url).to_owned();
+        let result = if applied { "ack" } else { "nack" };
+        self.xds_updates
+            .get_or_create(&TypeLabel { type_url, result })
+            .inc();
+    }
+
+    pub fn xds_connected(&self, up: bool) {
+        self.xds_connected.set(i64::from(up));
+    }
+
+    /// Sets the certificate gauges (read from the certificate manager at scrape time).
+    pub fn certificates(&self, valid: usize, missing: usize) {
+        self.certs
+            .get_or_create(&ResultLabel { result: "valid" })
+            .set(valid as i64);
+        self.certs
+            .get_or_create(&ResultLabel { result: "missing" })
+            .set(missing as i64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+/// The programs' decision counters, summed over CPUs at scrape time.
+struct KernelCounters(Arc<OnceLock<Arc<Dataplane>>>);
+
+impl fmt::Debug for KernelCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelCounters")
+    }
+}
+
+impl Collector for KernelCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(dataplane) = self.0.get() else {
+            return Ok(());
+        };
+        for counter in KernelCounter::ALL {
+            let value = ConstCounter::new(dataplane.counter(counter));
+            let name = format!("mesh_ebpf_{}", counter.name());
+            let metric = encoder.encode_descriptor(
+                &name,
+                kernel_help(counter),
+                None,
+                value.metric_type(),
+            )?;
+            value.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+fn kernel_help(counter: KernelCounter) -> &'static str {
+    match counter {
+        KernelCounter::Captured => "Outbound connections redirected to mesh-node",
+        KernelCounter::PassedNotServing => {
+            "Connections let through because mesh-node was not serving the pod (fail-open)"
+        }
+        KernelCounter::RefusedNotServing => {
+            "Connections refused because mesh-node was not serving the pod (fail-closed)"
+        }
+        KernelCounter::PassedMapFull => {
+            "Connections let through uncaptured because the original-destination map was full"
+        }
+        KernelCounter::PeerRestored => {
+            "getpeername() answers rewritten to the original destination"
+        }
+        KernelCounter::InboundCaptured => "Inbound connections steered to mesh-node",
+        KernelCounter::InboundNotServing => {
+            "Inbound connections let through because no mesh-node listener was registered"
+        }
+        KernelCounter::TraceDropped => "Trace events dropped because the ring buffer was full",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::Peer;
+
+    #[test]
+    fn tcp_metrics_have_istio_names_labels_and_amounts() {
+        let metrics = Metrics::new();
+        let source = Peer {
+            workload: "client".into(),
+            namespace: "shop".into(),
+            principal: "spiffe://cluster.local/ns/shop/sa/client".into(),
+            ..Peer::default()
+        };
+        let labels = TcpLabels::new(
+            Reporter::Source,
+            &source,
+            &Peer::unknown(),
+            Some("cart.shop.svc.cluster.local"),
+            true,
+        );
+        metrics.opened(&labels);
+        metrics.opened(&labels);
+        metrics.closed(&labels, 1000, 20);
+        metrics.closed(&labels, 24, 0);
+        let text = metrics.encode();
+        let line = |name: &str| {
+            text.lines()
+                .find(|line| line.starts_with(name))
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+                .to_owned()
+        };
+        assert!(
+            line("istio_tcp_connections_opened_total{").ends_with(" 2"),
+            "{text}"
+        );
+        assert!(line("istio_tcp_connections_closed_total{").ends_with(" 2"));
+        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 1024"));
+        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 20"));
+        let opened = line("istio_tcp_connections_opened_total{");
+        for label in [
+            "reporter=\"source\"",
+            "source_workload=\"client\"",
+            "source_workload_namespace=\"shop\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"",
+            "destination_service=\"cart.shop.svc.cluster.local\"",
+            "destination_workload=\"unknown\"",
+            "connection_security_policy=\"mutual_tls\"",
+            "response_flags=\"-\"",
+            "request_protocol=\"tcp\"",
+        ] {
+            assert!(opened.contains(label), "{label} not in {opened}");
+        }
+    }
+
+    #[test]
+    fn xds_and_certificate_counters_are_labelled() {
+        let metrics = Metrics::new();
+        metrics.xds_update("type.googleapis.com/istio.workload.Address", true);
+        metrics.xds_update("type.googleapis.com/istio.workload.Address", false);
+        metrics.certificates(2, 1);
+        metrics.xds_connected(true);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "mesh_xds_updates_total{type_url=\"istio.workload.Address\",result=\"ack\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "mesh_xds_updates_total{type_url=\"istio.workload.Address\",result=\"nack\"} 1"
+        ));
+        assert!(
+            text.contains("mesh_workload_certificates{result=\"valid\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("mesh_workload_certificates{result=\"missing\"} 1"));
+        assert!(text.contains("mesh_xds_connected 1"));
+    }
+}

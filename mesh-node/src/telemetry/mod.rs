@@ -1,0 +1,214 @@
+//! What mesh-node tells operators about the traffic it carries: Prometheus metrics under Istio's
+//! standard TCP names and labels (so existing Istio dashboards work), and one access-log line
+//! per connection.
+//!
+//! A connection is reported once by each mesh-node it passes: the source side (`reporter=
+//! "source"`, the outbound handler) and the destination side (`reporter="destination"`, every
+//! delivery into a local pod). A [`Report`] is opened when the connection is accepted and
+//! closed with its outcome; closing counts the bytes and writes the access-log line.
+mod metrics;
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+pub use metrics::{Metrics, TcpLabels};
+
+use crate::{enroll::Pod, identity::Identity, state::Workload};
+
+/// Which side of the connection reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// One end of a connection as the labels and the access log name it.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    pub principal: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
+}
+
+impl Peer {
+    /// A local pod (enrolled here), completed from its workload when the control plane knows it.
+    pub fn of_pod(pod: &Pod, workload: Option<&Workload>) -> Self {
+        match workload {
+            Some(workload) => Self::of_workload(workload),
+            None => Self {
+                workload: pod.spec.name.clone(),
+                namespace: pod.spec.namespace.clone(),
+                principal: pod.identity.to_string(),
+                canonical_service: pod.spec.name.clone(),
+                ..Self::default()
+            },
+        }
+    }
+
+    pub fn of_workload(workload: &Workload) -> Self {
+        let name = if workload.workload_name.is_empty() {
+            &workload.name
+        } else {
+            &workload.workload_name
+        };
+        Self {
+            workload: name.clone(),
+            namespace: workload.namespace.clone(),
+            principal: workload.identity().to_string(),
+            canonical_service: workload.canonical_name.clone(),
+            canonical_revision: workload.canonical_revision.clone(),
+            cluster: workload.cluster_id.clone(),
+        }
+    }
+
+    /// Only the address is known (a plaintext client, a destination outside the mesh).
+    pub fn unknown() -> Self {
+        Self::default()
+    }
+
+    /// Only the identity is known (an HBONE peer the state does not describe).
+    pub fn of_identity(identity: &Identity) -> Self {
+        Self {
+            principal: identity.to_string(),
+            namespace: identity.namespace.clone(),
+            ..Self::default()
+        }
+    }
+}
+
+/// `response_flags` of a connection refused by an authorization policy (as ztunnel reports it).
+pub const DENIED: &str = "DENY";
+/// `response_flags` of a connection that could not reach its destination.
+pub const CONNECT_FAILED: &str = "CONNECT";
+
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Both directions finished.
+    Closed,
+    /// Torn down by an error on either side.
+    Reset(String),
+    /// A policy change denied it while open.
+    Revoked(String),
+    /// Never carried: `flags` is [`DENIED`] (policy) or [`CONNECT_FAILED`] (no endpoint,
+    /// upstream unreachable, tunnel refused).
+    Failed { flags: &'static str, reason: String },
+}
+
+/// The addresses of a connection, as the access log shows them.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    /// The client application's address.
+    pub src: SocketAddr,
+    /// What the application connected to (a service address, say).
+    pub original_dst: SocketAddr,
+    /// Where the connection was delivered (a chosen endpoint, the pod's own address); `None`
+    /// when it never got that far.
+    pub dst: Option<SocketAddr>,
+}
+
+/// An open connection's report; [`Report::close`] finishes it.
+pub struct Report {
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+    labels: TcpLabels,
+    addrs: Addresses,
+    /// Where it went, for the source side (`local`, `hbone`, `passthrough`, `refused`).
+    route: &'static str,
+    started: Instant,
+}
+
+impl Report {
+    /// Counts the connection as opened.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is one label group or address"
+    )]
+    pub fn open(
+        metrics: &Arc<Metrics>,
+        reporter: Reporter,
+        source: &Peer,
+        destination: &Peer,
+        destination_service: Option<&str>,
+        mutual_tls: bool,
+        addrs: Addresses,
+        route: &'static str,
+    ) -> Self {
+        let labels = TcpLabels::new(
+            reporter,
+            source,
+            destination,
+            destination_service,
+            mutual_tls,
+        );
+        metrics.opened(&labels);
+        Self {
+            metrics: metrics.clone(),
+            reporter,
+            labels,
+            addrs,
+            route,
+            started: Instant::now(),
+        }
+    }
+
+    /// Where the connection was delivered, once known.
+    pub fn delivered_to(&mut self, dst: SocketAddr) {
+        self.addrs.dst = Some(dst);
+    }
+
+    /// Counts the connection as closed with `request` bytes (client to server) and `response`
+    /// bytes (server to client), and writes its access-log line, `message` being what the line
+    /// says happened.
+    pub fn close(mut self, outcome: Outcome, request: u64, response: u64, message: &str) {
+        let duration_ms = self.started.elapsed().as_millis() as u64;
+        let (result, reason) = match &outcome {
+            Outcome::Closed => ("closed", String::new()),
+            Outcome::Reset(error) => ("reset", error.clone()),
+            Outcome::Revoked(reason) => ("revoked", reason.clone()),
+            Outcome::Failed { reason, .. } => ("failed", reason.clone()),
+        };
+        if let Outcome::Failed { flags, .. } = outcome {
+            self.labels.response_flags = flags;
+        }
+        self.metrics.closed(&self.labels, request, response);
+        let l = &self.labels;
+        // Fields from the reporting pod's point of view: the source sent the request bytes, the
+        // destination received them.
+        let (sent, received) = match self.reporter {
+            Reporter::Source => (request, response),
+            Reporter::Destination => (response, request),
+        };
+        tracing::info!(
+            target: "access",
+            reporter = %l.reporter,
+            src = %self.addrs.src,
+            src_workload = %or_dash(&l.source_workload),
+            src_namespace = %or_dash(&l.source_workload_namespace),
+            src_identity = %or_dash(&l.source_principal),
+            original_dst = %self.addrs.original_dst,
+            dst = %self.addrs.dst.map_or_else(|| "-".to_owned(), |dst| dst.to_string()),
+            dst_workload = %or_dash(&l.destination_workload),
+            dst_namespace = %or_dash(&l.destination_workload_namespace),
+            dst_identity = %or_dash(&l.destination_principal),
+            dst_service = %or_dash(&l.destination_service),
+            route = %self.route,
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms,
+            result = %result,
+            reason = %or_dash(&reason),
+            "{message}"
+        );
+    }
+}
+
+fn or_dash(value: &str) -> &str {
+    if value.is_empty() || value == "unknown" {
+        "-"
+    } else {
+        value
+    }
+}

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod ca_server;
 pub mod control_plane;
 pub mod hbone_client;
+pub mod http_probe;
 pub mod meshnode;
 pub mod netns_server;
 pub mod podapp;

@@ -169,6 +169,20 @@ fn a_ca_down_at_start_is_reported_retried_and_recovered_from() {
         line.contains("Unavailable") && line.contains("retry_in_ms"),
         "{line}"
     );
+    // Not ready while the enrolled pod has no certificate, and the endpoint says why.
+    let netns1 = topo.node("node1").netns_path();
+    let ready = || {
+        mesh_tests::http_probe::get(&netns1, mesh_tests::http_probe::READINESS, "/healthz/ready")
+            .expect("readiness endpoint")
+    };
+    let answer = ready();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert!(
+        answer
+            .body
+            .contains(&format!("no certificate for {CLIENT_ID}")),
+        "{answer:?}"
+    );
     // Meanwhile connections that need a certificate fail rather than hang.
     let run = topo.connect_from("client", server.addr, 1024, 2);
     assert_eq!(run.errors.len(), 2, "{run:?}");
@@ -191,6 +205,11 @@ fn a_ca_down_at_start_is_reported_retried_and_recovered_from() {
         node1.log_text()
     );
     assert!(issued_to(&ca, CLIENT_ID) >= 1 && issued_to(&ca, SERVER_ID) >= 1);
+    assert!(
+        mesh_tests::wait_for(|| ready().status == 200),
+        "not ready with the certificate issued: {:?}",
+        ready()
+    );
     assert!(
         !node1
             .log_lines_with(&["workload certificate issued", CLIENT_ID])

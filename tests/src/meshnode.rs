@@ -179,7 +179,20 @@ impl MeshNode {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The log so far. mesh-node writes its log from a background thread (so that a slow
+    /// stderr never stalls a connection), so a line may land a moment after what it reports:
+    /// this waits until the file has stopped growing for 50 ms (at most 1 s) before reading.
     pub fn log_text(&self) -> String {
+        let len = || fs::metadata(&self.log).map_or(0, |meta| meta.len());
+        let mut last = len();
+        for _ in 0..20 {
+            thread::sleep(Duration::from_millis(50));
+            let now = len();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 

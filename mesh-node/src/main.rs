@@ -319,9 +319,17 @@ fn bpf(args: BpfArgs) -> ExitCode {
             count,
             duration,
         } => {
-            let duration = duration
-                .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-                .map(Duration::from_secs_f64);
+            let duration = match duration.map(Duration::try_from_secs_f64) {
+                None => None,
+                Some(Ok(duration)) => Some(duration),
+                Some(Err(_)) => {
+                    eprintln!(
+                        "mesh-node bpf: error: --duration {:?}: not a number of seconds >= 0",
+                        duration.unwrap_or_default()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
             let filter = TraceFilter { pod, port };
             inspect::trace(dir, &filter, count, duration, output, &mut out)
         }

@@ -270,6 +270,24 @@ impl Dataplane {
     }
 }
 
+/// An address as the programs store it (network-order words, IPv4 in the first word for
+/// `FAMILY_INET`); IPv4-mapped IPv6 addresses come back as IPv4.
+pub fn kernel_ip(family: u16, words: [u32; 4]) -> IpAddr {
+    if family == mesh_common::FAMILY_INET {
+        return IpAddr::from(words[0].to_ne_bytes());
+    }
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    IpAddr::from(octets).to_canonical()
+}
+
+/// The pod address an [`InboundKey`] stands for (the inverse of the key mesh-node registers).
+pub fn inbound_key_ip(key: &InboundKey) -> IpAddr {
+    kernel_ip(mesh_common::FAMILY_INET6, key.ip)
+}
+
 fn inbound_key(ip: IpAddr) -> InboundKey {
     let octets = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),

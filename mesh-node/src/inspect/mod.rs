@@ -24,7 +24,7 @@ use aya::{
 use mesh_common::{EnrolledPod, FailMode, OrigDst, map_names};
 use serde::Serialize;
 
-pub use pinned::addr;
+use crate::dataplane::kernel_ip as addr;
 use pinned::{MAPS, Pinned};
 use table::{Table, fields};
 pub use trace::TraceFilter;
@@ -118,6 +118,19 @@ pub fn status(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), In
     let links = pinned.links();
     let (cgroup_links, netns_links) = (links.cgroup, links.netns);
     let mut hooks = Vec::new();
+    // Every cgroup hook is normally on the same cgroup: walk the cgroup tree once per id.
+    let mut cgroup_names: BTreeMap<u64, String> = BTreeMap::new();
+    let mut cgroup_name = |id: u64| {
+        cgroup_names
+            .entry(id)
+            .or_insert_with(|| {
+                cgroup_mount
+                    .as_deref()
+                    .and_then(|mount| kernel::cgroup_path(mount, id))
+                    .map_or_else(|| format!("cgroup id {id}"), |p| p.display().to_string())
+            })
+            .clone()
+    };
     for (program, path) in &cgroup_links {
         hooks.push(hook_status(
             program,
@@ -126,12 +139,7 @@ pub fn status(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), In
             stats,
             version,
             |point| match point {
-                kernel::AttachPoint::Cgroup(id) => Some(
-                    cgroup_mount
-                        .as_deref()
-                        .and_then(|mount| kernel::cgroup_path(mount, id))
-                        .map_or_else(|| format!("cgroup id {id}"), |p| p.display().to_string()),
-                ),
+                kernel::AttachPoint::Cgroup(id) => Some(cgroup_name(id)),
                 _ => None,
             },
         ));

@@ -8,12 +8,10 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf, SockHash};
-use mesh_common::{
-    ConnKey, Counter, DataplaneConfig, EnrolledPod, FAMILY_INET, InboundKey, OrigDst, map_names,
-};
+use mesh_common::{ConnKey, Counter, DataplaneConfig, EnrolledPod, InboundKey, OrigDst, map_names};
 
 use super::InspectError;
-use crate::dataplane::record::PodRecord;
+use crate::dataplane::{inbound_key_ip, record::PodRecord};
 
 /// Link pin files: `(program name, path)` for the cgroup hooks, `(netns cookie, path)` for
 /// each pod's sk_lookup link.
@@ -95,7 +93,7 @@ impl Pinned {
             map: map_names::INBOUND,
             source,
         })?;
-        Ok(keys.iter().map(inbound_addr).collect())
+        Ok(keys.iter().map(inbound_key_ip).collect())
     }
 
     /// Live captured connections: original destination by socket cookie.
@@ -167,20 +165,4 @@ fn entries<K, V>(
 ) -> Result<Vec<(K, V)>, InspectError> {
     iter.collect::<Result<Vec<_>, _>>()
         .map_err(|source| InspectError::Map { map, source })
-}
-
-fn inbound_addr(key: &InboundKey) -> IpAddr {
-    let mut octets = [0u8; 16];
-    for (chunk, word) in octets.chunks_exact_mut(4).zip(key.ip) {
-        chunk.copy_from_slice(&word.to_ne_bytes());
-    }
-    IpAddr::from(octets).to_canonical()
-}
-
-/// An address as the programs store it: network-order words, IPv4 in the first.
-pub fn addr(family: u16, ip: [u32; 4]) -> IpAddr {
-    if family == FAMILY_INET {
-        return IpAddr::from(ip[0].to_ne_bytes());
-    }
-    inbound_addr(&InboundKey { ip })
 }

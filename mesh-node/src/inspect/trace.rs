@@ -13,10 +13,8 @@ use std::{
 use mesh_common::{TraceAction, TraceEvent, TraceHook, TraceReason};
 use serde::Serialize;
 
-use super::{
-    InspectError, Output,
-    pinned::{Pinned, addr},
-};
+use super::{InspectError, Output, pinned::Pinned};
+use crate::dataplane::kernel_ip as addr;
 use crate::dataplane::record::PodRecord;
 
 /// Which events to show.

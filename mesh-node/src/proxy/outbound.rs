@@ -1,14 +1,9 @@
 //! Captured outbound connections: recover where the application was going, then pick the way
 //! there — straight into a pod on this node, through an HBONE tunnel to a mesh workload, or
 //! plain TCP to anything outside the mesh.
-use std::{
-    fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_common::{FAMILY_INET, HBONE_PORT, OrigDst};
+use mesh_common::{HBONE_PORT, OrigDst};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -22,6 +17,7 @@ use super::{
     inbound::{self, Delivered},
 };
 use crate::{
+    dataplane::kernel_ip,
     enroll::Pod,
     hbone::{
         H2Stream,
@@ -381,36 +377,22 @@ async fn relay<U>(
         }
     };
     if let Some(inbound) = inbound {
-        let inbound_outcome = match &outcome {
-            Outcome::Closed => Outcome::Closed,
-            Outcome::Reset(error) => Outcome::Reset(error.clone()),
-            Outcome::Revoked(reason) => Outcome::Revoked(reason.clone()),
-            Outcome::Failed { flags, reason } => Outcome::Failed {
-                flags,
-                reason: reason.clone(),
-            },
-        };
-        inbound.close(inbound_outcome, request, response, "local delivery closed");
+        inbound.close(outcome.clone(), request, response, "local delivery closed");
     }
     report.close(outcome, request, response, message);
 }
 
 /// The socket address the application asked for. IPv4-mapped IPv6 destinations become IPv4.
 pub fn original_destination(orig: &OrigDst) -> SocketAddr {
-    let ip = if orig.family == FAMILY_INET {
-        IpAddr::V4(Ipv4Addr::from(orig.ip[0].to_ne_bytes()))
-    } else {
-        let mut octets = [0u8; 16];
-        for (chunk, word) in octets.chunks_exact_mut(4).zip(orig.ip) {
-            chunk.copy_from_slice(&word.to_ne_bytes());
-        }
-        Ipv6Addr::from(octets).to_canonical()
-    };
-    SocketAddr::new(ip, orig.port)
+    SocketAddr::new(kernel_ip(orig.family, orig.ip), orig.port)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
+    use mesh_common::FAMILY_INET;
+
     use super::*;
 
     #[test]

@@ -84,7 +84,7 @@ pub const DENIED: &str = "DENY";
 pub const CONNECT_FAILED: &str = "CONNECT";
 
 /// How a connection ended.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Outcome {
     /// Both directions finished.
     Closed,

@@ -52,6 +52,14 @@ where
         a_to_b: Direction::Copying(Copy::new()),
         b_to_a: Direction::Copying(Copy::new()),
     };
+    until_revoked(copy, revoked).await
+}
+
+/// Runs a bidirectional copy (bytes a → b, b → a) to its end, or until `revoked` resolves.
+pub(crate) async fn until_revoked<F>(copy: F, revoked: Option<Revoked>) -> Ended
+where
+    F: Future<Output = io::Result<(u64, u64)>>,
+{
     let revoked = async {
         match revoked {
             Some(revoked) => revoked.await,

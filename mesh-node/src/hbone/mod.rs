@@ -1,7 +1,7 @@
 //! HBONE: TCP streams carried as HTTP/2 CONNECT streams over mutual TLS, port 15008.
 //!
-//! The h2 crate is used directly rather than through hyper: [`H2Stream`] hands tunnel bytes to
-//! h2 with one copy and no extra task per stream.
+//! The h2 crate is used directly rather than through hyper: [`H2Stream::splice`] moves tunnel
+//! bytes between a socket and h2 without copying them, and with no extra task per stream.
 pub mod client;
 pub mod pool;
 pub mod server;

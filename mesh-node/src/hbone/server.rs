@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     identity::{Identity, san},
-    splice::{Ended, Revoked, splice},
+    splice::{Ended, Revoked},
     telemetry::{Outcome, Report},
     tls,
 };
@@ -182,12 +182,13 @@ async fn handle_stream(
         .forwarded_for
         .map_or_else(|| "-".to_owned(), |addr| addr.to_string());
     tracing::info!(dst = %tunnel.authority, %client, "HBONE tunnel opened");
-    let mut stream = H2Stream::new(send, request.into_body());
+    let stream = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
-    let ended = splice(&mut stream, &mut upstream, revoked).await;
+    let ended = stream.splice(&mut upstream, revoked).await;
     match ended {
+        // The application is `a`: what it sent is the response.
         Ended::Closed { a_to_b, b_to_a } => {
-            report.close(Outcome::Closed, a_to_b, b_to_a, "HBONE tunnel closed")
+            report.close(Outcome::Closed, b_to_a, a_to_b, "HBONE tunnel closed")
         }
         Ended::Reset(error) => report.close(
             Outcome::Reset(error.to_string()),

@@ -4,10 +4,7 @@
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_common::{HBONE_PORT, OrigDst};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use super::{
@@ -167,7 +164,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                     report: inbound_report,
                 }) => {
                     let revoked = Some(Box::pin(revocation.wait()) as Revoked);
-                    return relay(client, stream, revoked, report, Some(inbound_report)).await;
+                    return relay(
+                        client,
+                        Upstream::Socket(stream),
+                        revoked,
+                        report,
+                        Some(inbound_report),
+                    )
+                    .await;
                 }
                 Err(refusal) => (
                     refusal.flags(),
@@ -183,14 +187,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         } => {
             report.delivered_to(dst);
             match open_tunnel(&ctx, &pod, &workload, also_trusted, dst, app_addr).await {
-                Ok(stream) => return relay(client, stream, None, report, None).await,
+                Ok(tunnel) => {
+                    return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
+                }
                 Err(reason) => (CONNECT_FAILED, reason, "outbound connection failed"),
             }
         }
         Route::Passthrough(dst) => {
             report.delivered_to(dst);
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
-                Ok(upstream) => return relay(client, upstream, None, report, None).await,
+                Ok(upstream) => {
+                    return relay(client, Upstream::Socket(upstream), None, report, None).await;
+                }
                 Err(error) => (
                     CONNECT_FAILED,
                     error.to_string(),
@@ -341,18 +349,27 @@ fn traceparent(provider: &rustls::crypto::CryptoProvider) -> String {
     value
 }
 
+/// Where an outbound connection's bytes go.
+enum Upstream {
+    /// A socket: to the local destination pod, or a passthrough destination.
+    Socket(TcpStream),
+    /// An HBONE tunnel to the destination's node.
+    Tunnel(H2Stream),
+}
+
 /// Relays until both directions end, then closes the report (and, for a same-node delivery,
 /// the destination side's report too: one mesh-node is both ends).
-async fn relay<U>(
+async fn relay(
     mut client: TcpStream,
-    mut upstream: U,
+    upstream: Upstream,
     revoked: Option<Revoked>,
     report: Report,
     inbound: Option<Report>,
-) where
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let ended = splice(&mut client, &mut upstream, revoked).await;
+) {
+    let ended = match upstream {
+        Upstream::Socket(mut upstream) => splice(&mut client, &mut upstream, revoked).await,
+        Upstream::Tunnel(tunnel) => tunnel.splice(&mut client, revoked).await,
+    };
     let (outcome, request, response, message) = match ended {
         Ended::Closed { a_to_b, b_to_a } => (
             Outcome::Closed,

@@ -65,6 +65,32 @@ fn exchange(addr: SocketAddr, method: &str, path: &str) -> Result<Answer> {
     })
 }
 
+/// The sum of every sample of `metric` (all label sets) whose labels include each of `labels`,
+/// scraped from mesh-node's metrics endpoint in `netns`.
+pub fn total(netns: &Path, metric: &str, labels: &[&str]) -> Result<f64> {
+    let answer = get(netns, METRICS, "/stats/prometheus")?;
+    if answer.status != 200 {
+        bail!("metrics answered {}: {}", answer.status, answer.body);
+    }
+    let mut sum = 0.0;
+    for line in answer.body.lines() {
+        let Some(rest) = line.strip_prefix(metric) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if labels.iter().all(|label| rest.contains(label)) {
+            sum += rest
+                .rsplit(' ')
+                .next()
+                .and_then(|value| value.parse::<f64>().ok())
+                .with_context(|| format!("no value in {line:?}"))?;
+        }
+    }
+    Ok(sum)
+}
+
 /// The value of the one sample of `metric` whose labels include every one of `labels`
 /// (`name="value"` strings); `None` when there is none. Fails when several match.
 pub fn sample(exposition: &str, metric: &str, labels: &[&str]) -> Result<Option<f64>> {

@@ -8,7 +8,7 @@ use mesh_node::xds::proto::security as pb;
 use mesh_tests::{
     MeshNode, NodeSpec, PodSpec, Server, Topology,
     control_plane::{ControlPlane, eventually, pod_workload},
-    podapp, privileged,
+    http_probe, podapp, privileged,
 };
 
 const PORT: u16 = 8080;
@@ -299,18 +299,20 @@ fn a_policy_pushed_mid_connection_closes_the_connections_it_denies() {
         })
         .collect();
     // All 12 connections are open: 8 tunnels from node2, 2 same-node, 2 captured plaintext.
+    // node1's own metrics: 8 tunnels delivered (mutual TLS), 4 more deliveries (plaintext and
+    // same-node), and the 2 same-node connections on their source side.
+    let opened = |labels: &[&str]| {
+        let netns = mesh.topo.node("node1").netns_path();
+        http_probe::total(&netns, "istio_tcp_connections_opened_total", labels).unwrap_or(0.0)
+    };
     eventually("the held connections to open", || {
-        mesh.node1.log_lines_with(&["HBONE tunnel opened"]).len() >= 8
-            && mesh
-                .node1
-                .log_lines_with(&["inbound plaintext connection captured"])
-                .len()
-                >= 2
-            && mesh
-                .node1
-                .log_lines_with(&["outbound connection captured"])
-                .len()
-                >= 2
+        let tunnels = opened(&[
+            r#"reporter="destination""#,
+            r#"connection_security_policy="mutual_tls""#,
+        ]);
+        tunnels >= 8.0
+            && opened(&[r#"reporter="destination""#]) >= 12.0
+            && opened(&[r#"reporter="source""#]) >= 2.0
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.node1.log_text()));
 

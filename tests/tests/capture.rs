@@ -26,9 +26,10 @@ fn start_server(topo: &Topology) -> Server {
     topo.serve("server", SERVER_PORT)
 }
 
+/// Captured connections to `target` that have ended (one access line each).
 fn captured_count(mesh: &MeshNode, target: SocketAddr) -> usize {
     mesh.log_lines_with(&[
-        "outbound connection captured",
+        "outbound connection closed",
         &format!("original_dst={target}"),
     ])
     .len()
@@ -109,7 +110,7 @@ fn cross_node_connections_are_captured_and_bytes_arrive_intact() {
     assert_eq!(concurrent.ok.len(), 64);
     let inbound = |mesh: &MeshNode| {
         mesh.log_lines_with(&[
-            "inbound plaintext connection captured",
+            "inbound plaintext connection closed",
             &format!("dst={}", server.addr),
         ])
         .len()

@@ -118,11 +118,11 @@ fn cross_node_traffic_is_mutual_tls_with_identities_and_no_cleartext_on_the_wire
         "{}",
         mesh1.log_text()
     );
-    assert_eq!(
-        mesh2
-            .log_lines_with(&["HBONE tunnel opened", &format!("dst={}", server.addr)])
-            .len(),
-        4,
+    assert!(
+        wait_for(|| mesh2
+            .log_lines_with(&["HBONE tunnel closed", &format!("dst={}", server.addr)])
+            .len()
+            == 4),
         "{}",
         mesh2.log_text()
     );

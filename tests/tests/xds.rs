@@ -14,7 +14,7 @@ use mesh_node::xds::proto::{ADDRESS_TYPE, workload as pb};
 use mesh_tests::{
     MeshNode, NodeSpec, PodSpec, Topology,
     control_plane::{ControlPlane, TOKEN, eventually, pod_workload},
-    podapp, privileged,
+    http_probe, podapp, privileged,
 };
 
 const SERVICE: &str = "default/echo.default.svc.cluster.local";
@@ -111,6 +111,17 @@ impl Mesh {
 
     fn node1(&self) -> &MeshNode {
         &self.nodes[0]
+    }
+
+    /// Outbound connections node1's mesh-node has captured so far (open or ended), by its own
+    /// metrics.
+    fn captured_on_node1(&self) -> f64 {
+        http_probe::total(
+            &self.topo.node("node1").netns_path(),
+            "istio_tcp_connections_opened_total",
+            &[r#"reporter="source""#],
+        )
+        .unwrap_or(0.0)
     }
 
     /// Connections from `client` to the VIP.
@@ -238,10 +249,7 @@ fn service_traffic_follows_capacity_and_endpoint_removal_spares_open_connections
             .expect("held connections")
     });
     eventually("24 held connections to be captured", || {
-        mesh.node1()
-            .log_lines_with(&["outbound connection captured"])
-            .len()
-            >= 224
+        mesh.captured_on_node1() >= 224.0
     })
     .unwrap();
     thread::sleep(Duration::from_millis(500));
@@ -405,10 +413,7 @@ fn control_plane_restart_resyncs_without_disturbing_traffic() {
             .expect("held connections")
     });
     eventually("held connections to be captured", || {
-        mesh.node1()
-            .log_lines_with(&["outbound connection captured"])
-            .len()
-            >= 16
+        mesh.captured_on_node1() >= 16.0
     })
     .unwrap();
 

@@ -181,7 +181,7 @@ async fn handle_stream(
     let client = tunnel
         .forwarded_for
         .map_or_else(|| "-".to_owned(), |addr| addr.to_string());
-    tracing::info!(dst = %tunnel.authority, %client, "HBONE tunnel opened");
+    tracing::debug!(dst = %tunnel.authority, %client, "HBONE tunnel opened");
     let stream = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
     let ended = stream.splice(&mut upstream, revoked).await;

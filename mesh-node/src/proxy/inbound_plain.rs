@@ -45,7 +45,7 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         tracing::warn!(%dst, "inbound plaintext connection for an address the pod does not have; closing it");
         return;
     }
-    tracing::info!(%dst, "inbound plaintext connection captured");
+    tracing::debug!(%dst, "inbound plaintext connection captured");
     let peer = match client.peer_addr() {
         Ok(peer) => SocketAddr::new(peer.ip().to_canonical(), peer.port()),
         Err(error) => {

@@ -141,7 +141,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         return;
     };
     let original = original_destination(&orig);
-    tracing::info!(original_dst = %original, "outbound connection captured");
+    // The access line at close is the connection's one line at info (as ztunnel logs).
+    tracing::debug!(original_dst = %original, "outbound connection captured");
     let _ = client.set_nodelay(true);
     // The application's own address, as the destination will know it.
     let app_addr = SocketAddr::new(pod.spec.ips[0], peer.port());

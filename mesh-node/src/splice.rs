@@ -19,8 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// First buffer of each direction: small, since most connections are idle most of the time.
 pub const COPY_BUFFER_INITIAL: usize = 1024;
-/// Largest buffer a direction grows to: few syscalls per megabyte on bulk transfers.
-pub const COPY_BUFFER_MAX: usize = 64 * 1024;
+/// Largest buffer a direction grows to: few syscalls per megabyte on bulk transfers. Measured
+/// (README, "What each change bought"): 256 KiB against 64 KiB is +35% same-node and +10%
+/// cross-node single-stream throughput; 1 MiB adds only same-node speed, at 4× the memory.
+pub const COPY_BUFFER_MAX: usize = 256 * 1024;
 
 /// Resolves, with a reason, when the connection must be closed before its ends are done.
 pub type Revoked = Pin<Box<dyn Future<Output = String> + Send>>;

@@ -40,6 +40,10 @@ pub fn init() -> LogGuard {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     tracing_subscriber::registry().with(filter).with(fmt).init();
     let _ = FILTER.set(handle);
+    if guard.thread.is_none() {
+        // Nothing would ever write the queue: say so where an operator will look.
+        eprintln!("mesh-node: the log writer thread could not start; log lines will be lost");
+    }
     guard
 }
 

@@ -65,54 +65,54 @@ fn exchange(addr: SocketAddr, method: &str, path: &str) -> Result<Answer> {
     })
 }
 
-/// The sum of every sample of `metric` (all label sets) whose labels include each of `labels`,
-/// scraped from mesh-node's metrics endpoint in `netns`.
-pub fn total(netns: &Path, metric: &str, labels: &[&str]) -> Result<f64> {
+/// mesh-node's metrics, scraped from its endpoint in `netns`.
+pub fn scrape(netns: &Path) -> Result<String> {
     let answer = get(netns, METRICS, "/stats/prometheus")?;
     if answer.status != 200 {
         bail!("metrics answered {}: {}", answer.status, answer.body);
     }
-    let mut sum = 0.0;
-    for line in answer.body.lines() {
-        let Some(rest) = line.strip_prefix(metric) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        if labels.iter().all(|label| rest.contains(label)) {
-            sum += rest
-                .rsplit(' ')
-                .next()
-                .and_then(|value| value.parse::<f64>().ok())
-                .with_context(|| format!("no value in {line:?}"))?;
-        }
-    }
-    Ok(sum)
+    Ok(answer.body)
+}
+
+/// The sum of every sample of `metric` (all label sets) whose labels include each of `labels`,
+/// scraped from mesh-node's metrics endpoint in `netns`.
+pub fn total(netns: &Path, metric: &str, labels: &[&str]) -> Result<f64> {
+    let exposition = scrape(netns)?;
+    matching(&exposition, metric, labels).map(value_of).sum()
 }
 
 /// The value of the one sample of `metric` whose labels include every one of `labels`
 /// (`name="value"` strings); `None` when there is none. Fails when several match.
 pub fn sample(exposition: &str, metric: &str, labels: &[&str]) -> Result<Option<f64>> {
-    let matches: Vec<&str> = exposition
-        .lines()
-        .filter(|line| {
-            line.strip_prefix(metric)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|line| labels.iter().all(|label| line.contains(label)))
-        .collect();
+    let matches: Vec<&str> = matching(exposition, metric, labels).collect();
     match matches.as_slice() {
         [] => Ok(None),
-        [line] => Ok(Some(
-            line.rsplit(' ')
-                .next()
-                .and_then(|value| value.parse().ok())
-                .with_context(|| format!("no value in {line:?}"))?,
-        )),
+        [line] => value_of(line).map(Some),
         many => bail!(
             "{} samples of {metric} match {labels:?}: {many:#?}",
             many.len()
         ),
     }
+}
+
+/// The sample lines of `metric` (not of a longer name it prefixes) carrying every label.
+fn matching<'a>(
+    exposition: &'a str,
+    metric: &'a str,
+    labels: &'a [&str],
+) -> impl Iterator<Item = &'a str> {
+    exposition
+        .lines()
+        .filter(move |line| {
+            line.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(move |line| labels.iter().all(|label| line.contains(label)))
+}
+
+fn value_of(line: &str) -> Result<f64> {
+    line.rsplit(' ')
+        .next()
+        .and_then(|value| value.parse().ok())
+        .with_context(|| format!("no value in {line:?}"))
 }

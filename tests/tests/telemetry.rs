@@ -7,7 +7,7 @@ use std::{thread, time::Duration};
 use mesh_tests::{
     MeshNode, NodeSpec, PodSpec, Topology,
     control_plane::{ControlPlane, pod_workload},
-    http_probe::{self, ADMIN, METRICS, READINESS, sample},
+    http_probe::{self, ADMIN, READINESS, sample},
     privileged, wait_for,
 };
 
@@ -20,10 +20,7 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 
 fn metrics(topo: &Topology, node: &str) -> String {
-    let answer = http_probe::get(&topo.node(node).netns_path(), METRICS, "/stats/prometheus")
-        .expect("scrape metrics");
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    answer.body
+    http_probe::scrape(&topo.node(node).netns_path()).expect("scrape metrics")
 }
 
 fn value(text: &str, metric: &str, labels: &[&str]) -> f64 {

@@ -25,6 +25,7 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     enroll::Enroller, identity::CertManager, logging, proxy::ProxyContext, telemetry::Metrics,
+    xds::session::XdsStatus,
 };
 
 /// What readiness waits for. Shared by the start-up sequence (which sets the flags) and the
@@ -32,14 +33,14 @@ use crate::{
 pub struct Readiness {
     programs: AtomicBool,
     enrolled: AtomicBool,
-    xds: watch::Receiver<bool>,
+    xds: watch::Receiver<XdsStatus>,
     certs: Option<Arc<CertManager>>,
 }
 
 impl Readiness {
-    /// `xds` turns true with the control plane's first answer (true from the start without a
-    /// control plane).
-    pub fn new(xds: watch::Receiver<bool>, certs: Option<Arc<CertManager>>) -> Self {
+    /// `xds` is synced with the control plane's first answer of every type (from the start
+    /// without a control plane), and names the resources it refused.
+    pub fn new(xds: watch::Receiver<XdsStatus>, certs: Option<Arc<CertManager>>) -> Self {
         Self {
             programs: AtomicBool::new(false),
             enrolled: AtomicBool::new(false),
@@ -56,6 +57,17 @@ impl Readiness {
         self.enrolled.store(true, Ordering::Release);
     }
 
+    /// Resources the control plane sent that were refused: they do not hold readiness back
+    /// (one bad ServiceEntry must not keep every pod of the node out), but are named.
+    pub fn rejected(&self) -> Vec<String> {
+        self.xds
+            .borrow()
+            .rejected
+            .iter()
+            .map(|r| format!("{} {} (version {}): {}", r.type_name, r.name, r.version, r.error))
+            .collect()
+    }
+
     /// What is still missing; empty when ready.
     pub fn missing(&self) -> Vec<String> {
         let mut missing = Vec::new();
@@ -65,7 +77,7 @@ impl Readiness {
         if !self.enrolled.load(Ordering::Acquire) {
             missing.push("pods not enrolled yet".to_owned());
         }
-        if !*self.xds.borrow() {
+        if !self.xds.borrow().synced {
             missing.push("no answer from the control plane yet".to_owned());
         }
         if let Some(certs) = &self.certs {
@@ -208,14 +220,24 @@ fn readiness_routes(admin: &Admin, request: &Request<Incoming>) -> Response<Full
     match request.uri().path() {
         "/healthz/ready" => {
             let missing = admin.readiness.missing();
-            if missing.is_empty() {
-                text(StatusCode::OK, "ready\n")
+            let rejected = admin.readiness.rejected();
+            let mut body = if missing.is_empty() {
+                "ready\n".to_owned()
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready:\n- {}\n", missing.join("\n- ")),
-                )
+                format!("not ready:\n- {}\n", missing.join("\n- "))
+            };
+            if !rejected.is_empty() {
+                body.push_str(&format!(
+                    "rejected by this node (last good version in force):\n- {}\n",
+                    rejected.join("\n- ")
+                ));
             }
+            let status = if missing.is_empty() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, body)
         }
         _ => not_found(request, "GET /healthz/ready"),
     }
@@ -316,54 +338,39 @@ fn config_dump(admin: &Admin) -> Value {
     let mut workloads: Vec<Value> = state
         .workloads()
         .map(|w| {
-            json!({
-                "uid": w.uid,
-                "name": w.name,
-                "namespace": w.namespace,
-                "identity": w.identity().to_string(),
-                "addresses": w.addresses,
-                "network": w.network,
-                "node": w.node,
-                "cluster_id": w.cluster_id,
-                "protocol": format!("{:?}", w.protocol),
-                "healthy": w.healthy,
-                "services": w.services.keys().collect::<Vec<_>>(),
-                "authorization_policies": w.authorization_policies,
-                "canonical_name": w.canonical_name,
-                "canonical_revision": w.canonical_revision,
-            })
+            let mut value = json!(**w);
+            value["identity"] = json!(w.identity());
+            value
         })
         .collect();
     workloads.sort_by_key(|w| w["uid"].as_str().unwrap_or_default().to_owned());
     let mut services: Vec<Value> = state
         .services()
         .map(|s| {
-            json!({
-                "name": s.name,
-                "namespace": s.namespace,
-                "hostname": s.hostname,
-                "vips": s.vips.iter().map(|(network, ip)| json!({"network": network, "address": ip})).collect::<Vec<_>>(),
-                "ports": s.ports.iter().map(|p| json!({"service_port": p.service_port, "target_port": p.target_port})).collect::<Vec<_>>(),
-                "endpoints": state.endpoints(s.key()).map(|w| w.uid.clone()).collect::<Vec<_>>(),
-            })
+            let mut value = json!(**s);
+            let mut endpoints: Vec<String> = state.endpoints(s.key()).map(|w| w.uid.clone()).collect();
+            endpoints.sort();
+            value["endpoints"] = json!(endpoints);
+            value
         })
         .collect();
-    services.sort_by_key(|s| s["hostname"].as_str().unwrap_or_default().to_owned());
-    let mut policies: Vec<Value> = state
-        .policies()
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "namespace": p.namespace,
-                "scope": format!("{:?}", p.scope),
-                "action": format!("{:?}", p.action),
-                "dry_run": p.dry_run,
-                "rules": format!("{:?}", p.rules),
-            })
-        })
-        .collect();
-    policies.sort_by_key(|p| format!("{}/{}", p["namespace"], p["name"]));
+    services.sort_by_key(|s| {
+        format!(
+            "{}/{}",
+            s["namespace"].as_str().unwrap_or_default(),
+            s["hostname"].as_str().unwrap_or_default()
+        )
+    });
+    let mut policies: Vec<Value> = state.policies().map(|p| json!(**p)).collect();
+    policies.sort_by_key(|p| {
+        format!(
+            "{}/{}",
+            p["namespace"].as_str().unwrap_or_default(),
+            p["name"].as_str().unwrap_or_default()
+        )
+    });
     drop(state);
+    let rejected = json!(admin.readiness.xds.borrow().rejected);
     let pods: Vec<Value> = admin
         .enroller
         .get()
@@ -414,6 +421,7 @@ fn config_dump(admin: &Admin) -> Value {
         "workloads": workloads,
         "services": services,
         "policies": policies,
+        "rejected_resources": rejected,
         "certificates": certificates,
         "log_filter": logging::current_filter(),
     })

@@ -25,6 +25,7 @@ use crate::{
     telemetry::Metrics,
     tls::Tls,
     xds::{
+        session::XdsStatus,
         client::{self as xds_client, XdsError},
         local_file::{self, LocalFileError},
     },
@@ -131,7 +132,10 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
 
     runtime.block_on(async move {
         // The endpoints come up first, so that readiness answers (503) while the rest starts.
-        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(config.xds.is_none());
+        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(XdsStatus {
+            synced: config.xds.is_none(),
+            rejected: Vec::new(),
+        });
         let readiness = Arc::new(Readiness::new(xds_ready.clone(), certs.clone()));
         let metrics = Arc::new(Metrics::new());
         let admin = Arc::new(Admin {
@@ -211,7 +215,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         tokio::pin!(shutdown);
         tokio::select! {
             result = &mut shutdown => return result,
-            _ = xds_ready.wait_for(|ready| *ready) => {}
+            _ = xds_ready.wait_for(|status| status.synced) => {}
         }
         tracing::info!(enrolled, failed = total - enrolled, "mesh-node is ready");
         // Certificates for the enrolled pods may still be on their way; /healthz/ready waits.
@@ -249,7 +253,7 @@ fn start_control_plane(
     config: xds_client::XdsConfig,
     endpoint: tonic::transport::Endpoint,
     ctx: Arc<ProxyContext>,
-    ready: tokio::sync::watch::Sender<bool>,
+    ready: tokio::sync::watch::Sender<XdsStatus>,
 ) {
     tracing::info!(address = %config.address, "taking the mesh state from the control plane");
     let metrics = ctx.metrics.clone();

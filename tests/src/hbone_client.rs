@@ -46,7 +46,7 @@ pub fn client_config(ca_dir: &Path, client: &str, server: &str) -> Result<Arc<Cl
     let ca = FileCa::load(ca_dir, Duration::from_secs(3600))?;
     let tls = Tls::new(&client.trust_domain);
     let certified = tls.certified(&ca.issue(&client, Duration::from_secs(3600))?)?;
-    Ok(tls.client_config(&certified, vec![server])?)
+    Ok(tls.client_config(&certified, vec![server.into()])?)
 }
 
 /// A client configuration that presents no certificate at all.
@@ -58,7 +58,7 @@ pub fn anonymous_config(ca_dir: &Path, server: &str) -> Result<Arc<ClientConfig>
     let verifier = SpiffeServerVerifier::new(
         Arc::new(roots),
         tls.provider().clone(),
-        vec![server.parse()?],
+        vec![server.parse::<Identity>()?.into()],
     );
     let mut config = ClientConfig::builder_with_provider(tls.provider().clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?

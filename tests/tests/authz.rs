@@ -132,7 +132,7 @@ fn policy(name: &str, action: pb::Action, matches: Vec<pb::Match>) -> pb::Author
                 clauses: vec![pb::Clause { matches: vec![m] }],
             })
             .collect(),
-        dry_run: false,
+        ..Default::default()
     }
 }
 

@@ -101,6 +101,7 @@ impl Mesh {
                     ports: vec![pb::Port {
                         service_port: 80,
                         target_port: TARGET_PORT.into(),
+                        ..Default::default()
                     }],
                 },
             );
@@ -179,10 +180,12 @@ fn service(lb: Option<pb::LoadBalancing>) -> pb::Service {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 10],
+            length: None,
         }],
         ports: vec![pb::Port {
             service_port: 80,
             target_port: TARGET_PORT.into(),
+            ..Default::default()
         }],
         load_balancing: lb,
         ..Default::default()

@@ -16,9 +16,17 @@
 //! field set matches nothing.
 //!
 //! Principals are compared without the `spiffe://` prefix (`cluster.local/ns/a/sa/b`), as
-//! istiod writes them. A connection without a verified identity (captured plaintext) has no
-//! principal and no namespace: positive principal and namespace fields never match it and
-//! `not_` forms always do.
+//! istiod writes them. A service account (`namespace/name`, as istiod sends a policy's
+//! `serviceAccounts`) matches an identity with that namespace and service account; its trust
+//! domain is not compared, as in ztunnel: which trust domains may connect at all is decided
+//! when the client's certificate is verified (only the mesh's own), so every identity that
+//! reaches a policy is in the mesh's trust domain.
+//!
+//! A connection without a verified identity (captured plaintext) has no principal and no
+//! service account: positive principal and service-account fields never match it, and their
+//! `not_` forms always do. Its namespace is the empty string, as in ztunnel: `namespaces`
+//! matches it only through a match that accepts "" (such as prefix ""), never through an exact
+//! name or `presence`.
 #[cfg(test)]
 mod tests;
 
@@ -27,23 +35,25 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use serde::Serialize;
+
 use crate::identity::Identity;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Scope {
     Global,
     Namespace,
     WorkloadSelector,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Action {
     Allow,
     Deny,
 }
 
 /// A policy, checked and ready to evaluate.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub name: String,
     pub namespace: String,
@@ -69,17 +79,31 @@ impl Policy {
 }
 
 /// One match: the fields that are set must all match.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Match {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_namespaces: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<ServiceAccount>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<ServiceAccount>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_principals: Vec<StringMatch>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub source_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_source_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub destination_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ips: Vec<Cidr>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub destination_ports: Vec<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_destination_ports: Vec<u16>,
 }
 
@@ -93,15 +117,17 @@ impl Match {
             principal,
             namespace: ns,
         } = subject;
-        let (principal, ns) = (principal.as_deref(), *ns);
+        let principal = principal.as_deref();
         if self.is_empty() {
             return false;
         }
-        let string = |m: &StringMatch, value: Option<&str>| value.is_some_and(|v| m.matches(v));
         let (src, dst) = (conn.source_ip.to_canonical(), conn.destination.ip());
-        field(&self.namespaces, &self.not_namespaces, |m| string(m, ns))
+        field(&self.namespaces, &self.not_namespaces, |m| m.matches(ns))
+            && field(&self.service_accounts, &self.not_service_accounts, |sa| {
+                conn.source.is_some_and(|id| sa.matches(id))
+            })
             && field(&self.principals, &self.not_principals, |m| {
-                string(m, principal)
+                principal.is_some_and(|p| m.matches(p))
             })
             && field(&self.source_ips, &self.not_source_ips, |c| c.contains(src))
             && field(&self.destination_ips, &self.not_destination_ips, |c| {
@@ -118,7 +144,22 @@ fn field<T>(positive: &[T], negative: &[T], matches: impl Fn(&T) -> bool) -> boo
     (positive.is_empty() || positive.iter().any(&matches)) && !negative.iter().any(matches)
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A Kubernetes service account: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceAccount {
+    /// Whether `identity` is this service account (in whichever trust domain it was verified).
+    pub fn matches(&self, identity: &Identity) -> bool {
+        identity.namespace == self.namespace && identity.service_account == self.name
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
@@ -167,6 +208,15 @@ impl Cidr {
         self.prefix
     }
 
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// A block of exactly one address.
+    pub fn is_host(&self) -> bool {
+        self.prefix == if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -183,6 +233,12 @@ impl Cidr {
             }
             _ => false,
         }
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 
@@ -206,7 +262,8 @@ pub struct Connection<'a> {
 struct Subject<'a> {
     /// The principal as Istio writes it: the SPIFFE ID without `spiffe://`.
     principal: Option<String>,
-    namespace: Option<&'a str>,
+    /// "" without an identity.
+    namespace: &'a str,
 }
 
 impl<'a> Subject<'a> {
@@ -218,7 +275,7 @@ impl<'a> Subject<'a> {
                     id.trust_domain, id.namespace, id.service_account
                 )
             }),
-            namespace: conn.source.map(|id| id.namespace.as_str()),
+            namespace: conn.source.map_or("", |id| id.namespace.as_str()),
         }
     }
 }
@@ -227,16 +284,19 @@ impl<'a> Subject<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct Target<'a> {
     pub namespace: &'a str,
-    /// "namespace/name" of the WORKLOAD_SELECTOR policies that select the workload.
+    /// "namespace/name" of the policies the workload's `authorization_policies` names: those
+    /// that select it, and istiod's implicit ones (such as the waypoint's ALLOW). They apply
+    /// whatever their scope, as in ztunnel.
     pub selected_by: &'a [String],
 }
 
 impl Target<'_> {
     pub fn is_subject_of(&self, policy: &Policy) -> bool {
+        let named = || self.selected_by.iter().any(|key| is_key_of(key, policy));
         match policy.scope {
             Scope::Global => true,
-            Scope::Namespace => policy.namespace == self.namespace,
-            Scope::WorkloadSelector => self.selected_by.iter().any(|key| is_key_of(key, policy)),
+            Scope::Namespace => policy.namespace == self.namespace || named(),
+            Scope::WorkloadSelector => named(),
         }
     }
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{STREAMS_PER_CONNECTION, client::Connection};
-use crate::identity::Identity;
+use crate::identity::{Identity, San};
 
 /// What makes two tunnels able to share a connection. The source IP is part of it because a
 /// connection's socket lives in (and leaves with the address of) one source pod.
@@ -22,7 +22,7 @@ pub struct PoolKey {
     pub source_ip: IpAddr,
     pub source: Identity,
     /// Sorted, so the same set always makes the same key.
-    pub expected: Vec<Identity>,
+    pub expected: Vec<San>,
     pub peer: SocketAddr,
 }
 
@@ -30,7 +30,7 @@ impl PoolKey {
     pub fn new(
         source_ip: IpAddr,
         source: Identity,
-        mut expected: Vec<Identity>,
+        mut expected: Vec<San>,
         peer: SocketAddr,
     ) -> Self {
         expected.sort();
@@ -219,8 +219,8 @@ mod tests {
             "10.0.0.1".parse().unwrap(),
             Identity::new("cluster.local", "default", "client"),
             vec![
-                Identity::new("cluster.local", "default", "b"),
-                Identity::new("cluster.local", "default", "a"),
+                Identity::new("cluster.local", "default", "b").into(),
+                Identity::new("cluster.local", "default", "a").into(),
             ],
             "10.0.0.2:15008".parse().unwrap(),
         )

@@ -86,6 +86,52 @@ impl FromStr for Identity {
     }
 }
 
+/// A name a peer's certificate may be accepted under: a workload identity, or any other
+/// subject-alt-name as a service lists it (istiod copies a ServiceEntry's `subjectAltNames` as
+/// written, such as `api.example.com`), matched as written against the certificate's URI and
+/// DNS SANs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum San {
+    Identity(Identity),
+    Other(String),
+}
+
+impl San {
+    /// A SPIFFE workload ID becomes an identity; anything else stays a name.
+    pub fn parse(value: &str) -> Self {
+        value
+            .parse()
+            .map_or_else(|_| Self::Other(value.to_owned()), Self::Identity)
+    }
+}
+
+impl From<Identity> for San {
+    fn from(identity: Identity) -> Self {
+        Self::Identity(identity)
+    }
+}
+
+impl fmt::Display for San {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Identity(identity) => identity.fmt(f),
+            Self::Other(name) => f.write_str(name),
+        }
+    }
+}
+
+impl serde::Serialize for Identity {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl serde::Serialize for San {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// SPIFFE trust domains: lowercase letters, digits, dots, dashes and underscores.
 pub fn is_valid_trust_domain(value: &str) -> bool {
     !value.is_empty()

@@ -17,6 +17,15 @@ pub enum SanError {
 
 /// The URI subject alternative names of a DER certificate.
 pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, SanError> {
+    Ok(names(der)?
+        .into_iter()
+        .filter_map(|(uri, name)| uri.then_some(name))
+        .collect())
+}
+
+/// The URI and DNS subject alternative names of a DER certificate, each with whether it is a
+/// URI.
+pub fn names(der: &[u8]) -> Result<Vec<(bool, String)>, SanError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|error| SanError::Parse(error.to_string()))?;
     let san = cert
@@ -28,7 +37,8 @@ pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, SanError> {
                 .general_names
                 .iter()
                 .filter_map(|name| match name {
-                    GeneralName::URI(uri) => Some((*uri).to_owned()),
+                    GeneralName::URI(uri) => Some((true, (*uri).to_owned())),
+                    GeneralName::DNSName(dns) => Some((false, (*dns).to_owned())),
                     _ => None,
                 })
                 .collect()

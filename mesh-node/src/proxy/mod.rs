@@ -4,6 +4,7 @@ pub mod authorize;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod outbound;
+pub mod route;
 mod upstream;
 
 use std::{

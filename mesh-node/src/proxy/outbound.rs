@@ -3,7 +3,7 @@
 //! plain TCP to anything outside the mesh.
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_common::{HBONE_PORT, OrigDst};
+use mesh_common::OrigDst;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -12,6 +12,7 @@ use super::{
     authorize::Inbound,
     connect_from_pod,
     inbound::{self, Delivered},
+    route::{self, Route, Source, Tunnel},
 };
 use crate::{
     dataplane::kernel_ip,
@@ -21,12 +22,8 @@ use crate::{
         client::{ConnectHeaders, Connection},
         pool::PoolKey,
     },
-    identity::Identity,
     splice::{Ended, Revoked, splice},
-    state::{
-        Destination, Locality, TunnelProtocol, Workload,
-        lb::{self, Choice, Origin},
-    },
+    state::Destination,
     telemetry::{Addresses, CONNECT_FAILED, Outcome, Peer, Report, Reporter},
 };
 
@@ -47,89 +44,21 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
     }
 }
 
-/// How a captured connection reaches its destination.
-enum Route {
-    /// The destination (a pod, or the chosen endpoint of a service) is enrolled on this node:
-    /// no TLS, no network.
-    Local { pod: Arc<Pod>, dst: SocketAddr },
-    /// A mesh workload elsewhere, through its 15008. `also_trusted` are the service's
-    /// subject-alt-names, which the peer may present instead of the workload's identity.
-    Hbone {
-        workload: Arc<Workload>,
-        dst: SocketAddr,
-        also_trusted: Vec<Identity>,
-    },
-    /// Not in the mesh (or an endpoint without HBONE): plain TCP.
-    Passthrough(SocketAddr),
-    /// A service with no usable endpoint.
-    Refused(String),
+fn route(ctx: &ProxyContext, pod: &Pod, dst: SocketAddr) -> Route<Arc<Pod>> {
+    let source = Source {
+        ip: pod.spec.ips[0],
+        namespace: &pod.spec.namespace,
+        identity: &pod.identity,
+    };
+    route::decide(
+        &ctx.state(),
+        &ctx.node,
+        &source,
+        dst,
+        |ip| ctx.local_pods.get(ip),
+        &mut || fastrand::u64(..),
+    )
 }
-
-impl Route {
-    fn name(&self) -> &'static str {
-        match self {
-            Route::Local { .. } => "local",
-            Route::Hbone { .. } => "hbone",
-            Route::Passthrough(_) => "passthrough",
-            Route::Refused(_) => "refused",
-        }
-    }
-}
-
-fn route(ctx: &ProxyContext, pod: &Pod, dst: SocketAddr) -> Route {
-    if let Some(pod) = ctx.local_pods.get(dst.ip()) {
-        return Route::Local { pod, dst };
-    }
-    let state = ctx.state();
-    match state.lookup(&ctx.node.network, dst.ip()) {
-        Some(Destination::Workload(workload)) if workload.protocol == TunnelProtocol::Hbone => {
-            Route::Hbone {
-                workload,
-                dst,
-                also_trusted: Vec::new(),
-            }
-        }
-        Some(Destination::Service(service)) => {
-            let source = state.workload_by_ip(&ctx.node.network, pod.spec.ips[0]);
-            let origin = match &source {
-                Some(workload) => Origin::of(workload),
-                None => Origin {
-                    node: &ctx.node.node_name,
-                    cluster_id: &ctx.node.cluster_id,
-                    network: &ctx.node.network,
-                    locality: &NO_LOCALITY,
-                },
-            };
-            match lb::pick(&state, &service, dst.port(), &origin, &mut || {
-                fastrand::u64(..)
-            }) {
-                Ok(Choice::Endpoint(endpoint)) => {
-                    let addr = SocketAddr::new(endpoint.ip, endpoint.port);
-                    if let Some(pod) = ctx.local_pods.get(endpoint.ip) {
-                        Route::Local { pod, dst: addr }
-                    } else if endpoint.workload.protocol == TunnelProtocol::Hbone {
-                        Route::Hbone {
-                            workload: endpoint.workload,
-                            dst: addr,
-                            also_trusted: service.subject_alt_names.clone(),
-                        }
-                    } else {
-                        Route::Passthrough(addr)
-                    }
-                }
-                Ok(Choice::Passthrough) => Route::Passthrough(dst),
-                Err(error) => Route::Refused(error.to_string()),
-            }
-        }
-        _ => Route::Passthrough(dst),
-    }
-}
-
-static NO_LOCALITY: Locality = Locality {
-    region: String::new(),
-    zone: String::new(),
-    subzone: String::new(),
-};
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let Some(orig) = ctx
@@ -181,13 +110,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 ),
             }
         }
-        Route::Hbone {
-            workload,
-            dst,
-            also_trusted,
-        } => {
-            report.delivered_to(dst);
-            match open_tunnel(&ctx, &pod, &workload, also_trusted, dst, app_addr).await {
+        Route::Hbone(tunnel) => {
+            report.delivered_to(tunnel.authority);
+            match open_tunnel(&ctx, &pod, &tunnel, app_addr).await {
                 Ok(tunnel) => {
                     return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
                 }
@@ -224,12 +149,12 @@ fn open_report(
     pod: &Pod,
     src: SocketAddr,
     original_dst: SocketAddr,
-    route: &Route,
+    route: &Route<Arc<Pod>>,
 ) -> Report {
     let state = ctx.state();
     let network = &ctx.node.network;
     let source = Peer::of_pod(pod, state.workload_by_ip(network, src.ip()).as_deref());
-    let service = match state.lookup(network, original_dst.ip()) {
+    let service = match state.lookup(network, original_dst.ip(), Some(&pod.spec.namespace)) {
         Some(Destination::Service(service)) => Some(service.hostname.clone()),
         _ => None,
     };
@@ -237,7 +162,15 @@ fn open_report(
         Route::Local { pod, dst } => {
             Peer::of_pod(pod, state.workload_by_ip(network, dst.ip()).as_deref())
         }
-        Route::Hbone { workload, .. } => Peer::of_workload(workload),
+        Route::Hbone(Tunnel {
+            waypoint: false,
+            workload,
+            ..
+        }) => Peer::of_workload(workload),
+        // The waypoint answers, but the connection is for what the application asked for.
+        Route::Hbone(Tunnel { waypoint: true, .. }) => state
+            .workload_by_ip(network, original_dst.ip())
+            .map_or_else(Peer::unknown, |workload| Peer::of_workload(&workload)),
         Route::Passthrough(dst) => state
             .workload_by_ip(network, dst.ip())
             .map_or_else(Peer::unknown, |workload| Peer::of_workload(&workload)),
@@ -248,7 +181,7 @@ fn open_report(
         original_dst,
         dst: None,
     };
-    let mtls = matches!(route, Route::Hbone { .. });
+    let mtls = matches!(route, Route::Hbone(_));
     Report::open(
         &ctx.metrics,
         Reporter::Source,
@@ -267,15 +200,21 @@ fn reset(client: &TcpStream) {
     let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
 }
 
-/// A tunnel to `dst` through the destination's 15008, on a pooled connection.
+/// The tunnel `tunnel` describes, on a pooled connection to its peer.
 async fn open_tunnel(
     ctx: &ProxyContext,
     pod: &Pod,
-    workload: &Workload,
-    also_trusted: Vec<Identity>,
-    dst: SocketAddr,
+    tunnel: &Tunnel,
     app_addr: SocketAddr,
 ) -> Result<H2Stream, String> {
+    let Tunnel {
+        workload,
+        authority,
+        peer,
+        expected,
+        waypoint: _,
+    } = tunnel;
+    let peer = *peer;
     let certs = ctx
         .certs
         .as_ref()
@@ -284,9 +223,6 @@ async fn open_tunnel(
         .get(&pod.identity)
         .await
         .map_err(|error| error.to_string())?;
-    let mut expected = also_trusted;
-    expected.push(workload.identity());
-    let peer = SocketAddr::new(dst.ip(), HBONE_PORT);
     let key = PoolKey::new(
         pod.spec.ips[0],
         pod.identity.clone(),
@@ -326,7 +262,7 @@ async fn open_tunnel(
     };
     let stream = lease
         .connection()
-        .connect(&dst.to_string(), &headers)
+        .connect(&authority.to_string(), &headers)
         .await
         .map_err(|error| error.to_string())?;
     Ok(stream.with_lease(lease))

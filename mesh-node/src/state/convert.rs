@@ -4,12 +4,13 @@
 use std::{collections::HashMap, net::IpAddr};
 
 use super::{
-    GatewayAddress, GatewayDestination, HealthPolicy, LbMode, LoadBalancing, Locality, PortMapping,
-    Scope, Service, ServicePort, TunnelProtocol, Workload,
+    ApplicationTunnel, GatewayAddress, GatewayDestination, HealthPolicy, LbMode, LoadBalancing,
+    Locality, NetworkMode, PortMapping, Scope, Service, ServicePort, TunnelProtocol, Vip,
+    Visibility, WeightedWaypoint, Workload,
 };
 use crate::{
     authz,
-    identity::{Identity, is_valid_trust_domain},
+    identity::{San, is_valid_trust_domain},
     xds::proto::{security, workload as pb},
 };
 
@@ -65,7 +66,38 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
     let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
         Ok(pb::TunnelProtocol::None) => TunnelProtocol::None,
         Ok(pb::TunnelProtocol::Hbone) => TunnelProtocol::Hbone,
+        Ok(pb::TunnelProtocol::LegacyIstioMtls) => {
+            return Err(fail(
+                "tunnel_protocol",
+                "LEGACY_ISTIO_MTLS (a sidecar's mTLS) is not supported by node proxies".into(),
+            ));
+        }
         Err(_) => return Err(fail("tunnel_protocol", unknown(w.tunnel_protocol))),
+    };
+    let network_mode = match pb::NetworkMode::try_from(w.network_mode) {
+        Ok(pb::NetworkMode::Standard) => NetworkMode::Standard,
+        Ok(pb::NetworkMode::HostNetwork) => NetworkMode::HostNetwork,
+        Err(_) => return Err(fail("network_mode", unknown(w.network_mode))),
+    };
+    let workload_type = match pb::WorkloadType::try_from(w.workload_type) {
+        Ok(pb::WorkloadType::Deployment) => "deployment",
+        Ok(pb::WorkloadType::Cronjob) => "cronjob",
+        Ok(pb::WorkloadType::Pod) => "pod",
+        Ok(pb::WorkloadType::Job) => "job",
+        Err(_) => return Err(fail("workload_type", unknown(w.workload_type))),
+    };
+    let application_tunnel = match &w.application_tunnel {
+        Some(tunnel) => {
+            use pb::application_tunnel::Protocol as P;
+            let protocol = match P::try_from(tunnel.protocol) {
+                Ok(P::None) => "NONE",
+                Ok(P::Proxy) => "PROXY",
+                Err(_) => return Err(fail("application_tunnel.protocol", unknown(tunnel.protocol))),
+            };
+            let port = port(tunnel.port).map_err(|m| fail("application_tunnel.port", m))?;
+            Some(ApplicationTunnel { protocol, port })
+        }
+        None => None,
     };
     let trust_domain = if w.trust_domain.is_empty() {
         default_trust_domain.to_owned()
@@ -127,6 +159,10 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
         }
         None => None,
     };
+    let waypoint = match &w.waypoint {
+        Some(g) => Some(gateway(g).map_err(|(field, m)| fail(&format!("waypoint.{field}"), m))?),
+        None => None,
+    };
     let locality = w.locality.clone().unwrap_or_default();
     Ok(Workload {
         addresses,
@@ -136,6 +172,11 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
         healthy,
         services,
         network_gateway,
+        waypoint,
+        network_mode,
+        workload_type,
+        application_tunnel,
+        native_tunnel: w.native_tunnel,
         capacity: w.capacity.unwrap_or(1),
         locality: Locality {
             region: locality.region,
@@ -143,6 +184,7 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
             subzone: locality.subzone,
         },
         uid: w.uid,
+        hostname: w.hostname,
         name: w.name,
         namespace: w.namespace,
         network: w.network,
@@ -169,10 +211,22 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
     }
     let mut vips = Vec::with_capacity(s.addresses.len());
     for (i, a) in s.addresses.iter().enumerate() {
-        vips.push((
-            a.network.clone(),
-            ip(&a.address).map_err(|m| fail(&format!("addresses[{i}].address"), m))?,
-        ));
+        let addr = ip(&a.address).map_err(|m| fail(&format!("addresses[{i}].address"), m))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let length = a.length.unwrap_or(max);
+        let cidr = u8::try_from(length)
+            .ok()
+            .and_then(|len| authz::Cidr::new(addr, len))
+            .ok_or_else(|| {
+                fail(
+                    &format!("addresses[{i}].length"),
+                    format!("prefix length {length} exceeds {max}"),
+                )
+            })?;
+        vips.push(Vip {
+            network: a.network.clone(),
+            cidr,
+        });
     }
     let mut ports = Vec::with_capacity(s.ports.len());
     for (i, p) in s.ports.iter().enumerate() {
@@ -181,18 +235,56 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
         if service_port == 0 {
             return Err(fail(&field, "service_port must not be 0".into()));
         }
+        let app_protocol = match pb::AppProtocol::try_from(p.app_protocol) {
+            Ok(protocol) => protocol.as_str_name(),
+            Err(_) => return Err(fail(&format!("{field}.app_protocol"), unknown(p.app_protocol))),
+        };
         ports.push(ServicePort {
             service_port,
             target_port: port(p.target_port).map_err(|m| fail(&field, m))?,
+            app_protocol,
         });
     }
     let mut subject_alt_names = Vec::with_capacity(s.subject_alt_names.len());
     for (i, san) in s.subject_alt_names.iter().enumerate() {
-        subject_alt_names.push(
-            san.parse::<Identity>()
-                .map_err(|e| fail(&format!("subject_alt_names[{i}]"), e.to_string()))?,
-        );
+        if san.trim().is_empty() {
+            return Err(fail(
+                &format!("subject_alt_names[{i}]"),
+                "must not be empty".into(),
+            ));
+        }
+        // A SPIFFE ID is compared as an identity; anything else (istiod copies a ServiceEntry's
+        // SANs as written) as a name the certificate must carry.
+        subject_alt_names.push(San::parse(san));
     }
+    let waypoint = match &s.waypoint {
+        Some(g) => Some(gateway(g).map_err(|(field, m)| fail(&format!("waypoint.{field}"), m))?),
+        None => None,
+    };
+    let mut weighted_waypoints = Vec::with_capacity(s.weighted_waypoints.len());
+    for (i, w) in s.weighted_waypoints.iter().enumerate() {
+        let at = format!("weighted_waypoints[{i}]");
+        let destination = w
+            .destination
+            .as_ref()
+            .ok_or_else(|| fail(&format!("{at}.destination"), "not set".into()))
+            .and_then(|g| {
+                gateway(g).map_err(|(field, m)| fail(&format!("{at}.destination.{field}"), m))
+            })?;
+        weighted_waypoints.push(WeightedWaypoint {
+            destination,
+            weight: w.weight,
+        });
+    }
+    let visibility = match pb::service::Visibility::try_from(s.visibility) {
+        Ok(pb::service::Visibility::Public) => Visibility::Public,
+        Ok(pb::service::Visibility::Namespace) => Visibility::Namespace,
+        Err(_) => return Err(fail("visibility", unknown(s.visibility))),
+    };
+    let ip_families = match pb::IpFamilies::try_from(s.ip_families) {
+        Ok(families) => families.as_str_name(),
+        Err(_) => return Err(fail("ip_families", unknown(s.ip_families))),
+    };
     let load_balancing = match &s.load_balancing {
         Some(lb) => Some(
             load_balancing(lb).map_err(|(field, m)| fail(&format!("load_balancing.{field}"), m))?,
@@ -205,6 +297,12 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
         ports,
         subject_alt_names,
         load_balancing,
+        waypoint,
+        weighted_waypoints,
+        visibility,
+        ip_families,
+        ingress_use_waypoint: s.ingress_use_waypoint,
+        canonical: s.canonical,
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
@@ -228,8 +326,9 @@ fn load_balancing(lb: &pb::LoadBalancing) -> Result<LoadBalancing, (String, Stri
         });
     }
     let mode = match M::try_from(lb.mode) {
+        Ok(M::UnspecifiedMode) => LbMode::Standard,
         Ok(M::Strict) => LbMode::Strict,
-        Ok(M::Failover | M::UnspecifiedMode) => LbMode::Failover,
+        Ok(M::Failover) => LbMode::Failover,
         Ok(M::Passthrough) => LbMode::Passthrough,
         Err(_) => return Err(("mode".into(), unknown(lb.mode))),
     };
@@ -252,7 +351,14 @@ fn gateway(g: &pb::GatewayAddress) -> Result<GatewayAddress, (String, String)> {
             ip: ip(&a.address).map_err(|m| ("address.address".to_owned(), m))?,
         },
         Some(pb::gateway_address::Destination::Hostname(h)) => {
-            GatewayDestination::Hostname(format!("{}/{}", h.namespace, h.hostname))
+            let key = format!("{}/{}", h.namespace, h.hostname);
+            if !is_namespaced_hostname(&key) {
+                return Err((
+                    "hostname".into(),
+                    format!("{key:?} is not \"namespace/hostname\""),
+                ));
+            }
+            GatewayDestination::Hostname(key)
         }
         None => {
             return Err((
@@ -261,9 +367,15 @@ fn gateway(g: &pb::GatewayAddress) -> Result<GatewayAddress, (String, String)> {
             ));
         }
     };
+    // Unset is HBONE's own port, as istiod means it.
+    let hbone_mtls_port = match port(g.hbone_mtls_port) {
+        Ok(0) => mesh_common::HBONE_PORT,
+        Ok(p) => p,
+        Err(m) => return Err(("hbone_mtls_port".to_owned(), m)),
+    };
     Ok(GatewayAddress {
         destination,
-        hbone_mtls_port: port(g.hbone_mtls_port).map_err(|m| ("hbone_mtls_port".to_owned(), m))?,
+        hbone_mtls_port,
     })
 }
 
@@ -359,9 +471,34 @@ fn authz_match(m: &security::Match) -> Result<authz::Match, (String, String)> {
             })
             .collect::<Result<Vec<_>, _>>()
     };
+    let accounts = |field: &str, list: &[security::ServiceAccountMatch]| {
+        list.iter()
+            .enumerate()
+            .map(|(i, sa)| {
+                let bad = |what: &str| {
+                    (
+                        format!("{field}[{i}].{what}"),
+                        "must be a non-empty name without '/'".to_owned(),
+                    )
+                };
+                if sa.namespace.trim().is_empty() || sa.namespace.contains('/') {
+                    return Err(bad("namespace"));
+                }
+                if sa.service_account.trim().is_empty() || sa.service_account.contains('/') {
+                    return Err(bad("serviceAccount"));
+                }
+                Ok(authz::ServiceAccount {
+                    namespace: sa.namespace.clone(),
+                    name: sa.service_account.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
     Ok(authz::Match {
         namespaces: strings("namespaces", &m.namespaces)?,
         not_namespaces: strings("not_namespaces", &m.not_namespaces)?,
+        service_accounts: accounts("service_accounts", &m.service_accounts)?,
+        not_service_accounts: accounts("not_service_accounts", &m.not_service_accounts)?,
         principals: strings("principals", &m.principals)?,
         not_principals: strings("not_principals", &m.not_principals)?,
         source_ips: cidrs("source_ips", &m.source_ips)?,

@@ -6,8 +6,8 @@ use std::{
     sync::Arc,
 };
 
-use super::{Policy, Service, Workload};
-use crate::authz::Scope;
+use super::{NetworkMode, Policy, Service, Workload};
+use crate::authz::{Cidr, Scope};
 
 /// What an address the application connected to turned out to be.
 #[derive(Clone, Debug)]
@@ -19,6 +19,14 @@ pub enum Destination {
 /// Addresses per network: network name → IP → entry. Two levels so that a lookup borrows the
 /// network name instead of building a key, and each network's name is stored once.
 type ByAddress<T> = HashMap<String, HashMap<IpAddr, Arc<T>>>;
+
+impl Workload {
+    /// The addresses the workload is found by: none for a host-network workload.
+    fn indexed_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let own = self.network_mode != NetworkMode::HostNetwork;
+        self.addresses.iter().copied().filter(move |_| own)
+    }
+}
 
 fn addr_get<'a, T>(map: &'a ByAddress<T>, network: &str, ip: IpAddr) -> Option<&'a Arc<T>> {
     map.get(network)?.get(&ip.to_canonical())
@@ -47,13 +55,61 @@ fn addr_remove<T>(map: &mut ByAddress<T>, network: &str, ip: IpAddr, owned: impl
     }
 }
 
+/// Service VIPs of one network: single addresses (several services may share one, such as
+/// ServiceEntries of different namespaces, each visible only in its own), and CIDR blocks.
+#[derive(Debug, Default)]
+struct NetworkVips {
+    hosts: HashMap<IpAddr, Vec<Arc<Service>>>,
+    ranges: Vec<(Cidr, Arc<Service>)>,
+}
+
+impl NetworkVips {
+    fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.ranges.is_empty()
+    }
+
+    /// The service a workload in `namespace` reaches at `ip`: a single-address VIP before a
+    /// block, a longer block before a shorter one; among equals one of the caller's namespace,
+    /// then the first by key. Services it cannot see are skipped.
+    fn find<'a>(&'a self, ip: IpAddr, namespace: Option<&str>) -> Option<&'a Arc<Service>> {
+        let visible = |s: &Arc<Service>| namespace.is_none_or(|ns| s.is_visible_to(ns));
+        let best = |candidates: Vec<&'a Arc<Service>>| {
+            let own = candidates
+                .iter()
+                .find(|s| namespace.is_some_and(|ns| s.namespace == ns));
+            own.or_else(|| candidates.first()).copied()
+        };
+        if let Some(services) = self.hosts.get(&ip) {
+            let candidates: Vec<_> = services.iter().filter(|s| visible(s)).collect();
+            if let Some(found) = best(candidates) {
+                return Some(found);
+            }
+        }
+        let longest = self
+            .ranges
+            .iter()
+            .filter(|(cidr, s)| cidr.contains(ip) && visible(s))
+            .map(|(cidr, _)| cidr.prefix())
+            .max()?;
+        best(
+            self.ranges
+                .iter()
+                .filter(|(cidr, s)| cidr.prefix() == longest && cidr.contains(ip) && visible(s))
+                .map(|(_, s)| s)
+                .collect(),
+        )
+    }
+}
+
 /// The mesh as the sources last described it.
 #[derive(Debug, Default)]
 pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
+    /// Workloads with their own network namespace, by address; host-network ones share the
+    /// node's and are found by uid only.
     workload_addrs: ByAddress<Workload>,
     services: HashMap<String, Arc<Service>>,
-    service_vips: ByAddress<Service>,
+    service_vips: HashMap<String, NetworkVips>,
     /// Service key → endpoint uid → workload. A workload may name a service that has not
     /// arrived yet; its endpoints are waiting here when it does.
     endpoints: HashMap<String, HashMap<String, Arc<Workload>>>,
@@ -82,17 +138,18 @@ impl State {
                 && old.authorization_policies == workload.authorization_policies
                 && old.network == workload.network
                 && old.addresses == workload.addresses
+                && old.network_mode == workload.network_mode
         });
         self.unindex_workload(&workload.uid);
         if !same_authz {
             self.authz_version += 1;
         }
         let workload = Arc::new(workload);
-        for ip in &workload.addresses {
+        for ip in workload.indexed_addresses() {
             addr_insert(
                 &mut self.workload_addrs,
                 &workload.network,
-                *ip,
+                ip,
                 workload.clone(),
             );
         }
@@ -113,8 +170,8 @@ impl State {
 
     fn unindex_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
-        for ip in &old.addresses {
-            addr_remove(&mut self.workload_addrs, &old.network, *ip, |w| {
+        for ip in old.indexed_addresses() {
+            addr_remove(&mut self.workload_addrs, &old.network, ip, |w| {
                 w.uid == old.uid
             });
         }
@@ -133,16 +190,39 @@ impl State {
     pub fn upsert_service(&mut self, service: Service) {
         self.remove_service(service.key());
         let service = Arc::new(service);
-        for (network, ip) in &service.vips {
-            addr_insert(&mut self.service_vips, network, *ip, service.clone());
+        for vip in &service.vips {
+            let vips = self.service_vips.entry(vip.network.clone()).or_default();
+            if vip.is_host() {
+                let at = vips.hosts.entry(vip.cidr.addr()).or_default();
+                at.push(service.clone());
+                at.sort_by(|a, b| a.key().cmp(b.key()));
+            } else {
+                vips.ranges.push((vip.cidr, service.clone()));
+                vips.ranges.sort_by(|a, b| a.1.key().cmp(b.1.key()));
+            }
         }
         self.services.insert(service.key().to_owned(), service);
     }
 
     pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
-        for (network, ip) in &old.vips {
-            addr_remove(&mut self.service_vips, network, *ip, |s| s.key() == key);
+        for vip in &old.vips {
+            let Some(vips) = self.service_vips.get_mut(&vip.network) else {
+                continue;
+            };
+            if vip.is_host() {
+                if let Some(at) = vips.hosts.get_mut(&vip.cidr.addr()) {
+                    at.retain(|s| s.key() != key);
+                    if at.is_empty() {
+                        vips.hosts.remove(&vip.cidr.addr());
+                    }
+                }
+            } else {
+                vips.ranges.retain(|(_, s)| s.key() != key);
+            }
+            if vips.is_empty() {
+                self.service_vips.remove(&vip.network);
+            }
         }
         Some(old)
     }
@@ -209,13 +289,27 @@ impl State {
         self.authz_version
     }
 
-    /// The service or workload at `ip` on `network`. Service VIPs win: a VIP is never also a
+    /// The service or workload at `ip` on `network`, as a workload in `namespace` sees it
+    /// (`None`: whoever asks, every service visible). Service VIPs win: a VIP is never also a
     /// workload's address.
-    pub fn lookup(&self, network: &str, ip: IpAddr) -> Option<Destination> {
-        if let Some(service) = addr_get(&self.service_vips, network, ip) {
-            return Some(Destination::Service(service.clone()));
+    pub fn lookup(&self, network: &str, ip: IpAddr, namespace: Option<&str>) -> Option<Destination> {
+        if let Some(service) = self.service_at(network, ip, namespace) {
+            return Some(Destination::Service(service));
         }
         self.workload_by_ip(network, ip).map(Destination::Workload)
+    }
+
+    /// The service whose VIP (or VIP block) holds `ip` on `network`, visible to `namespace`.
+    pub fn service_at(
+        &self,
+        network: &str,
+        ip: IpAddr,
+        namespace: Option<&str>,
+    ) -> Option<Arc<Service>> {
+        self.service_vips
+            .get(network)?
+            .find(ip.to_canonical(), namespace)
+            .cloned()
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {

@@ -1,14 +1,15 @@
 //! Picking one endpoint of a service: port mapping, health, routing preference (STRICT or
-//! FAILOVER over NODE / CLUSTER / NETWORK / REGION / ZONE / SUBZONE), then a random choice
-//! weighted by `capacity`. Pure: the caller passes the random source.
+//! FAILOVER over NODE / CLUSTER / NETWORK / REGION / ZONE / SUBZONE; the default, UNSPECIFIED
+//! mode, does not consult it, as in Istio), then a random choice weighted by `capacity`. Pure:
+//! the caller passes the random source.
 use std::{net::IpAddr, sync::Arc};
 
 use super::{HealthPolicy, LbMode, LoadBalancing, Locality, Scope, Service, State, Workload};
 
-/// What a service without `load_balancing` gets: FAILOVER with no preference, healthy only.
+/// What a service without `load_balancing` gets: no preference, healthy only.
 static DEFAULT_LB: LoadBalancing = LoadBalancing {
     routing_preference: Vec::new(),
-    mode: LbMode::Failover,
+    mode: LbMode::Standard,
     health_policy: HealthPolicy::OnlyHealthy,
 };
 
@@ -83,6 +84,7 @@ pub fn pick(
         None if service.ports.is_empty() => super::ServicePort {
             service_port: port,
             target_port: port,
+            app_protocol: "UNKNOWN",
         },
         None => {
             return Err(LbError::NoSuchPort {
@@ -116,8 +118,11 @@ pub fn pick(
             } else {
                 port
             });
-        let rank = lb
-            .routing_preference
+        let preference: &[Scope] = match lb.mode {
+            LbMode::Strict | LbMode::Failover => &lb.routing_preference,
+            LbMode::Standard | LbMode::Passthrough => &[],
+        };
+        let rank = preference
             .iter()
             .take_while(|scope| matches(**scope, origin, workload))
             .count();
@@ -135,36 +140,65 @@ pub fn pick(
         ));
     }
     candidates.retain(|(rank, _)| *rank == best_rank);
-    if candidates.is_empty() {
-        return Err(
-            if lb.mode == LbMode::Strict && !lb.routing_preference.is_empty() {
-                LbError::StrictPreference {
-                    service: key.to_owned(),
-                    preference: lb.routing_preference.clone(),
-                }
-            } else {
-                LbError::NoEndpoint {
-                    service: key.to_owned(),
-                    network: origin.network.to_owned(),
-                }
-            },
-        );
+    let candidates = candidates.into_iter().map(|(_, endpoint)| endpoint).collect();
+    match weighted(candidates, |e| e.workload.capacity, random) {
+        Some(endpoint) => Ok(Choice::Endpoint(endpoint)),
+        None if lb.mode == LbMode::Strict && !lb.routing_preference.is_empty() => {
+            Err(LbError::StrictPreference {
+                service: key.to_owned(),
+                preference: lb.routing_preference.clone(),
+            })
+        }
+        None => Err(LbError::NoEndpoint {
+            service: key.to_owned(),
+            network: origin.network.to_owned(),
+        }),
     }
-    let total: u64 = candidates
-        .iter()
-        .map(|(_, e)| u64::from(e.workload.capacity))
-        .sum();
+}
+
+/// One endpoint of a waypoint's (or gateway's) service, to send HBONE to on its own port: no
+/// service port mapping and no routing preference, only health, capacity and the origin's
+/// network. `None` when it has no such endpoint.
+pub fn pick_hbone_endpoint(
+    state: &State,
+    service: &Service,
+    origin: &Origin<'_>,
+    random: &mut impl FnMut() -> u64,
+) -> Option<(Arc<Workload>, IpAddr)> {
+    let candidates = state
+        .endpoints(service.key())
+        .filter(|w| w.healthy && w.capacity > 0 && w.network == origin.network)
+        .filter_map(|w| Some((w.clone(), w.addresses.first().copied()?)))
+        .collect();
+    weighted(candidates, |(w, _)| w.capacity, random)
+}
+
+/// One of `candidates`, at random, each as likely as its weight (all alike when every weight
+/// is 0).
+pub fn weighted<T>(
+    mut candidates: Vec<T>,
+    weight: impl Fn(&T) -> u32,
+    random: &mut impl FnMut() -> u64,
+) -> Option<T> {
+    if candidates.is_empty() {
+        return None;
+    }
+    let total: u64 = candidates.iter().map(|c| u64::from(weight(c))).sum();
+    if total == 0 {
+        let i = (random() % candidates.len() as u64) as usize;
+        return Some(candidates.swap_remove(i));
+    }
     let mut ticket = random() % total;
     let mut chosen = candidates.len() - 1;
-    for (i, (_, endpoint)) in candidates.iter().enumerate() {
-        let weight = u64::from(endpoint.workload.capacity);
+    for (i, candidate) in candidates.iter().enumerate() {
+        let weight = u64::from(weight(candidate));
         if ticket < weight {
             chosen = i;
             break;
         }
         ticket -= weight;
     }
-    Ok(Choice::Endpoint(candidates.swap_remove(chosen).1))
+    Some(candidates.swap_remove(chosen))
 }
 
 fn matches(scope: Scope, origin: &Origin<'_>, workload: &Workload) -> bool {

@@ -10,12 +10,17 @@ mod tests;
 
 use std::{collections::HashMap, net::IpAddr};
 
+use serde::Serialize;
+
 pub use index::{Destination, State};
 
-use crate::identity::Identity;
+use crate::{
+    authz::Cidr,
+    identity::{Identity, San},
+};
 
 /// How a workload accepts mesh traffic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum TunnelProtocol {
     /// Plain TCP: not in the mesh (or not capturable); traffic passes through unchanged.
     #[default]
@@ -24,8 +29,18 @@ pub enum TunnelProtocol {
     Hbone,
 }
 
+/// Whether a workload has a network namespace of its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum NetworkMode {
+    #[default]
+    Standard,
+    /// Shares the node's network: several such workloads have the node's IP, so none of them
+    /// is found by address (as ztunnel).
+    HostNetwork,
+}
+
 /// Where a workload runs, for routing preferences.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Locality {
     pub region: String,
     pub zone: String,
@@ -33,31 +48,38 @@ pub struct Locality {
 }
 
 /// One service port a workload serves, and the port it really listens on (0: the service's).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct PortMapping {
     pub service_port: u16,
     pub target_port: u16,
 }
 
-/// An east-west gateway (or waypoint) address.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An east-west gateway or waypoint: where to send HBONE, and on which port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct GatewayAddress {
     pub destination: GatewayDestination,
     pub hbone_mtls_port: u16,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GatewayDestination {
-    Address {
-        network: String,
-        ip: IpAddr,
-    },
-    /// A service, by "namespace/hostname".
+    /// A workload or a service VIP.
+    Address { network: String, ip: IpAddr },
+    /// A service, by "namespace/hostname", resolved through our own state (not DNS).
     Hostname(String),
 }
 
+/// A workload's own tunnel listener (a waypoint's PROXY-protocol port), decoded and shown only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ApplicationTunnel {
+    /// "NONE" or "PROXY".
+    pub protocol: &'static str,
+    pub port: u16,
+}
+
 /// A workload (pod or VM) as the control plane describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub uid: String,
     pub name: String,
@@ -66,7 +88,10 @@ pub struct Workload {
     pub trust_domain: String,
     /// Canonical (IPv4-mapped addresses unmapped).
     pub addresses: Vec<IpAddr>,
+    /// A workload without addresses (a VM, a ServiceEntry endpoint known by name) has one.
+    pub hostname: String,
     pub network: String,
+    pub network_mode: NetworkMode,
     pub node: String,
     pub cluster_id: String,
     pub locality: Locality,
@@ -76,12 +101,19 @@ pub struct Workload {
     pub capacity: u32,
     /// Services this workload is an endpoint of, by "namespace/hostname".
     pub services: HashMap<String, Vec<PortMapping>>,
-    /// WORKLOAD_SELECTOR policies that select it, by "namespace/name".
+    /// Further policies that apply to it ("namespace/name"), whatever their scope.
     pub authorization_policies: Vec<String>,
+    /// The waypoint traffic addressed to this workload goes through.
+    pub waypoint: Option<GatewayAddress>,
     pub network_gateway: Option<GatewayAddress>,
     pub canonical_name: String,
     pub canonical_revision: String,
     pub workload_name: String,
+    /// "deployment", "cronjob", "pod" or "job".
+    pub workload_type: &'static str,
+    /// Speaks HBONE itself (no node proxy in front of it); decoded and shown.
+    pub native_tunnel: bool,
+    pub application_tunnel: Option<ApplicationTunnel>,
 }
 
 impl Workload {
@@ -91,14 +123,16 @@ impl Workload {
 }
 
 /// A service port and the port its endpoints listen on (0: same as the service port).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
     pub service_port: u16,
     pub target_port: u16,
+    /// As declared ("TCP", "HTTP11" …); shown, not used (L4 only).
+    pub app_protocol: &'static str,
 }
 
 /// Scopes of a routing preference, as in Istio's `LoadBalancing.Scope`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Scope {
     Region,
     Zone,
@@ -109,51 +143,101 @@ pub enum Scope {
 }
 
 /// What to do with a routing preference.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum LbMode {
+    /// Istio's UNSPECIFIED mode: the routing preference is not consulted.
+    #[default]
+    Standard,
     /// Only endpoints that match every scope.
     Strict,
     /// Endpoints that match the most leading scopes; fall back to fewer, then any.
-    #[default]
     Failover,
     /// No endpoint selection: connect to the address the application asked for.
     Passthrough,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum HealthPolicy {
     #[default]
     OnlyHealthy,
     AllowAll,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LoadBalancing {
     pub routing_preference: Vec<Scope>,
     pub mode: LbMode,
     pub health_policy: HealthPolicy,
 }
 
+/// Who may see a service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Visibility {
+    #[default]
+    Public,
+    /// Only workloads of the service's own namespace; to anyone else its addresses are not
+    /// the service's.
+    Namespace,
+}
+
+/// A virtual address of a service: one IP, or a CIDR block (a ServiceEntry's address range),
+/// on a network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Vip {
+    pub network: String,
+    pub cidr: Cidr,
+}
+
+impl Vip {
+    /// A single address, not a range.
+    pub fn is_host(&self) -> bool {
+        self.cidr.is_host()
+    }
+}
+
+/// One of a service's waypoints, taking `weight` of its traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WeightedWaypoint {
+    pub destination: GatewayAddress,
+    pub weight: u32,
+}
+
 /// A service: virtual addresses in front of a set of workloads.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Service {
     /// "namespace/hostname", kept because every connection to the service looks it up.
+    #[serde(skip)]
     key: String,
     pub name: String,
     pub namespace: String,
     pub hostname: String,
-    /// Virtual IPs, each on a network.
-    pub vips: Vec<(String, IpAddr)>,
+    pub vips: Vec<Vip>,
     pub ports: Vec<ServicePort>,
-    /// Identities a tunnel to one of its endpoints may present besides the endpoint's own.
-    pub subject_alt_names: Vec<Identity>,
+    /// Names a tunnel to one of its endpoints may present besides the endpoint's identity.
+    pub subject_alt_names: Vec<San>,
     pub load_balancing: Option<LoadBalancing>,
+    /// The waypoint traffic addressed to this service goes through.
+    pub waypoint: Option<GatewayAddress>,
+    /// When set, these take the traffic instead of `waypoint`, by weight.
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
+    /// Ingress gateways send to the waypoint too (their concern; shown only).
+    pub ingress_use_waypoint: bool,
+    pub visibility: Visibility,
+    /// The Kubernetes Service for its hostname, rather than a ServiceEntry (shown only).
+    pub canonical: bool,
+    /// "AUTOMATIC", "IPV4_ONLY", "IPV6_ONLY" or "DUAL" (shown only).
+    pub ip_families: &'static str,
 }
 
 impl Service {
     /// The xDS resource name and the key workloads use: "namespace/hostname".
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// Whether a workload in `namespace` may use this service.
+    pub fn is_visible_to(&self, namespace: &str) -> bool {
+        self.visibility == Visibility::Public || self.namespace == namespace
     }
 }
 

@@ -45,6 +45,7 @@ fn endpoint(uid: &str, ip: &str, edit: impl FnOnce(&mut pb::Workload)) -> Worklo
             ports: vec![pb::Port {
                 service_port: 80,
                 target_port: 8080,
+                ..Default::default()
             }],
         },
     );
@@ -60,10 +61,12 @@ fn pb_service(lb: Option<pb::LoadBalancing>) -> pb::Service {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: bytes("10.96.0.10"),
+            length: None,
         }],
         ports: vec![pb::Port {
             service_port: 80,
             target_port: 8080,
+            ..Default::default()
         }],
         load_balancing: lb,
         ..Default::default()
@@ -147,14 +150,14 @@ fn service_vips_and_endpoints_follow_upserts_and_removals() {
     // The service arrives after its endpoint: the endpoint is already waiting for it.
     state.upsert_service(service(None));
     assert!(matches!(
-        state.lookup("", ip("10.96.0.10")),
+        state.lookup("", ip("10.96.0.10"), None),
         Some(Destination::Service(s)) if s.key() == "default/svc.example"
     ));
     assert_eq!(state.endpoints("default/svc.example").count(), 1);
     assert!(state.remove_address("e1"));
     assert_eq!(state.endpoints("default/svc.example").count(), 0);
     assert!(state.remove_address("default/svc.example"));
-    assert!(state.lookup("", ip("10.96.0.10")).is_none());
+    assert!(state.lookup("", ip("10.96.0.10"), None).is_none());
     assert!(!state.remove_address("default/svc.example"));
 }
 
@@ -361,7 +364,7 @@ fn conversion_refuses_bad_fields_by_name() {
         "service \"default/svc.example\": ports[0]: port 70000 is above 65535"
     );
     let mut s = pb_service(None);
-    s.subject_alt_names = vec!["not-a-spiffe-id".into()];
+    s.subject_alt_names = vec![" ".into()];
     assert!(convert::service(s).unwrap_err().field == "subject_alt_names[0]");
     let address = convert::address(
         pb::Address {
@@ -381,6 +384,7 @@ fn pb_policy(namespace: &str, name: &str, scope: security::Scope) -> security::A
         action: security::Action::Deny as i32,
         rules: vec![security::Rule { clauses: vec![] }],
         dry_run: false,
+        extensions: vec![],
     }
 }
 

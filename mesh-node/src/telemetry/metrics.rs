@@ -1,8 +1,9 @@
 //! The Prometheus registry: Istio's standard TCP metrics, plus mesh-node's own xDS, certificate
 //! and eBPF counters. Served as text on :15020 (`/stats/prometheus`, `/metrics`).
 use std::{
+    collections::HashSet,
     fmt,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
 };
 
 use mesh_common::Counter as KernelCounter;
@@ -90,6 +91,17 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeOnly {
+    type_url: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabel {
+    type_url: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
     type_url: String,
     result: &'static str,
@@ -104,6 +116,9 @@ pub struct Metrics {
     received: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     xds_updates: Family<TypeLabel, Counter>,
+    xds_rejections: Family<TypeOnly, Counter>,
+    xds_rejected: Family<ResourceLabel, Gauge>,
+    rejected_shown: Mutex<HashSet<ResourceLabel>>,
     xds_connected: Gauge,
     certs: Family<ResultLabel, Gauge>,
 }
@@ -156,6 +171,18 @@ impl Metrics {
             "xDS responses by type and whether they were applied (ack) or refused (nack)",
             xds_updates.clone(),
         );
+        let xds_rejections = Family::<TypeOnly, Counter>::default();
+        registry.register(
+            "mesh_xds_rejected_resources",
+            "xDS resources refused (each is named in the NACK and in mesh_xds_rejected_resource)",
+            xds_rejections.clone(),
+        );
+        let xds_rejected = Family::<ResourceLabel, Gauge>::default();
+        registry.register(
+            "mesh_xds_rejected_resource",
+            "1 for each resource whose latest version was refused; its last good version stays in force",
+            xds_rejected.clone(),
+        );
         let xds_connected = Gauge::default();
         registry.register(
             "mesh_xds_connected",
@@ -178,6 +205,9 @@ impl Metrics {
             received,
             sent,
             xds_updates,
+            xds_rejections,
+            xds_rejected,
+            rejected_shown: Mutex::default(),
             xds_connected,
             certs,
         }
@@ -205,6 +235,44 @@ impl Metrics {
         self.xds_updates
             .get_or_create(&TypeLabel { type_url, result })
             .inc();
+    }
+
+    /// `newly` resources of `type_name` were refused by the last response; `now` names every
+    /// resource of that type refused at present.
+    pub fn xds_rejected<'a>(
+        &self,
+        type_name: &str,
+        newly: usize,
+        now: impl Iterator<Item = &'a str>,
+    ) {
+        self.xds_rejections
+            .get_or_create(&TypeOnly {
+                type_url: type_name.to_owned(),
+            })
+            .inc_by(newly as u64);
+        let now: HashSet<ResourceLabel> = now
+            .map(|name| ResourceLabel {
+                type_url: type_name.to_owned(),
+                name: name.to_owned(),
+            })
+            .collect();
+        // A Family cannot be listed: remember which labels are set, to take back the ones
+        // that were mended or removed.
+        let mut shown = self
+            .rejected_shown
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shown.retain(|label| {
+            let stays = label.type_url != type_name || now.contains(label);
+            if !stays {
+                self.xds_rejected.remove(label);
+            }
+            stays
+        });
+        for label in now {
+            self.xds_rejected.get_or_create(&label).set(1);
+            shown.insert(label);
+        }
     }
 
     pub fn xds_connected(&self, up: bool) {

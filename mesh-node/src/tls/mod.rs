@@ -19,7 +19,7 @@ use rustls::{
 
 pub use verify::{IdentityMismatch, SpiffeServerVerifier, TrustDomainClientVerifier};
 
-use crate::identity::{CertError, Certified, Identity, WorkloadCert};
+use crate::identity::{CertError, Certified, San, WorkloadCert};
 
 /// The ALPN protocol HBONE negotiates.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -102,7 +102,7 @@ impl Tls {
     pub fn client_config(
         &self,
         source: &Certified,
-        expected: Vec<Identity>,
+        expected: Vec<San>,
     ) -> Result<Arc<ClientConfig>, rustls::Error> {
         let verifier =
             SpiffeServerVerifier::new(source.roots.clone(), self.provider.clone(), expected);

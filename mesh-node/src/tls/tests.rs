@@ -53,7 +53,7 @@ fn mutual_tls_with_expected_identity() {
     let (client_id, server_id) = ids();
     let client = certified(&ca, &tls, &client_id);
     let server = certified(&ca, &tls, &server_id);
-    let config = tls.client_config(&client, vec![server_id]).unwrap();
+    let config = tls.client_config(&client, vec![server_id.into()]).unwrap();
     assert_eq!(
         handshake(config, server.server_config.clone()).unwrap(),
         client_id
@@ -68,7 +68,7 @@ fn client_refuses_unexpected_server_identity() {
     let client = certified(&ca, &tls, &client_id);
     let server = certified(&ca, &tls, &server_id);
     let other = Identity::new("cluster.local", "default", "other");
-    let config = tls.client_config(&client, vec![other]).unwrap();
+    let config = tls.client_config(&client, vec![other.into()]).unwrap();
     let error = handshake(config, server.server_config.clone()).unwrap_err();
     assert!(
         describe(&error).contains("spiffe://cluster.local/ns/default/sa/server is not one of"),
@@ -85,7 +85,7 @@ fn server_refuses_foreign_trust_domain_and_foreign_root() {
 
     let foreign = Identity::new("evil.example", "default", "client");
     let client = certified(&ca, &Tls::new("evil.example"), &foreign);
-    let config = tls.client_config(&client, vec![server_id.clone()]).unwrap();
+    let config = tls.client_config(&client, vec![server_id.clone().into()]).unwrap();
     let error = handshake(config, server.server_config.clone()).unwrap_err();
     assert!(
         describe(&error).contains("outside trust domain cluster.local"),
@@ -94,14 +94,14 @@ fn server_refuses_foreign_trust_domain_and_foreign_root() {
 
     let other_ca = FileCa::generate("cluster.local", TTL).unwrap();
     let stranger = certified(&other_ca, &tls, &ids().0);
-    let mut config = (*tls.client_config(&stranger, vec![server_id]).unwrap()).clone();
+    let mut config = (*tls.client_config(&stranger, vec![server_id.into()]).unwrap()).clone();
     // The stranger trusts our root, so only the server's check of the client chain can fail.
     config
         .dangerous()
         .set_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
             server.roots.clone(),
             tls.provider().clone(),
-            vec![ids().1],
+            vec![ids().1.into()],
         )));
     assert!(handshake(Arc::new(config), server.server_config.clone()).is_err());
 }
@@ -119,7 +119,7 @@ fn server_requires_a_client_certificate() {
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
             server.roots.clone(),
             tls.provider().clone(),
-            vec![server_id],
+            vec![server_id.into()],
         )))
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_H2.to_vec()];

@@ -16,17 +16,17 @@ use rustls::{
     },
 };
 
-use crate::identity::{Identity, san};
+use crate::identity::{Identity, San, san};
 
 /// The peer presented a valid certificate for the wrong workload.
 #[derive(Debug, thiserror::Error)]
 #[error("peer identity {presented} is not one of the expected identities [{}]", expected_list(.expected))]
 pub struct IdentityMismatch {
     pub presented: String,
-    pub expected: Vec<Identity>,
+    pub expected: Vec<San>,
 }
 
-fn expected_list(expected: &[Identity]) -> String {
+fn expected_list(expected: &[San]) -> String {
     expected
         .iter()
         .map(ToString::to_string)
@@ -38,22 +38,20 @@ fn other(error: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
 }
 
-/// Client side: the server's chain must reach the mesh roots and its URI SAN must be one of the
-/// identities the destination is expected to have. The server name is not consulted (HBONE
-/// dials IP addresses and sends no SNI).
+/// Client side: the server's chain must reach the mesh roots and its certificate must carry
+/// one of the names the destination is expected to have: its one URI SAN one of the expected
+/// workload identities, or any of its URI or DNS SANs equal to an expected non-SPIFFE name (a
+/// ServiceEntry's `subjectAltNames`). The server name is not consulted (HBONE dials IP
+/// addresses and sends no SNI).
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    expected: Vec<Identity>,
+    expected: Vec<San>,
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(
-        roots: Arc<RootCertStore>,
-        provider: Arc<CryptoProvider>,
-        expected: Vec<Identity>,
-    ) -> Self {
+    pub fn new(roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>, expected: Vec<San>) -> Self {
         Self {
             roots,
             provider,
@@ -79,14 +77,33 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let presented = san::identity_of(end_entity).map_err(other)?;
-        if !self.expected.contains(&presented) {
-            return Err(other(IdentityMismatch {
-                presented: presented.to_string(),
-                expected: self.expected.clone(),
-            }));
+        let identity = san::identity_of(end_entity);
+        if let Ok(identity) = &identity
+            && self.expected.contains(&San::Identity(identity.clone()))
+        {
+            return Ok(ServerCertVerified::assertion());
         }
-        Ok(ServerCertVerified::assertion())
+        let names = san::names(end_entity).map_err(other)?;
+        let named = self.expected.iter().any(|expected| match expected {
+            San::Other(want) => names.iter().any(|(_, name)| name == want),
+            San::Identity(_) => false,
+        });
+        if named {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let presented = match identity {
+            Ok(identity) => identity.to_string(),
+            Err(_) if !names.is_empty() => names
+                .into_iter()
+                .map(|(_, name)| name)
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(error) => return Err(other(error)),
+        };
+        Err(other(IdentityMismatch {
+            presented,
+            expected: self.expected.clone(),
+        }))
     }
 
     fn verify_tls12_signature(

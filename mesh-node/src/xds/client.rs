@@ -18,7 +18,7 @@ use super::{
     proto::discovery::{
         Node, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
     },
-    session::{Session, Update},
+    session::{Session, Update, XdsStatus},
 };
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
@@ -97,13 +97,13 @@ impl XdsConfig {
 }
 
 /// Runs the session until the process ends: connect, stream, and on any failure back off and
-/// resume. `apply` receives every accepted update; `ready` turns true once every type has had
-/// its first answer.
+/// resume. `apply` receives every update (the valid part of each response); `status` follows
+/// the session: synced once every type has had its first answer, and the resources refused.
 pub async fn run(
     config: XdsConfig,
     endpoint: Endpoint,
     apply: impl Fn(Update),
-    ready: watch::Sender<bool>,
+    ready: watch::Sender<XdsStatus>,
     metrics: Arc<Metrics>,
 ) {
     let mut session = Session::new(config.node(), &config.trust_domain);
@@ -141,7 +141,7 @@ async fn stream(
     endpoint: &Endpoint,
     session: &mut Session,
     apply: &impl Fn(Update),
-    ready: &watch::Sender<bool>,
+    ready: &watch::Sender<XdsStatus>,
     answered: &mut bool,
     metrics: &Metrics,
 ) -> Result<(), String> {
@@ -180,32 +180,64 @@ async fn stream(
         };
         *answered = true;
         let type_url = response.type_url.clone();
-        let (changed, removed) = (response.resources.len(), response.removed_resources.len());
+        let was_synced = session.synced();
         let handled = session.handle(response);
-        match (handled.update, handled.rejected) {
-            (Some(update), _) => {
-                apply(update);
-                metrics.xds_update(&type_url, true);
-                tracing::info!(type_url, changed, removed, "xDS update applied");
+        let (applied, removed) = (handled.applied, handled.removed);
+        if let Some(reason) = &handled.refused {
+            metrics.xds_update(&type_url, false);
+            tracing::warn!(type_url, %reason, "xDS response rejected (NACK); the previous state stays in force");
+        } else {
+            apply(handled.update);
+            metrics.xds_update(&type_url, handled.rejected.is_empty());
+            if handled.rejected.is_empty() {
+                tracing::info!(type_url, changed = applied, removed, "xDS update applied");
+            } else {
+                tracing::info!(
+                    type_url,
+                    changed = applied,
+                    removed,
+                    rejected = handled.rejected.len(),
+                    "xDS update applied"
+                );
             }
-            (None, Some(reason)) => {
-                metrics.xds_update(&type_url, false);
-                tracing::warn!(type_url, %reason, "xDS response rejected (NACK); the previous state stays in force");
+            for rejected in &handled.rejected {
+                tracing::warn!(
+                    type_url,
+                    resource = %rejected.name,
+                    version = %rejected.version,
+                    error = %rejected.error,
+                    "xDS resource rejected (NACK); its last good version stays in force"
+                );
             }
-            (None, None) => {}
         }
         requests
             .send(handled.reply)
             .await
             .map_err(|_| "request channel closed")?;
-        if session.synced() && !*ready.borrow() {
+        let status = session.status();
+        let type_name = type_url.rsplit('/').next().unwrap_or(&type_url);
+        metrics.xds_rejected(
+            type_name,
+            handled.rejected.len(),
+            status
+                .rejected
+                .iter()
+                .filter(|r| r.type_name == type_name)
+                .map(|r| r.name.as_str()),
+        );
+        if status.synced && !was_synced {
             let (addresses, policies) = session.counts();
             tracing::info!(
                 addresses,
                 policies,
+                rejected = status.rejected.len(),
                 "xDS synced: first answer for every type"
             );
-            ready.send_replace(true);
         }
+        ready.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
     }
 }

@@ -151,13 +151,16 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
                 format!("duplicate service {}", service.key()),
             ));
         }
-        for (network, vip) in &service.vips {
-            let key = (network.clone(), *vip);
+        for vip in service.vips.iter().filter(|v| v.is_host()) {
+            let key = (vip.network.clone(), vip.cidr.addr());
             if let Some(other) = owners.insert(key, service.key().to_owned()) {
                 return Err(invalid(
                     "services",
                     index,
-                    format!("addresses: {vip} is already the address of {other}"),
+                    format!(
+                        "addresses: {} is already the address of {other}",
+                        vip.cidr.addr()
+                    ),
                 ));
             }
         }

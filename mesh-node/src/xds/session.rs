@@ -1,13 +1,13 @@
 //! The delta-ADS protocol state, without I/O: which resource versions we hold per type, what to
 //! send when a stream opens, and what to answer (ACK or NACK) to each response. The async
 //! client in [`super::client`] only moves messages between this and the network.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use prost::Message;
 
 use super::proto::{
     ADDRESS_TYPE, AUTHORIZATION_TYPE,
-    discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status},
+    discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Resource, Status},
     security, workload,
 };
 use crate::state::{
@@ -55,23 +55,54 @@ impl Update {
     }
 }
 
+/// A resource the control plane sent that could not be used. Its last good version (or none)
+/// stays in force until a good one arrives or it is removed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Rejected {
+    /// The short type name: `istio.workload.Address` or `istio.security.Authorization`.
+    pub type_name: &'static str,
+    pub name: String,
+    /// The version that was refused.
+    pub version: String,
+    /// What is wrong, naming the field.
+    pub error: String,
+}
+
+/// What the session knows of the control plane, for readiness, metrics and the config dump.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct XdsStatus {
+    /// A response of every type has been applied (in whole or in part).
+    pub synced: bool,
+    /// Every resource whose latest version was refused, by type then name.
+    pub rejected: Vec<Rejected>,
+}
+
 /// What to do with one response.
 #[derive(Debug)]
 pub struct Handled {
-    /// The changes to apply; `None` when the response was rejected.
-    pub update: Option<Update>,
-    /// The ACK or NACK to send back.
+    /// The changes to apply: every valid resource and every removal (empty when the whole
+    /// response was refused).
+    pub update: Update,
+    /// The ACK, or the NACK naming each refused resource.
     pub reply: DeltaDiscoveryRequest,
-    /// Why the response was rejected, if it was.
-    pub rejected: Option<String>,
+    /// The resources this response carried that were refused.
+    pub rejected: Vec<Rejected>,
+    /// Why the response as a whole was refused (an unknown type), if it was.
+    pub refused: Option<String>,
+    /// Resources applied and names removed.
+    pub applied: usize,
+    pub removed: usize,
 }
 
 #[derive(Debug)]
 struct TypeState {
     type_url: &'static str,
-    /// Resource name → version, of what we hold.
+    /// Resource name → version, of what we hold. A refused resource keeps the version of its
+    /// last good one (or has none), so that after a reconnect the control plane sends it again.
     versions: HashMap<String, String>,
-    /// Whether a response of this type has been accepted since start: only then do we hold
+    /// Resources whose latest version was refused.
+    rejected: BTreeMap<String, Rejected>,
+    /// Whether a response of this type has been applied since start: only then do we hold
     /// the control plane's view of it.
     answered: bool,
 }
@@ -89,6 +120,7 @@ impl Session {
         let empty = |type_url| TypeState {
             type_url,
             versions: HashMap::new(),
+            rejected: BTreeMap::new(),
             answered: false,
         };
         Self {
@@ -112,7 +144,7 @@ impl Session {
             .collect()
     }
 
-    /// True once a response of every type has been accepted.
+    /// True once a response of every type has been applied.
     pub fn synced(&self) -> bool {
         self.types.iter().all(|t| t.answered)
     }
@@ -122,8 +154,21 @@ impl Session {
         (self.types[0].versions.len(), self.types[1].versions.len())
     }
 
-    /// Decodes and checks every resource of `response`. All or nothing: one bad resource
-    /// rejects the response, and what we held before stays in force.
+    pub fn status(&self) -> XdsStatus {
+        XdsStatus {
+            synced: self.synced(),
+            rejected: self
+                .types
+                .iter()
+                .flat_map(|t| t.rejected.values().cloned())
+                .collect(),
+        }
+    }
+
+    /// Decodes and checks each resource of `response` on its own: the valid ones and the
+    /// removals apply, each invalid one is named in the NACK and keeps its last good version
+    /// in force (as ztunnel does; istiod sends only changes afterwards, so refusing a whole
+    /// response would lose its good resources for good).
     pub fn handle(&mut self, response: DeltaDiscoveryResponse) -> Handled {
         let nonce = response.nonce.clone();
         let Some(index) = self
@@ -132,91 +177,116 @@ impl Session {
             .position(|t| t.type_url == response.type_url)
         else {
             let message = format!("type {:?} is not supported", response.type_url);
-            return reject(&response.type_url, nonce, message);
+            return Handled {
+                update: Update::default(),
+                reply: nack(&response.type_url, nonce, message.clone()),
+                rejected: Vec::new(),
+                refused: Some(message),
+                applied: 0,
+                removed: 0,
+            };
         };
-        let type_url = self.types[index].type_url;
-        match decode(&response, &self.default_trust_domain) {
-            Ok(update) => {
-                self.types[index].answered = true;
-                let versions = &mut self.types[index].versions;
-                for name in &response.removed_resources {
-                    versions.remove(name);
-                }
-                for resource in &response.resources {
-                    versions.insert(resource.name.clone(), resource.version.clone());
-                }
-                Handled {
-                    update: Some(update),
-                    reply: DeltaDiscoveryRequest {
-                        type_url: type_url.to_owned(),
-                        response_nonce: nonce,
-                        ..Default::default()
-                    },
-                    rejected: None,
+        let trust_domain = self.default_trust_domain.clone();
+        let state = &mut self.types[index];
+        let type_name = short_name(state.type_url);
+        let mut update = Update::default();
+        let mut rejected = Vec::new();
+        for resource in &response.resources {
+            match decode(resource, state.type_url, &trust_domain) {
+                Ok(Decoded::Address(address)) => update.addresses.push(address),
+                Ok(Decoded::Policy(policy)) => update.policies.push(policy),
+                Err(error) => {
+                    let refusal = Rejected {
+                        type_name,
+                        name: resource.name.clone(),
+                        version: resource.version.clone(),
+                        error,
+                    };
+                    state.rejected.insert(resource.name.clone(), refusal.clone());
+                    rejected.push(refusal);
+                    continue;
                 }
             }
-            Err(message) => reject(type_url, nonce, message),
+            state.rejected.remove(&resource.name);
+            state
+                .versions
+                .insert(resource.name.clone(), resource.version.clone());
         }
-    }
-}
-
-fn reject(type_url: &str, nonce: String, message: String) -> Handled {
-    Handled {
-        update: None,
-        reply: DeltaDiscoveryRequest {
-            type_url: type_url.to_owned(),
-            response_nonce: nonce,
-            error_detail: Some(Status {
-                code: INVALID_ARGUMENT,
-                message: message.clone(),
-                details: Vec::new(),
-            }),
-            ..Default::default()
-        },
-        rejected: Some(message),
-    }
-}
-
-fn decode(response: &DeltaDiscoveryResponse, trust_domain: &str) -> Result<Update, String> {
-    let mut update = Update::default();
-    let mut errors = Vec::new();
-    for resource in &response.resources {
-        let Some(any) = &resource.resource else {
-            errors.push(format!("resource {:?}: no body", resource.name));
-            continue;
-        };
-        if any.type_url != response.type_url {
-            errors.push(format!(
-                "resource {:?}: body is {:?}, not {:?}",
-                resource.name, any.type_url, response.type_url
-            ));
-            continue;
+        for name in &response.removed_resources {
+            state.versions.remove(name);
+            state.rejected.remove(name);
         }
-        let bytes = any.value.as_slice();
-        let decoded = if response.type_url == ADDRESS_TYPE {
-            workload::Address::decode(bytes)
-                .map_err(|e| format!("decode: {e}"))
-                .and_then(|a| convert::address(a, trust_domain).map_err(|e| e.to_string()))
-                .map(|a| update.addresses.push(a))
+        if state.type_url == ADDRESS_TYPE {
+            update.removed_addresses = response.removed_resources.clone();
         } else {
-            security::Authorization::decode(bytes)
-                .map_err(|e| format!("decode: {e}"))
-                .and_then(|p| convert::authorization(p).map_err(|e| e.to_string()))
-                .map(|p| update.policies.push(p))
+            update.removed_policies = response.removed_resources.clone();
+        }
+        state.answered = true;
+        let reply = if rejected.is_empty() {
+            DeltaDiscoveryRequest {
+                type_url: state.type_url.to_owned(),
+                response_nonce: nonce,
+                ..Default::default()
+            }
+        } else {
+            let message = rejected
+                .iter()
+                .map(|r| format!("resource {:?}: {}", r.name, r.error))
+                .collect::<Vec<_>>()
+                .join("; ");
+            nack(state.type_url, nonce, message)
         };
-        if let Err(error) = decoded {
-            errors.push(format!("resource {:?}: {error}", resource.name));
+        Handled {
+            applied: response.resources.len() - rejected.len(),
+            removed: response.removed_resources.len(),
+            update,
+            reply,
+            rejected,
+            refused: None,
         }
     }
-    if !errors.is_empty() {
-        return Err(errors.join("; "));
+}
+
+/// `istio.workload.Address` for its type URL.
+pub fn short_name(type_url: &'static str) -> &'static str {
+    type_url.rsplit('/').next().unwrap_or(type_url)
+}
+
+fn nack(type_url: &str, nonce: String, message: String) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.to_owned(),
+        response_nonce: nonce,
+        error_detail: Some(Status {
+            code: INVALID_ARGUMENT,
+            message,
+            details: Vec::new(),
+        }),
+        ..Default::default()
     }
-    if response.type_url == ADDRESS_TYPE {
-        update.removed_addresses = response.removed_resources.clone();
+}
+
+enum Decoded {
+    Address(Address),
+    Policy(Policy),
+}
+
+fn decode(resource: &Resource, type_url: &str, trust_domain: &str) -> Result<Decoded, String> {
+    let any = resource.resource.as_ref().ok_or("no body")?;
+    if any.type_url != type_url {
+        return Err(format!("body is {:?}, not {type_url:?}", any.type_url));
+    }
+    let bytes = any.value.as_slice();
+    if type_url == ADDRESS_TYPE {
+        let address = workload::Address::decode(bytes).map_err(|e| format!("decode: {e}"))?;
+        convert::address(address, trust_domain)
+            .map(Decoded::Address)
+            .map_err(|e| e.to_string())
     } else {
-        update.removed_policies = response.removed_resources.clone();
+        let policy = security::Authorization::decode(bytes).map_err(|e| format!("decode: {e}"))?;
+        convert::authorization(policy)
+            .map(Decoded::Policy)
+            .map_err(|e| e.to_string())
     }
-    Ok(update)
 }
 
 #[cfg(test)]

@@ -186,6 +186,7 @@ fn workload(i: usize, services: usize) -> pb::Workload {
                 ports: vec![pb::Port {
                     service_port: 80,
                     target_port: 8080,
+                    ..Default::default()
                 }],
             },
         )]
@@ -203,10 +204,12 @@ fn service(i: usize) -> pb::Service {
         addresses: vec![pb::NetworkAddress {
             network: "network1".into(),
             address: vec![172, 16 + (i >> 16) as u8, (i >> 8) as u8, i as u8],
+            length: None,
         }],
         ports: vec![pb::Port {
             service_port: 80,
             target_port: 8080,
+            ..Default::default()
         }],
         ..Default::default()
     }
@@ -232,7 +235,7 @@ fn client(addr: &str, root: &str) -> Result<()> {
     let endpoint = config.endpoint()?;
     let state = Arc::new(RwLock::new(State::new()));
     println!("idle rss_kib={}", rss_kib()?);
-    let (ready_tx, mut ready) = tokio::sync::watch::channel(false);
+    let (ready_tx, mut ready) = tokio::sync::watch::channel(Default::default());
     let sink = state.clone();
     let started = Instant::now();
     runtime.block_on(async move {
@@ -243,7 +246,9 @@ fn client(addr: &str, root: &str) -> Result<()> {
         tokio::spawn(mesh_node::xds::client::run(
             config, endpoint, apply, ready_tx, metrics,
         ));
-        ready.wait_for(|r| *r).await?;
+        ready
+            .wait_for(|r: &mesh_node::xds::session::XdsStatus| r.synced)
+            .await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let (w, s) = {
             let state = state.read().unwrap();

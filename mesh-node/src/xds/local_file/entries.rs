@@ -55,6 +55,7 @@ impl From<Port> for pb::Port {
         pb::Port {
             service_port: p.service_port.into(),
             target_port: p.target_port.into(),
+            app_protocol: pb::AppProtocol::Unknown as i32,
         }
     }
 }
@@ -93,6 +94,59 @@ pub struct WorkloadEntry {
     canonical_name: String,
     #[serde(default)]
     canonical_revision: String,
+    #[serde(default)]
+    waypoint: Option<WaypointEntry>,
+    #[serde(default)]
+    host_network: bool,
+    #[serde(default)]
+    hostname: String,
+}
+
+/// A waypoint: `{address: IP, network: N, port: P}` or `{hostname: namespace/hostname, port: P}`;
+/// the port defaults to 15008.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WaypointEntry {
+    #[serde(default)]
+    address: Option<IpAddr>,
+    #[serde(default)]
+    network: String,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+impl WaypointEntry {
+    fn into_proto(self) -> pb::GatewayAddress {
+        use pb::gateway_address::Destination;
+        let Self {
+            address,
+            network,
+            hostname,
+            port,
+        } = self;
+        let destination = match (address, hostname) {
+            (Some(ip), _) => Some(Destination::Address(pb::NetworkAddress {
+                network,
+                address: ip_bytes(&ip),
+                length: None,
+            })),
+            (None, Some(key)) => {
+                let (namespace, hostname) = key.split_once('/').unwrap_or(("", &key));
+                Some(Destination::Hostname(pb::NamespacedHostname {
+                    namespace: namespace.to_owned(),
+                    hostname: hostname.to_owned(),
+                }))
+            }
+            // Refused, by name, by the conversion's check.
+            (None, None) => None,
+        };
+        pb::GatewayAddress {
+            destination,
+            hbone_mtls_port: port.unwrap_or(mesh_common::HBONE_PORT).into(),
+        }
+    }
 }
 
 impl WorkloadEntry {
@@ -115,8 +169,18 @@ impl WorkloadEntry {
             authorization_policies,
             canonical_name,
             canonical_revision,
+            waypoint,
+            host_network,
+            hostname,
         } = self;
         pb::Workload {
+            waypoint: waypoint.map(WaypointEntry::into_proto),
+            network_mode: if host_network {
+                pb::NetworkMode::HostNetwork
+            } else {
+                pb::NetworkMode::Standard
+            } as i32,
+            hostname,
             uid: uid.unwrap_or_else(|| format!("{namespace}/{name}")),
             addresses: addresses.iter().map(ip_bytes).collect(),
             tunnel_protocol: match tunnel_protocol {
@@ -156,12 +220,13 @@ impl WorkloadEntry {
     }
 }
 
-/// A service address: a bare IP on the default network, or `{network, address}`.
+/// A service address, or a block of them (`10.100.0.0/16`): bare on the default network, or
+/// `{network, address}`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum ServiceAddress {
-    Plain(IpAddr),
-    OnNetwork { network: String, address: IpAddr },
+    Plain(Cidr),
+    OnNetwork { network: String, address: Cidr },
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -215,6 +280,17 @@ pub struct ServiceEntry {
     subject_alt_names: Vec<String>,
     #[serde(default)]
     load_balancing: Option<LoadBalancingEntry>,
+    #[serde(default)]
+    waypoint: Option<WaypointEntry>,
+    #[serde(default)]
+    visibility: Option<VisibilityEntry>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum VisibilityEntry {
+    Public,
+    Namespace,
 }
 
 impl ServiceEntry {
@@ -228,8 +304,15 @@ impl ServiceEntry {
             ports,
             subject_alt_names,
             load_balancing,
+            waypoint,
+            visibility,
         } = self;
         pb::Service {
+            waypoint: waypoint.map(WaypointEntry::into_proto),
+            visibility: match visibility {
+                Some(VisibilityEntry::Namespace) => pb::service::Visibility::Namespace,
+                Some(VisibilityEntry::Public) | None => pb::service::Visibility::Public,
+            } as i32,
             name,
             namespace,
             hostname,
@@ -239,9 +322,10 @@ impl ServiceEntry {
                     ServiceAddress::Plain(ip) => (String::new(), ip),
                     ServiceAddress::OnNetwork { network, address } => (network, address),
                 })
-                .map(|(network, ip)| pb::NetworkAddress {
+                .map(|(network, cidr)| pb::NetworkAddress {
                     network,
-                    address: ip_bytes(&ip),
+                    address: ip_bytes(&cidr.ip),
+                    length: (!cidr.is_host()).then_some(cidr.length.into()),
                 })
                 .collect(),
             ports: ports.into_iter().map(pb::Port::from).collect(),
@@ -339,6 +423,10 @@ pub struct MatchEntry {
     namespaces: Vec<StringMatchEntry>,
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     not_namespaces: Vec<StringMatchEntry>,
+    #[serde(default)]
+    service_accounts: Vec<ServiceAccountEntry>,
+    #[serde(default)]
+    not_service_accounts: Vec<ServiceAccountEntry>,
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
     principals: Vec<StringMatchEntry>,
     #[serde(default, with = "serde_yaml::with::singleton_map_recursive")]
@@ -355,6 +443,14 @@ pub struct MatchEntry {
     destination_ports: Vec<u16>,
     #[serde(default)]
     not_destination_ports: Vec<u16>,
+}
+
+/// `{namespace: shop, serviceAccount: cart}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceAccountEntry {
+    namespace: String,
+    service_account: String,
 }
 
 impl PolicyEntry {
@@ -389,6 +485,14 @@ impl PolicyEntry {
                 .collect()
         };
         let ports = |list: Vec<u16>| list.into_iter().map(u32::from).collect();
+        let accounts = |list: Vec<ServiceAccountEntry>| {
+            list.into_iter()
+                .map(|sa| sec::ServiceAccountMatch {
+                    namespace: sa.namespace,
+                    service_account: sa.service_account,
+                })
+                .collect()
+        };
         sec::Authorization {
             name,
             namespace,
@@ -402,6 +506,7 @@ impl PolicyEntry {
                 Action::Deny => sec::Action::Deny,
             } as i32,
             dry_run,
+            extensions: Vec::new(),
             rules: rules
                 .into_iter()
                 .map(|rule| sec::Rule {
@@ -415,6 +520,9 @@ impl PolicyEntry {
                                 .map(|m| sec::Match {
                                     namespaces: strings(m.namespaces),
                                     not_namespaces: strings(m.not_namespaces),
+                                    service_accounts: accounts(m.service_accounts),
+                                    not_service_accounts: accounts(m.not_service_accounts),
+                                    extensions: Vec::new(),
                                     principals: strings(m.principals),
                                     not_principals: strings(m.not_principals),
                                     source_ips: cidrs(m.source_ips),
@@ -438,6 +546,12 @@ impl PolicyEntry {
 pub struct Cidr {
     ip: IpAddr,
     length: u8,
+}
+
+impl Cidr {
+    fn is_host(&self) -> bool {
+        self.length == if self.ip.is_ipv4() { 32 } else { 128 }
+    }
 }
 
 impl FromStr for Cidr {

@@ -62,7 +62,7 @@ policies:
     );
     let s = &state.services[0];
     assert_eq!(s.vips.len(), 2);
-    assert_eq!(s.vips[1].0, "net2");
+    assert_eq!(s.vips[1].network, "net2");
     let lb = s.load_balancing.as_ref().unwrap();
     assert_eq!(lb.mode, LbMode::Strict);
     assert_eq!(lb.routing_preference, [Scope::Node, Scope::Zone]);

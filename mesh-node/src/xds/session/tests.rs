@@ -65,7 +65,7 @@ fn acks_applies_and_resumes_with_the_versions_it_holds() {
     assert_eq!(handled.reply.response_nonce, "n1");
     assert!(handled.reply.error_detail.is_none());
     let mut state = State::new();
-    handled.update.unwrap().apply(&mut state);
+    handled.update.apply(&mut state);
     assert_eq!(state.workload_count(), 2);
     assert!(!session.synced(), "policies have not answered yet");
 
@@ -74,11 +74,11 @@ fn acks_applies_and_resumes_with_the_versions_it_holds() {
         nonce: "n2".into(),
         ..Default::default()
     });
-    assert!(handled.rejected.is_none());
+    assert!(handled.rejected.is_empty());
     assert!(session.synced());
 
     let handled = session.handle(response("n3", vec![], &["a"]));
-    handled.update.unwrap().apply(&mut state);
+    handled.update.apply(&mut state);
     assert_eq!(state.workload_count(), 1);
 
     let resumed = session.initial_requests();
@@ -89,45 +89,105 @@ fn acks_applies_and_resumes_with_the_versions_it_holds() {
 }
 
 #[test]
-fn a_bad_resource_is_nacked_and_nothing_of_the_response_applies() {
+fn a_bad_resource_is_nacked_by_name_and_the_rest_of_the_response_applies() {
     let mut session = session();
+    let mut state = State::new();
+    session
+        .handle(response(
+            "n0",
+            vec![
+                workload_resource("old", "v1", vec![10, 0, 0, 9]),
+                workload_resource("bad", "v1", vec![10, 0, 0, 8]),
+            ],
+            &[],
+        ))
+        .update
+        .apply(&mut state);
+    // One response: a good add, a bad update of a held resource, a removal.
     let handled = session.handle(response(
         "n1",
         vec![
             workload_resource("good", "v2", vec![10, 0, 0, 1]),
             workload_resource("bad", "v2", vec![1, 2, 3]),
         ],
-        &[],
+        &["old"],
     ));
-    assert!(handled.update.is_none());
-    let detail = handled.reply.error_detail.unwrap();
+    assert_eq!((handled.applied, handled.removed), (1, 1));
+    let detail = handled.reply.error_detail.clone().unwrap();
     assert_eq!(detail.code, INVALID_ARGUMENT);
     assert_eq!(
         detail.message,
         "resource \"bad\": workload \"bad\": addresses[0]: 3 bytes is not an IPv4 (4) or IPv6 (16) address"
     );
     assert_eq!(handled.reply.response_nonce, "n1");
-    // Nothing of the rejected response counts as held.
-    assert!(
-        session.initial_requests()[0]
-            .initial_resource_versions
-            .is_empty()
+    assert_eq!(handled.rejected.len(), 1);
+    handled.update.apply(&mut state);
+    assert!(state.workload("good").is_some(), "the good resource applies");
+    assert!(state.workload("old").is_none(), "the removal applies");
+    assert_eq!(
+        state.workload("bad").unwrap().addresses,
+        vec!["10.0.0.8".parse::<std::net::IpAddr>().unwrap()],
+        "the last good version of the refused resource stays"
     );
+    // The refused resource keeps the version we hold, so a reconnect asks for it again.
+    assert_eq!(
+        session.initial_requests()[0].initial_resource_versions,
+        HashMap::from([
+            ("good".to_owned(), "v2".to_owned()),
+            ("bad".to_owned(), "v1".to_owned())
+        ])
+    );
+    let status = session.status();
+    assert_eq!(status.rejected.len(), 1);
+    assert_eq!(
+        (status.rejected[0].name.as_str(), status.rejected[0].version.as_str()),
+        ("bad", "v2")
+    );
+
+    // A good version mends it; the NACK's record goes.
+    let handled = session.handle(response(
+        "n2",
+        vec![workload_resource("bad", "v3", vec![10, 0, 0, 3])],
+        &[],
+    ));
+    assert!(handled.reply.error_detail.is_none());
+    assert!(session.status().rejected.is_empty());
 
     let mut garbage = workload_resource("junk", "v1", vec![]);
     garbage.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff];
-    let handled = session.handle(response("n2", vec![garbage], &[]));
+    let handled = session.handle(response("n3", vec![garbage], &[]));
+    assert!(handled.rejected[0].error.starts_with("decode:"));
+    // A refused resource that was never good is not held, and its removal clears the record.
     assert!(
-        handled
-            .rejected
-            .unwrap()
-            .starts_with("resource \"junk\": decode:")
+        !session.initial_requests()[0]
+            .initial_resource_versions
+            .contains_key("junk")
     );
+    session.handle(response("n4", vec![], &["junk"]));
+    assert!(session.status().rejected.is_empty());
 
     let handled = session.handle(DeltaDiscoveryResponse {
         type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
-        nonce: "n3".into(),
+        nonce: "n5".into(),
         ..Default::default()
     });
-    assert!(handled.rejected.unwrap().contains("is not supported"));
+    assert!(handled.refused.unwrap().contains("is not supported"));
+    assert!(handled.reply.error_detail.is_some());
+}
+
+#[test]
+fn a_response_with_only_bad_resources_still_counts_as_an_answer() {
+    let mut session = session();
+    session.handle(response(
+        "n1",
+        vec![workload_resource("bad", "v1", vec![1])],
+        &[],
+    ));
+    session.handle(DeltaDiscoveryResponse {
+        type_url: AUTHORIZATION_TYPE.into(),
+        nonce: "n2".into(),
+        ..Default::default()
+    });
+    assert!(session.synced(), "readiness must not wait for a good version of every resource");
+    assert!(session.status().synced);
 }

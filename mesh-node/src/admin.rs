@@ -64,7 +64,12 @@ impl Readiness {
             .borrow()
             .rejected
             .iter()
-            .map(|r| format!("{} {} (version {}): {}", r.type_name, r.name, r.version, r.error))
+            .map(|r| {
+                format!(
+                    "{} {} (version {}): {}",
+                    r.type_name, r.name, r.version, r.error
+                )
+            })
             .collect()
     }
 
@@ -348,7 +353,8 @@ fn config_dump(admin: &Admin) -> Value {
         .services()
         .map(|s| {
             let mut value = json!(**s);
-            let mut endpoints: Vec<String> = state.endpoints(s.key()).map(|w| w.uid.clone()).collect();
+            let mut endpoints: Vec<String> =
+                state.endpoints(s.key()).map(|w| w.uid.clone()).collect();
             endpoints.sort();
             value["endpoints"] = json!(endpoints);
             value

@@ -25,9 +25,9 @@ use crate::{
     telemetry::Metrics,
     tls::Tls,
     xds::{
-        session::XdsStatus,
         client::{self as xds_client, XdsError},
         local_file::{self, LocalFileError},
+        session::XdsStatus,
     },
 };
 

@@ -3,8 +3,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::{
-    Action, Cidr, Connection, Decision, Match, Policy, Scope, StringMatch, Target, Verdict,
-    evaluate,
+    Action, Cidr, Connection, Decision, Match, Policy, Scope, ServiceAccount, StringMatch, Target,
+    Verdict, evaluate,
 };
 use crate::identity::Identity;
 
@@ -60,6 +60,29 @@ fn principals(p: &[&str]) -> Match {
 fn namespaces(n: &[&str]) -> Match {
     Match {
         namespaces: n.iter().map(|s| exact(s)).collect(),
+        ..Default::default()
+    }
+}
+
+fn accounts(list: &[(&str, &str)]) -> Vec<ServiceAccount> {
+    list.iter()
+        .map(|(namespace, name)| ServiceAccount {
+            namespace: (*namespace).into(),
+            name: (*name).into(),
+        })
+        .collect()
+}
+
+fn service_accounts(list: &[(&str, &str)]) -> Match {
+    Match {
+        service_accounts: accounts(list),
+        ..Default::default()
+    }
+}
+
+fn not_service_accounts(list: &[(&str, &str)]) -> Match {
+    Match {
+        not_service_accounts: accounts(list),
         ..Default::default()
     }
 }
@@ -605,6 +628,169 @@ fn cases() -> Vec<Case> {
                 vec![allow("port", ports(&[9090]))],
                 alice(),
                 allowed("port"),
+            )
+        },
+        // Service accounts (istiod's `from.source.serviceAccounts`, Match fields 11 and 12).
+        case(
+            "DENY on a service account refuses that account",
+            vec![deny("sa", service_accounts(&[("frontend", "alice")]))],
+            alice(),
+            denied("sa"),
+        ),
+        case(
+            "DENY on a service account lets other accounts in",
+            vec![deny("sa", service_accounts(&[("frontend", "attacker")]))],
+            alice(),
+            AllowedNoPolicy,
+        ),
+        case(
+            "DENY on a service account: same name in another namespace is another account",
+            vec![deny("sa", service_accounts(&[("backend", "alice")]))],
+            alice(),
+            AllowedNoPolicy,
+        ),
+        case(
+            "ALLOW on a service account lets that account in",
+            vec![allow("sa", service_accounts(&[("frontend", "alice")]))],
+            alice(),
+            allowed("sa"),
+        ),
+        case(
+            "ALLOW on a service account refuses other accounts",
+            vec![allow("sa", service_accounts(&[("frontend", "bob")]))],
+            alice(),
+            NotAllowed,
+        ),
+        case(
+            "ALLOW on a service account never lets a client without identity in",
+            vec![allow("sa", service_accounts(&[("frontend", "alice")]))],
+            plaintext("10.1.0.7"),
+            NotAllowed,
+        ),
+        case(
+            "DENY on a service account and a port does not catch a client without identity",
+            vec![deny(
+                "sa",
+                Match {
+                    service_accounts: accounts(&[("frontend", "attacker")]),
+                    destination_ports: vec![8080],
+                    ..Default::default()
+                },
+            )],
+            plaintext("10.1.0.7"),
+            AllowedNoPolicy,
+        ),
+        case(
+            "not_service_accounts: DENY everyone but the account",
+            vec![deny("sa", not_service_accounts(&[("frontend", "alice")]))],
+            client("frontend", "bob", "10.1.0.8"),
+            denied("sa"),
+        ),
+        case(
+            "not_service_accounts: the account itself passes",
+            vec![deny("sa", not_service_accounts(&[("frontend", "alice")]))],
+            alice(),
+            AllowedNoPolicy,
+        ),
+        case(
+            "not_service_accounts: a client without identity is not the account",
+            vec![deny("sa", not_service_accounts(&[("frontend", "alice")]))],
+            plaintext("10.1.0.7"),
+            denied("sa"),
+        ),
+        case(
+            "a service account is matched whatever the trust domain it was verified in (as ztunnel)",
+            vec![deny("sa", service_accounts(&[("frontend", "alice")]))],
+            Client {
+                identity: Some(Identity::new("other.domain", "frontend", "alice")),
+                ip: "10.1.0.7".parse().unwrap(),
+            },
+            denied("sa"),
+        ),
+        case(
+            "principals do compare the trust domain",
+            vec![deny("p", principals(&[alice_p]))],
+            Client {
+                identity: Some(Identity::new("other.domain", "frontend", "alice")),
+                ip: "10.1.0.7".parse().unwrap(),
+            },
+            AllowedNoPolicy,
+        ),
+        // A client without identity has namespace "" (as ztunnel).
+        case(
+            "namespace prefix \"\" matches a client without identity",
+            vec![deny(
+                "ns",
+                Match {
+                    namespaces: vec![StringMatch::Prefix(String::new())],
+                    ..Default::default()
+                },
+            )],
+            plaintext("10.1.0.7"),
+            denied("ns"),
+        ),
+        case(
+            "namespace presence does not match a client without identity",
+            vec![deny(
+                "ns",
+                Match {
+                    namespaces: vec![StringMatch::Presence],
+                    ..Default::default()
+                },
+            )],
+            plaintext("10.1.0.7"),
+            AllowedNoPolicy,
+        ),
+        case(
+            "not_namespaces presence matches a client without identity",
+            vec![deny(
+                "ns",
+                Match {
+                    not_namespaces: vec![StringMatch::Presence],
+                    ..Default::default()
+                },
+            )],
+            plaintext("10.1.0.7"),
+            denied("ns"),
+        ),
+        // What a workload's authorization_policies brings in.
+        Case {
+            selected_by: vec!["elsewhere/implicit".into()],
+            ..case(
+                "a policy the workload names applies whatever its scope and namespace",
+                vec![scoped(
+                    allow("implicit", service_accounts(&[("default", "waypoint")])),
+                    Scope::Namespace,
+                    "elsewhere",
+                )],
+                alice(),
+                NotAllowed,
+            )
+        },
+        case(
+            "a NAMESPACE policy of another namespace the workload does not name stays out",
+            vec![scoped(
+                allow("implicit", service_accounts(&[("default", "waypoint")])),
+                Scope::Namespace,
+                "elsewhere",
+            )],
+            alice(),
+            AllowedNoPolicy,
+        ),
+        Case {
+            selected_by: vec![format!("{TARGET_NS}/allow-waypoint")],
+            ..case(
+                "istiod's implicit waypoint ALLOW lets the waypoint in",
+                vec![scoped(
+                    allow(
+                        "allow-waypoint",
+                        service_accounts(&[("default", "waypoint")]),
+                    ),
+                    Scope::WorkloadSelector,
+                    TARGET_NS,
+                )],
+                client("default", "waypoint", "10.2.0.9"),
+                allowed("allow-waypoint"),
             )
         },
     ]

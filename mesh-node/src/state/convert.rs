@@ -92,7 +92,12 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
             let protocol = match P::try_from(tunnel.protocol) {
                 Ok(P::None) => "NONE",
                 Ok(P::Proxy) => "PROXY",
-                Err(_) => return Err(fail("application_tunnel.protocol", unknown(tunnel.protocol))),
+                Err(_) => {
+                    return Err(fail(
+                        "application_tunnel.protocol",
+                        unknown(tunnel.protocol),
+                    ));
+                }
             };
             let port = port(tunnel.port).map_err(|m| fail("application_tunnel.port", m))?;
             Some(ApplicationTunnel { protocol, port })
@@ -237,7 +242,12 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
         }
         let app_protocol = match pb::AppProtocol::try_from(p.app_protocol) {
             Ok(protocol) => protocol.as_str_name(),
-            Err(_) => return Err(fail(&format!("{field}.app_protocol"), unknown(p.app_protocol))),
+            Err(_) => {
+                return Err(fail(
+                    &format!("{field}.app_protocol"),
+                    unknown(p.app_protocol),
+                ));
+            }
         };
         ports.push(ServicePort {
             service_port,

@@ -292,7 +292,12 @@ impl State {
     /// The service or workload at `ip` on `network`, as a workload in `namespace` sees it
     /// (`None`: whoever asks, every service visible). Service VIPs win: a VIP is never also a
     /// workload's address.
-    pub fn lookup(&self, network: &str, ip: IpAddr, namespace: Option<&str>) -> Option<Destination> {
+    pub fn lookup(
+        &self,
+        network: &str,
+        ip: IpAddr,
+        namespace: Option<&str>,
+    ) -> Option<Destination> {
         if let Some(service) = self.service_at(network, ip, namespace) {
             return Some(Destination::Service(service));
         }

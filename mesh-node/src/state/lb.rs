@@ -140,7 +140,10 @@ pub fn pick(
         ));
     }
     candidates.retain(|(rank, _)| *rank == best_rank);
-    let candidates = candidates.into_iter().map(|(_, endpoint)| endpoint).collect();
+    let candidates = candidates
+        .into_iter()
+        .map(|(_, endpoint)| endpoint)
+        .collect();
     match weighted(candidates, |e| e.workload.capacity, random) {
         Some(endpoint) => Ok(Choice::Endpoint(endpoint)),
         None if lb.mode == LbMode::Strict && !lb.routing_preference.is_empty() => {

@@ -7,6 +7,8 @@ mod index;
 pub mod lb;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wire_tests;
 
 use std::{collections::HashMap, net::IpAddr};
 

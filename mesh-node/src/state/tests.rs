@@ -283,6 +283,52 @@ fn failover_prefers_the_closest_endpoints_and_moves_when_they_vanish() {
 }
 
 #[test]
+fn unspecified_mode_is_standard_and_ignores_the_preference() {
+    let mut state = State::new();
+    state.upsert_workload(located("same-node", "10.0.1.1", "z1", "node-a"));
+    state.upsert_workload(located("other-zone", "10.0.1.3", "z2", "node-c"));
+    let svc = service(preference(pb::load_balancing::Mode::UnspecifiedMode));
+    let counts = spread(&state, &svc, &origin_workload(), 400);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(counts.values().all(|n| *n > 120), "{counts:?}");
+}
+
+#[test]
+fn a_shared_vip_resolves_to_the_service_the_caller_may_see() {
+    let mut state = State::new();
+    let mut public = pb_service(None);
+    public.namespace = "aaa".into();
+    let mut own = pb_service(None);
+    own.namespace = "shop".into();
+    own.visibility = pb::service::Visibility::Namespace as i32;
+    let mut hidden = pb_service(None);
+    hidden.namespace = "zzz".into();
+    hidden.visibility = pb::service::Visibility::Namespace as i32;
+    for s in [public, own, hidden] {
+        state.upsert_service(convert::service(s).unwrap());
+    }
+    let at = |state: &State, ns: Option<&str>| {
+        state
+            .service_at("", ip("10.96.0.10"), ns)
+            .map(|s| s.namespace.clone())
+    };
+    assert_eq!(
+        at(&state, Some("shop")).as_deref(),
+        Some("shop"),
+        "own namespace first"
+    );
+    assert_eq!(at(&state, Some("zzz")).as_deref(), Some("zzz"));
+    assert_eq!(
+        at(&state, Some("other")).as_deref(),
+        Some("aaa"),
+        "only the public one"
+    );
+    state.remove_service("aaa/svc.example");
+    assert_eq!(at(&state, Some("other")), None);
+    assert_eq!(at(&state, Some("shop")).as_deref(), Some("shop"));
+}
+
+#[test]
 fn strict_refuses_when_no_endpoint_matches_every_scope() {
     let mut state = State::new();
     state.upsert_workload(located("same-zone", "10.0.1.2", "z1", "node-b"));

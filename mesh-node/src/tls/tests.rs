@@ -85,7 +85,9 @@ fn server_refuses_foreign_trust_domain_and_foreign_root() {
 
     let foreign = Identity::new("evil.example", "default", "client");
     let client = certified(&ca, &Tls::new("evil.example"), &foreign);
-    let config = tls.client_config(&client, vec![server_id.clone().into()]).unwrap();
+    let config = tls
+        .client_config(&client, vec![server_id.clone().into()])
+        .unwrap();
     let error = handshake(config, server.server_config.clone()).unwrap_err();
     assert!(
         describe(&error).contains("outside trust domain cluster.local"),
@@ -94,7 +96,10 @@ fn server_refuses_foreign_trust_domain_and_foreign_root() {
 
     let other_ca = FileCa::generate("cluster.local", TTL).unwrap();
     let stranger = certified(&other_ca, &tls, &ids().0);
-    let mut config = (*tls.client_config(&stranger, vec![server_id.into()]).unwrap()).clone();
+    let mut config = (*tls
+        .client_config(&stranger, vec![server_id.into()])
+        .unwrap())
+    .clone();
     // The stranger trusts our root, so only the server's check of the client chain can fail.
     config
         .dangerous()
@@ -152,4 +157,49 @@ fn a_certificate_peers_would_refuse_is_refused_when_it_arrives() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("outside trust domain"), "{error}");
+}
+
+/// A root and a leaf for `api.example.com` (a DNS SAN, no SPIFFE ID), as a ServiceEntry's
+/// endpoint might present.
+fn dns_named_leaf() -> (
+    Arc<rustls::RootCertStore>,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["api.example.com".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.der().clone()).unwrap();
+    (Arc::new(roots), leaf.der().clone())
+}
+
+#[test]
+fn a_non_spiffe_subject_alt_name_is_matched_against_the_certificates_names() {
+    use rustls::client::danger::ServerCertVerifier;
+    let (roots, leaf) = dns_named_leaf();
+    let tls = Tls::new("cluster.local");
+    let verify = |expected: Vec<San>| {
+        SpiffeServerVerifier::new(roots.clone(), tls.provider().clone(), expected)
+            .verify_server_cert(
+                &leaf,
+                &[],
+                &ServerName::try_from("mesh.invalid").unwrap(),
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+    };
+    assert!(verify(vec![San::Other("api.example.com".into())]).is_ok());
+    let error = verify(vec![San::Other("other.example.com".into()), ids().1.into()]).unwrap_err();
+    assert!(
+        describe(&error).contains("api.example.com is not one of the expected identities"),
+        "{error}"
+    );
 }

@@ -51,7 +51,11 @@ pub struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>, expected: Vec<San>) -> Self {
+    pub fn new(
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+        expected: Vec<San>,
+    ) -> Self {
         Self {
             roots,
             provider,

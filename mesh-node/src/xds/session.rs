@@ -202,7 +202,9 @@ impl Session {
                         version: resource.version.clone(),
                         error,
                     };
-                    state.rejected.insert(resource.name.clone(), refusal.clone());
+                    state
+                        .rejected
+                        .insert(resource.name.clone(), refusal.clone());
                     rejected.push(refusal);
                     continue;
                 }

@@ -122,7 +122,10 @@ fn a_bad_resource_is_nacked_by_name_and_the_rest_of_the_response_applies() {
     assert_eq!(handled.reply.response_nonce, "n1");
     assert_eq!(handled.rejected.len(), 1);
     handled.update.apply(&mut state);
-    assert!(state.workload("good").is_some(), "the good resource applies");
+    assert!(
+        state.workload("good").is_some(),
+        "the good resource applies"
+    );
     assert!(state.workload("old").is_none(), "the removal applies");
     assert_eq!(
         state.workload("bad").unwrap().addresses,
@@ -140,7 +143,10 @@ fn a_bad_resource_is_nacked_by_name_and_the_rest_of_the_response_applies() {
     let status = session.status();
     assert_eq!(status.rejected.len(), 1);
     assert_eq!(
-        (status.rejected[0].name.as_str(), status.rejected[0].version.as_str()),
+        (
+            status.rejected[0].name.as_str(),
+            status.rejected[0].version.as_str()
+        ),
         ("bad", "v2")
     );
 
@@ -188,6 +194,9 @@ fn a_response_with_only_bad_resources_still_counts_as_an_answer() {
         nonce: "n2".into(),
         ..Default::default()
     });
-    assert!(session.synced(), "readiness must not wait for a good version of every resource");
+    assert!(
+        session.synced(),
+        "readiness must not wait for a good version of every resource"
+    );
     assert!(session.status().synced);
 }

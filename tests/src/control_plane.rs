@@ -166,6 +166,28 @@ impl ControlPlane {
         self.store.changed();
     }
 
+    /// Puts `workloads` and removes the Address resources `removed` in one response.
+    pub fn change_workloads(&self, workloads: Vec<workload::Workload>, removed: &[&str]) {
+        let mut resources = self.store.lock();
+        for w in workloads {
+            resources.next_version += 1;
+            let version = format!("v{}", resources.next_version);
+            let name = w.uid.clone();
+            let body = workload::Address {
+                r#type: Some(workload::address::Type::Workload(w)),
+            };
+            resources.items.insert(
+                (ADDRESS_TYPE.to_owned(), name),
+                (version, any(ADDRESS_TYPE, &body)),
+            );
+        }
+        resources
+            .items
+            .retain(|(t, n), _| t != ADDRESS_TYPE || !removed.contains(&n.as_str()));
+        drop(resources);
+        self.store.changed();
+    }
+
     pub fn put_workload(&self, w: workload::Workload) {
         self.put_workloads(vec![w]);
     }

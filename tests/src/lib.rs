@@ -16,6 +16,7 @@ pub mod podapp;
 pub mod privilege;
 pub mod sniff;
 pub mod topology;
+pub mod waypoint;
 
 pub use meshnode::MeshNode;
 pub use podapp::{ConnResult, PodRun, Server};

@@ -211,6 +211,9 @@ impl Topology {
     fn build_node(&mut self, index: u8, spec: &NodeSpec) -> Result<Node> {
         let netns = self.add_netns(format!("{PREFIX}-{}-{}", self.id, spec.name))?;
         sysctl(&netns, "net.ipv4.ip_forward=1")?;
+        // Pods think their /24 is on-link: the node answers ARP for its other pods, so that
+        // pods on one node reach each other without the mesh (as a waypoint pod is reached).
+        sysctl(&netns, "net.ipv4.conf.all.proxy_arp=1")?;
         let cgroup = self.cgroup_root.join(spec.name);
         fs::create_dir_all(&cgroup)?;
         let bpffs =

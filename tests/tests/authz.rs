@@ -278,6 +278,87 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
     assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
 }
 
+fn account(namespace: &str, name: &str) -> pb::ServiceAccountMatch {
+    pb::ServiceAccountMatch {
+        namespace: namespace.into(),
+        service_account: name.into(),
+    }
+}
+
+/// `from.source.serviceAccounts` as istiod sends it (Match.service_accounts, field 11): the
+/// caller's verified service account decides, over HBONE and the same-node path; a plaintext
+/// client has none.
+#[test]
+fn service_account_policies_match_the_callers_verified_account_on_every_path() {
+    if !privileged() {
+        return;
+    }
+    let mesh = Mesh::start();
+
+    // DENY alice's account: alice (HBONE from node2) is refused, everyone else passes.
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Deny,
+            vec![pb::Match {
+                service_accounts: vec![account("frontend", "alice")],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(
+        mesh.who_reaches(&CLIENTS, PORT),
+        names(&["bob", "neighbor", "outsider"]),
+        "{}",
+        mesh.node1.log_text()
+    );
+
+    // DENY an account on a port: a client without identity is not that account.
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Deny,
+            vec![pb::Match {
+                service_accounts: vec![account("default", "attacker")],
+                destination_ports: vec![u32::from(PORT)],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&CLIENTS));
+
+    // ALLOW two accounts: bob (HBONE) and neighbor (same node) pass; alice, and the plaintext
+    // outsider who has no account, are refused with a reset.
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Allow,
+            vec![pb::Match {
+                service_accounts: vec![account("backend", "bob"), account("frontend", "neighbor")],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(
+        mesh.who_reaches(&CLIENTS, PORT),
+        names(&["bob", "neighbor"])
+    );
+    assert_reset(&mesh, "outsider");
+
+    // DENY everyone but bob's account (not_service_accounts, field 12).
+    mesh.push(|plane| {
+        plane.put_policy(policy(
+            "gate",
+            pb::Action::Deny,
+            vec![pb::Match {
+                not_service_accounts: vec![account("backend", "bob")],
+                ..Default::default()
+            }],
+        ))
+    });
+    assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
+}
+
 #[test]
 fn a_policy_pushed_mid_connection_closes_the_connections_it_denies() {
     if !privileged() {

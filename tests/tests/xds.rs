@@ -326,10 +326,7 @@ fn routing_preference_fails_over_and_strict_refuses() {
     );
     assert!(
         mesh.node1()
-            .log_lines_with(&[
-                "outbound connection refused: no endpoint",
-                "STRICT routing preference"
-            ])
+            .log_lines_with(&["outbound connection refused", "STRICT routing preference"])
             .len()
             == 10,
         "{}",
@@ -345,14 +342,14 @@ fn routing_preference_fails_over_and_strict_refuses() {
 }
 
 #[test]
-fn malformed_resources_are_nacked_and_the_previous_state_keeps_serving() {
+fn a_bad_resource_is_nacked_by_name_and_the_rest_of_its_response_applies() {
     if !privileged() {
         return;
     }
-    let (mut mesh, _servers) = Mesh::start(&["client"], &["ep-a"], service(None));
+    let (mut mesh, _servers) = Mesh::start(&["client"], &["ep-a", "ep-b", "ep-c"], service(None));
     all_ok(&mesh.connect(5), 5);
 
-    // Bytes that are not a protobuf message.
+    // Bytes that are not a protobuf message: NACKed by name.
     mesh.plane
         .put_raw_address("default/garbage", vec![0xff, 0xff, 0xff]);
     eventually("a NACK", || !mesh.plane.seen().nacks.is_empty()).unwrap();
@@ -363,40 +360,164 @@ fn malformed_resources_are_nacked_and_the_previous_state_keeps_serving() {
     );
     mesh.plane.remove("default/garbage");
 
-    // A well-formed message with a field that cannot be used, in one response with a change
-    // that would drain ep-a (capacity 0): neither applies, so ep-a keeps serving. Were the good
-    // half applied, the service would have no endpoint and every connection below would fail.
+    // One response, as istiod would send it: ep-b drained (capacity 0), ep-c removed, and two
+    // resources that cannot be used (an address of 3 bytes; a sidecar-mTLS workload). istiod
+    // sends only changes afterwards, so the good part must apply now or never.
     let mut broken = mesh.workload("ep-a", "node2", |w| w.addresses = vec![vec![10, 0, 0]]);
     broken.uid = "cluster1//Pod/default/broken".into();
-    let drained = mesh.workload("ep-a", "node2", |w| w.capacity = Some(0));
-    mesh.plane.put_workloads(vec![drained, broken]);
-    // Both nodes NACK each bad push; find the one about this resource.
-    eventually("a NACK naming the bad field", || {
+    let mut legacy = mesh.workload("ep-a", "node2", |w| {
+        w.tunnel_protocol = pb::TunnelProtocol::LegacyIstioMtls as i32;
+        w.addresses = vec![vec![198, 18, 9, 9]];
+    });
+    legacy.uid = "cluster1//Pod/default/legacy".into();
+    let drained = mesh.workload("ep-b", "node2", |w| w.capacity = Some(0));
+    let applied = mesh.applied();
+    mesh.plane
+        .change_workloads(vec![drained, broken, legacy], &[&Mesh::uid("ep-c")]);
+    mesh.wait_applied(applied + 1);
+    let nack = eventually("a NACK naming both bad resources", || {
         mesh.plane.seen().nacks.iter().any(|n| {
             n.contains("resource \"cluster1//Pod/default/broken\"")
                 && n.contains("addresses[0]: 3 bytes is not an IPv4 (4) or IPv6 (16) address")
+                && n.contains("resource \"cluster1//Pod/default/legacy\"")
+                && n.contains("LEGACY_ISTIO_MTLS")
         })
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:?}", mesh.plane.seen().nacks));
+    });
+    nack.unwrap_or_else(|e| panic!("{e}: {:?}", mesh.plane.seen().nacks));
+    let rejected_lines = mesh.node1().log_lines_with(&[
+        "xDS resource rejected (NACK)",
+        "cluster1//Pod/default/broken",
+    ]);
+    assert_eq!(rejected_lines.len(), 1, "{}", mesh.node1().log_text());
     assert!(
         !mesh
             .node1()
-            .log_lines_with(&["xDS response rejected (NACK)", "addresses[0]"])
+            .log_lines_with(&["xDS update applied", "changed=1", "removed=1", "rejected=2"])
             .is_empty(),
         "{}",
         mesh.node1().log_text()
     );
-    // The service still works on the state from before the bad pushes.
-    assert!(
-        mesh.node1()
-            .log_lines_with(&["xDS update applied", "changed=2"])
-            .is_empty(),
-        "the rejected response must not be applied"
-    );
+    // The good part applied: only ep-a is left to serve.
     let before = mesh.counts_after(&HashMap::new(), 5);
-    all_ok(&mesh.connect(10), 10);
-    assert_eq!(delta(&mesh.counts_after(&before, 10), &before, "ep-a"), 10);
+    all_ok(&mesh.connect(20), 20);
+    assert_eq!(delta(&mesh.counts_after(&before, 20), &before, "ep-a"), 20);
+
+    // Readiness is not held back by the refused resources, and names them; so do the
+    // metrics.
+    let netns = mesh.topo.node("node1").netns_path();
+    let ready = http_probe::get(&netns, http_probe::READINESS, "/healthz/ready").unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert!(
+        ready.body.contains("cluster1//Pod/default/broken") && ready.body.contains("legacy"),
+        "{}",
+        ready.body
+    );
+    let exposition = http_probe::scrape(&netns).unwrap();
+    let gauge = |name: &str| {
+        http_probe::sample(
+            &exposition,
+            "mesh_xds_rejected_resource",
+            &[&format!("name=\"{name}\"")],
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        gauge("cluster1//Pod/default/broken"),
+        Some(1.0),
+        "{exposition}"
+    );
+    let rejections = http_probe::total(&netns, "mesh_xds_rejected_resources_total", &[]).unwrap();
+    assert!(rejections >= 3.0, "{exposition}");
+    let dump = http_probe::get(&netns, http_probe::ADMIN, "/config_dump").unwrap();
+    assert!(
+        dump.body.contains("\"rejected_resources\"") && dump.body.contains("3 bytes is not"),
+        "{}",
+        dump.body
+    );
+
+    // A fresh node whose very first response carries the bad resources becomes ready.
+    mesh.nodes[0].stop().unwrap();
+    let mut args = mesh.plane.client_args(&mesh.topo, "node1");
+    args.extend([
+        "--ca-dir".to_owned(),
+        mesh.topo.ca_dir().display().to_string(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    mesh.nodes[0] = MeshNode::start(&mesh.topo, "node1", &args)
+        .expect("a fresh node with refused resources becomes ready");
+    let ready = http_probe::get(&netns, http_probe::READINESS, "/healthz/ready").unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.body);
+
+    // Good versions mend them: the metric and the readiness note go.
+    let mended = mesh.workload("ep-b", "node2", |w| {
+        w.uid = "cluster1//Pod/default/broken".into()
+    });
+    mesh.plane
+        .change_workloads(vec![mended], &["cluster1//Pod/default/legacy"]);
+    eventually("the refusals to be taken back", || {
+        let ready = http_probe::get(&netns, http_probe::READINESS, "/healthz/ready").unwrap();
+        ready.status == 200 && !ready.body.contains("rejected")
+    })
+    .unwrap();
+    let exposition = http_probe::scrape(&netns).unwrap();
+    assert_eq!(gauge_in(&exposition, "cluster1//Pod/default/broken"), None);
     assert!(mesh.nodes.iter_mut().all(|m| m.is_running()));
+}
+
+fn gauge_in(exposition: &str, name: &str) -> Option<f64> {
+    http_probe::sample(
+        exposition,
+        "mesh_xds_rejected_resource",
+        &[&format!("name=\"{name}\"")],
+    )
+    .unwrap()
+}
+
+/// A ServiceEntry-style VIP range (`NetworkAddress.length`, field 3): every address in it is
+/// the service, load-balanced over its endpoints; one outside it is not.
+#[test]
+fn every_address_of_a_cidr_vip_is_load_balanced() {
+    if !privileged() {
+        return;
+    }
+    let mut range = service(None);
+    range.addresses = vec![pb::NetworkAddress {
+        network: String::new(),
+        address: vec![10, 100, 0, 0],
+        length: Some(16),
+    }];
+    let (mesh, _servers) = Mesh::start(&["client"], &["ep-a", "ep-b"], range);
+    let targets = ["10.100.0.1:80", "10.100.7.9:80", "10.100.255.254:80"];
+    for target in targets {
+        let target: SocketAddr = target.parse().unwrap();
+        let run = mesh.topo.connect_from("client", target, 1024, 20);
+        all_ok(&run, 20);
+        assert!(
+            run.ok.iter().all(|c| c.peer == target),
+            "the application sees its address"
+        );
+    }
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    mesh_tests::wait_for(|| {
+        counts.clear();
+        for line in mesh
+            .node1()
+            .log_lines_with(&["outbound connection closed", "route=hbone"])
+        {
+            for pod in ["ep-a", "ep-b"] {
+                let ip = mesh.topo.pod(pod).ip;
+                if line.contains(&format!(" dst={ip}:{TARGET_PORT}")) {
+                    *counts.entry(pod).or_default() += 1;
+                }
+            }
+        }
+        counts.values().sum::<usize>() >= 60
+    });
+    assert_eq!(counts.values().sum::<usize>(), 60, "{counts:?}");
+    assert!(
+        counts.values().all(|n| *n >= 10),
+        "both endpoints serve: {counts:?}"
+    );
 }
 
 #[test]

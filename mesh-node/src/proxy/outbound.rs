@@ -132,11 +132,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 ),
             }
         }
-        Route::Refused(reason) => (
-            CONNECT_FAILED,
-            reason,
-            "outbound connection refused: no endpoint",
-        ),
+        Route::Refused(reason) => (CONNECT_FAILED, reason, "outbound connection refused"),
     };
     reset(&client);
     report.close(Outcome::Failed { flags, reason }, 0, 0, message);

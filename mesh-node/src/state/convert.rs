@@ -30,7 +30,7 @@ pub struct ConvertError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
     Workload(Box<Workload>),
-    Service(Service),
+    Service(Box<Service>),
 }
 
 /// Converts an `Address` resource; `default_trust_domain` fills in workloads that omit theirs.
@@ -39,7 +39,7 @@ pub fn address(address: pb::Address, default_trust_domain: &str) -> Result<Addre
         Some(pb::address::Type::Workload(w)) => {
             workload(w, default_trust_domain).map(|w| Address::Workload(Box::new(w)))
         }
-        Some(pb::address::Type::Service(s)) => service(s).map(Address::Service),
+        Some(pb::address::Type::Service(s)) => service(s).map(|s| Address::Service(Box::new(s))),
         None => Err(ConvertError {
             kind: "address",
             name: String::new(),

@@ -66,7 +66,7 @@ fn workload(fields: Wire) -> super::Workload {
 
 fn service(fields: Wire) -> super::Service {
     match address(Wire::default().message(2, fields)) {
-        Address::Service(s) => s,
+        Address::Service(s) => *s,
         Address::Workload(_) => panic!("not a service"),
     }
 }

@@ -46,7 +46,7 @@ impl Update {
         for address in addresses {
             match address {
                 Address::Workload(w) => state.upsert_workload(*w),
-                Address::Service(s) => state.upsert_service(s),
+                Address::Service(s) => state.upsert_service(*s),
             }
         }
         for policy in policies {
@@ -194,7 +194,7 @@ impl Session {
         for resource in &response.resources {
             match decode(resource, state.type_url, &trust_domain) {
                 Ok(Decoded::Address(address)) => update.addresses.push(address),
-                Ok(Decoded::Policy(policy)) => update.policies.push(policy),
+                Ok(Decoded::Policy(policy)) => update.policies.push(*policy),
                 Err(error) => {
                     let refusal = Rejected {
                         type_name,
@@ -269,7 +269,7 @@ fn nack(type_url: &str, nonce: String, message: String) -> DeltaDiscoveryRequest
 
 enum Decoded {
     Address(Address),
-    Policy(Policy),
+    Policy(Box<Policy>),
 }
 
 fn decode(resource: &Resource, type_url: &str, trust_domain: &str) -> Result<Decoded, String> {
@@ -286,7 +286,7 @@ fn decode(resource: &Resource, type_url: &str, trust_domain: &str) -> Result<Dec
     } else {
         let policy = security::Authorization::decode(bytes).map_err(|e| format!("decode: {e}"))?;
         convert::authorization(policy)
-            .map(Decoded::Policy)
+            .map(|p| Decoded::Policy(Box::new(p)))
             .map_err(|e| e.to_string())
     }
 }

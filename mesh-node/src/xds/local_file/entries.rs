@@ -353,7 +353,6 @@ impl ServiceEntry {
                     Some(HealthEntry::AllowAll) => H::AllowAll,
                     Some(HealthEntry::OnlyHealthy) | None => H::OnlyHealthy,
                 } as i32,
-                ..Default::default()
             }),
             ..Default::default()
         }

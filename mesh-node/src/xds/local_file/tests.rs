@@ -142,3 +142,60 @@ fn the_same_address_may_be_reused_on_another_network() {
         "d/b"
     );
 }
+
+#[test]
+fn reads_waypoints_cidr_vips_visibility_and_service_accounts() {
+    use crate::state::{GatewayDestination, NetworkMode, Visibility};
+    let state = parse_str(
+        r#"
+workloads:
+  - name: server
+    namespace: shop
+    addresses: [10.0.0.7]
+    tunnelProtocol: HBONE
+    waypoint: {hostname: shop/waypoint.shop.svc.cluster.local}
+  - name: node-agent
+    namespace: kube-system
+    addresses: [10.0.0.1]
+    hostNetwork: true
+services:
+  - name: ext
+    namespace: shop
+    hostname: api.example.com
+    addresses: [10.100.0.0/16]
+    visibility: NAMESPACE
+    waypoint: {address: 10.96.9.9, port: 15009}
+policies:
+  - name: only-waypoint
+    namespace: shop
+    scope: WORKLOAD_SELECTOR
+    rules: [{clauses: [{matches: [{serviceAccounts: [{namespace: shop, serviceAccount: waypoint}]}]}]}]
+"#,
+    )
+    .unwrap();
+    let server = &state.workloads[0];
+    assert_eq!(
+        server.waypoint.as_ref().unwrap().destination,
+        GatewayDestination::Hostname("shop/waypoint.shop.svc.cluster.local".into())
+    );
+    assert_eq!(server.waypoint.as_ref().unwrap().hbone_mtls_port, 15008);
+    assert_eq!(state.workloads[1].network_mode, NetworkMode::HostNetwork);
+    let ext = &state.services[0];
+    assert_eq!(ext.vips[0].cidr.to_string(), "10.100.0.0/16");
+    assert_eq!(ext.visibility, Visibility::Namespace);
+    assert_eq!(ext.waypoint.as_ref().unwrap().hbone_mtls_port, 15009);
+    let m = &state.policies[0].rules[0][0][0];
+    assert_eq!(m.service_accounts[0].name, "waypoint");
+
+    let error = parse_str(
+        "policies:\n  - name: p\n    namespace: shop\n    rules: [{clauses: [{matches: [{serviceAccounts: [{namespace: shop, serviceAccount: \"\"}]}]}]}]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains(
+            "policies[0]: rules[0].clauses[0].matches[0].service_accounts[0].serviceAccount"
+        ),
+        "{error}"
+    );
+}

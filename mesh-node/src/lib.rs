@@ -8,6 +8,7 @@ pub mod app;
 pub mod authz;
 pub mod config;
 pub mod dataplane;
+pub mod ending;
 pub mod enroll;
 pub mod hbone;
 pub mod identity;

@@ -27,17 +27,40 @@ pub const COPY_BUFFER_MAX: usize = 256 * 1024;
 /// Resolves, with a reason, when the connection must be closed before its ends are done.
 pub type Revoked = Pin<Box<dyn Future<Output = String> + Send>>;
 
-/// How a spliced connection ended.
+/// How a spliced connection ended, and the bytes it moved until then (every ending carries
+/// them: a reset connection's bytes count as much as a closed one's).
 #[derive(Debug)]
-pub enum Ended {
-    /// Both directions finished: bytes copied from `a` to `b`, and from `b` to `a`.
-    Closed {
-        a_to_b: u64,
-        b_to_a: u64,
-    },
+pub struct Ended {
+    /// Bytes copied from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes copied from `b` to `a`.
+    pub b_to_a: u64,
+    pub how: How,
+}
+
+#[derive(Debug)]
+pub enum How {
+    /// Both directions finished: each side's EOF was passed on.
+    Closed,
+    /// One side failed (reset, broken pipe, a broken tunnel); the caller resets the other.
     Reset(io::Error),
-    /// Closed by us, for this reason; both streams are dropped, which resets them.
+    /// Cut by us, for this reason; the caller resets both.
     Revoked(String),
+}
+
+impl Ended {
+    pub fn is_clean(&self) -> bool {
+        matches!(self.how, How::Closed)
+    }
+}
+
+/// A bidirectional copy in progress: polled to its end, and asked at any time what it has
+/// moved so far.
+pub(crate) trait Relay {
+    /// Ready when both directions are done, or with the first error.
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Bytes moved so far: (a → b, b → a).
+    fn moved(&self) -> (u64, u64);
 }
 
 /// Copies both ways between `a` and `b` until both directions end, one fails, or `revoked`
@@ -54,26 +77,28 @@ where
         a_to_b: Direction::Copying(Copy::new()),
         b_to_a: Direction::Copying(Copy::new()),
     };
-    until_revoked(copy, revoked).await
+    run(copy, revoked).await
 }
 
-/// Runs a bidirectional copy (bytes a → b, b → a) to its end, or until `revoked` resolves.
-pub(crate) async fn until_revoked<F>(copy: F, revoked: Option<Revoked>) -> Ended
-where
-    F: Future<Output = io::Result<(u64, u64)>>,
-{
-    let revoked = async {
-        match revoked {
-            Some(revoked) => revoked.await,
-            None => std::future::pending().await,
+/// Runs `relay` to its end, or until `revoked` resolves; either way with the bytes it moved.
+pub(crate) async fn run<R: Relay>(mut relay: R, mut revoked: Option<Revoked>) -> Ended {
+    let how = std::future::poll_fn(|cx| {
+        if let Some(revoked) = revoked.as_mut()
+            && let Poll::Ready(reason) = revoked.as_mut().poll(cx)
+        {
+            return Poll::Ready(How::Revoked(reason));
         }
-    };
-    tokio::select! {
-        result = copy => match result {
-            Ok((a_to_b, b_to_a)) => Ended::Closed { a_to_b, b_to_a },
-            Err(error) => Ended::Reset(error),
-        },
-        reason = revoked => Ended::Revoked(reason),
+        relay.poll_relay(cx).map(|result| match result {
+            Ok(()) => How::Closed,
+            Err(error) => How::Reset(error),
+        })
+    })
+    .await;
+    let (a_to_b, b_to_a) = relay.moved();
+    Ended {
+        a_to_b,
+        b_to_a,
+        how,
     }
 }
 
@@ -179,6 +204,13 @@ enum Direction {
 }
 
 impl Direction {
+    fn copied(&self) -> u64 {
+        match self {
+            Direction::Copying(copy) => copy.copied,
+            Direction::ShuttingDown(copied) | Direction::Done(copied) => *copied,
+        }
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -214,22 +246,23 @@ struct Bidirectional<'a, A: ?Sized, B: ?Sized> {
     b_to_a: Direction,
 }
 
-impl<A, B> Future for Bidirectional<'_, A, B>
+impl<A, B> Relay for Bidirectional<'_, A, B>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    type Output = io::Result<(u64, u64)>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let (a, b) = (&mut *this.a, &mut *this.b);
-        let a_to_b = this.a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let b_to_a = this.b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (a, b) = (&mut *self.a, &mut *self.b);
+        let a_to_b = self.a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let b_to_a = self.b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
         match (a_to_b, b_to_a) {
-            (Poll::Ready(a_to_b), Poll::Ready(b_to_a)) => Poll::Ready(Ok((a_to_b, b_to_a))),
+            (Poll::Ready(_), Poll::Ready(_)) => Poll::Ready(Ok(())),
             _ => Poll::Pending,
         }
+    }
+
+    fn moved(&self) -> (u64, u64) {
+        (self.a_to_b.copied(), self.b_to_a.copied())
     }
 }
 
@@ -264,10 +297,9 @@ mod tests {
             server_side.await.unwrap() == expected,
             "upload arrived intact"
         );
-        match spliced.await.unwrap() {
-            Ended::Closed { a_to_b, b_to_a } => assert_eq!((a_to_b, b_to_a), (1 << 20, 6)),
-            other => panic!("{other:?}"),
-        }
+        let ended = spliced.await.unwrap();
+        assert!(ended.is_clean(), "{ended:?}");
+        assert_eq!((ended.a_to_b, ended.b_to_a), (1 << 20, 6));
     }
 
     /// A buffer grows only while reads fill it: a direction that carried small messages stays
@@ -357,9 +389,46 @@ mod tests {
         drop(server);
         let mut b = b;
         client.write_all(b"into the void").await.unwrap();
-        match splice(&mut a, &mut b, None).await {
-            Ended::Reset(_) => {}
-            other => panic!("{other:?}"),
-        }
+        let ended = splice(&mut a, &mut b, None).await;
+        assert!(matches!(ended.how, How::Reset(_)), "{ended:?}");
+    }
+
+    /// A reset or revoked connection reports the bytes it moved before it ended.
+    #[tokio::test]
+    async fn every_ending_carries_the_bytes_moved_so_far() {
+        let (mut client, mut a) = duplex(64 * 1024);
+        let (mut b, mut server) = duplex(64 * 1024);
+        let (cut, revoked) = tokio::sync::oneshot::channel::<()>();
+        let revoked: Revoked = Box::pin(async move {
+            let _ = revoked.await;
+            "policy changed".to_owned()
+        });
+        let spliced = tokio::spawn(async move { splice(&mut a, &mut b, Some(revoked)).await });
+        client.write_all(&[1u8; 5000]).await.unwrap();
+        server.write_all(&[2u8; 700]).await.unwrap();
+        let mut got = vec![0u8; 5000];
+        server.read_exact(&mut got).await.unwrap();
+        let mut back = vec![0u8; 700];
+        client.read_exact(&mut back).await.unwrap();
+        cut.send(()).unwrap();
+        let ended = spliced.await.unwrap();
+        assert!(
+            matches!(ended.how, How::Revoked(ref r) if r == "policy changed"),
+            "{ended:?}"
+        );
+        assert_eq!((ended.a_to_b, ended.b_to_a), (5000, 700));
+
+        // Reset after some bytes: the far end goes away mid-stream.
+        let (mut client, mut a) = duplex(64 * 1024);
+        let (mut b, mut server) = duplex(64 * 1024);
+        let spliced = tokio::spawn(async move { splice(&mut a, &mut b, None).await });
+        client.write_all(&[1u8; 3000]).await.unwrap();
+        let mut got = vec![0u8; 3000];
+        server.read_exact(&mut got).await.unwrap();
+        drop(server);
+        client.write_all(&[1u8; 10]).await.unwrap();
+        let ended = spliced.await.unwrap();
+        assert!(matches!(ended.how, How::Reset(_)), "{ended:?}");
+        assert_eq!(ended.a_to_b, 3000);
     }
 }

@@ -174,6 +174,15 @@ impl MeshNode {
         Ok(())
     }
 
+    /// Kills the process (SIGKILL: no chance to clean up, as a crash or the OOM killer).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -126,6 +126,96 @@ impl Drop for Server {
     }
 }
 
+/// A podapp server in a pod started with `args` (`source …`, `sink …`), whose report lines
+/// (`ended …`) are collected as they come; killed when dropped.
+#[derive(Debug)]
+pub struct Recorder {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    pub fn start(netns: &Path, cgroup: &Path, args: &[String]) -> Result<Self> {
+        let (mut cmd, _files) = command_in(netns, cgroup, args)?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().context("podapp stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if !line.starts_with("listening") {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("podapp {args:?} did not start: {line:?}");
+        }
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                sink.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(line);
+            }
+        });
+        Ok(Self { child, lines })
+    }
+
+    /// The connections the server has seen end, in order.
+    pub fn endings(&self) -> Vec<Ending> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(|line| Ending::parse(line))
+            .collect()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How one connection ended, as a podapp side saw it: bytes read (or sent) and `eof`,
+/// `reset`, `done` or `error:…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ending {
+    pub bytes: u64,
+    pub how: String,
+}
+
+impl Ending {
+    fn parse(line: &str) -> Option<Self> {
+        let rest = line.strip_prefix("ended ")?;
+        let field = |name: &str| {
+            rest.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        };
+        Some(Self {
+            bytes: field("bytes")?.parse().ok()?,
+            how: field("how")?.to_owned(),
+        })
+    }
+}
+
+/// Runs a podapp client (`fetch …`, `push …`) in a pod to its end.
+pub fn run_client(netns: &Path, cgroup: &Path, args: &[String]) -> Result<Ending> {
+    let (mut cmd, _files) = command_in(netns, cgroup, args)?;
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let out = wait_with_timeout(child, Duration::from_secs(120))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout.lines().find_map(Ending::parse).with_context(|| {
+        format!(
+            "podapp {args:?} reported no ending: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// One connection as the client saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnResult {

@@ -14,8 +14,9 @@ use super::{
     SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
 };
 use crate::{
+    ending,
     identity::{Identity, san},
-    splice::{Ended, Revoked},
+    splice::{How, Revoked},
     telemetry::{Outcome, Report},
     tls,
 };
@@ -174,7 +175,13 @@ async fn handle_stream(
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
         Err(error) => {
-            tracing::info!(%error, "HBONE tunnel gone before it was answered");
+            // The application was connected: it is reset (armed), and the report says so.
+            report.close(
+                Outcome::Reset(format!("tunnel gone before it was answered: {error}")),
+                0,
+                0,
+                "HBONE tunnel reset",
+            );
             return;
         }
     };
@@ -185,24 +192,20 @@ async fn handle_stream(
     let stream = H2Stream::new(send, request.into_body());
     let _ = upstream.set_nodelay(true);
     let ended = stream.splice(&mut upstream, revoked).await;
-    match ended {
-        // The application is `a`: what it sent is the response.
-        Ended::Closed { a_to_b, b_to_a } => {
-            report.close(Outcome::Closed, b_to_a, a_to_b, "HBONE tunnel closed")
-        }
-        Ended::Reset(error) => report.close(
-            Outcome::Reset(error.to_string()),
-            0,
-            0,
-            "HBONE tunnel reset",
-        ),
-        Ended::Revoked(reason) => report.close(
-            Outcome::Revoked(reason),
-            0,
-            0,
-            "HBONE tunnel closed by policy",
-        ),
-    }
+    // The application is `a`: what it sent is the response. Unless both directions ended
+    // cleanly, the stream was reset (RST_STREAM) and the application is reset too.
+    ending::settle(&ended, &[&upstream]);
+    let message = match ended.how {
+        How::Closed => "HBONE tunnel closed",
+        How::Reset(_) => "HBONE tunnel reset",
+        How::Revoked(_) => "HBONE tunnel closed by policy",
+    };
+    report.close(
+        Outcome::from(ended.how),
+        ended.b_to_a,
+        ended.a_to_b,
+        message,
+    );
 }
 
 /// Checks the CONNECT itself: method and authority. Where it may go is the target's call.

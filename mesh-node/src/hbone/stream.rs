@@ -21,7 +21,7 @@ use tokio::{
 };
 use tokio_util::io::poll_read_buf;
 
-use crate::splice::{COPY_BUFFER_INITIAL, COPY_BUFFER_MAX, Ended, Revoked, until_revoked};
+use crate::splice::{COPY_BUFFER_INITIAL, COPY_BUFFER_MAX, Ended, Relay, Revoked, run};
 
 /// An HBONE tunnel's bytes. `lease` is held for the tunnel's life (the pool counts it).
 pub struct H2Stream {
@@ -53,31 +53,70 @@ impl H2Stream {
 impl H2Stream {
     /// Joins the tunnel with `socket` until both directions end, one fails, or `revoked`
     /// resolves. In the result, `a` is the socket and `b` the tunnel: `a_to_b` counts the bytes
-    /// sent into the tunnel. EOF on either side is passed on as the other's end of writing.
+    /// sent into the tunnel. EOF on either side is passed on as the other's end of writing; any
+    /// other end resets the stream (RST_STREAM CANCEL), so the far side sees a reset, not an
+    /// end of stream. Resetting the socket is the caller's (it owns the socket's linger).
     pub async fn splice(mut self, socket: &mut TcpStream, revoked: Option<Revoked>) -> Ended {
-        let (mut reader, mut writer) = socket.split();
-        let (send, recv) = (&mut self.send, &mut self.recv);
-        let mut upload = Upload::new();
-        let mut download = Download::default();
-        let (mut uploaded, mut downloaded) = (None, None);
-        let copy = std::future::poll_fn(|cx| {
-            if uploaded.is_none()
-                && let Poll::Ready(result) = upload.poll(cx, &mut reader, send)
-            {
-                uploaded = Some(result?);
-                upload = Upload::new();
-            }
-            if downloaded.is_none()
-                && let Poll::Ready(result) = download.poll(cx, recv, &mut writer)
-            {
-                downloaded = Some(result?);
-            }
-            match (uploaded, downloaded) {
-                (Some(up), Some(down)) => Poll::Ready(Ok::<_, io::Error>((up, down))),
-                _ => Poll::Pending,
-            }
-        });
-        until_revoked(copy, revoked).await
+        let ended = {
+            let (reader, writer) = socket.split();
+            let relay = Spliced {
+                reader,
+                writer,
+                send: &mut self.send,
+                recv: &mut self.recv,
+                upload: Upload::new(),
+                download: Download::default(),
+                uploaded: None,
+                downloaded: None,
+            };
+            run(relay, revoked).await
+        };
+        if !ended.is_clean() {
+            self.send.send_reset(h2::Reason::CANCEL);
+        }
+        ended
+    }
+}
+
+/// A tunnel joined to a socket: the socket's halves and the stream's.
+struct Spliced<'a, R, W> {
+    reader: R,
+    writer: W,
+    send: &'a mut SendStream<Bytes>,
+    recv: &'a mut RecvStream,
+    upload: Upload,
+    download: Download,
+    /// Bytes of a finished direction (its buffer let go).
+    uploaded: Option<u64>,
+    downloaded: Option<u64>,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Relay for Spliced<'_, R, W> {
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.uploaded.is_none()
+            && let Poll::Ready(result) = self.upload.poll(cx, &mut self.reader, self.send)
+        {
+            self.uploaded = Some(result?);
+            // The buffer is freed now, not when the other direction ends.
+            self.upload = Upload::new();
+        }
+        if self.downloaded.is_none()
+            && let Poll::Ready(result) = self.download.poll(cx, self.recv, &mut self.writer)
+        {
+            self.downloaded = Some(result?);
+        }
+        if self.uploaded.is_some() && self.downloaded.is_some() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn moved(&self) -> (u64, u64) {
+        (
+            self.uploaded.unwrap_or(self.upload.copied),
+            self.downloaded.unwrap_or(self.download.copied),
+        )
     }
 }
 
@@ -302,6 +341,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::splice::How;
 
     /// One CONNECT stream over an h2 connection in memory: the client's end and the server's.
     async fn tunnel_pair() -> (H2Stream, H2Stream) {
@@ -365,10 +405,9 @@ mod tests {
 
         assert!(server.await.unwrap() == upload, "upload arrived intact");
         assert!(answer == pattern(300_000, 241), "answer arrived intact");
-        match spliced.await.unwrap() {
-            Ended::Closed { a_to_b, b_to_a } => assert_eq!((a_to_b, b_to_a), (3 << 20, 300_000)),
-            other => panic!("{other:?}"),
-        }
+        let ended = spliced.await.unwrap();
+        assert!(ended.is_clean(), "{ended:?}");
+        assert_eq!((ended.a_to_b, ended.b_to_a), (3 << 20, 300_000));
     }
 
     /// The far side resetting the stream ends the splice as a reset, not a clean close.
@@ -378,11 +417,50 @@ mod tests {
         let (mut app, mut proxy) = socket_pair().await;
         let spliced = tokio::spawn(async move { tunnel.splice(&mut proxy, None).await });
         app.write_all(b"hello").await.unwrap();
+        let mut hello = [0u8; 5];
+        far.read_exact(&mut hello).await.unwrap();
         far.send.send_reset(h2::Reason::CANCEL);
         let ended = tokio::time::timeout(std::time::Duration::from_secs(10), spliced);
-        match ended.await.expect("the reset ends the splice").unwrap() {
-            Ended::Reset(error) => assert_eq!(error.kind(), io::ErrorKind::ConnectionReset),
+        let ended = ended.await.expect("the reset ends the splice").unwrap();
+        match &ended.how {
+            How::Reset(error) => assert_eq!(error.kind(), io::ErrorKind::ConnectionReset),
             other => panic!("{other:?}"),
         }
+        assert_eq!(
+            ended.a_to_b, 5,
+            "the bytes moved before the reset are counted"
+        );
+    }
+
+    /// The application resetting its socket resets the stream: the far side reads an error,
+    /// never a clean end of stream, even after every byte sent so far.
+    #[tokio::test]
+    async fn a_reset_socket_resets_the_stream_at_the_far_side() {
+        let (tunnel, mut far) = tunnel_pair().await;
+        let (app, mut proxy) = socket_pair().await;
+        let spliced = tokio::spawn(async move { tunnel.splice(&mut proxy, None).await });
+        let mut app = app;
+        app.write_all(&[9u8; 4000]).await.unwrap();
+        let mut got = vec![0u8; 4000];
+        far.read_exact(&mut got).await.unwrap();
+        socket2::SockRef::from(&app)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(app);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), spliced)
+            .await
+            .expect("the socket's reset ends the splice")
+            .unwrap();
+        assert!(matches!(ended.how, How::Reset(_)), "{ended:?}");
+        assert_eq!(ended.a_to_b, 4000);
+        let mut rest = Vec::new();
+        let error = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            far.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the far side learns of it")
+        .expect_err("a reset stream is not a clean end");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{error}");
     }
 }

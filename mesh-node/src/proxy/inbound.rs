@@ -166,11 +166,15 @@ pub async fn deliver(
     // The socket is made in the destination pod and connects to the pod's own address:
     // sk_lookup lets `remote == local` through to the application's listener.
     match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
-        Ok(stream) => Ok(Delivered {
-            stream,
-            revocation,
-            report,
-        }),
+        Ok(stream) => {
+            // The application is reset unless the connection ends cleanly (see `ending`).
+            crate::ending::arm(&stream);
+            Ok(Delivered {
+                stream,
+                revocation,
+                report,
+            })
+        }
         Err(error) => {
             let refusal = Refusal {
                 status: StatusCode::SERVICE_UNAVAILABLE,

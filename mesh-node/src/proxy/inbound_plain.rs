@@ -12,8 +12,9 @@ use super::{
     inbound::{self, Delivered},
 };
 use crate::{
+    ending,
     enroll::Pod,
-    splice::{Ended, splice},
+    splice::{How, splice},
     telemetry::Outcome,
 };
 
@@ -34,6 +35,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
 }
 
 async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
+    // Reset unless it ends cleanly (see `ending`).
+    ending::arm(&client);
     let dst: SocketAddr = match client.local_addr() {
         Ok(addr) => SocketAddr::new(addr.ip().to_canonical(), addr.port()),
         Err(error) => {
@@ -42,7 +45,7 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         }
     };
     if !pod.owns(dst.ip()) {
-        tracing::warn!(%dst, "inbound plaintext connection for an address the pod does not have; closing it");
+        tracing::warn!(%dst, "inbound plaintext connection for an address the pod does not have; resetting it");
         return;
     }
     tracing::debug!(%dst, "inbound plaintext connection captured");
@@ -59,18 +62,15 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         source_ip: peer.ip(),
         destination: dst,
     };
-    let Delivered {
+    // A refusal resets the client (it is armed): it must not mistake a refusal for an empty
+    // answer. `deliver` reported why.
+    let Ok(Delivered {
         stream: mut upstream,
         revocation,
         report,
-    } = match inbound::deliver(&ctx, conn, peer, None).await {
-        Ok(delivered) => delivered,
-        Err(_) => {
-            // A reset, not a clean close: the client must not mistake a refusal for an
-            // empty answer. `deliver` reported why.
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            return;
-        }
+    }) = inbound::deliver(&ctx, conn, peer, None).await
+    else {
+        return;
     };
     let _ = client.set_nodelay(true);
     let ended = splice(
@@ -79,27 +79,16 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         Some(Box::pin(revocation.wait())),
     )
     .await;
-    match ended {
-        Ended::Closed { a_to_b, b_to_a } => report.close(
-            Outcome::Closed,
-            a_to_b,
-            b_to_a,
-            "inbound plaintext connection closed",
-        ),
-        Ended::Reset(error) => report.close(
-            Outcome::Reset(error.to_string()),
-            0,
-            0,
-            "inbound plaintext connection reset",
-        ),
-        Ended::Revoked(reason) => {
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            report.close(
-                Outcome::Revoked(reason),
-                0,
-                0,
-                "inbound plaintext connection closed by policy",
-            )
-        }
-    }
+    ending::settle(&ended, &[&client, &upstream]);
+    let message = match ended.how {
+        How::Closed => "inbound plaintext connection closed",
+        How::Reset(_) => "inbound plaintext connection reset",
+        How::Revoked(_) => "inbound plaintext connection closed by policy",
+    };
+    report.close(
+        Outcome::from(ended.how),
+        ended.a_to_b,
+        ended.b_to_a,
+        message,
+    );
 }

@@ -16,13 +16,14 @@ use super::{
 };
 use crate::{
     dataplane::kernel_ip,
+    ending,
     enroll::Pod,
     hbone::{
         H2Stream,
         client::{ConnectHeaders, Connection},
         pool::PoolKey,
     },
-    splice::{Ended, Revoked, splice},
+    splice::{How, Revoked, splice},
     state::Destination,
     telemetry::{Addresses, CONNECT_FAILED, Outcome, Peer, Report, Reporter},
 };
@@ -61,12 +62,14 @@ fn route(ctx: &ProxyContext, pod: &Pod, dst: SocketAddr) -> Route<Arc<Pod>> {
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
+    // From here on, any end but a clean one resets the application (see `ending`): it was
+    // already told its connect succeeded, and must not mistake a failure for an empty answer.
+    ending::arm(&client);
     let Some(orig) = ctx
         .dataplane
         .take_original_dst(pod.netns_cookie, peer.port())
     else {
         tracing::warn!("no original destination recorded for this connection; resetting it");
-        reset(&client);
         return;
     };
     let original = original_destination(&orig);
@@ -123,6 +126,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
             report.delivered_to(dst);
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
                 Ok(upstream) => {
+                    ending::arm(&upstream);
                     return relay(client, Upstream::Socket(upstream), None, report, None).await;
                 }
                 Err(error) => (
@@ -134,7 +138,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         }
         Route::Refused(reason) => (CONNECT_FAILED, reason, "outbound connection refused"),
     };
-    reset(&client);
+    // Dropping the armed client resets it.
     report.close(Outcome::Failed { flags, reason }, 0, 0, message);
 }
 
@@ -188,12 +192,6 @@ fn open_report(
         addrs,
         route.name(),
     )
-}
-
-/// Makes closing `client` send a reset: the application was already told its connect
-/// succeeded, and must not mistake a refusal for an empty answer.
-fn reset(client: &TcpStream) {
-    let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
 }
 
 /// The tunnel `tunnel` describes, on a pooled connection to its peer.
@@ -291,7 +289,8 @@ enum Upstream {
 }
 
 /// Relays until both directions end, then closes the report (and, for a same-node delivery,
-/// the destination side's report too: one mesh-node is both ends).
+/// the destination side's report too: one mesh-node is both ends). Unless both directions
+/// ended cleanly, both applications are reset (a tunnel is reset with RST_STREAM).
 async fn relay(
     mut client: TcpStream,
     upstream: Upstream,
@@ -300,32 +299,24 @@ async fn relay(
     inbound: Option<Report>,
 ) {
     let ended = match upstream {
-        Upstream::Socket(mut upstream) => splice(&mut client, &mut upstream, revoked).await,
-        Upstream::Tunnel(tunnel) => tunnel.splice(&mut client, revoked).await,
-    };
-    let (outcome, request, response, message) = match ended {
-        Ended::Closed { a_to_b, b_to_a } => (
-            Outcome::Closed,
-            a_to_b,
-            b_to_a,
-            "outbound connection closed",
-        ),
-        Ended::Reset(error) => (
-            Outcome::Reset(error.to_string()),
-            0,
-            0,
-            "outbound connection reset",
-        ),
-        Ended::Revoked(reason) => {
-            reset(&client);
-            (
-                Outcome::Revoked(reason),
-                0,
-                0,
-                "outbound connection closed by policy",
-            )
+        Upstream::Socket(mut upstream) => {
+            let ended = splice(&mut client, &mut upstream, revoked).await;
+            ending::settle(&ended, &[&client, &upstream]);
+            ended
+        }
+        Upstream::Tunnel(tunnel) => {
+            let ended = tunnel.splice(&mut client, revoked).await;
+            ending::settle(&ended, &[&client]);
+            ended
         }
     };
+    let message = match ended.how {
+        How::Closed => "outbound connection closed",
+        How::Reset(_) => "outbound connection reset",
+        How::Revoked(_) => "outbound connection closed by policy",
+    };
+    let (request, response) = (ended.a_to_b, ended.b_to_a);
+    let outcome = Outcome::from(ended.how);
     if let Some(inbound) = inbound {
         inbound.close(outcome.clone(), request, response, "local delivery closed");
     }

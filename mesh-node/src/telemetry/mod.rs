@@ -97,6 +97,17 @@ pub enum Outcome {
     Failed { flags: &'static str, reason: String },
 }
 
+impl From<crate::splice::How> for Outcome {
+    fn from(how: crate::splice::How) -> Self {
+        use crate::splice::How;
+        match how {
+            How::Closed => Self::Closed,
+            How::Reset(error) => Self::Reset(error.to_string()),
+            How::Revoked(reason) => Self::Revoked(reason),
+        }
+    }
+}
+
 /// The addresses of a connection, as the access log shows them.
 #[derive(Clone, Copy, Debug)]
 pub struct Addresses {

@@ -6,6 +6,17 @@
 //! `podapp connect ADDR BYTES CONNS [HOLD_MS]`: opens CONNS connections in parallel; on each,
 //! reads the server's line, waits HOLD_MS (default 0), sends BYTES of a fixed pattern, half-closes, and checks the echo is identical.
 //! Prints `ok local=… peer=… server_saw=… bytes=…` or `error conn=N …` per connection.
+//!
+//! For how connections end (all streams are the fixed pattern, checked by the reader):
+//! - `podapp source ADDR BYTES END`: server; sends BYTES to each client, then `fin` (half-close,
+//!   then wait for the client's end) or `reset` (wait 300 ms for the bytes to arrive, then
+//!   reset); BYTES `endless` streams until the connection breaks.
+//! - `podapp sink ADDR`: server; reads each connection to its end and prints
+//!   `ended peer=… bytes=N how=eof|reset|error:…`.
+//! - `podapp fetch ADDR`: client; reads to the end, prints `ended bytes=N how=…`.
+//! - `podapp push ADDR BYTES END`: client; sends BYTES (or `endless`), then `fin` (half-close,
+//!   wait for the server's end) or `reset` (after 300 ms); prints `ended bytes=N how=…` where
+//!   `how` is how sending ended (`done` when all was sent).
 use std::{
     env,
     io::{BufRead, BufReader, Read, Write},
@@ -26,7 +37,16 @@ fn main() -> ExitCode {
         ["serve", addr] => serve(addr),
         ["connect", addr, bytes, conns] => connect(addr, bytes, conns, "0"),
         ["connect", addr, bytes, conns, hold_ms] => connect(addr, bytes, conns, hold_ms),
-        _ => Err("usage: podapp serve ADDR | podapp connect ADDR BYTES CONNS [HOLD_MS]".to_owned()),
+        ["source", addr, bytes, end] => ending::source(addr, bytes, end),
+        ["sink", addr] => ending::sink(addr),
+        ["fetch", addr] => ending::fetch(addr),
+        ["push", addr, bytes, end] => ending::push(addr, bytes, end),
+        _ => Err(
+            "usage: podapp serve ADDR | podapp connect ADDR BYTES CONNS [HOLD_MS] | \
+                  podapp source ADDR BYTES fin|reset | podapp sink ADDR | podapp fetch ADDR | \
+                  podapp push ADDR BYTES fin|reset"
+                .to_owned(),
+        ),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -37,6 +57,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[path = "podapp/ending.rs"]
+mod ending;
 
 fn serve(addr: &str) -> Result<bool, String> {
     let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;

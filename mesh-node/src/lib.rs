@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod splice;
 pub mod state;
 pub mod telemetry;
+pub mod throttle;
 pub mod tls;
 pub mod xds;
 

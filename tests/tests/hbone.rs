@@ -532,3 +532,62 @@ async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> bool {
     .await
     .is_ok()
 }
+
+/// 2,000 junk connections to a pod's 15008 from outside the mesh: every one is refused and
+/// counted, and the log gets a handful of lines (one per source and reason per 10 s, saying how
+/// many were left out), so real lines are not pushed out.
+#[test]
+fn a_flood_of_junk_handshakes_is_counted_exactly_and_logged_sparingly() {
+    if !privileged() {
+        return;
+    }
+    let topo = topology();
+    let mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
+    let peer = SocketAddr::new(topo.pod("server").ip.into(), 15008);
+    const JUNK: usize = 2000;
+    hbone_client::run_in(&topo.pod("outsider").netns_path(), || async move {
+        let junk: Vec<u8> = (0..512u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..20 {
+            let junk = junk.clone();
+            tasks.spawn(async move {
+                for _ in (worker..JUNK).step_by(20) {
+                    let mut stream = TcpStream::connect(peer).await.unwrap();
+                    let _ = stream.write_all(&junk).await;
+                    assert!(read_until_closed(&mut stream, Duration::from_secs(10)).await);
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+    })
+    .expect("junk client");
+    let netns = topo.node("node2").netns_path();
+    let refused = || {
+        mesh_tests::http_probe::total(&netns, "mesh_hbone_handshakes_refused_total", &[])
+            .unwrap_or(0.0)
+    };
+    assert!(
+        wait_for(|| refused() >= JUNK as f64),
+        "refusals counted: {}",
+        refused()
+    );
+    assert_eq!(
+        refused(),
+        JUNK as f64,
+        "exactly one count per junk connection"
+    );
+    let lines = mesh2.log_lines_with(&["HBONE connection refused"]);
+    assert!(
+        (1..=5).contains(&lines.len()),
+        "{} lines for {JUNK} junk connections:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    assert!(
+        lines[0].contains("TLS handshake: received corrupt message"),
+        "{}",
+        lines[0]
+    );
+}

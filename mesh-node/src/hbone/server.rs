@@ -62,28 +62,79 @@ pub trait TunnelTarget: Send + Sync + 'static {
     fn open(&self, request: &TunnelRequest) -> OpenFuture;
 }
 
-/// Serves one HBONE connection until the peer closes it or keep-alive fails.
+/// Why a connection never became an HBONE connection. Anyone who can reach a pod's 15008 can
+/// cause one, so the caller logs them sparingly and counts them all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refused {
+    pub kind: RefusedKind,
+    /// What happened, for the log.
+    pub reason: String,
+}
+
+/// The kind of a [`Refused`], for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusedKind {
+    /// The TLS handshake failed (not TLS, a certificate refused, no certificate).
+    Tls,
+    /// The client certificate carries no usable workload identity.
+    Identity,
+    /// TLS succeeded but HTTP/2 did not.
+    Http2,
+    /// No handshake within the time allowed.
+    Timeout,
+}
+
+impl RefusedKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::Identity => "identity",
+            Self::Http2 => "http2",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// Serves one HBONE connection until the peer closes it or keep-alive fails; `Err` when it
+/// never got past the handshake.
 pub async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,
     target: Arc<dyn TunnelTarget>,
-) {
+) -> Result<(), Refused> {
     let _ = tcp.set_nodelay(true);
     let handshake = async {
+        let refused = |kind, reason| Refused { kind, reason };
         let tls = TlsAcceptor::from(config)
             .accept(tcp)
             .await
-            .map_err(|error| format!("TLS handshake: {}", tls::describe_io(&error)))?;
+            .map_err(|error| {
+                refused(
+                    RefusedKind::Tls,
+                    format!("TLS handshake: {}", tls::describe_io(&error)),
+                )
+            })?;
         let identity = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .ok_or_else(|| "TLS handshake: no client certificate".to_owned())
+            .ok_or_else(|| {
+                refused(
+                    RefusedKind::Tls,
+                    "TLS handshake: no client certificate".to_owned(),
+                )
+            })
             .and_then(|leaf| {
-                san::identity_of(leaf).map_err(|error| format!("client certificate: {error}"))
+                san::identity_of(leaf).map_err(|error| {
+                    refused(
+                        RefusedKind::Identity,
+                        format!("client certificate: {error}"),
+                    )
+                })
             })?;
         let connection = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -95,19 +146,21 @@ pub async fn serve_connection(
             .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
             .handshake::<_, Bytes>(tls)
             .await
-            .map_err(|error| format!("HTTP/2 handshake: {error}"))?;
-        Ok::<_, String>((identity, connection))
+            .map_err(|error| refused(RefusedKind::Http2, format!("HTTP/2 handshake: {error}")))?;
+        Ok::<_, Refused>((identity, connection))
     };
     let (identity, mut connection) = match tokio::time::timeout(handshake_timeout, handshake).await
     {
         Ok(Ok(established)) => established,
-        Ok(Err(reason)) => {
-            tracing::info!(%peer, %reason, "HBONE connection refused");
-            return;
-        }
+        Ok(Err(refused)) => return Err(refused),
         Err(_) => {
-            tracing::info!(%peer, timeout_ms = handshake_timeout.as_millis() as u64, "HBONE connection refused: handshake timed out");
-            return;
+            return Err(Refused {
+                kind: RefusedKind::Timeout,
+                reason: format!(
+                    "handshake timed out after {} ms",
+                    handshake_timeout.as_millis()
+                ),
+            });
         }
     };
     tracing::info!(%peer, peer_identity = %identity, "HBONE connection accepted");
@@ -130,16 +183,16 @@ pub async fn serve_connection(
                 }
                 Some(Err(error)) => {
                     tracing::info!(%peer, %error, "HBONE connection ended");
-                    return;
+                    return Ok(());
                 }
                 None => {
                     tracing::debug!(%peer, "HBONE connection closed by peer");
-                    return;
+                    return Ok(());
                 }
             },
             error = &mut keepalive => {
                 tracing::info!(%peer, %error, "HBONE connection dropped");
-                return;
+                return Ok(());
             }
         }
     }

@@ -1,6 +1,10 @@
 //! Traffic arriving for a pod on this node: HBONE tunnels on `<pod IP>:15008`, and the one way
 //! every path (HBONE, same-node, captured plaintext) reaches the application: [`deliver`].
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use http::StatusCode;
 use mesh_common::HBONE_PORT;
@@ -13,7 +17,7 @@ use super::{
 };
 use crate::{
     enroll::Pod,
-    hbone::server::{self, OpenFuture, Opened, Refusal, TunnelRequest, TunnelTarget},
+    hbone::server::{self, OpenFuture, Opened, Refusal, Refused, TunnelRequest, TunnelTarget},
     state::State,
     telemetry::{Addresses, CONNECT_FAILED, DENIED, Outcome, Peer, Report, Reporter},
 };
@@ -38,20 +42,44 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyCon
             let Some(certs) = &ctx.certs else { return };
             match certs.get(&pod.identity).await {
                 Ok(certified) => {
-                    server::serve_connection(
+                    let served = server::serve_connection(
                         tcp,
                         peer,
                         certified.server_config.clone(),
                         ctx.settings.handshake_timeout,
                         target,
                     )
-                    .await
+                    .await;
+                    if let Err(refused) = served {
+                        refused_handshake(&ctx, &pod, peer, &refused);
+                    }
                 }
                 Err(error) => {
-                    tracing::warn!(pod = %pod.spec, %peer, %error, "HBONE connection refused: no certificate for the pod")
+                    ctx.metrics.hbone_refused("no_certificate");
+                    let key = (peer.ip(), "no certificate for the pod".to_owned());
+                    if let Some(suppressed) = ctx.refusals.admit(key, Instant::now()) {
+                        tracing::warn!(pod = %pod.spec, %peer, %error, suppressed, "HBONE connection refused: no certificate for the pod");
+                    }
                 }
             }
         });
+    }
+}
+
+/// Counts a refused handshake, and logs it unless the same source was refused for the same
+/// reason within the last [`super::REFUSAL_LOG_WINDOW`] (the line then says how many were
+/// left out): whoever can reach 15008 can cause these, and must not flood the log.
+fn refused_handshake(ctx: &ProxyContext, pod: &Pod, peer: SocketAddr, refused: &Refused) {
+    ctx.metrics.hbone_refused(refused.kind.name());
+    let key = (peer.ip(), refused.reason.clone());
+    if let Some(suppressed) = ctx.refusals.admit(key, Instant::now()) {
+        tracing::info!(
+            pod = %pod.spec,
+            %peer,
+            reason = %refused.reason,
+            suppressed,
+            "HBONE connection refused"
+        );
     }
 }
 

@@ -20,7 +20,7 @@ use self::authorize::Live;
 
 use crate::{
     dataplane::Dataplane, enroll::Pod, hbone::pool::Pool, identity::CertManager, state::State,
-    telemetry::Metrics,
+    telemetry::Metrics, throttle::Throttle,
 };
 
 /// Timeouts of the data path.
@@ -65,7 +65,14 @@ pub struct ProxyContext {
     /// Open connections into local pods, re-authorized when policies change.
     pub live: Arc<Live>,
     pub metrics: Arc<Metrics>,
+    /// Which refused handshakes (by source address and reason) were logged lately.
+    pub refusals: Throttle<(IpAddr, String)>,
 }
+
+/// A source refused for one reason is logged at most once per window.
+pub const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+/// Sources (per reason) remembered at once; a flood from more shares one line.
+const REFUSAL_LOG_KEYS: usize = 1024;
 
 impl ProxyContext {
     pub fn new(
@@ -85,6 +92,7 @@ impl ProxyContext {
             pool: Pool::new(),
             settings,
             live: Arc::new(Live::default()),
+            refusals: Throttle::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_KEYS),
         }
     }
 

@@ -121,6 +121,12 @@ pub struct Metrics {
     rejected_shown: Mutex<HashSet<ResourceLabel>>,
     xds_connected: Gauge,
     certs: Family<ResultLabel, Gauge>,
+    hbone_refused: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 impl fmt::Debug for Metrics {
@@ -195,6 +201,12 @@ impl Metrics {
             "Workload certificates by state (valid, missing: not issued or expired)",
             certs.clone(),
         );
+        let hbone_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "mesh_hbone_handshakes_refused",
+            "Connections to a pod's 15008 refused before HBONE was established, by reason (tls, identity, http2, timeout, no_certificate); every one is counted, the log only samples them",
+            hbone_refused.clone(),
+        );
         let dataplane = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(KernelCounters(dataplane.clone())));
         Self {
@@ -210,6 +222,7 @@ impl Metrics {
             rejected_shown: Mutex::default(),
             xds_connected,
             certs,
+            hbone_refused,
         }
     }
 
@@ -273,6 +286,13 @@ impl Metrics {
             self.xds_rejected.get_or_create(&label).set(1);
             shown.insert(label);
         }
+    }
+
+    /// A connection to 15008 was refused before HBONE was up.
+    pub fn hbone_refused(&self, reason: &'static str) {
+        self.hbone_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn xds_connected(&self, up: bool) {

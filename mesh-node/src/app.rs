@@ -32,8 +32,12 @@ use crate::{
 };
 
 /// How often the HBONE pool looks for idle connections, and how long they may idle.
-const POOL_SWEEP: Duration = Duration::from_secs(30);
+const POOL_SWEEP: Duration = Duration::from_secs(15);
+/// How long a key's last idle HBONE connection is kept (as ztunnel's pool).
 const POOL_IDLE: Duration = Duration::from_secs(300);
+/// How long the other idle connections of a key (what a peak left) are kept: their memory is
+/// given back within about half a minute of the load ending.
+const POOL_SURPLUS_IDLE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -176,6 +180,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             );
             ctx.update_state(|state| local.apply(state));
         }
+        control.spawn(crate::memory::give_back_after_peaks());
         if let (Some(xds), Some(endpoint)) = (config.xds.clone(), xds_endpoint) {
             start_control_plane(&control, xds, endpoint, ctx.clone(), ready_tx);
         }
@@ -183,7 +188,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(POOL_SWEEP).await;
-                let evicted = sweeper.pool.evict(POOL_IDLE);
+                let evicted = sweeper.pool.evict(POOL_IDLE, POOL_SURPLUS_IDLE);
                 if evicted > 0 {
                     tracing::debug!(evicted, "idle HBONE connections closed");
                 }

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod inspect;
 pub mod istiod;
 pub mod logging;
+pub mod memory;
 pub mod netns;
 pub mod preflight;
 pub mod proxy;

@@ -50,6 +50,11 @@ pub struct Config {
     pub connrate_threads: usize,
     /// Open-connection counts at which mesh-node's resident memory is read.
     pub held: Vec<usize>,
+    /// The load peak after which memory must be given back: this many connections are
+    /// opened, then closed, and memory is read `after_peak` later.
+    pub peak: usize,
+    #[serde(serialize_with = "as_millis")]
+    pub after_peak: Duration,
     /// Extra `mesh-node run` arguments (experiments: `--workers 1`, …).
     pub mesh_args: Vec<String>,
     /// Paths and tests to run, and whether to measure memory (all, by default; fewer for
@@ -106,6 +111,8 @@ impl Config {
             latency_conns: 4,
             connrate_threads: 4,
             held: vec![1000, 10_000],
+            peak: 5000,
+            after_peak: Duration::from_secs(60),
             mesh_args: Vec::new(),
             routes: Route::ALL.to_vec(),
             tests: Test::ALL.to_vec(),
@@ -125,6 +132,8 @@ impl Config {
             latency_conns: 2,
             connrate_threads: 2,
             held: vec![20, 200],
+            peak: 200,
+            after_peak: Duration::from_secs(1),
             name: "datapath-smoke".into(),
             ..Self::full(out_dir)
         }
@@ -430,6 +439,21 @@ fn metric_defs(config: &Config) -> Vec<(String, String, &'static str, Compare)> 
             MeshOnly,
         ));
     }
+    defs.push((
+        "rss_peak".into(),
+        format!("mesh-node RSS, {} open connections (the peak)", config.peak),
+        "MiB",
+        MeshOnly,
+    ));
+    defs.push((
+        "rss_after_peak".into(),
+        format!(
+            "mesh-node RSS, {} s after the peak closed",
+            config.after_peak.as_secs_f64()
+        ),
+        "MiB",
+        MeshOnly,
+    ));
     defs
 }
 
@@ -583,6 +607,44 @@ impl Bench<'_> {
             found.samples.add(&format!("rss_{n}"), route, rss);
             held.close()?;
         }
+        // A fresh pair of processes for the peak, so that what the held counts above left
+        // behind does not count against it.
+        drop(meshes);
+        let n = self.config.peak;
+        if descriptors_needed(route, n) > open_files {
+            found.notes.push(format!(
+                "{}: the peak of {n} connections not measured (open-file limit {open_files})",
+                route.key()
+            ));
+            return Ok(());
+        }
+        let meshes = self.start_meshes()?;
+        thread::sleep(self.config.settle());
+        let held = self.hold(route, n)?;
+        if held.errors > 0 {
+            found.errors.push(format!(
+                "{}: {} of {n} peak connections failed",
+                route.key(),
+                held.errors
+            ));
+        }
+        thread::sleep(self.config.settle());
+        let at_peak = meshes.rss_mib(route)?;
+        found.samples.add("rss_peak", route, at_peak);
+        eprintln!(
+            "bench: {} peak of {n} open connections: {at_peak:.1} MiB (mesh-node pids {:?}); closing them",
+            route.key(),
+            meshes.pids(route)?
+        );
+        held.close()?;
+        thread::sleep(self.config.after_peak);
+        let after = meshes.rss_mib(route)?;
+        eprintln!(
+            "bench: {} with {n} open connections {at_peak:.1} MiB, {:.0} s after they closed {after:.1} MiB",
+            route.key(),
+            self.config.after_peak.as_secs_f64()
+        );
+        found.samples.add("rss_after_peak", route, after);
         Ok(())
     }
 

@@ -32,6 +32,8 @@ fn smoke_run_measures_every_path() {
         ("connect_p99", &Route::ALL[..]),
         ("exchange_p99", &Route::ALL[..]),
         ("rss_idle", &mesh[..]),
+        ("rss_peak", &mesh[..]),
+        ("rss_after_peak", &mesh[..]),
     ];
     let held: Vec<String> = config.held.iter().map(|n| format!("rss_{n}")).collect();
     expected.extend(held.iter().map(|k| (k.as_str(), &mesh[..])));

@@ -155,21 +155,38 @@ impl Pool {
         })
     }
 
-    /// Drops connections that are closed, or have carried no tunnel for `idle`. Returns how
-    /// many went.
-    pub fn evict(&self, idle: Duration) -> usize {
+    /// Drops connections that are closed or idle: of a key's idle connections, the one used
+    /// last stays until it has been idle for `idle` (so the next tunnel finds it warm); the
+    /// others, which a peak left behind, go once idle for `surplus_idle` (each holds TLS and
+    /// h2 state on both nodes). Returns how many went.
+    pub fn evict(&self, idle: Duration, surplus_idle: Duration) -> usize {
         let mut evicted = 0;
         let mut entries = self.lock();
         for entry in entries.values_mut() {
             let before = entry.connections.len();
-            entry.connections.retain(|pooled| {
-                let idle_for = pooled
-                    .idle_since
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .elapsed();
-                !pooled.connection.is_closed()
-                    && (pooled.active.load(Ordering::Acquire) > 0 || idle_for < idle)
+            entry
+                .connections
+                .retain(|pooled| !pooled.connection.is_closed());
+            let idle_since = |pooled: &Pooled| {
+                (pooled.active.load(Ordering::Acquire) == 0).then(|| {
+                    *pooled
+                        .idle_since
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                })
+            };
+            // The idle connection used last is the warm one.
+            let warm = entry
+                .connections
+                .iter()
+                .filter_map(|pooled| idle_since(pooled).map(|since| (since, pooled.id)))
+                .max()
+                .map(|(_, id)| id);
+            let now = Instant::now();
+            entry.connections.retain(|pooled| match idle_since(pooled) {
+                None => true,
+                Some(since) if Some(pooled.id) == warm => now.duration_since(since) < idle,
+                Some(since) => now.duration_since(since) < surplus_idle,
             });
             evicted += before - entry.connections.len();
         }
@@ -270,6 +287,83 @@ mod tests {
             1,
             "one attempt, not one per caller"
         );
+        assert_eq!(pool.connections(), 0);
+    }
+
+    /// A TLS + h2 server on loopback that accepts connections and keeps them; and a way to
+    /// connect to it as a client.
+    async fn loopback()
+    -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Connection, String>>>> {
+        use crate::{identity::file_ca::FileCa, tls::Tls};
+        let ttl = Duration::from_secs(3600);
+        let ca = FileCa::generate("cluster.local", ttl).unwrap();
+        let tls = Tls::new("cluster.local");
+        let server_id = Identity::new("cluster.local", "default", "server");
+        let server = tls.certified(&ca.issue(&server_id, ttl).unwrap()).unwrap();
+        let client = tls
+            .certified(
+                &ca.issue(&Identity::new("cluster.local", "default", "client"), ttl)
+                    .unwrap(),
+            )
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut h2) = h2::server::handshake(tls).await else {
+                        return;
+                    };
+                    while h2.accept().await.is_some() {}
+                });
+            }
+        });
+        let config = tls.client_config(&client, vec![server_id.into()]).unwrap();
+        move || {
+            let config = config.clone();
+            Box::pin(async move {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Connection::establish(tcp, addr, config)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    /// After a peak, a key's surplus idle connections go soon; the one used last stays warm
+    /// for the long idle time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn surplus_idle_connections_go_first_and_the_warm_one_stays() {
+        let connect = loopback().await;
+        let pool = Pool::new();
+        let mut leases = Vec::new();
+        for _ in 0..3 * STREAMS_PER_CONNECTION {
+            leases.push(pool.checkout(&key(), &connect).await.unwrap());
+        }
+        assert_eq!(pool.connections(), 3);
+        assert_eq!(pool.evict(Duration::ZERO, Duration::ZERO), 0, "all busy");
+        // The last connection's tunnels end last: it is the warm one.
+        let last = leases.last().unwrap().connection_id();
+        drop(leases);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            pool.evict(Duration::from_secs(3600), Duration::from_millis(10)),
+            2
+        );
+        assert_eq!(pool.connections(), 1);
+        let again = pool.checkout(&key(), &connect).await.unwrap();
+        assert!(!again.fresh, "the warm connection is reused");
+        assert_eq!(again.connection_id(), last);
+        drop(again);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(pool.evict(Duration::from_millis(10), Duration::ZERO), 1);
         assert_eq!(pool.connections(), 0);
     }
 }

@@ -175,7 +175,9 @@ pub async fn serve_connection(
         tokio::select! {
             next = connection.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    let span = tracing::info_span!("inbound", %peer, peer_identity = %identity);
+                    // At debug only: a span enabled per tunnel keeps a slot of the
+                    // subscriber's slab for every tunnel open at the peak, never given back.
+                    let span = tracing::debug_span!("inbound", %peer, peer_identity = %identity);
                     tokio::spawn(
                         handle_stream(request, respond, identity.clone(), peer, target.clone())
                             .instrument(span),
@@ -205,8 +207,9 @@ async fn handle_stream(
     peer: SocketAddr,
     target: Arc<dyn TunnelTarget>,
 ) {
+    let client = peer_identity.to_string();
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, refusal: Refusal| {
-        tracing::info!(status = refusal.status.as_u16(), reason = %refusal.reason, "HBONE tunnel refused");
+        tracing::info!(%peer, peer_identity = %client, status = refusal.status.as_u16(), reason = %refusal.reason, "HBONE tunnel refused");
         let response = Response::builder()
             .status(refusal.status)
             .body(())

@@ -23,7 +23,8 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let span = tracing::info_span!("inbound_plain", pod = %pod.spec, client = %peer);
+                // At debug only, as outbound's (a per-connection span's slot is never freed).
+                let span = tracing::debug_span!("inbound_plain", pod = %pod.spec, client = %peer);
                 tokio::spawn(handle(stream, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(error) => {
@@ -40,19 +41,19 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     let dst: SocketAddr = match client.local_addr() {
         Ok(addr) => SocketAddr::new(addr.ip().to_canonical(), addr.port()),
         Err(error) => {
-            tracing::info!(%error, "inbound plaintext connection lost before it was read");
+            tracing::info!(pod = %pod.spec, %error, "inbound plaintext connection lost before it was read");
             return;
         }
     };
     if !pod.owns(dst.ip()) {
-        tracing::warn!(%dst, "inbound plaintext connection for an address the pod does not have; resetting it");
+        tracing::warn!(pod = %pod.spec, %dst, "inbound plaintext connection for an address the pod does not have; resetting it");
         return;
     }
     tracing::debug!(%dst, "inbound plaintext connection captured");
     let peer = match client.peer_addr() {
         Ok(peer) => SocketAddr::new(peer.ip().to_canonical(), peer.port()),
         Err(error) => {
-            tracing::info!(%error, "inbound plaintext connection lost before it was read");
+            tracing::info!(pod = %pod.spec, %dst, %error, "inbound plaintext connection lost before it was read");
             return;
         }
     };

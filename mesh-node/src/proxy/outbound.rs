@@ -33,7 +33,13 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let span = tracing::info_span!("outbound", pod = %pod.spec, src_port = peer.port());
+                // At debug only: a span enabled for every connection keeps a slot of the
+                // subscriber's span slab, which is never given back, for each connection open at
+                // the peak (measured: same-node RSS 60 s after 5,000 connections closed, 33 MiB
+                // with it, 12 MiB, the idle figure, without). Lines at info name the pod and
+                // the port themselves, and the access line carries everything.
+                let span =
+                    tracing::debug_span!("outbound", pod = %pod.spec, src_port = peer.port());
                 tokio::spawn(handle(stream, peer, pod.clone(), ctx.clone()).instrument(span));
             }
             Err(error) => {
@@ -69,7 +75,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         .dataplane
         .take_original_dst(pod.netns_cookie, peer.port())
     else {
-        tracing::warn!("no original destination recorded for this connection; resetting it");
+        tracing::warn!(pod = %pod.spec, src_port = peer.port(), "no original destination recorded for this connection; resetting it");
         return;
     };
     let original = original_destination(&orig);

@@ -1,5 +1,5 @@
 //! `mesh-bench [--smoke] [--runs N] [--out DIR] [--name NAME] [--paths P,…] [--tests T,…]
-//! [--no-memory] [--mesh "ARGS"] [-- MESH_NODE_ARGS…]`: the data-path benchmark (see `mesh_tests::bench`).
+//! [--no-memory] [--after-peak SECS] [--mesh "ARGS"] [-- MESH_NODE_ARGS…]`: the data-path benchmark (see `mesh_tests::bench`).
 //! Prints the Markdown table on stdout, progress on stderr, and writes `DIR/NAME.json` and
 //! `DIR/NAME.md` (default `target/bench/datapath`). `--paths`, `--tests` and `--no-memory`
 //! narrow a run for quick experiments.
@@ -27,6 +27,7 @@ fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut smoke, mut runs, mut out, mut name) = (false, None, default_out, None);
     let (mut routes, mut tests, mut memory, mut mesh_args) = (None, None, true, Vec::new());
+    let mut after_peak = None;
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
@@ -54,11 +55,19 @@ fn run() -> Result<()> {
                 )
             }
             "--no-memory" => memory = false,
+            "--after-peak" => {
+                let secs = value()?;
+                after_peak = Some(std::time::Duration::from_secs(
+                    secs.parse()
+                        .with_context(|| format!("--after-peak {secs:?}"))?,
+                ));
+            }
             "--mesh" => mesh_args.extend(value()?.split_whitespace().map(str::to_owned)),
             "--" => mesh_args.extend(args.by_ref()),
             other => bail!(
                 "unknown argument {other:?}; usage: mesh-bench [--smoke] [--runs N] [--out DIR] \
-                 [--name NAME] [--paths P,…] [--tests T,…] [--no-memory] [--mesh \"ARGS\"] \
+                 [--name NAME] [--paths P,…] [--tests T,…] [--no-memory] [--after-peak SECS] \
+                 [--mesh \"ARGS\"] \
                  [-- MESH_NODE_ARGS…]"
             ),
         }
@@ -73,6 +82,7 @@ fn run() -> Result<()> {
     config.routes = routes.unwrap_or(config.routes);
     config.tests = tests.unwrap_or(config.tests);
     config.memory = memory;
+    config.after_peak = after_peak.unwrap_or(config.after_peak);
     config.mesh_args = mesh_args;
     let report = bench::run(&config)?;
     print!("{}", bench::markdown(&report));

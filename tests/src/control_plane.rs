@@ -34,6 +34,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use crate::netns_server::SERVER_NAME;
 
+/// Where [`ControlPlane::on_node1`] listens: node1's address on the link between the nodes.
+pub const ADDRESS: &str = "198.19.0.1:15012";
+
 /// What clients told the control plane.
 #[derive(Debug, Default, Clone)]
 pub struct Seen {
@@ -132,6 +135,26 @@ impl ControlPlane {
             store,
             server: NetnsServer::start(netns, addr, ca_dir, serve)?,
         })
+    }
+
+    /// Starts serving where the scenarios expect it: node1's address on the link between the
+    /// nodes ([`ADDRESS`]), inside node1, with the topology's CA.
+    pub fn on_node1(topo: &Topology) -> Self {
+        Self::start(
+            &topo.node("node1").netns_path(),
+            ADDRESS
+                .parse()
+                .unwrap_or_else(|_| unreachable!("constant address")),
+            &topo.ca_dir(),
+        )
+        .expect("start the test control plane")
+    }
+
+    /// Puts the workload of each `(pod, node)` ([`pod_workload`]), one response each.
+    pub fn put_pods(&self, topo: &Topology, pods: &[(&str, &str)]) {
+        for (pod, node) in pods {
+            self.put_workload(pod_workload(topo, pod, node));
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -182,15 +182,15 @@ async fn serve(
         let next = authority.parse().ok().and_then(|a| forward(a));
         let (tls, certified) = (tls.clone(), certified.clone());
         tokio::spawn(async move {
+            let unavailable = |mut respond: h2::server::SendResponse<_>| {
+                let answer = Response::builder()
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(())
+                    .unwrap_or_default();
+                let _ = respond.send_response(answer, true);
+            };
             let Some((target, expected)) = next else {
-                let _ = respond.send_response(
-                    Response::builder()
-                        .status(StatusCode::SERVICE_UNAVAILABLE)
-                        .body(())
-                        .unwrap_or_default(),
-                    true,
-                );
-                return;
+                return unavailable(respond);
             };
             let upstream = async {
                 let peer = SocketAddr::new(target.ip(), 15008);
@@ -202,18 +202,8 @@ async fn serve(
                     .await?;
                 anyhow::Ok((connection, stream))
             };
-            let (_connection, mut upstream) = match upstream.await {
-                Ok(parts) => parts,
-                Err(_) => {
-                    let _ = respond.send_response(
-                        Response::builder()
-                            .status(StatusCode::SERVICE_UNAVAILABLE)
-                            .body(())
-                            .unwrap_or_default(),
-                        true,
-                    );
-                    return;
-                }
+            let Ok((_connection, mut upstream)) = upstream.await else {
+                return unavailable(respond);
             };
             let Ok(send) = respond.send_response(Response::new(()), false) else {
                 return;

@@ -13,7 +13,6 @@ use mesh_tests::{
 
 const PORT: u16 = 8080;
 const OTHER_PORT: u16 = 9090;
-const CONTROL_PLANE: &str = "198.19.0.1:15012";
 
 /// node1: `server` (default) and `neighbor` (frontend); node2: `alice` (frontend), `bob`
 /// (backend), and `outsider`, which is not in the mesh and reaches `server` in plaintext.
@@ -45,21 +44,17 @@ impl Mesh {
             },
         ])
         .expect("build topology");
-        let plane = ControlPlane::start(
-            &topo.node("node1").netns_path(),
-            CONTROL_PLANE.parse().unwrap(),
-            &topo.ca_dir(),
-        )
-        .expect("start control plane");
-        for (pod, node) in [
-            ("server", "node1"),
-            ("neighbor", "node1"),
-            ("alice", "node2"),
-            ("bob", "node2"),
-            ("outsider", "node2"),
-        ] {
-            plane.put_workload(pod_workload(&topo, pod, node));
-        }
+        let plane = ControlPlane::on_node1(&topo);
+        plane.put_pods(
+            &topo,
+            &[
+                ("server", "node1"),
+                ("neighbor", "node1"),
+                ("alice", "node2"),
+                ("bob", "node2"),
+                ("outsider", "node2"),
+            ],
+        );
         let servers = vec![topo.serve("server", PORT), topo.serve("server", OTHER_PORT)];
         let node1 = plane.start_mesh_node(&topo, "node1");
         let node2 = plane.start_mesh_node(&topo, "node2");
@@ -92,6 +87,11 @@ impl Mesh {
 
     fn applied(&self) -> usize {
         self.node1.log_lines_with(&["xDS update applied"]).len()
+    }
+
+    /// Pushes the policy `default/gate` with one rule of `m`, and waits until node1 applied it.
+    fn gate(&self, action: pb::Action, m: pb::Match) {
+        self.push(|plane| plane.put_policy(policy("gate", action, vec![m])));
     }
 
     /// Pushes `change` and waits until node1 has applied it.
@@ -163,16 +163,13 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
     );
 
     // DENY by principal: only alice is refused, with a 401 her node logs.
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Deny,
-            vec![pb::Match {
-                principals: vec![exact("cluster.local/ns/frontend/sa/alice")],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Deny,
+        pb::Match {
+            principals: vec![exact("cluster.local/ns/frontend/sa/alice")],
+            ..Default::default()
+        },
+    );
     assert_eq!(
         mesh.who_reaches(&CLIENTS, PORT),
         names(&["bob", "neighbor", "outsider"])
@@ -212,16 +209,13 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
 
     // ALLOW by namespace only: backend passes; frontend pods (across nodes or on the same
     // node) and plaintext clients (no namespace) do not.
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Allow,
-            vec![pb::Match {
-                namespaces: vec![exact("backend")],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Allow,
+        pb::Match {
+            namespaces: vec![exact("backend")],
+            ..Default::default()
+        },
+    );
     assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
     // So is a refused same-node or plaintext connection.
     assert_reset(&mesh, "neighbor");
@@ -230,32 +224,26 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
     // ALLOW by source address: alice's address (carried by her node in `forwarded`) and the
     // plaintext outsider's.
     let (alice, outsider) = (mesh.cidr("alice"), mesh.cidr("outsider"));
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Allow,
-            vec![pb::Match {
-                source_ips: vec![alice, outsider],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Allow,
+        pb::Match {
+            source_ips: vec![alice, outsider],
+            ..Default::default()
+        },
+    );
     assert_eq!(
         mesh.who_reaches(&CLIENTS, PORT),
         names(&["alice", "outsider"])
     );
 
     // DENY by destination port: 9090 is closed to everyone, 8080 stays open.
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Deny,
-            vec![pb::Match {
-                destination_ports: vec![u32::from(OTHER_PORT)],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Deny,
+        pb::Match {
+            destination_ports: vec![u32::from(OTHER_PORT)],
+            ..Default::default()
+        },
+    );
     assert_eq!(mesh.who_reaches(&CLIENTS, OTHER_PORT), Vec::<String>::new());
     assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&CLIENTS));
 
@@ -296,16 +284,13 @@ fn service_account_policies_match_the_callers_verified_account_on_every_path() {
     let mesh = Mesh::start();
 
     // DENY alice's account: alice (HBONE from node2) is refused, everyone else passes.
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Deny,
-            vec![pb::Match {
-                service_accounts: vec![account("frontend", "alice")],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Deny,
+        pb::Match {
+            service_accounts: vec![account("frontend", "alice")],
+            ..Default::default()
+        },
+    );
     assert_eq!(
         mesh.who_reaches(&CLIENTS, PORT),
         names(&["bob", "neighbor", "outsider"]),
@@ -314,31 +299,25 @@ fn service_account_policies_match_the_callers_verified_account_on_every_path() {
     );
 
     // DENY an account on a port: a client without identity is not that account.
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Deny,
-            vec![pb::Match {
-                service_accounts: vec![account("default", "attacker")],
-                destination_ports: vec![u32::from(PORT)],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Deny,
+        pb::Match {
+            service_accounts: vec![account("default", "attacker")],
+            destination_ports: vec![u32::from(PORT)],
+            ..Default::default()
+        },
+    );
     assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&CLIENTS));
 
     // ALLOW two accounts: bob (HBONE) and neighbor (same node) pass; alice, and the plaintext
     // outsider who has no account, are refused with a reset.
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Allow,
-            vec![pb::Match {
-                service_accounts: vec![account("backend", "bob"), account("frontend", "neighbor")],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Allow,
+        pb::Match {
+            service_accounts: vec![account("backend", "bob"), account("frontend", "neighbor")],
+            ..Default::default()
+        },
+    );
     assert_eq!(
         mesh.who_reaches(&CLIENTS, PORT),
         names(&["bob", "neighbor"])
@@ -346,16 +325,13 @@ fn service_account_policies_match_the_callers_verified_account_on_every_path() {
     assert_reset(&mesh, "outsider");
 
     // DENY everyone but bob's account (not_service_accounts, field 12).
-    mesh.push(|plane| {
-        plane.put_policy(policy(
-            "gate",
-            pb::Action::Deny,
-            vec![pb::Match {
-                not_service_accounts: vec![account("backend", "bob")],
-                ..Default::default()
-            }],
-        ))
-    });
+    mesh.gate(
+        pb::Action::Deny,
+        pb::Match {
+            not_service_accounts: vec![account("backend", "bob")],
+            ..Default::default()
+        },
+    );
     assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
 }
 

@@ -7,13 +7,12 @@ use std::{net::SocketAddr, path::Path, thread, time::Duration};
 
 use mesh_tests::{
     MeshNode, NodeSpec, PodSpec, Topology,
-    control_plane::{ControlPlane, eventually, pod_workload},
+    control_plane::{ControlPlane, eventually},
     http_probe,
     podapp::{self, Ending, Recorder},
     privileged,
 };
 
-const CONTROL_PLANE: &str = "198.19.0.1:15012";
 const BYTES: u64 = 300_000;
 /// `source BYTES reset`, `source BYTES fin`, `sink`, `source endless`.
 const RESETS: u16 = 9001;
@@ -43,20 +42,16 @@ impl Mesh {
             },
         ])
         .expect("build topology");
-        let plane = ControlPlane::start(
-            &topo.node("node1").netns_path(),
-            CONTROL_PLANE.parse().unwrap(),
-            &topo.ca_dir(),
-        )
-        .expect("start control plane");
-        for (pod, node) in [
-            ("client", "node1"),
-            ("near", "node1"),
-            ("server", "node2"),
-            ("outsider", "node2"),
-        ] {
-            plane.put_workload(pod_workload(&topo, pod, node));
-        }
+        let plane = ControlPlane::on_node1(&topo);
+        plane.put_pods(
+            &topo,
+            &[
+                ("client", "node1"),
+                ("near", "node1"),
+                ("server", "node2"),
+                ("outsider", "node2"),
+            ],
+        );
         let mut servers = Vec::new();
         for pod in ["near", "server", "outsider"] {
             for (port, args) in [

@@ -6,14 +6,12 @@ use std::{thread, time::Duration};
 
 use mesh_tests::{
     MeshNode, NodeSpec, PodSpec, Topology,
-    control_plane::{ControlPlane, pod_workload},
+    control_plane::ControlPlane,
     http_probe::{self, ADMIN, READINESS, sample},
     privileged, wait_for,
 };
 
 const PORT: u16 = 8080;
-/// node1's address on the link between the nodes; the control plane listens there.
-const CONTROL_PLANE: &str = "198.19.0.1:15012";
 const CONNS: usize = 5;
 const BYTES: usize = 100_000;
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
@@ -45,14 +43,8 @@ fn readiness_metrics_access_log_config_dump_and_log_level() {
         },
     ])
     .expect("build topology");
-    let mut plane = ControlPlane::start(
-        &topo.node("node1").netns_path(),
-        CONTROL_PLANE.parse().unwrap(),
-        &topo.ca_dir(),
-    )
-    .expect("start control plane");
-    plane.put_workload(pod_workload(&topo, "client", "node1"));
-    plane.put_workload(pod_workload(&topo, "server", "node2"));
+    let mut plane = ControlPlane::on_node1(&topo);
+    plane.put_pods(&topo, &[("client", "node1"), ("server", "node2")]);
     // The control plane is down when node1's mesh-node starts: it must not be ready.
     plane.stop();
     let mut args = plane.client_args(&topo, "node1");

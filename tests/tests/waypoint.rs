@@ -19,7 +19,6 @@ use mesh_tests::{
 };
 
 const PORT: u16 = 8080;
-const CONTROL_PLANE: &str = "198.19.0.1:15012";
 const ECHO: &str = "echo.default.svc.cluster.local";
 const ECHO_VIP: [u8; 4] = [10, 96, 0, 10];
 const WAYPOINT: &str = "waypoint.default.svc.cluster.local";
@@ -91,12 +90,7 @@ fn traffic_for_a_waypoint_goes_through_it_and_going_around_it_is_refused() {
         },
     ])
     .expect("build topology");
-    let plane = ControlPlane::start(
-        &topo.node("node1").netns_path(),
-        CONTROL_PLANE.parse().unwrap(),
-        &topo.ca_dir(),
-    )
-    .expect("start control plane");
+    let plane = ControlPlane::on_node1(&topo);
     let server_ip = topo.pod("server").ip;
     let server_addr = SocketAddr::from((server_ip, PORT));
     let vip = SocketAddr::from((ECHO_VIP, 80));

@@ -20,8 +20,6 @@ use mesh_tests::{
 const SERVICE: &str = "default/echo.default.svc.cluster.local";
 const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
 const TARGET_PORT: u16 = 8080;
-/// node1's address on the link between the nodes; the control plane listens there.
-const CONTROL_PLANE: &str = "198.19.0.1:15012";
 
 struct Mesh {
     topo: Topology,
@@ -47,12 +45,7 @@ impl Mesh {
             },
         ])
         .expect("build topology");
-        let plane = ControlPlane::start(
-            &topo.node("node1").netns_path(),
-            CONTROL_PLANE.parse().unwrap(),
-            &topo.ca_dir(),
-        )
-        .expect("start control plane");
+        let plane = ControlPlane::on_node1(&topo);
         let mut servers = Vec::new();
         for pod in node1_pods.iter().chain(node2_pods) {
             servers.push(topo.serve(pod, TARGET_PORT));

@@ -590,15 +590,7 @@ impl Bench<'_> {
                 ));
                 continue;
             }
-            let held = self.hold(route, n)?;
-            if held.errors > 0 {
-                found.errors.push(format!(
-                    "{}: {} of {n} held connections failed",
-                    route.key(),
-                    held.errors
-                ));
-            }
-            thread::sleep(self.config.settle());
+            let held = self.hold_counted(route, n, "held", found)?;
             let rss = meshes.rss_mib(route)?;
             eprintln!(
                 "bench: {} with {n} open connections: {rss:.1} MiB",
@@ -620,15 +612,7 @@ impl Bench<'_> {
         }
         let meshes = self.start_meshes()?;
         thread::sleep(self.config.settle());
-        let held = self.hold(route, n)?;
-        if held.errors > 0 {
-            found.errors.push(format!(
-                "{}: {} of {n} peak connections failed",
-                route.key(),
-                held.errors
-            ));
-        }
-        thread::sleep(self.config.settle());
+        let held = self.hold_counted(route, n, "peak", found)?;
         let at_peak = meshes.rss_mib(route)?;
         found.samples.add("rss_peak", route, at_peak);
         eprintln!(
@@ -800,6 +784,21 @@ impl Bench<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Holds `n` connections open on `route`, notes any that failed (as `what` connections),
+    /// and lets mesh-node settle.
+    fn hold_counted(&self, route: Route, n: usize, what: &str, found: &mut Found) -> Result<Held> {
+        let held = self.hold(route, n)?;
+        if held.errors > 0 {
+            found.errors.push(format!(
+                "{}: {} of {n} {what} connections failed",
+                route.key(),
+                held.errors
+            ));
+        }
+        thread::sleep(self.config.settle());
+        Ok(held)
     }
 
     fn hold(&self, route: Route, n: usize) -> Result<Held> {

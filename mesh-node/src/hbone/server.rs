@@ -16,7 +16,7 @@ use super::{
 use crate::{
     ending,
     identity::{Identity, san},
-    splice::{How, Revoked},
+    splice::Revoked,
     telemetry::{Outcome, Report},
     tls,
 };
@@ -251,17 +251,7 @@ async fn handle_stream(
     // The application is `a`: what it sent is the response. Unless both directions ended
     // cleanly, the stream was reset (RST_STREAM) and the application is reset too.
     ending::settle(&ended, &[&upstream]);
-    let message = match ended.how {
-        How::Closed => "HBONE tunnel closed",
-        How::Reset(_) => "HBONE tunnel reset",
-        How::Revoked(_) => "HBONE tunnel closed by policy",
-    };
-    report.close(
-        Outcome::from(ended.how),
-        ended.b_to_a,
-        ended.a_to_b,
-        message,
-    );
+    report.finish(&ended.how, ended.b_to_a, ended.a_to_b, "HBONE tunnel");
 }
 
 /// Checks the CONNECT itself: method and authority. Where it may go is the target's call.

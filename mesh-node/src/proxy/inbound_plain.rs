@@ -14,8 +14,7 @@ use super::{
 use crate::{
     ending,
     enroll::Pod,
-    splice::{How, splice},
-    telemetry::Outcome,
+    splice::splice,
 };
 
 /// Accepts captured plaintext connections until the task is aborted.
@@ -81,15 +80,10 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
     )
     .await;
     ending::settle(&ended, &[&client, &upstream]);
-    let message = match ended.how {
-        How::Closed => "inbound plaintext connection closed",
-        How::Reset(_) => "inbound plaintext connection reset",
-        How::Revoked(_) => "inbound plaintext connection closed by policy",
-    };
-    report.close(
-        Outcome::from(ended.how),
+    report.finish(
+        &ended.how,
         ended.a_to_b,
         ended.b_to_a,
-        message,
+        "inbound plaintext connection",
     );
 }

@@ -23,7 +23,7 @@ use crate::{
         client::{ConnectHeaders, Connection},
         pool::PoolKey,
     },
-    splice::{How, Revoked, splice},
+    splice::{Revoked, splice},
     state::Destination,
     telemetry::{Addresses, CONNECT_FAILED, Outcome, Peer, Report, Reporter},
 };
@@ -316,17 +316,11 @@ async fn relay(
             ended
         }
     };
-    let message = match ended.how {
-        How::Closed => "outbound connection closed",
-        How::Reset(_) => "outbound connection reset",
-        How::Revoked(_) => "outbound connection closed by policy",
-    };
     let (request, response) = (ended.a_to_b, ended.b_to_a);
-    let outcome = Outcome::from(ended.how);
     if let Some(inbound) = inbound {
-        inbound.close(outcome.clone(), request, response, "local delivery closed");
+        inbound.finish(&ended.how, request, response, "local delivery");
     }
-    report.close(outcome, request, response, message);
+    report.finish(&ended.how, request, response, "outbound connection");
 }
 
 /// The socket address the application asked for. IPv4-mapped IPv6 destinations become IPv4.

@@ -12,7 +12,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 pub use metrics::{Metrics, TcpLabels};
 
-use crate::{enroll::Pod, identity::Identity, state::Workload};
+use crate::{enroll::Pod, identity::Identity, splice::How, state::Workload};
 
 /// Which side of the connection reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,13 +97,12 @@ pub enum Outcome {
     Failed { flags: &'static str, reason: String },
 }
 
-impl From<crate::splice::How> for Outcome {
-    fn from(how: crate::splice::How) -> Self {
-        use crate::splice::How;
+impl From<&How> for Outcome {
+    fn from(how: &How) -> Self {
         match how {
             How::Closed => Self::Closed,
             How::Reset(error) => Self::Reset(error.to_string()),
-            How::Revoked(reason) => Self::Revoked(reason),
+            How::Revoked(reason) => Self::Revoked(reason.clone()),
         }
     }
 }
@@ -120,8 +119,11 @@ pub struct Addresses {
     pub dst: Option<SocketAddr>,
 }
 
-/// An open connection's report; [`Report::close`] finishes it.
+/// An open connection's report; [`Report::close`] (or [`Report::finish`]) finishes it. A report
+/// dropped unfinished (a path that forgot it, a panic) closes itself as a reset, so opened and
+/// closed counts always agree and every connection has its access line.
 pub struct Report {
+    finished: bool,
     metrics: Arc<Metrics>,
     reporter: Reporter,
     labels: TcpLabels,
@@ -156,6 +158,7 @@ impl Report {
         );
         metrics.opened(&labels);
         Self {
+            finished: false,
             metrics: metrics.clone(),
             reporter,
             labels,
@@ -174,6 +177,22 @@ impl Report {
     /// bytes (server to client), and writes its access-log line, `message` being what the line
     /// says happened.
     pub fn close(mut self, outcome: Outcome, request: u64, response: u64, message: &str) {
+        self.write(outcome, request, response, message);
+    }
+
+    /// Closes the report of a relayed connection by how it ended: `what` names the connection
+    /// ("outbound connection"), and the line says `closed`, `reset` or `closed by policy`.
+    pub fn finish(self, how: &How, request: u64, response: u64, what: &str) {
+        let message = match how {
+            How::Closed => format!("{what} closed"),
+            How::Reset(_) => format!("{what} reset"),
+            How::Revoked(_) => format!("{what} closed by policy"),
+        };
+        self.close(Outcome::from(how), request, response, &message);
+    }
+
+    fn write(&mut self, outcome: Outcome, request: u64, response: u64, message: &str) {
+        self.finished = true;
         let duration_ms = self.started.elapsed().as_millis() as u64;
         let (result, reason) = match &outcome {
             Outcome::Closed => ("closed", String::new()),
@@ -216,10 +235,72 @@ impl Report {
     }
 }
 
+impl Drop for Report {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.write(
+                Outcome::Reset("dropped before it was reported (mesh-node bug)".into()),
+                0,
+                0,
+                "connection report dropped unfinished",
+            );
+        }
+    }
+}
+
 fn or_dash(value: &str) -> &str {
     if value.is_empty() || value == "unknown" {
         "-"
     } else {
         value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(metrics: &Arc<Metrics>) -> Report {
+        let addrs = Addresses {
+            src: "10.0.0.1:40000".parse().unwrap(),
+            original_dst: "10.0.0.2:80".parse().unwrap(),
+            dst: None,
+        };
+        Report::open(
+            metrics,
+            Reporter::Destination,
+            &Peer::unknown(),
+            &Peer::unknown(),
+            None,
+            true,
+            addrs,
+            "inbound",
+        )
+    }
+
+    fn closed(metrics: &Metrics) -> String {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_closed_total"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A report dropped without being closed (a forgotten path, a panic) still counts as
+    /// closed, as a reset: opened and closed always agree.
+    #[test]
+    fn a_report_dropped_unfinished_closes_itself() {
+        let metrics = Arc::new(Metrics::new());
+        drop(open(&metrics));
+        let line = closed(&metrics);
+        assert!(line.ends_with(" 1"), "{line}");
+
+        // Finished once, counted once.
+        let metrics = Arc::new(Metrics::new());
+        open(&metrics).finish(&How::Closed, 10, 20, "test connection");
+        let line = closed(&metrics);
+        assert!(line.ends_with(" 1"), "{line}");
+        assert!(metrics.encode().contains("istio_tcp_received_bytes_total"));
     }
 }

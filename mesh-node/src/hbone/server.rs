@@ -1,5 +1,7 @@
 //! The HBONE server side of one accepted TCP connection: mutual TLS, h2, then one tunnel per
-//! CONNECT stream, each handed to a [`TunnelTarget`] that decides where it goes.
+//! CONNECT stream, each handed to a [`TunnelHandler`] with a [`Responder`] that answers it.
+//! Protocol only: where a tunnel goes, what it is spliced to and how it is reported are the
+//! handler's.
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -14,17 +16,14 @@ use super::{
     SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
 };
 use crate::{
-    ending,
     identity::{Identity, san},
-    splice::Revoked,
-    telemetry::{Outcome, Report},
     tls,
 };
 
 /// Streams a peer may reset before we have accepted them before it is cut off (rapid reset).
 const MAX_PENDING_RESETS: usize = 50;
 
-/// One CONNECT, as the target sees it.
+/// One CONNECT, as the handler sees it.
 #[derive(Debug, Clone)]
 pub struct TunnelRequest {
     /// The client's verified workload identity.
@@ -44,22 +43,45 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// The application connection a tunnel is spliced to.
-pub struct Opened {
-    pub stream: TcpStream,
-    /// Resolves when the tunnel must be closed early (a policy change denies it).
-    pub revoked: Option<Revoked>,
-    /// The destination side's report, closed with the tunnel.
-    pub report: Report,
+/// Answers one CONNECT: refused with a status, or accepted as a stream.
+pub struct Responder {
+    respond: h2::server::SendResponse<Bytes>,
+    body: h2::RecvStream,
+    peer: SocketAddr,
+    peer_identity: Identity,
 }
 
-pub type OpenFuture = Pin<Box<dyn Future<Output = Result<Opened, Refusal>> + Send>>;
+impl Responder {
+    /// Answers with the refusal's status, and logs it.
+    pub fn refuse(mut self, refusal: Refusal) {
+        tracing::info!(
+            peer = %self.peer,
+            peer_identity = %self.peer_identity,
+            status = refusal.status.as_u16(),
+            reason = %refusal.reason,
+            "HBONE tunnel refused"
+        );
+        let response = Response::builder()
+            .status(refusal.status)
+            .body(())
+            .unwrap_or_default();
+        let _ = self.respond.send_response(response, true);
+    }
 
-/// Where accepted tunnels go.
-pub trait TunnelTarget: Send + Sync + 'static {
-    /// Checks the request and connects to the application; the stream is answered 200 only
-    /// once this returns a connection.
-    fn open(&self, request: &TunnelRequest) -> OpenFuture;
+    /// Answers 200: the tunnel is open. Fails when the client has gone meanwhile.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let send = self.respond.send_response(Response::new(()), false)?;
+        Ok(H2Stream::new(send, self.body))
+    }
+}
+
+pub type HandleFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What becomes of accepted tunnels.
+pub trait TunnelHandler: Send + Sync + 'static {
+    /// Takes one well-formed CONNECT: answers it through `responder` (200 only once the tunnel
+    /// can be carried) and carries it to its end.
+    fn handle(&self, request: TunnelRequest, responder: Responder) -> HandleFuture;
 }
 
 /// Why a connection never became an HBONE connection. Anyone who can reach a pod's 15008 can
@@ -103,7 +125,7 @@ pub async fn serve_connection(
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,
-    target: Arc<dyn TunnelTarget>,
+    handler: Arc<dyn TunnelHandler>,
 ) -> Result<(), Refused> {
     let _ = tcp.set_nodelay(true);
     let handshake = async {
@@ -179,7 +201,7 @@ pub async fn serve_connection(
                     // subscriber's slab for every tunnel open at the peak, never given back.
                     let span = tracing::debug_span!("inbound", %peer, peer_identity = %identity);
                     tokio::spawn(
-                        handle_stream(request, respond, identity.clone(), peer, target.clone())
+                        handle_stream(request, respond, identity.clone(), peer, handler.clone())
                             .instrument(span),
                     );
                 }
@@ -202,59 +224,25 @@ pub async fn serve_connection(
 
 async fn handle_stream(
     request: Request<h2::RecvStream>,
-    mut respond: h2::server::SendResponse<Bytes>,
+    respond: h2::server::SendResponse<Bytes>,
     peer_identity: Identity,
     peer: SocketAddr,
-    target: Arc<dyn TunnelTarget>,
+    handler: Arc<dyn TunnelHandler>,
 ) {
-    let client = peer_identity.to_string();
-    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, refusal: Refusal| {
-        tracing::info!(%peer, peer_identity = %client, status = refusal.status.as_u16(), reason = %refusal.reason, "HBONE tunnel refused");
-        let response = Response::builder()
-            .status(refusal.status)
-            .body(())
-            .unwrap_or_default();
-        let _ = respond.send_response(response, true);
+    let tunnel = parse_request(&request, peer_identity.clone(), peer);
+    let responder = Responder {
+        respond,
+        body: request.into_body(),
+        peer,
+        peer_identity,
     };
-    let tunnel = match parse_request(&request, peer_identity, peer) {
-        Ok(tunnel) => tunnel,
-        Err(refusal) => return refuse(&mut respond, refusal),
-    };
-    let Opened {
-        stream: mut upstream,
-        revoked,
-        report,
-    } = match target.open(&tunnel).await {
-        Ok(opened) => opened,
-        Err(refusal) => return refuse(&mut respond, refusal),
-    };
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(send) => send,
-        Err(error) => {
-            // The application was connected: it is reset (armed), and the report says so.
-            report.close(
-                Outcome::Reset(format!("tunnel gone before it was answered: {error}")),
-                0,
-                0,
-                "HBONE tunnel reset",
-            );
-            return;
-        }
-    };
-    let client = tunnel
-        .forwarded_for
-        .map_or_else(|| "-".to_owned(), |addr| addr.to_string());
-    tracing::debug!(dst = %tunnel.authority, %client, "HBONE tunnel opened");
-    let stream = H2Stream::new(send, request.into_body());
-    let _ = upstream.set_nodelay(true);
-    let ended = stream.splice(&mut upstream, revoked).await;
-    // The application is `a`: what it sent is the response. Unless both directions ended
-    // cleanly, the stream was reset (RST_STREAM) and the application is reset too.
-    ending::settle(&ended, &[&upstream]);
-    report.finish(&ended.how, ended.b_to_a, ended.a_to_b, "HBONE tunnel");
+    match tunnel {
+        Ok(tunnel) => handler.handle(tunnel, responder).await,
+        Err(refusal) => responder.refuse(refusal),
+    }
 }
 
-/// Checks the CONNECT itself: method and authority. Where it may go is the target's call.
+/// Checks the CONNECT itself: method and authority. Where it may go is the handler's call.
 pub fn parse_request<B>(
     request: &Request<B>,
     peer_identity: Identity,

@@ -16,15 +16,19 @@ use super::{
     connect_from_pod,
 };
 use crate::{
+    ending,
     enroll::Pod,
-    hbone::server::{self, OpenFuture, Opened, Refusal, Refused, TunnelRequest, TunnelTarget},
+    hbone::server::{
+        self, HandleFuture, Refusal, Refused, Responder, TunnelHandler, TunnelRequest,
+    },
+    splice::Revoked,
     state::State,
     telemetry::{Addresses, CONNECT_FAILED, DENIED, Outcome, Peer, Report, Reporter},
 };
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until the task is aborted.
 pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
-    let target: Arc<dyn TunnelTarget> = Arc::new(PodTarget {
+    let target: Arc<dyn TunnelHandler> = Arc::new(PodTarget {
         pod: pod.clone(),
         ctx: ctx.clone(),
     });
@@ -89,49 +93,78 @@ struct PodTarget {
     ctx: Arc<ProxyContext>,
 }
 
-impl TunnelTarget for PodTarget {
-    fn open(&self, request: &TunnelRequest) -> OpenFuture {
-        let dst = request.authority;
+impl TunnelHandler for PodTarget {
+    fn handle(&self, request: TunnelRequest, responder: Responder) -> HandleFuture {
         let (pod, ctx) = (self.pod.clone(), self.ctx.clone());
-        // The source node vouches for the application's address in `forwarded`; without it,
-        // the TCP peer is the best we know.
-        let source_addr = request.forwarded_for.unwrap_or(request.peer);
-        let source_ip = source_addr.ip();
-        let source = request.peer_identity.clone();
         Box::pin(async move {
-            if !pod.owns(dst.ip()) {
-                return Err(Refusal {
-                    status: StatusCode::BAD_REQUEST,
-                    reason: format!(
-                        "authority {dst} is not an address of local pod {}",
-                        pod.spec
-                    ),
-                });
-            }
-            if dst.port() == HBONE_PORT {
-                return Err(Refusal {
-                    status: StatusCode::BAD_REQUEST,
-                    reason: format!("authority {dst} is the HBONE port itself"),
-                });
-            }
-            let conn = Inbound {
-                pod,
-                source: Some(source),
-                source_ip,
-                destination: dst,
-            };
             let Delivered {
-                stream,
+                stream: mut upstream,
                 revocation,
                 report,
-            } = deliver(&ctx, conn, source_addr, None).await?;
-            Ok(Opened {
-                stream,
-                revoked: Some(Box::pin(revocation.wait())),
-                report,
-            })
+            } = match open_tunnel_target(&ctx, pod, &request).await {
+                Ok(delivered) => delivered,
+                Err(refusal) => return responder.refuse(refusal),
+            };
+            let tunnel = match responder.accept() {
+                Ok(tunnel) => tunnel,
+                Err(error) => {
+                    // The application was connected: it is reset (armed), and said so.
+                    report.close(
+                        Outcome::Reset(format!("tunnel gone before it was answered: {error}")),
+                        0,
+                        0,
+                        "HBONE tunnel reset",
+                    );
+                    return;
+                }
+            };
+            let client = request
+                .forwarded_for
+                .map_or_else(|| "-".to_owned(), |addr| addr.to_string());
+            tracing::debug!(dst = %request.authority, %client, "HBONE tunnel opened");
+            let _ = upstream.set_nodelay(true);
+            let revoked: Revoked = Box::pin(revocation.wait());
+            let ended = tunnel.splice(&mut upstream, Some(revoked)).await;
+            // The application is `a`: what it sent is the response. Unless both directions
+            // ended cleanly, the stream was reset (RST_STREAM) and so is the application.
+            ending::settle(&ended, &[&upstream]);
+            report.finish(&ended.how, ended.b_to_a, ended.a_to_b, "HBONE tunnel");
         })
     }
+}
+
+/// Checks where a tunnel wants to go (an address of this pod, not 15008) and delivers it.
+async fn open_tunnel_target(
+    ctx: &ProxyContext,
+    pod: Arc<Pod>,
+    request: &TunnelRequest,
+) -> Result<Delivered, Refusal> {
+    let dst = request.authority;
+    if !pod.owns(dst.ip()) {
+        return Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: format!(
+                "authority {dst} is not an address of local pod {}",
+                pod.spec
+            ),
+        });
+    }
+    if dst.port() == HBONE_PORT {
+        return Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: format!("authority {dst} is the HBONE port itself"),
+        });
+    }
+    // The source node vouches for the application's address in `forwarded`; without it, the
+    // TCP peer is the best we know.
+    let source_addr = request.forwarded_for.unwrap_or(request.peer);
+    let conn = Inbound {
+        pod,
+        source: Some(request.peer_identity.clone()),
+        source_ip: source_addr.ip(),
+        destination: dst,
+    };
+    deliver(ctx, conn, source_addr, None).await
 }
 
 /// An application connection inside a local pod, authorized, and how to learn that policy

@@ -17,6 +17,7 @@ pub mod istiod;
 pub mod logging;
 pub mod memory;
 pub mod netns;
+pub mod pod;
 pub mod preflight;
 pub mod proxy;
 pub mod splice;

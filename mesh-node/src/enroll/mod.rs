@@ -27,41 +27,7 @@ use crate::{
     proxy::{self, ProxyContext},
 };
 
-/// A pod to enroll, whatever the source.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodSpec {
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    /// The pod's network namespace file (`/run/netns/…`, `/proc/<pid>/ns/net`, …).
-    pub netns: PathBuf,
-    pub ips: Vec<IpAddr>,
-}
-
-impl PodSpec {
-    /// `namespace/name`, unique per cluster.
-    pub fn key(&self) -> String {
-        self.to_string()
-    }
-}
-
-/// An enrolled pod as the proxy sees it.
-#[derive(Debug)]
-pub struct Pod {
-    pub spec: PodSpec,
-    pub identity: Identity,
-    pub netns: NetNs,
-    pub netns_cookie: u64,
-    pub id: u32,
-}
-
-impl Pod {
-    /// `ip` is one of the pod's addresses.
-    pub fn owns(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.spec.ips.iter().any(|own| own.to_canonical() == ip)
-    }
-}
+pub use crate::pod::{Pod, PodSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {

@@ -10,7 +10,7 @@
 //! ```
 use std::{
     collections::HashSet,
-    fmt, fs, io,
+    fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -155,12 +155,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<PodSpec>, StaticFileError> {
         });
     }
     Ok(pods)
-}
-
-impl fmt::Display for PodSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
 }
 
 #[cfg(test)]

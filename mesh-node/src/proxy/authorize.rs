@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 use super::NodeInfo;
 use crate::{
     authz::{self, Decision},
-    enroll::Pod,
     identity::Identity,
+    pod::Pod,
     state::State,
 };
 

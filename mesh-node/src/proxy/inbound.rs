@@ -17,10 +17,10 @@ use super::{
 };
 use crate::{
     ending,
-    enroll::Pod,
     hbone::server::{
         self, HandleFuture, Refusal, Refused, Responder, TunnelHandler, TunnelRequest,
     },
+    pod::Pod,
     splice::Revoked,
     state::State,
     telemetry::{Addresses, CONNECT_FAILED, DENIED, Outcome, Peer, Report, Reporter},

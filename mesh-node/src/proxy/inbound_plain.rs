@@ -11,7 +11,7 @@ use super::{
     authorize::Inbound,
     inbound::{self, Delivered},
 };
-use crate::{ending, enroll::Pod, splice::splice};
+use crate::{ending, pod::Pod, splice::splice};
 
 /// Accepts captured plaintext connections until the task is aborted.
 pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {

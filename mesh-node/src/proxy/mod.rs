@@ -8,7 +8,6 @@ pub mod route;
 mod upstream;
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{Arc, PoisonError, RwLock},
     time::Duration,
@@ -19,7 +18,7 @@ pub use upstream::connect_from_pod;
 use self::authorize::Live;
 
 use crate::{
-    dataplane::Dataplane, enroll::Pod, hbone::pool::Pool, identity::CertManager, state::State,
+    dataplane::Dataplane, hbone::pool::Pool, identity::CertManager, pod::LocalPods, state::State,
     telemetry::Metrics, throttle::Throttle,
 };
 
@@ -110,37 +109,5 @@ impl ProxyContext {
         let result = change(&mut state);
         self.live.recheck(&state, &self.node);
         result
-    }
-}
-
-/// Pods enrolled on this node, by address.
-#[derive(Default)]
-pub struct LocalPods {
-    by_ip: RwLock<HashMap<IpAddr, Arc<Pod>>>,
-}
-
-impl LocalPods {
-    pub fn get(&self, ip: IpAddr) -> Option<Arc<Pod>> {
-        self.by_ip
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&ip.to_canonical())
-            .cloned()
-    }
-
-    pub fn insert(&self, pod: &Arc<Pod>) {
-        let mut map = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
-        for ip in &pod.spec.ips {
-            map.insert(ip.to_canonical(), pod.clone());
-        }
-    }
-
-    pub fn remove(&self, pod: &Pod) {
-        let mut map = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
-        for ip in &pod.spec.ips {
-            if map.get(&ip.to_canonical()).is_some_and(|p| p.id == pod.id) {
-                map.remove(&ip.to_canonical());
-            }
-        }
     }
 }

@@ -17,12 +17,12 @@ use super::{
 use crate::{
     dataplane::kernel_ip,
     ending,
-    enroll::Pod,
     hbone::{
         H2Stream,
         client::{ConnectHeaders, Connection},
         pool::PoolKey,
     },
+    pod::Pod,
     splice::{Revoked, splice},
     state::Destination,
     telemetry::{Addresses, CONNECT_FAILED, Outcome, Peer, Report, Reporter},
@@ -53,7 +53,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
 
 fn route(ctx: &ProxyContext, pod: &Pod, dst: SocketAddr) -> Route<Arc<Pod>> {
     let source = Source {
-        ip: pod.spec.ips[0],
+        ip: pod.primary_ip(),
         namespace: &pod.spec.namespace,
         identity: &pod.identity,
     };
@@ -83,7 +83,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     tracing::debug!(original_dst = %original, "outbound connection captured");
     let _ = client.set_nodelay(true);
     // The application's own address, as the destination will know it.
-    let app_addr = SocketAddr::new(pod.spec.ips[0], peer.port());
+    let app_addr = SocketAddr::new(pod.primary_ip(), peer.port());
     let route = route(&ctx, &pod, original);
     let mut report = open_report(&ctx, &pod, app_addr, original, &route);
     // Each way either relays (and returns) or says why it could not carry the connection.
@@ -224,7 +224,7 @@ async fn open_tunnel(
         .await
         .map_err(|error| error.to_string())?;
     let key = PoolKey::new(
-        pod.spec.ips[0],
+        pod.primary_ip(),
         pod.identity.clone(),
         expected.clone(),
         peer,

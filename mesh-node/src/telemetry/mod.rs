@@ -12,7 +12,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 pub use metrics::{Metrics, TcpLabels};
 
-use crate::{enroll::Pod, identity::Identity, splice::How, state::Workload};
+use crate::{identity::Identity, pod::Pod, splice::How, state::Workload};
 
 /// Which side of the connection reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

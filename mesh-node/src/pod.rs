@@ -1,0 +1,95 @@
+//! Pods enrolled on this node: what a pod is (a leaf type the proxy, telemetry and
+//! authorization share), and the registry of local pods by address. The enroller (`enroll`)
+//! fills the registry; nothing here depends on it.
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{Arc, PoisonError, RwLock},
+};
+
+use crate::{identity::Identity, netns::NetNs};
+
+/// A pod to enroll, whatever the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod's network namespace file (`/run/netns/…`, `/proc/<pid>/ns/net`, …).
+    pub netns: PathBuf,
+    pub ips: Vec<IpAddr>,
+}
+
+impl PodSpec {
+    /// `namespace/name`, unique per cluster.
+    pub fn key(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for PodSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An enrolled pod as the proxy sees it.
+#[derive(Debug)]
+pub struct Pod {
+    pub spec: PodSpec,
+    pub identity: Identity,
+    pub netns: NetNs,
+    pub netns_cookie: u64,
+    pub id: u32,
+}
+
+impl Pod {
+    /// `ip` is one of the pod's addresses.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.spec.ips.iter().any(|own| own.to_canonical() == ip)
+    }
+
+    /// The address its connections leave with (a pod is enrolled only once it has one).
+    pub fn primary_ip(&self) -> IpAddr {
+        self.spec
+            .ips
+            .first()
+            .copied()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+}
+
+/// Pods enrolled on this node, by address.
+#[derive(Default)]
+pub struct LocalPods {
+    by_ip: RwLock<HashMap<IpAddr, Arc<Pod>>>,
+}
+
+impl LocalPods {
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        self.by_ip
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&ip.to_canonical())
+            .cloned()
+    }
+
+    pub fn insert(&self, pod: &Arc<Pod>) {
+        let mut map = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
+        for ip in &pod.spec.ips {
+            map.insert(ip.to_canonical(), pod.clone());
+        }
+    }
+
+    pub fn remove(&self, pod: &Pod) {
+        let mut map = self.by_ip.write().unwrap_or_else(PoisonError::into_inner);
+        for ip in &pod.spec.ips {
+            if map.get(&ip.to_canonical()).is_some_and(|p| p.id == pod.id) {
+                map.remove(&ip.to_canonical());
+            }
+        }
+    }
+}

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    enroll::Enroller, identity::CertManager, logging, proxy::ProxyContext, telemetry::Metrics,
+    certs::CertManager, enroll::Enroller, logging, proxy::ProxyContext, telemetry::Metrics,
     xds::session::XdsStatus,
 };
 
@@ -104,33 +104,7 @@ pub struct Admin {
     pub enroller: OnceLock<Arc<Enroller>>,
 }
 
-/// Where each endpoint listens.
-#[derive(Clone, Copy, Debug)]
-pub struct Addresses {
-    pub admin: SocketAddr,
-    pub metrics: SocketAddr,
-    pub readiness: SocketAddr,
-}
-
-/// Istio's ports: admin on loopback only (it can change the log level), metrics and readiness
-/// on every address, for Prometheus and the kubelet.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
-pub const DEFAULT_METRICS: &str = "0.0.0.0:15020";
-pub const DEFAULT_READINESS: &str = "0.0.0.0:15021";
-
-impl Default for Addresses {
-    fn default() -> Self {
-        let parse = |addr: &str| {
-            addr.parse()
-                .unwrap_or_else(|_| unreachable!("constant address"))
-        };
-        Self {
-            admin: parse(DEFAULT_ADMIN),
-            metrics: parse(DEFAULT_METRICS),
-            readiness: parse(DEFAULT_READINESS),
-        }
-    }
-}
+pub use crate::config::{Addresses, DEFAULT_ADMIN, DEFAULT_METRICS, DEFAULT_READINESS};
 
 #[derive(Debug, thiserror::Error)]
 #[error("listen on {addr} for the {what} endpoint: {source}")]

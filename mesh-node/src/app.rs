@@ -11,11 +11,12 @@ use std::{
 
 use crate::{
     admin::{self, Admin, BindError, Readiness},
+    certs::CertManager,
     config::RunConfig,
     dataplane::{Dataplane, DataplaneError},
     enroll::{Enroller, static_file},
     identity::{
-        CertManager, CertSource,
+        CertSource,
         file_ca::{FileCa, FileCaError},
         is_valid_trust_domain,
         istio_ca::IstioCa,

@@ -1,9 +1,7 @@
 //! Run-time configuration of `mesh-node run`, with the production defaults.
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 pub use mesh_common::FailMode;
-
-pub use crate::proxy::{NodeInfo, Settings};
 
 /// Kubernetes' default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -30,7 +28,7 @@ pub struct RunConfig {
     /// istiod's CA; exclusive with `ca_dir`.
     pub ca: Option<crate::identity::istio_ca::IstioCaConfig>,
     /// Bounds and retry pacing of certificate fetches.
-    pub cert_settings: crate::identity::CertSettings,
+    pub cert_settings: crate::certs::CertSettings,
     /// Lifetime of the workload certificates this node signs.
     pub cert_ttl: Duration,
     /// The mesh's SPIFFE trust domain.
@@ -44,7 +42,7 @@ pub struct RunConfig {
     /// The control plane (istiod) to take the mesh state from; exclusive with `local_xds`.
     pub xds: Option<crate::xds::client::XdsConfig>,
     /// Admin (15000), metrics (15020) and readiness (15021) listeners.
-    pub endpoints: crate::admin::Addresses,
+    pub endpoints: Addresses,
 }
 
 impl Default for RunConfig {
@@ -57,14 +55,70 @@ impl Default for RunConfig {
             worker_threads: 0,
             ca_dir: None,
             ca: None,
-            cert_settings: crate::identity::CertSettings::default(),
+            cert_settings: crate::certs::CertSettings::default(),
             cert_ttl: crate::identity::file_ca::DEFAULT_WORKLOAD_TTL,
             trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
             local_xds: None,
             settings: Settings::default(),
             node: NodeInfo::default(),
             xds: None,
-            endpoints: crate::admin::Addresses::default(),
+            endpoints: Addresses::default(),
+        }
+    }
+}
+
+/// Timeouts of the data path.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// TCP connect to an upstream or a peer's 15008.
+    pub connect_timeout: Duration,
+    /// TLS plus HTTP/2 handshake of an inbound HBONE connection.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where this mesh-node runs, for routing preferences of pods the control plane has not
+/// described (yet).
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub cluster_id: String,
+    /// The network this node's pods are on ("" is the default network).
+    pub network: String,
+}
+
+/// Where each endpoint listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+    pub readiness: SocketAddr,
+}
+
+/// Istio's ports: admin on loopback only (it can change the log level), metrics and readiness
+/// on every address, for Prometheus and the kubelet.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS: &str = "0.0.0.0:15020";
+pub const DEFAULT_READINESS: &str = "0.0.0.0:15021";
+
+impl Default for Addresses {
+    fn default() -> Self {
+        let parse = |addr: &str| {
+            addr.parse()
+                .unwrap_or_else(|_| unreachable!("constant address"))
+        };
+        Self {
+            admin: parse(DEFAULT_ADMIN),
+            metrics: parse(DEFAULT_METRICS),
+            readiness: parse(DEFAULT_READINESS),
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod certs;
 pub mod config;
 pub mod dataplane;
 pub mod ending;
@@ -19,6 +20,7 @@ pub mod memory;
 pub mod netns;
 pub mod pod;
 pub mod preflight;
+pub mod proto;
 pub mod proxy;
 pub mod splice;
 pub mod state;

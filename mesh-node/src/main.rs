@@ -6,9 +6,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_node::{
     admin,
+    certs::CertSettings,
     config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, NodeInfo, RunConfig, Settings},
     error_chain,
-    identity::{CertSettings, file_ca::FileCa, istio_ca::IstioCaConfig},
+    identity::{file_ca::FileCa, istio_ca::IstioCaConfig},
     istiod,
     xds::client::XdsConfig,
 };

@@ -142,7 +142,7 @@ impl Drop for Waypoint {
 async fn serve(
     tcp: tokio::net::TcpStream,
     tls: Arc<Tls>,
-    certified: Arc<mesh_node::identity::Certified>,
+    certified: Arc<mesh_node::tls::Certified>,
     forward: Arc<Forward>,
     record: Arc<Mutex<Vec<Recorded>>>,
 ) -> Result<()> {

@@ -16,7 +16,7 @@ use super::{CertError, CertFuture, CertSource, Identity, WorkloadCert, san};
 use crate::{
     error_chain,
     istiod::{self, EndpointError},
-    xds::proto::ca::{
+    proto::ca::{
         IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient,
     },
 };

@@ -6,14 +6,11 @@
 //! ([`file_ca::FileCa`]).
 pub mod file_ca;
 pub mod istio_ca;
-mod manager;
 pub mod san;
 
 use std::{fmt, future::Future, pin::Pin, str::FromStr, time::SystemTime};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-pub use manager::{CertManager, CertSettings, CertStatus, Certified};
 
 /// A workload identity: `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -155,11 +152,9 @@ pub struct WorkloadCert {
 pub enum CertError {
     #[error("issue certificate for {identity}: {reason}")]
     Issue { identity: String, reason: String },
-    #[error("certificate for {identity}: {}", crate::tls::describe(source))]
-    Tls {
-        identity: String,
-        source: Box<rustls::Error>,
-    },
+    /// rustls refused it (as described by `tls::describe`).
+    #[error("certificate for {identity}: {reason}")]
+    Tls { identity: String, reason: String },
 }
 
 /// Boxed so the manager can hold any source behind `dyn`.

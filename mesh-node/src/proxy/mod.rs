@@ -17,38 +17,11 @@ pub use upstream::connect_from_pod;
 
 use self::authorize::Live;
 
+pub use crate::config::{NodeInfo, Settings};
 use crate::{
-    dataplane::Dataplane, hbone::pool::Pool, identity::CertManager, pod::LocalPods, state::State,
+    certs::CertManager, dataplane::Dataplane, hbone::pool::Pool, pod::LocalPods, state::State,
     telemetry::Metrics, throttle::Throttle,
 };
-
-/// Timeouts of the data path.
-#[derive(Clone, Copy, Debug)]
-pub struct Settings {
-    /// TCP connect to an upstream or a peer's 15008.
-    pub connect_timeout: Duration,
-    /// TLS plus HTTP/2 handshake of an inbound HBONE connection.
-    pub handshake_timeout: Duration,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Where this mesh-node runs, for routing preferences of pods the control plane has not
-/// described (yet).
-#[derive(Clone, Debug, Default)]
-pub struct NodeInfo {
-    pub node_name: String,
-    pub cluster_id: String,
-    /// The network this node's pods are on ("" is the default network).
-    pub network: String,
-}
 
 /// Everything a connection handler may consult, shared by all of them.
 pub struct ProxyContext {

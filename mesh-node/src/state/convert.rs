@@ -11,7 +11,7 @@ use super::{
 use crate::{
     authz,
     identity::{San, is_valid_trust_domain},
-    xds::proto::{security, workload as pb},
+    proto::{security, workload as pb},
 };
 
 /// A resource that cannot be used, and why.

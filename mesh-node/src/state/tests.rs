@@ -5,7 +5,7 @@ use super::{
     lb::{self, Choice, LbError, Origin},
     *,
 };
-use crate::xds::proto::{security, workload as pb};
+use crate::proto::{security, workload as pb};
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()

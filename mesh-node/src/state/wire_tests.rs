@@ -15,7 +15,7 @@ use super::{
 use crate::{
     authz::{Connection, Target, Verdict, evaluate},
     identity::{Identity, San},
-    xds::proto::{security, workload as pb},
+    proto::{security, workload as pb},
 };
 
 /// A protobuf message built by hand.

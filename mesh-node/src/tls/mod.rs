@@ -17,9 +17,12 @@ use rustls::{
     version::TLS13,
 };
 
+mod certified;
 pub use verify::{IdentityMismatch, SpiffeServerVerifier, TrustDomainClientVerifier};
 
-use crate::identity::{CertError, Certified, San, WorkloadCert};
+pub use certified::Certified;
+
+use crate::identity::{CertError, San, WorkloadCert};
 
 /// The ALPN protocol HBONE negotiates.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -52,9 +55,9 @@ impl Tls {
     /// roots, validity, identity in our trust domain): a CA that answered with something else is
     /// reported here, once, instead of at every handshake.
     pub fn certified(&self, cert: &WorkloadCert) -> Result<Certified, CertError> {
-        let fail = |source| CertError::Tls {
+        let fail = |source: rustls::Error| CertError::Tls {
             identity: cert.identity.to_string(),
-            source: Box::new(source),
+            reason: describe(&source),
         };
         let key = Arc::new(
             CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &self.provider)

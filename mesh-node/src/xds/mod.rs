@@ -2,5 +2,7 @@
 //! resources. Both fill the same [`crate::state`] index.
 pub mod client;
 pub mod local_file;
-pub mod proto;
+/// The generated protos, at their own top-level module (`crate::proto`) so that `state` and
+/// `identity` need not import `xds`.
+pub use crate::proto;
 pub mod session;

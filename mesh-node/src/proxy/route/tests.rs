@@ -4,8 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::*;
 use crate::{
+    proto::workload::{self as pb, gateway_address::Destination as PbDestination},
     state::convert,
-    xds::proto::workload::{self as pb, gateway_address::Destination as PbDestination},
 };
 
 const CLIENT: &str = "10.0.1.2";

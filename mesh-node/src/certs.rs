@@ -10,53 +10,17 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rustls::{RootCertStore, ServerConfig, sign::CertifiedKey};
 use tokio::{
     runtime::Handle,
     sync::{Semaphore, watch},
     task::JoinHandle,
 };
 
-use super::{CertError, CertSource, Identity, WorkloadCert};
-use crate::{istiod::Backoff, tls::Tls};
-
-/// A workload certificate made ready for rustls: the signing key, the roots, and the HBONE
-/// server configuration that presents it.
-#[derive(Debug)]
-pub struct Certified {
-    pub identity: Identity,
-    pub key: Arc<CertifiedKey>,
-    pub roots: Arc<RootCertStore>,
-    pub server_config: Arc<ServerConfig>,
-    pub not_after: SystemTime,
-    refresh_at: SystemTime,
-}
-
-impl Certified {
-    pub(crate) fn new(
-        cert: &WorkloadCert,
-        key: Arc<CertifiedKey>,
-        roots: Arc<RootCertStore>,
-        server_config: Arc<ServerConfig>,
-    ) -> Self {
-        // Half of the lifetime that is left from now: CAs back-date `not_before` for clock
-        // skew, which would otherwise put a short-lived certificate's half-life in the past.
-        let start = cert.not_before.max(SystemTime::now());
-        let left = cert.not_after.duration_since(start).unwrap_or_default();
-        Self {
-            identity: cert.identity.clone(),
-            key,
-            roots,
-            server_config,
-            not_after: cert.not_after,
-            refresh_at: start + left / 2,
-        }
-    }
-
-    fn is_valid(&self) -> bool {
-        SystemTime::now() < self.not_after
-    }
-}
+use crate::{
+    identity::{CertError, CertSource, Identity},
+    istiod::Backoff,
+    tls::{Certified, Tls},
+};
 
 /// Limits of the certificate manager.
 /// One identity's certificate as the admin endpoints show it (never the key).

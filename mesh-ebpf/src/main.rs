@@ -1,6 +1,6 @@
 //! mesh-node's eBPF programs: capture enrolled pods' outbound and inbound TCP connections.
 //!
-//! One object, one file per hook, every map in [`maps`]. See DESIGN.md "Traffic capture".
+//! One object, one file per hook, every map in [`maps`]. See ARCHITECTURE.md "The kernel side".
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

@@ -322,8 +322,11 @@ fn bpf(args: BpfArgs) -> ExitCode {
         } => {
             let duration = match duration.map(Duration::try_from_secs_f64) {
                 None => None,
-                Some(Ok(duration)) => Some(duration),
-                Some(Err(_)) => {
+                // A duration the clock cannot add is refused like any other bad value.
+                Some(Ok(duration)) if std::time::Instant::now().checked_add(duration).is_some() => {
+                    Some(duration)
+                }
+                Some(_) => {
                     eprintln!(
                         "mesh-node bpf: error: --duration {:?}: not a number of seconds >= 0",
                         duration.unwrap_or_default()

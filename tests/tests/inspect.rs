@@ -322,6 +322,18 @@ fn bpf_bad_input_gets_a_clear_error() {
         &["maps", "--dump", "events"],
     ));
     assert!(stderr.contains("mesh-node bpf trace"), "{stderr}");
+    // A duration no clock can add is refused, not a panic.
+    for duration in ["1e19", "soon"] {
+        let stderr = failure(&mut bpf_command(
+            &topo,
+            "node1",
+            &["trace", "--duration", duration],
+        ));
+        assert!(
+            stderr.contains("--duration") && !stderr.contains("panicked"),
+            "{duration}: {stderr}"
+        );
+    }
     let missing = topo.workdir.join("no-such-bpffs");
     let stderr = failure(
         Command::new(meshnode::binary())

@@ -5,7 +5,7 @@ pub mod record;
 
 use std::{
     fs, io,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
@@ -252,13 +252,13 @@ impl Dataplane {
 
     /// The destination a captured connection was headed for, looked up by the client's network
     /// namespace and source port as seen on accept. The entry is consumed.
-    pub fn take_original_dst(&self, netns_cookie: u64, src_port: u16) -> Option<OrigDst> {
+    pub fn take_original_dst(&self, netns_cookie: u64, src_port: u16) -> Option<SocketAddr> {
         let key = ConnKey::new(netns_cookie, src_port);
         let mut map = lock(&self.conn_orig);
-        let orig = map.get(&key, 0).ok()?;
+        let orig: OrigDst = map.get(&key, 0).ok()?;
         // The LRU map would evict it anyway; removing keeps room for live connections.
         let _ = map.remove(&key);
-        Some(orig)
+        Some(original_destination(&orig))
     }
 
     /// Sums a kernel counter over all CPUs.
@@ -281,6 +281,11 @@ pub fn kernel_ip(family: u16, words: [u32; 4]) -> IpAddr {
         chunk.copy_from_slice(&word.to_ne_bytes());
     }
     IpAddr::from(octets).to_canonical()
+}
+
+/// The socket address the application asked for. IPv4-mapped IPv6 destinations become IPv4.
+pub fn original_destination(orig: &OrigDst) -> SocketAddr {
+    SocketAddr::new(kernel_ip(orig.family, orig.ip), orig.port)
 }
 
 /// The pod address an [`InboundKey`] stands for (the inverse of the key mesh-node registers).
@@ -311,4 +316,37 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use mesh_common::FAMILY_INET;
+
+    use super::*;
+
+    #[test]
+    fn decodes_kernel_addresses() {
+        let v4 = OrigDst {
+            ip: [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0],
+            port: 8080,
+            family: FAMILY_INET,
+            ..Default::default()
+        };
+        assert_eq!(original_destination(&v4), "10.1.2.3:8080".parse().unwrap());
+
+        let mapped: Ipv6Addr = "::ffff:10.1.2.3".parse().unwrap();
+        let mut ip = [0u32; 4];
+        for (word, chunk) in ip.iter_mut().zip(mapped.octets().chunks_exact(4)) {
+            *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+        }
+        let v6 = OrigDst {
+            ip,
+            port: 80,
+            family: mesh_common::FAMILY_INET6,
+            ..Default::default()
+        };
+        assert_eq!(original_destination(&v6), "10.1.2.3:80".parse().unwrap());
+    }
 }

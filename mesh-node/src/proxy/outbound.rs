@@ -3,7 +3,6 @@
 //! plain TCP to anything outside the mesh.
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
 
-use mesh_common::OrigDst;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -15,7 +14,6 @@ use super::{
     route::{self, Route, Source, Tunnel},
 };
 use crate::{
-    dataplane::kernel_ip,
     ending,
     hbone::{
         H2Stream,
@@ -71,14 +69,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     // From here on, any end but a clean one resets the application (see `ending`): it was
     // already told its connect succeeded, and must not mistake a failure for an empty answer.
     ending::arm(&client);
-    let Some(orig) = ctx
+    let Some(original) = ctx
         .dataplane
         .take_original_dst(pod.netns_cookie, peer.port())
     else {
         tracing::warn!(pod = %pod.spec, src_port = peer.port(), "no original destination recorded for this connection; resetting it");
         return;
     };
-    let original = original_destination(&orig);
     // The access line at close is the connection's one line at info (as ztunnel logs).
     tracing::debug!(original_dst = %original, "outbound connection captured");
     let _ = client.set_nodelay(true);
@@ -323,42 +320,9 @@ async fn relay(
     report.finish(&ended.how, request, response, "outbound connection");
 }
 
-/// The socket address the application asked for. IPv4-mapped IPv6 destinations become IPv4.
-pub fn original_destination(orig: &OrigDst) -> SocketAddr {
-    SocketAddr::new(kernel_ip(orig.family, orig.ip), orig.port)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
-
-    use mesh_common::FAMILY_INET;
-
     use super::*;
-
-    #[test]
-    fn decodes_kernel_addresses() {
-        let v4 = OrigDst {
-            ip: [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0],
-            port: 8080,
-            family: FAMILY_INET,
-            ..Default::default()
-        };
-        assert_eq!(original_destination(&v4), "10.1.2.3:8080".parse().unwrap());
-
-        let mapped: Ipv6Addr = "::ffff:10.1.2.3".parse().unwrap();
-        let mut ip = [0u32; 4];
-        for (word, chunk) in ip.iter_mut().zip(mapped.octets().chunks_exact(4)) {
-            *word = u32::from_ne_bytes(chunk.try_into().unwrap());
-        }
-        let v6 = OrigDst {
-            ip,
-            port: 80,
-            family: mesh_common::FAMILY_INET6,
-            ..Default::default()
-        };
-        assert_eq!(original_destination(&v6), "10.1.2.3:80".parse().unwrap());
-    }
 
     #[test]
     fn traceparent_has_the_w3c_shape() {

@@ -17,7 +17,10 @@ fn main() -> anyhow::Result<()> {
     compile_protos()?;
     println!("cargo:rerun-if-env-changed={TOOLCHAIN_ENV}");
     let toolchain = env::var(TOOLCHAIN_ENV).unwrap_or_else(|_| "nightly".to_owned());
-    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let out_dir = PathBuf::from(anyhow::Context::context(
+        env::var_os("OUT_DIR"),
+        "cargo sets OUT_DIR",
+    )?);
     let stub = out_dir.join("mesh-ebpf");
 
     if let Some(missing) = missing_tool(&toolchain) {

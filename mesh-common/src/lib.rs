@@ -6,6 +6,7 @@
 //! host byte order.
 #![no_std]
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 /// `SO_MARK` carried by every socket mesh-node opens inside a pod's network namespace. The
 /// redirect hooks never touch a marked socket, so the proxy cannot capture itself.
@@ -45,10 +46,15 @@ pub mod map_names {
 
 /// Names of the programs in the eBPF object (also the link file names under the pin directory).
 pub mod program_names {
+    /// `cgroup/connect4`: captures IPv4 connects of enrolled pods.
     pub const CONNECT4: &str = "mesh_connect4";
+    /// `cgroup/connect6`: captures IPv6 (and IPv4-mapped) connects.
     pub const CONNECT6: &str = "mesh_connect6";
+    /// `sock_ops`: re-keys original destinations by source port, forgets them at close.
     pub const SOCK_OPS: &str = "mesh_sock_ops";
+    /// `cgroup/getpeername4`: answers with the original destination.
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
+    /// `cgroup/getpeername6`: the same for IPv6 sockets.
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     /// `sk_lookup`, attached to each enrolled pod's network namespace.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
@@ -77,14 +83,21 @@ pub struct EnrolledPod {
     pub flags: u32,
     /// The pod's addresses as 16 bytes each (IPv4 mapped into IPv6); `ip_count` are used.
     pub ips: [[u8; 16]; 2],
+    /// How many of `ips` are used.
     pub ip_count: u8,
     /// Byte lengths of the text fields below (each is UTF-8, truncated to its capacity).
     pub namespace_len: u8,
+    /// Length of `name`.
     pub name_len: u8,
+    /// Length of `service_account`.
     pub service_account_len: u8,
+    /// Explicit padding (zero).
     pub _pad: [u8; 4],
+    /// The pod's Kubernetes namespace.
     pub namespace: [u8; 64],
+    /// The pod's name.
     pub name: [u8; 128],
+    /// The pod's service account.
     pub service_account: [u8; 64],
 }
 const _: () = assert!(core::mem::size_of::<EnrolledPod>() == 304);
@@ -172,6 +185,7 @@ pub struct TraceEvent {
     pub pod_id: u32,
     /// Host byte order.
     pub dst_port: u16,
+    /// Host byte order; zero for outbound (not bound yet).
     pub src_port: u16,
     /// [`FAMILY_INET`] or [`FAMILY_INET6`].
     pub family: u16,
@@ -181,6 +195,7 @@ pub struct TraceEvent {
     pub action: u8,
     /// A [`TraceReason`].
     pub reason: u8,
+    /// Explicit padding (zero).
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<TraceEvent>() == 64);
@@ -193,6 +208,7 @@ const _: () = assert!(core::mem::size_of::<TraceEvent>() == 64);
 pub struct OrigDst {
     /// Network-namespace cookie of the socket that connected.
     pub netns_cookie: u64,
+    /// The destination, network-order words.
     pub ip: [u32; 4],
     /// Host byte order.
     pub port: u16,
@@ -201,6 +217,7 @@ pub struct OrigDst {
     /// The connecting socket's source port (host byte order), filled in when its SYN goes out;
     /// 0 before.
     pub src_port: u16,
+    /// Explicit padding (zero).
     pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
@@ -252,14 +269,17 @@ impl InboundKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ConnKey {
+    /// Network-namespace cookie of the client's socket.
     pub netns_cookie: u64,
     /// Host byte order.
     pub src_port: u16,
+    /// Explicit padding (zero).
     pub _pad: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 16);
 
 impl ConnKey {
+    /// The key of the client socket in `netns_cookie` bound to `src_port`.
     pub const fn new(netns_cookie: u64, src_port: u16) -> Self {
         Self {
             netns_cookie,
@@ -286,6 +306,7 @@ pub enum FailMode {
 pub struct DataplaneConfig {
     /// A [`FailMode`] as `u32`.
     pub fail_mode: u32,
+    /// Zero.
     pub _reserved: u32,
 }
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 8);
@@ -315,6 +336,7 @@ pub enum Counter {
 }
 
 impl Counter {
+    /// Every counter, in index order.
     pub const ALL: [Counter; 8] = [
         Counter::Captured,
         Counter::PassedNotServing,
@@ -325,8 +347,10 @@ impl Counter {
         Counter::InboundNotServing,
         Counter::TraceDropped,
     ];
+    /// Entries of [`map_names::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
+    /// The counter's name in metrics (`mesh_ebpf_<name>_total`) and `mesh-node bpf`.
     pub const fn name(self) -> &'static str {
         match self {
             Counter::Captured => "captured",

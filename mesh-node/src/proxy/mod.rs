@@ -26,8 +26,10 @@ use crate::{
 /// Everything a connection handler may consult, shared by all of them.
 pub struct ProxyContext {
     pub dataplane: Arc<Dataplane>,
-    /// The mesh as the control plane (or the local file) last described it.
-    pub state: RwLock<State>,
+    /// The mesh as the control plane (or the local file) last described it: read with
+    /// [`Self::state`], changed only through [`Self::update_state`], which rechecks open
+    /// connections against the change.
+    state: RwLock<State>,
     pub node: NodeInfo,
     pub local_pods: LocalPods,
     /// `None`: no certificate source configured; HBONE is off.

@@ -6,7 +6,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::StatusCode;
 use mesh_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -14,16 +13,15 @@ use super::{
     ProxyContext,
     authorize::{Inbound, Revocation},
     connect_from_pod,
+    failure::Failure,
 };
 use crate::{
     ending,
-    hbone::server::{
-        self, HandleFuture, Refusal, Refused, Responder, TunnelHandler, TunnelRequest,
-    },
+    hbone::server::{self, HandleFuture, Refused, Responder, TunnelHandler, TunnelRequest},
     pod::Pod,
     splice::Revoked,
     state::State,
-    telemetry::{Addresses, CONNECT_FAILED, DENIED, Outcome, Peer, Report, Reporter},
+    telemetry::{Addresses, Outcome, Peer, Report, Reporter},
 };
 
 /// Accepts HBONE connections on one of the pod's 15008 listeners until the task is aborted.
@@ -103,7 +101,7 @@ impl TunnelHandler for PodTarget {
                 report,
             } = match open_tunnel_target(&ctx, pod, &request).await {
                 Ok(delivered) => delivered,
-                Err(refusal) => return responder.refuse(refusal),
+                Err(failure) => return responder.refuse(failure.refusal()),
             };
             let tunnel = match responder.accept() {
                 Ok(tunnel) => tunnel,
@@ -138,22 +136,18 @@ async fn open_tunnel_target(
     ctx: &ProxyContext,
     pod: Arc<Pod>,
     request: &TunnelRequest,
-) -> Result<Delivered, Refusal> {
+) -> Result<Delivered, Failure> {
     let dst = request.authority;
     if !pod.owns(dst.ip()) {
-        return Err(Refusal {
-            status: StatusCode::BAD_REQUEST,
-            reason: format!(
-                "authority {dst} is not an address of local pod {}",
-                pod.spec
-            ),
-        });
+        return Err(Failure::BadDestination(format!(
+            "authority {dst} is not an address of local pod {}",
+            pod.spec
+        )));
     }
     if dst.port() == HBONE_PORT {
-        return Err(Refusal {
-            status: StatusCode::BAD_REQUEST,
-            reason: format!("authority {dst} is the HBONE port itself"),
-        });
+        return Err(Failure::BadDestination(format!(
+            "authority {dst} is the HBONE port itself"
+        )));
     }
     // The source node vouches for the application's address in `forwarded`; without it, the
     // TCP peer is the best we know.
@@ -176,17 +170,6 @@ pub struct Delivered {
     pub report: Report,
 }
 
-impl Refusal {
-    /// The `response_flags` a refusal is reported with.
-    pub fn flags(&self) -> &'static str {
-        if self.status == StatusCode::UNAUTHORIZED {
-            DENIED
-        } else {
-            CONNECT_FAILED
-        }
-    }
-}
-
 /// Authorizes `conn` and connects to the application at its destination. Every path into a
 /// pod (HBONE, same-node, captured plaintext) comes through here, so all of them obey policy
 /// and are reported (`reporter="destination"`). `src` is the client's address; `source_pod` its
@@ -196,7 +179,7 @@ pub async fn deliver(
     conn: Inbound,
     src: SocketAddr,
     source_pod: Option<&Pod>,
-) -> Result<Delivered, Refusal> {
+) -> Result<Delivered, Failure> {
     let (pod, dst) = (conn.pod.clone(), conn.destination);
     let (revocation, report) = {
         let state = ctx.state();
@@ -209,16 +192,14 @@ pub async fn deliver(
                 reason = %decision.verdict,
                 "connection denied by policy"
             );
-            let refusal = Refusal {
-                status: StatusCode::UNAUTHORIZED,
-                reason: decision.verdict.to_string(),
-            };
-            let outcome = Outcome::Failed {
-                flags: DENIED,
-                reason: refusal.reason.clone(),
-            };
-            report.close(outcome, 0, 0, "inbound connection denied by policy");
-            return Err(refusal);
+            let failure = Failure::Denied(decision.verdict);
+            report.close(
+                failure.outcome(),
+                0,
+                0,
+                "inbound connection denied by policy",
+            );
+            return Err(failure);
         }
         // Registered while the state is read-locked: a policy change either came before
         // the decision or will recheck this connection.
@@ -236,17 +217,14 @@ pub async fn deliver(
                 report,
             })
         }
-        Err(error) => {
-            let refusal = Refusal {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                reason: format!("connect to {dst} in pod {}: {error}", pod.spec),
+        Err(source) => {
+            let failure = Failure::Connect {
+                addr: dst,
+                pod: Some(pod.spec.to_string()),
+                source,
             };
-            let outcome = Outcome::Failed {
-                flags: CONNECT_FAILED,
-                reason: refusal.reason.clone(),
-            };
-            report.close(outcome, 0, 0, "inbound connection failed");
-            Err(refusal)
+            report.close(failure.outcome(), 0, 0, "inbound connection failed");
+            Err(failure)
         }
     }
 }

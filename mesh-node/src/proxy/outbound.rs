@@ -10,6 +10,7 @@ use super::{
     ProxyContext,
     authorize::Inbound,
     connect_from_pod,
+    failure::Failure,
     inbound::{self, Delivered},
     route::{self, Route, Source, Tunnel},
 };
@@ -22,8 +23,8 @@ use crate::{
     },
     pod::Pod,
     splice::{Revoked, splice},
-    state::Destination,
-    telemetry::{Addresses, CONNECT_FAILED, Outcome, Peer, Report, Reporter},
+    state::{Destination, State},
+    telemetry::{Addresses, Peer, Report, Reporter},
 };
 
 /// Accepts captured connections on one of the pod's outbound listeners until the task is aborted.
@@ -49,14 +50,14 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
     }
 }
 
-fn route(ctx: &ProxyContext, pod: &Pod, dst: SocketAddr) -> Route<Arc<Pod>> {
+fn route(ctx: &ProxyContext, state: &State, pod: &Pod, dst: SocketAddr) -> Route<Arc<Pod>> {
     let source = Source {
         ip: pod.primary_ip(),
         namespace: &pod.spec.namespace,
         identity: &pod.identity,
     };
     route::decide(
-        &ctx.state(),
+        state,
         &ctx.node,
         &source,
         dst,
@@ -81,10 +82,16 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let _ = client.set_nodelay(true);
     // The application's own address, as the destination will know it.
     let app_addr = SocketAddr::new(pod.primary_ip(), peer.port());
-    let route = route(&ctx, &pod, original);
-    let mut report = open_report(&ctx, &pod, app_addr, original, &route);
+    // The route and what the report says of it come from one read of the state: a push
+    // cannot land between them.
+    let (route, mut report) = {
+        let state = ctx.state();
+        let route = route(&ctx, &state, &pod, original);
+        let report = open_report(&ctx, &state, &pod, app_addr, original, &route);
+        (route, report)
+    };
     // Each way either relays (and returns) or says why it could not carry the connection.
-    let (flags, reason, message): (&str, String, &str) = match route {
+    let (failure, message) = match route {
         Route::Local { pod: dst_pod, dst } => {
             report.delivered_to(dst);
             let conn = Inbound {
@@ -109,11 +116,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                     )
                     .await;
                 }
-                Err(refusal) => (
-                    refusal.flags(),
-                    format!("{} {}", refusal.status.as_u16(), refusal.reason),
-                    "outbound connection failed",
-                ),
+                Err(failure) => (failure, "outbound connection failed"),
             }
         }
         Route::Hbone(tunnel) => {
@@ -122,7 +125,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 Ok(tunnel) => {
                     return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
                 }
-                Err(reason) => (CONNECT_FAILED, reason, "outbound connection failed"),
+                Err(failure) => (failure, "outbound connection failed"),
             }
         }
         Route::Passthrough(dst) => {
@@ -132,29 +135,32 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                     ending::arm(&upstream);
                     return relay(client, Upstream::Socket(upstream), None, report, None).await;
                 }
-                Err(error) => (
-                    CONNECT_FAILED,
-                    error.to_string(),
+                Err(source) => (
+                    Failure::Connect {
+                        addr: dst,
+                        pod: None,
+                        source,
+                    },
                     "outbound connection failed: upstream connect",
                 ),
             }
         }
-        Route::Refused(reason) => (CONNECT_FAILED, reason, "outbound connection refused"),
+        Route::Refused(reason) => (Failure::NoRoute(reason), "outbound connection refused"),
     };
     // Dropping the armed client resets it.
-    report.close(Outcome::Failed { flags, reason }, 0, 0, message);
+    report.close(failure.outcome(), 0, 0, message);
 }
 
 /// Opens the source side's report: who the application is, and what the route says about the
 /// destination.
 fn open_report(
     ctx: &ProxyContext,
+    state: &State,
     pod: &Pod,
     src: SocketAddr,
     original_dst: SocketAddr,
     route: &Route<Arc<Pod>>,
 ) -> Report {
-    let state = ctx.state();
     let network = &ctx.node.network;
     let source = Peer::of_pod(pod, state.workload_by_ip(network, src.ip()).as_deref());
     let service = match state.lookup(network, original_dst.ip(), Some(&pod.spec.namespace)) {
@@ -203,7 +209,7 @@ async fn open_tunnel(
     pod: &Pod,
     tunnel: &Tunnel,
     app_addr: SocketAddr,
-) -> Result<H2Stream, String> {
+) -> Result<H2Stream, Failure> {
     let Tunnel {
         workload,
         authority,
@@ -212,14 +218,15 @@ async fn open_tunnel(
         waypoint: _,
     } = tunnel;
     let peer = *peer;
-    let certs = ctx
-        .certs
-        .as_ref()
-        .ok_or("no certificate source configured (mesh-node run --ca-address or --ca-dir)")?;
+    let certs = ctx.certs.as_ref().ok_or_else(|| {
+        Failure::Tunnel(
+            "no certificate source configured (mesh-node run --ca-address or --ca-dir)".into(),
+        )
+    })?;
     let source = certs
         .get(&pod.identity)
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| Failure::Tunnel(error.to_string()))?;
     let key = PoolKey::new(
         pod.primary_ip(),
         pod.identity.clone(),
@@ -240,7 +247,8 @@ async fn open_tunnel(
                 .await
                 .map_err(|error| error.to_string())
         })
-        .await?;
+        .await
+        .map_err(Failure::Tunnel)?;
     if lease.fresh {
         tracing::info!(
             %peer,
@@ -261,7 +269,7 @@ async fn open_tunnel(
         .connection()
         .connect(&authority.to_string(), &headers)
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| Failure::Tunnel(error.to_string()))?;
     Ok(stream.with_lease(lease))
 }
 

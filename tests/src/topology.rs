@@ -103,6 +103,22 @@ pub struct Topology {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Topology {
+    /// The scenarios' usual cluster: `node1` and `node2`, linked, with these pods; panics (a
+    /// test set-up failure) with the reason if it cannot be built.
+    pub fn two_nodes(node1: Vec<PodSpec>, node2: Vec<PodSpec>) -> Self {
+        Self::build(&[
+            NodeSpec {
+                name: "node1",
+                pods: node1,
+            },
+            NodeSpec {
+                name: "node2",
+                pods: node2,
+            },
+        ])
+        .unwrap_or_else(|error| panic!("build the two-node topology: {error:#}"))
+    }
+
     pub fn build(specs: &[NodeSpec]) -> Result<Self> {
         sweep_leftovers();
         let id = format!(

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, thread, time::Duration};
 
 use mesh_node::xds::proto::security as pb;
 use mesh_tests::{
-    MeshNode, NodeSpec, PodSpec, Server, Topology,
+    MeshNode, PodSpec, Server, Topology,
     control_plane::{ControlPlane, eventually, pod_workload},
     http_probe, podapp, privileged,
 };
@@ -26,24 +26,17 @@ struct Mesh {
 
 impl Mesh {
     fn start() -> Self {
-        let topo = Topology::build(&[
-            NodeSpec {
-                name: "node1",
-                pods: vec![
-                    PodSpec::enrolled("server"),
-                    PodSpec::enrolled("neighbor").in_namespace("frontend"),
-                ],
-            },
-            NodeSpec {
-                name: "node2",
-                pods: vec![
-                    PodSpec::enrolled("alice").in_namespace("frontend"),
-                    PodSpec::enrolled("bob").in_namespace("backend"),
-                    PodSpec::plain("outsider"),
-                ],
-            },
-        ])
-        .expect("build topology");
+        let topo = Topology::two_nodes(
+            vec![
+                PodSpec::enrolled("server"),
+                PodSpec::enrolled("neighbor").in_namespace("frontend"),
+            ],
+            vec![
+                PodSpec::enrolled("alice").in_namespace("frontend"),
+                PodSpec::enrolled("bob").in_namespace("backend"),
+                PodSpec::plain("outsider"),
+            ],
+        );
         let plane = ControlPlane::on_node1(&topo);
         plane.put_pods(
             &topo,

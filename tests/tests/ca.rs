@@ -9,7 +9,7 @@ use std::{
 };
 
 use mesh_tests::{
-    MeshNode, NodeSpec, PodSpec, Server, Topology, ca_server::TestCa, hbone_client, privileged,
+    MeshNode, PodSpec, Server, Topology, ca_server::TestCa, hbone_client, privileged,
 };
 
 const PORT: u16 = 8080;
@@ -20,17 +20,10 @@ const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 /// node1: `client` (enrolled), `prober` (outside the mesh, for direct handshakes); node2:
 /// `server` (enrolled). The CA listens on node1.
 fn topology() -> Topology {
-    Topology::build(&[
-        NodeSpec {
-            name: "node1",
-            pods: vec![PodSpec::enrolled("client"), PodSpec::plain("prober")],
-        },
-        NodeSpec {
-            name: "node2",
-            pods: vec![PodSpec::enrolled("server")],
-        },
-    ])
-    .expect("build topology")
+    Topology::two_nodes(
+        vec![PodSpec::enrolled("client"), PodSpec::plain("prober")],
+        vec![PodSpec::enrolled("server")],
+    )
 }
 
 /// mesh-node on `node`, workloads from the local file, certificates from `ca`.

@@ -3,23 +3,16 @@
 //! sees, who the server saw connecting, and mesh-node's own account of the connection.
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_tests::{MeshNode, NodeSpec, PodSpec, Server, Topology, podapp, privileged, wait_for};
+use mesh_tests::{MeshNode, PodSpec, Server, Topology, podapp, privileged, wait_for};
 
 const SERVER_PORT: u16 = 8080;
 
 /// node1: `client` (enrolled), `bystander` (not enrolled); node2: `server` (enrolled).
 fn two_nodes() -> Topology {
-    Topology::build(&[
-        NodeSpec {
-            name: "node1",
-            pods: vec![PodSpec::enrolled("client"), PodSpec::plain("bystander")],
-        },
-        NodeSpec {
-            name: "node2",
-            pods: vec![PodSpec::enrolled("server")],
-        },
-    ])
-    .expect("build topology")
+    Topology::two_nodes(
+        vec![PodSpec::enrolled("client"), PodSpec::plain("bystander")],
+        vec![PodSpec::enrolled("server")],
+    )
 }
 
 fn start_server(topo: &Topology) -> Server {

@@ -7,9 +7,7 @@ use mesh_node::hbone::{
     H2Stream,
     client::{ConnectHeaders, Connection},
 };
-use mesh_tests::{
-    MeshNode, NodeSpec, PodSpec, Topology, hbone_client, podapp, privileged, sniff, wait_for,
-};
+use mesh_tests::{MeshNode, PodSpec, Topology, hbone_client, podapp, privileged, sniff, wait_for};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -22,21 +20,14 @@ const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 /// node1: `client`, `neighbor` (enrolled), `outsider` (not); node2: `server` (enrolled),
 /// `legacy` (not enrolled, not in the mesh).
 fn topology() -> Topology {
-    Topology::build(&[
-        NodeSpec {
-            name: "node1",
-            pods: vec![
-                PodSpec::enrolled("client"),
-                PodSpec::enrolled("neighbor"),
-                PodSpec::plain("outsider"),
-            ],
-        },
-        NodeSpec {
-            name: "node2",
-            pods: vec![PodSpec::enrolled("server"), PodSpec::plain("legacy")],
-        },
-    ])
-    .expect("build topology")
+    Topology::two_nodes(
+        vec![
+            PodSpec::enrolled("client"),
+            PodSpec::enrolled("neighbor"),
+            PodSpec::plain("outsider"),
+        ],
+        vec![PodSpec::enrolled("server"), PodSpec::plain("legacy")],
+    )
 }
 
 fn all_ok(run: &podapp::PodRun, conns: usize) {

@@ -8,23 +8,16 @@ use std::{
     time::Duration,
 };
 
-use mesh_tests::{MeshNode, NodeSpec, PodSpec, Topology, meshnode, podapp, privileged, wait_for};
+use mesh_tests::{MeshNode, PodSpec, Topology, meshnode, podapp, privileged, wait_for};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
 
 fn topology() -> Topology {
-    Topology::build(&[
-        NodeSpec {
-            name: "node1",
-            pods: vec![PodSpec::enrolled("client").in_namespace("shop")],
-        },
-        NodeSpec {
-            name: "node2",
-            pods: vec![PodSpec::enrolled("server")],
-        },
-    ])
-    .expect("build topology")
+    Topology::two_nodes(
+        vec![PodSpec::enrolled("client").in_namespace("shop")],
+        vec![PodSpec::enrolled("server")],
+    )
 }
 
 fn bpf_command(topo: &Topology, node: &str, args: &[&str]) -> Command {

@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, path::Path, thread, time::Duration};
 
 use mesh_tests::{
-    MeshNode, NodeSpec, PodSpec, Topology,
+    MeshNode, PodSpec, Topology,
     control_plane::{ControlPlane, eventually},
     http_probe,
     podapp::{self, Ending, Recorder},
@@ -31,17 +31,10 @@ struct Mesh {
 
 impl Mesh {
     fn start() -> Self {
-        let topo = Topology::build(&[
-            NodeSpec {
-                name: "node1",
-                pods: vec![PodSpec::enrolled("client"), PodSpec::enrolled("near")],
-            },
-            NodeSpec {
-                name: "node2",
-                pods: vec![PodSpec::enrolled("server"), PodSpec::plain("outsider")],
-            },
-        ])
-        .expect("build topology");
+        let topo = Topology::two_nodes(
+            vec![PodSpec::enrolled("client"), PodSpec::enrolled("near")],
+            vec![PodSpec::enrolled("server"), PodSpec::plain("outsider")],
+        );
         let plane = ControlPlane::on_node1(&topo);
         plane.put_pods(
             &topo,

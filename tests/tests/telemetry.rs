@@ -5,7 +5,7 @@
 use std::{thread, time::Duration};
 
 use mesh_tests::{
-    MeshNode, NodeSpec, PodSpec, Topology,
+    MeshNode, PodSpec, Topology,
     control_plane::ControlPlane,
     http_probe::{self, ADMIN, READINESS, sample},
     privileged, wait_for,
@@ -32,17 +32,10 @@ fn readiness_metrics_access_log_config_dump_and_log_level() {
     if !privileged() {
         return;
     }
-    let topo = Topology::build(&[
-        NodeSpec {
-            name: "node1",
-            pods: vec![PodSpec::enrolled("client")],
-        },
-        NodeSpec {
-            name: "node2",
-            pods: vec![PodSpec::enrolled("server")],
-        },
-    ])
-    .expect("build topology");
+    let topo = Topology::two_nodes(
+        vec![PodSpec::enrolled("client")],
+        vec![PodSpec::enrolled("server")],
+    );
     let mut plane = ControlPlane::on_node1(&topo);
     plane.put_pods(&topo, &[("client", "node1"), ("server", "node2")]);
     // The control plane is down when node1's mesh-node starts: it must not be ready.

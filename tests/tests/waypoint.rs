@@ -12,7 +12,7 @@ use mesh_node::{
     xds::proto::{security as sec, workload as pb},
 };
 use mesh_tests::{
-    NodeSpec, PodSpec, Topology,
+    PodSpec, Topology,
     control_plane::{ControlPlane, eventually, pod_workload},
     hbone_client, privileged,
     waypoint::Waypoint,
@@ -75,21 +75,14 @@ fn traffic_for_a_waypoint_goes_through_it_and_going_around_it_is_refused() {
     if !privileged() {
         return;
     }
-    let topo = Topology::build(&[
-        NodeSpec {
-            name: "node1",
-            pods: vec![
-                PodSpec::enrolled("client"),
-                PodSpec::plain("waypoint"),
-                PodSpec::plain("rogue"),
-            ],
-        },
-        NodeSpec {
-            name: "node2",
-            pods: vec![PodSpec::enrolled("server")],
-        },
-    ])
-    .expect("build topology");
+    let topo = Topology::two_nodes(
+        vec![
+            PodSpec::enrolled("client"),
+            PodSpec::plain("waypoint"),
+            PodSpec::plain("rogue"),
+        ],
+        vec![PodSpec::enrolled("server")],
+    );
     let plane = ControlPlane::on_node1(&topo);
     let server_ip = topo.pod("server").ip;
     let server_addr = SocketAddr::from((server_ip, PORT));

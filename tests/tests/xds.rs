@@ -12,7 +12,7 @@ use std::{
 
 use mesh_node::xds::proto::{ADDRESS_TYPE, workload as pb};
 use mesh_tests::{
-    MeshNode, NodeSpec, PodSpec, Topology,
+    MeshNode, PodSpec, Topology,
     control_plane::{ControlPlane, TOKEN, eventually, pod_workload},
     http_probe, podapp, privileged,
 };
@@ -34,17 +34,10 @@ impl Mesh {
         node2_pods: &[&'static str],
         service: pb::Service,
     ) -> (Self, Vec<podapp::Server>) {
-        let topo = Topology::build(&[
-            NodeSpec {
-                name: "node1",
-                pods: node1_pods.iter().map(|p| PodSpec::enrolled(p)).collect(),
-            },
-            NodeSpec {
-                name: "node2",
-                pods: node2_pods.iter().map(|p| PodSpec::enrolled(p)).collect(),
-            },
-        ])
-        .expect("build topology");
+        let topo = Topology::two_nodes(
+            node1_pods.iter().map(|p| PodSpec::enrolled(p)).collect(),
+            node2_pods.iter().map(|p| PodSpec::enrolled(p)).collect(),
+        );
         let plane = ControlPlane::on_node1(&topo);
         let mut servers = Vec::new();
         for pod in node1_pods.iter().chain(node2_pods) {

@@ -5,14 +5,13 @@
 //! - readiness, `:15021`: `GET /healthz/ready`, 200 once programs are attached, start-up
 //!   enrollment is done, the control plane's first answer arrived and every enrolled pod has a
 //!   certificate; 503 with the reasons before.
+mod config_dump;
+mod readiness;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{
-        Arc, OnceLock,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::SystemTime,
+    sync::{Arc, OnceLock},
 };
 
 use bytes::Bytes;
@@ -20,80 +19,12 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::watch};
+use serde_json::Value;
+use tokio::net::TcpListener;
 
-use crate::{
-    certs::CertManager, enroll::Enroller, logging, proxy::ProxyContext, telemetry::Metrics,
-    xds::session::XdsStatus,
-};
+pub use readiness::Readiness;
 
-/// What readiness waits for. Shared by the start-up sequence (which sets the flags) and the
-/// readiness endpoint.
-pub struct Readiness {
-    programs: AtomicBool,
-    enrolled: AtomicBool,
-    xds: watch::Receiver<XdsStatus>,
-    certs: Option<Arc<CertManager>>,
-}
-
-impl Readiness {
-    /// `xds` is synced with the control plane's first answer of every type (from the start
-    /// without a control plane), and names the resources it refused.
-    pub fn new(xds: watch::Receiver<XdsStatus>, certs: Option<Arc<CertManager>>) -> Self {
-        Self {
-            programs: AtomicBool::new(false),
-            enrolled: AtomicBool::new(false),
-            xds,
-            certs,
-        }
-    }
-
-    pub fn programs_attached(&self) {
-        self.programs.store(true, Ordering::Release);
-    }
-
-    pub fn startup_enrollment_done(&self) {
-        self.enrolled.store(true, Ordering::Release);
-    }
-
-    /// Resources the control plane sent that were refused: they do not hold readiness back
-    /// (one bad ServiceEntry must not keep every pod of the node out), but are named.
-    pub fn rejected(&self) -> Vec<String> {
-        self.xds
-            .borrow()
-            .rejected
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} {} (version {}): {}",
-                    r.type_name, r.name, r.version, r.error
-                )
-            })
-            .collect()
-    }
-
-    /// What is still missing; empty when ready.
-    pub fn missing(&self) -> Vec<String> {
-        let mut missing = Vec::new();
-        if !self.programs.load(Ordering::Acquire) {
-            missing.push("eBPF programs not attached yet".to_owned());
-        }
-        if !self.enrolled.load(Ordering::Acquire) {
-            missing.push("pods not enrolled yet".to_owned());
-        }
-        if !self.xds.borrow().synced {
-            missing.push("no answer from the control plane yet".to_owned());
-        }
-        if let Some(certs) = &self.certs {
-            for status in certs.snapshot().iter().filter(|s| s.tracked && !s.valid) {
-                let why = status.error.as_deref().unwrap_or("not issued yet");
-                missing.push(format!("no certificate for {}: {why}", status.identity));
-            }
-        }
-        missing
-    }
-}
+use crate::{enroll::Enroller, logging, proxy::ProxyContext, telemetry::Metrics};
 
 /// Everything the endpoints read.
 pub struct Admin {
@@ -242,7 +173,7 @@ fn metrics_routes(admin: &Admin, request: &Request<Incoming>) -> Response<Full<B
 
 fn admin_routes(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
-        (&Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump(admin)),
+        (&Method::GET, "/config_dump") => json_response(StatusCode::OK, &config_dump::of(admin)),
         (&Method::GET, "/logging") => {
             text(StatusCode::OK, format!("{}\n", logging::current_filter()))
         }
@@ -301,110 +232,6 @@ fn percent_decode(value: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn rfc3339(time: SystemTime) -> String {
-    time::OffsetDateTime::from(time)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-fn config_dump(admin: &Admin) -> Value {
-    let Some(ctx) = admin.ctx.get() else {
-        return json!({ "error": "the data plane is not up yet" });
-    };
-    let state = ctx.state();
-    let mut workloads: Vec<Value> = state
-        .workloads()
-        .map(|w| {
-            let mut value = json!(**w);
-            value["identity"] = json!(w.identity());
-            value
-        })
-        .collect();
-    workloads.sort_by_key(|w| w["uid"].as_str().unwrap_or_default().to_owned());
-    let mut services: Vec<Value> = state
-        .services()
-        .map(|s| {
-            let mut value = json!(**s);
-            let mut endpoints: Vec<String> =
-                state.endpoints(s.key()).map(|w| w.uid.clone()).collect();
-            endpoints.sort();
-            value["endpoints"] = json!(endpoints);
-            value
-        })
-        .collect();
-    services.sort_by_key(|s| {
-        format!(
-            "{}/{}",
-            s["namespace"].as_str().unwrap_or_default(),
-            s["hostname"].as_str().unwrap_or_default()
-        )
-    });
-    let mut policies: Vec<Value> = state.policies().map(|p| json!(**p)).collect();
-    policies.sort_by_key(|p| {
-        format!(
-            "{}/{}",
-            p["namespace"].as_str().unwrap_or_default(),
-            p["name"].as_str().unwrap_or_default()
-        )
-    });
-    drop(state);
-    let rejected = json!(admin.readiness.xds.borrow().rejected);
-    let pods: Vec<Value> = admin
-        .enroller
-        .get()
-        .map(|enroller| {
-            enroller
-                .pods()
-                .iter()
-                .map(|pod| {
-                    json!({
-                        "pod": pod.spec.to_string(),
-                        "identity": pod.identity.to_string(),
-                        "addresses": pod.spec.ips,
-                        "netns": pod.netns.path(),
-                        "netns_cookie": pod.netns_cookie,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let now = SystemTime::now();
-    let certificates: Vec<Value> = ctx
-        .certs
-        .as_ref()
-        .map(|certs| {
-            certs
-                .snapshot()
-                .into_iter()
-                .map(|status| {
-                    json!({
-                        "identity": status.identity.to_string(),
-                        "enrolled_pod": status.tracked,
-                        "valid": status.valid,
-                        "not_after": status.not_after.map(rfc3339),
-                        "expires_in_seconds": status.not_after.map(|t| t.duration_since(now).map_or(0, |d| d.as_secs())),
-                        "last_error": status.error,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    json!({
-        "node": {
-            "name": ctx.node.node_name,
-            "cluster_id": ctx.node.cluster_id,
-            "network": ctx.node.network,
-        },
-        "enrolled_pods": pods,
-        "workloads": workloads,
-        "services": services,
-        "policies": policies,
-        "rejected_resources": rejected,
-        "certificates": certificates,
-        "log_filter": logging::current_filter(),
-    })
 }
 
 #[cfg(test)]

@@ -247,6 +247,3 @@ fn render_status(status: &Status) -> String {
     let _ = write!(text, "\n{counters}");
     text
 }
-
-// ---------------------------------------------------------------------------------------------
-// pods

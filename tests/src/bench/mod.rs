@@ -1,0 +1,314 @@
+//! The data-path benchmark: the same load over three paths, side by side, on one topology.
+//!
+//! - **direct**: `plain1` (node1) → `plain2` (node2), neither enrolled: the kernel alone, the
+//!   baseline every other figure is compared with;
+//! - **same-node**: `client` → `local`, both enrolled on node1: captured and delivered by
+//!   node1's mesh-node without TLS;
+//! - **cross-node**: `client` (node1) → `server` (node2), both enrolled: captured on node1,
+//!   carried in an HBONE tunnel (mutual TLS, HTTP/2 CONNECT) and delivered by node2's mesh-node.
+//!
+//! The load comes from `loadgen` (this package) running inside the pods, against a `loadgen
+//! serve` in each server pod. Every figure is taken `runs` times, the paths interleaved within
+//! each run so that drift on a shared machine affects them alike; a figure is reported as the
+//! median with min–max. Memory is measured first, on freshly started mesh-nodes, so that what
+//! the allocator kept from earlier load does not count.
+mod measure;
+mod proc;
+mod report;
+
+use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+pub use proc::proc_rss_kib;
+pub use report::{Compare, Machine, Metric, Report, Stat, markdown};
+
+use crate::{NodeSpec, PodSpec, Server, Topology, podapp::sibling_binary, topology::sysctl};
+use measure::{Bench, Found};
+use proc::raise_open_file_limit;
+use report::metric_defs;
+
+/// The port `loadgen serve` listens on in every server pod.
+pub const PORT: u16 = 9000;
+
+/// What to measure and how long.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    pub runs: usize,
+    #[serde(serialize_with = "as_millis")]
+    pub warmup: Duration,
+    #[serde(serialize_with = "as_millis")]
+    pub duration: Duration,
+    /// Requests per second of the latency test, spread over `latency_conns` connections.
+    pub latency_rate: u32,
+    pub latency_conns: usize,
+    /// Client threads of the connection-rate test, each opening one connection at a time.
+    pub connrate_threads: usize,
+    /// Open-connection counts at which mesh-node's resident memory is read.
+    pub held: Vec<usize>,
+    /// The load peak after which memory must be given back: this many connections are
+    /// opened, then closed, and memory is read `after_peak` later.
+    pub peak: usize,
+    #[serde(serialize_with = "as_millis")]
+    pub after_peak: Duration,
+    /// Extra `mesh-node run` arguments (experiments: `--workers 1`, …).
+    pub mesh_args: Vec<String>,
+    /// Paths and tests to run, and whether to measure memory (all, by default; fewer for
+    /// quick experiments).
+    #[serde(serialize_with = "route_keys")]
+    pub routes: Vec<Route>,
+    pub tests: Vec<Test>,
+    pub memory: bool,
+    #[serde(skip)]
+    pub out_dir: PathBuf,
+    /// Output file stem in `out_dir`.
+    #[serde(skip)]
+    pub name: String,
+}
+
+fn route_keys<S: serde::Serializer>(routes: &[Route], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(routes.iter().map(|r| r.key()))
+}
+
+/// One of the timed tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Test {
+    Throughput,
+    Latency,
+    ConnRate,
+}
+
+impl Test {
+    pub const ALL: [Test; 3] = [Test::Throughput, Test::Latency, Test::ConnRate];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "throughput" => Test::Throughput,
+            "latency" => Test::Latency,
+            "connrate" => Test::ConnRate,
+            other => bail!("unknown test {other:?} (throughput, latency, connrate)"),
+        })
+    }
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+impl Config {
+    /// The real measurement: about five minutes on two cores.
+    pub fn full(out_dir: PathBuf) -> Self {
+        Self {
+            runs: 5,
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(4),
+            latency_rate: 1000,
+            latency_conns: 4,
+            connrate_threads: 4,
+            held: vec![1000, 10_000],
+            peak: 5000,
+            after_peak: Duration::from_secs(60),
+            mesh_args: Vec::new(),
+            routes: Route::ALL.to_vec(),
+            tests: Test::ALL.to_vec(),
+            memory: true,
+            out_dir,
+            name: "datapath".into(),
+        }
+    }
+
+    /// Every code path of the benchmark in seconds, for CI: the figures mean nothing.
+    pub fn smoke(out_dir: PathBuf) -> Self {
+        Self {
+            runs: 1,
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(300),
+            latency_rate: 200,
+            latency_conns: 2,
+            connrate_threads: 2,
+            held: vec![20, 200],
+            peak: 200,
+            after_peak: Duration::from_secs(1),
+            name: "datapath-smoke".into(),
+            ..Self::full(out_dir)
+        }
+    }
+
+    fn settle(&self) -> Duration {
+        (self.warmup / 2).max(Duration::from_millis(100))
+    }
+}
+
+/// One of the three measured paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Route {
+    Direct,
+    SameNode,
+    CrossNode,
+}
+
+impl Route {
+    pub const ALL: [Route; 3] = [Route::Direct, Route::SameNode, Route::CrossNode];
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Route::ALL
+            .into_iter()
+            .find(|r| r.key() == name)
+            .with_context(|| format!("unknown path {name:?} (direct, same-node, cross-node)"))
+    }
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::SameNode => "same-node",
+            Route::CrossNode => "cross-node",
+        }
+    }
+
+    fn heading(self) -> &'static str {
+        match self {
+            Route::Direct => "direct (no mesh)",
+            Route::SameNode => "same-node",
+            Route::CrossNode => "cross-node HBONE",
+        }
+    }
+
+    fn client(self) -> &'static str {
+        match self {
+            Route::Direct => "plain1",
+            Route::SameNode | Route::CrossNode => "client",
+        }
+    }
+
+    fn server(self) -> &'static str {
+        match self {
+            Route::Direct => "plain2",
+            Route::SameNode => "local",
+            Route::CrossNode => "server",
+        }
+    }
+
+    /// The nodes whose mesh-node carries this path's traffic.
+    fn mesh_nodes(self) -> &'static [&'static str] {
+        match self {
+            Route::Direct => &[],
+            Route::SameNode => &["node1"],
+            Route::CrossNode => &["node1", "node2"],
+        }
+    }
+}
+
+/// Runs the benchmark, writes `<out_dir>/<name>.json` and `.md`, and returns the report.
+pub fn run(config: &Config) -> Result<Report> {
+    let open_files = raise_open_file_limit();
+    let topo = Topology::build(&[
+        NodeSpec {
+            name: "node1",
+            pods: vec![
+                PodSpec::enrolled("client"),
+                PodSpec::enrolled("local"),
+                PodSpec::plain("plain1"),
+            ],
+        },
+        NodeSpec {
+            name: "node2",
+            pods: vec![PodSpec::enrolled("server"), PodSpec::plain("plain2")],
+        },
+    ])
+    .context("build the benchmark topology")?;
+    // Thousands of short connections per second: ports in TIME_WAIT must be reusable.
+    for pod in topo.nodes.iter().flat_map(|n| &n.pods) {
+        sysctl(&pod.netns, "net.ipv4.tcp_tw_reuse=1")?;
+        sysctl(&pod.netns, "net.ipv4.ip_local_port_range=1024 65000")?;
+    }
+    let loadgen = sibling_binary("loadgen", "LOADGEN_BIN")?;
+    let _servers = ["local", "server", "plain2"]
+        .into_iter()
+        .map(|name| {
+            let pod = topo.pod(name);
+            Server::start_program(
+                &loadgen,
+                &pod.netns_path(),
+                &pod.cgroup,
+                SocketAddr::from((pod.ip, PORT)),
+            )
+            .with_context(|| format!("start loadgen serve in {name}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bench = Bench {
+        config,
+        topo: &topo,
+        loadgen,
+    };
+    let mut found = Found::default();
+
+    if config.memory {
+        for route in config
+            .routes
+            .iter()
+            .copied()
+            .filter(|r| *r != Route::Direct)
+        {
+            bench.memory(route, open_files, &mut found)?;
+        }
+    }
+    let meshes = bench.start_meshes()?;
+    for run in 1..=config.runs {
+        for &route in &config.routes {
+            let tag = format!("run {run}/{} {}", config.runs, route.key());
+            for &test in &config.tests {
+                match test {
+                    Test::Throughput => {
+                        for streams in [1, 8] {
+                            bench.throughput(&tag, route, streams, &meshes, &mut found)?;
+                        }
+                    }
+                    Test::Latency => bench.latency(&tag, route, &mut found)?,
+                    Test::ConnRate => bench.connrate(&tag, route, &mut found)?,
+                }
+            }
+        }
+    }
+    bench.check_routes(&meshes)?;
+    drop(meshes);
+
+    let Found {
+        mut samples,
+        errors,
+        notes,
+    } = found;
+    let report = Report {
+        machine: Machine::read(),
+        config: config.clone(),
+        metrics: metric_defs(config)
+            .into_iter()
+            .map(|(key, label, unit, compare)| {
+                let paths = Route::ALL
+                    .into_iter()
+                    .filter_map(|route| {
+                        Stat::of(samples.take(&key, route)).map(|stat| (route.key(), stat))
+                    })
+                    .collect();
+                Metric {
+                    key,
+                    label,
+                    unit,
+                    compare,
+                    paths,
+                }
+            })
+            .collect(),
+        errors,
+        notes,
+    };
+    fs::create_dir_all(&config.out_dir)
+        .with_context(|| format!("create {}", config.out_dir.display()))?;
+    let json = config.out_dir.join(format!("{}.json", config.name));
+    fs::write(&json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("write {}", json.display()))?;
+    let md = config.out_dir.join(format!("{}.md", config.name));
+    fs::write(&md, markdown(&report)).with_context(|| format!("write {}", md.display()))?;
+    Ok(report)
+}

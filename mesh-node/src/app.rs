@@ -195,7 +195,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 }
             }
         });
-        let enroller = Arc::new(Enroller::new(ctx, &config.trust_domain));
+        let enroller = Arc::new(Enroller::new(ctx, dataplane.clone(), &config.trust_domain));
         let _ = admin.enroller.set(enroller.clone());
         let total = pods.len();
         let mut enrolled = 0;

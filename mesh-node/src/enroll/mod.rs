@@ -21,7 +21,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    dataplane::{DataplaneError, record::PodRecord},
+    dataplane::{Dataplane, DataplaneError, record::PodRecord},
     identity::Identity,
     netns::{self, NetNs, NetNsError},
     proxy::{self, ProxyContext},
@@ -60,6 +60,7 @@ struct Enrolled {
 /// Owns every enrolled pod's listeners and accept loops.
 pub struct Enroller {
     ctx: Arc<ProxyContext>,
+    dataplane: Arc<Dataplane>,
     trust_domain: String,
     pods: Mutex<HashMap<String, Enrolled>>,
     next_id: AtomicU32,
@@ -74,9 +75,10 @@ enum Role {
 }
 
 impl Enroller {
-    pub fn new(ctx: Arc<ProxyContext>, trust_domain: &str) -> Self {
+    pub fn new(ctx: Arc<ProxyContext>, dataplane: Arc<Dataplane>, trust_domain: &str) -> Self {
         Self {
             ctx,
+            dataplane,
             trust_domain: trust_domain.to_owned(),
             pods: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
@@ -134,8 +136,7 @@ impl Enroller {
             if let Role::InboundPlain = role {
                 let same_family = |ip: &&IpAddr| ip.to_canonical().is_ipv4() == addr.is_ipv4();
                 for ip in pod.spec.ips.iter().filter(same_family) {
-                    self.ctx
-                        .dataplane
+                    self.dataplane
                         .register_inbound(*ip, &socket)
                         .map_err(|source| fail(&tasks, source))?;
                 }
@@ -156,7 +157,6 @@ impl Enroller {
         }
         // Capture starts only once something is accepting.
         let (link_id, origin) = self
-            .ctx
             .dataplane
             .attach_inbound(pod.netns.as_fd(), pod.netns.path(), netns_cookie)
             .map_err(|source| fail(&tasks, source))?;
@@ -169,8 +169,7 @@ impl Enroller {
             listeners: listener_bits,
             truncated: false,
         };
-        self.ctx
-            .dataplane
+        self.dataplane
             .enroll(netns_cookie, &record.encode())
             .map_err(|source| fail(&tasks, source))?;
         self.ctx.local_pods.insert(&pod);
@@ -214,7 +213,7 @@ impl Enroller {
 
     /// Undoes every kernel-side effect of enrolling `pod`; reports the first failure.
     fn release_capture(&self, pod: &Pod) -> Result<(), DataplaneError> {
-        let dataplane = &self.ctx.dataplane;
+        let dataplane = &self.dataplane;
         let mut results = vec![
             dataplane.unenroll(pod.netns_cookie),
             dataplane.detach_inbound(pod.netns_cookie),

@@ -6,10 +6,12 @@ pub mod inbound;
 pub mod inbound_plain;
 pub mod outbound;
 pub mod route;
+#[cfg(test)]
+mod tests;
 mod upstream;
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, PoisonError, RwLock},
     time::Duration,
 };
@@ -24,9 +26,24 @@ use crate::{
     telemetry::Metrics, throttle::Throttle,
 };
 
+/// Where a captured connection was going, as the kernel recorded it: the one thing the data
+/// path asks of the eBPF side. A trait, so that a [`ProxyContext`] can be built (and routing,
+/// delivery and reports tested) without loading programs.
+pub trait OriginalDestinations: Send + Sync {
+    /// Takes (and forgets) the original destination of the connection from `src_port` in the
+    /// network namespace `netns_cookie`.
+    fn take(&self, netns_cookie: u64, src_port: u16) -> Option<SocketAddr>;
+}
+
+impl OriginalDestinations for Dataplane {
+    fn take(&self, netns_cookie: u64, src_port: u16) -> Option<SocketAddr> {
+        self.take_original_dst(netns_cookie, src_port)
+    }
+}
+
 /// Everything a connection handler may consult, shared by all of them.
 pub struct ProxyContext {
-    pub dataplane: Arc<Dataplane>,
+    pub original_dsts: Arc<dyn OriginalDestinations>,
     /// The mesh as the control plane (or the local file) last described it: read with
     /// [`Self::state`], changed only through [`Self::update_state`], which rechecks open
     /// connections against the change.
@@ -51,7 +68,7 @@ const REFUSAL_LOG_KEYS: usize = 1024;
 
 impl ProxyContext {
     pub fn new(
-        dataplane: Arc<Dataplane>,
+        original_dsts: Arc<dyn OriginalDestinations>,
         node: NodeInfo,
         certs: Option<Arc<CertManager>>,
         settings: Settings,
@@ -59,7 +76,7 @@ impl ProxyContext {
     ) -> Self {
         Self {
             metrics,
-            dataplane,
+            original_dsts,
             state: RwLock::new(State::new()),
             node,
             local_pods: LocalPods::default(),

@@ -50,7 +50,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyContext>)
     }
 }
 
-fn route(ctx: &ProxyContext, state: &State, pod: &Pod, dst: SocketAddr) -> Route<Arc<Pod>> {
+pub(super) fn route(
+    ctx: &ProxyContext,
+    state: &State,
+    pod: &Pod,
+    dst: SocketAddr,
+) -> Route<Arc<Pod>> {
     let source = Source {
         ip: pod.primary_ip(),
         namespace: &pod.spec.namespace,
@@ -70,10 +75,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     // From here on, any end but a clean one resets the application (see `ending`): it was
     // already told its connect succeeded, and must not mistake a failure for an empty answer.
     ending::arm(&client);
-    let Some(original) = ctx
-        .dataplane
-        .take_original_dst(pod.netns_cookie, peer.port())
-    else {
+    let Some(original) = ctx.original_dsts.take(pod.netns_cookie, peer.port()) else {
         tracing::warn!(pod = %pod.spec, src_port = peer.port(), "no original destination recorded for this connection; resetting it");
         return;
     };
@@ -153,7 +155,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
 
 /// Opens the source side's report: who the application is, and what the route says about the
 /// destination.
-fn open_report(
+pub(super) fn open_report(
     ctx: &ProxyContext,
     state: &State,
     pod: &Pod,

@@ -70,34 +70,34 @@ impl NetworkVips {
 
     /// The service a workload in `namespace` reaches at `ip`: a single-address VIP before a
     /// block, a longer block before a shorter one; among equals one of the caller's namespace,
-    /// then the first by key. Services it cannot see are skipped.
+    /// then the first by key. Services it cannot see are skipped. No allocation: this runs for
+    /// every outbound connection.
     fn find<'a>(&'a self, ip: IpAddr, namespace: Option<&str>) -> Option<&'a Arc<Service>> {
         let visible = |s: &Arc<Service>| namespace.is_none_or(|ns| s.is_visible_to(ns));
-        let best = |candidates: Vec<&'a Arc<Service>>| {
-            let own = candidates
-                .iter()
-                .find(|s| namespace.is_some_and(|ns| s.namespace == ns));
-            own.or_else(|| candidates.first()).copied()
+        let own = |s: &Arc<Service>| namespace.is_some_and(|ns| s.namespace == ns);
+        // The best of `(prefix length, service)` candidates, the first among equals.
+        let best = |candidates: &mut dyn Iterator<Item = (u8, &'a Arc<Service>)>| {
+            let mut best: Option<((u8, bool), &'a Arc<Service>)> = None;
+            for (prefix, service) in candidates {
+                let rank = (prefix, own(service));
+                if best.is_none_or(|(top, _)| rank > top) {
+                    best = Some((rank, service));
+                }
+            }
+            best.map(|(_, service)| service)
         };
         if let Some(services) = self.hosts.get(&ip) {
-            let candidates: Vec<_> = services.iter().filter(|s| visible(s)).collect();
-            if let Some(found) = best(candidates) {
+            let mut at = services.iter().filter(|s| visible(s)).map(|s| (0, s));
+            if let Some(found) = best(&mut at) {
                 return Some(found);
             }
         }
-        let longest = self
+        let mut covering = self
             .ranges
             .iter()
             .filter(|(cidr, s)| cidr.contains(ip) && visible(s))
-            .map(|(cidr, _)| cidr.prefix())
-            .max()?;
-        best(
-            self.ranges
-                .iter()
-                .filter(|(cidr, s)| cidr.prefix() == longest && cidr.contains(ip) && visible(s))
-                .map(|(_, s)| s)
-                .collect(),
-        )
+            .map(|(cidr, s)| (cidr.prefix(), s));
+        best(&mut covering)
     }
 }
 

@@ -561,3 +561,30 @@ fn policy_conversion_names_the_bad_field() {
         "{error}"
     );
 }
+
+#[test]
+fn the_longest_covering_vip_block_wins_and_a_single_vip_beats_any_block() {
+    let block = |hostname: &str, addr: &str, length: u32| {
+        let mut s = pb_service(None);
+        s.hostname = hostname.into();
+        s.addresses = vec![pb::NetworkAddress {
+            network: String::new(),
+            address: bytes(addr),
+            length: Some(length),
+        }];
+        convert::service(s).unwrap()
+    };
+    let mut state = State::new();
+    state.upsert_service(block("wide.example", "10.0.0.0", 8));
+    state.upsert_service(block("narrow.example", "10.1.0.0", 16));
+    state.upsert_service(block("single.example", "10.1.2.3", 32));
+    let at = |ip_text: &str| {
+        state
+            .service_at("", ip(ip_text), None)
+            .map(|s| s.hostname.clone())
+    };
+    assert_eq!(at("10.1.9.9").as_deref(), Some("narrow.example"));
+    assert_eq!(at("10.2.0.1").as_deref(), Some("wide.example"));
+    assert_eq!(at("10.1.2.3").as_deref(), Some("single.example"));
+    assert_eq!(at("11.0.0.1"), None);
+}

@@ -118,8 +118,11 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
     // (network, address) → owner: the same IP may be reused on another network.
     let mut owners: HashMap<(String, IpAddr), String> = HashMap::new();
     for (index, entry) in file.workloads.into_iter().enumerate() {
-        let workload = convert::workload(entry.into_proto(), trust_domain)
-            .map_err(converted("workloads", index))?;
+        let proto = entry
+            .into_proto()
+            .map_err(|message| invalid("workloads", index, message))?;
+        let workload =
+            convert::workload(proto, trust_domain).map_err(converted("workloads", index))?;
         if !uids.insert(workload.uid.clone()) {
             return Err(invalid(
                 "workloads",
@@ -143,7 +146,10 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
     }
     let mut keys = HashSet::new();
     for (index, entry) in file.services.into_iter().enumerate() {
-        let service = convert::service(entry.into_proto()).map_err(converted("services", index))?;
+        let proto = entry
+            .into_proto()
+            .map_err(|message| invalid("services", index, message))?;
+        let service = convert::service(proto).map_err(converted("services", index))?;
         if !keys.insert(service.key().to_owned()) {
             return Err(invalid(
                 "services",

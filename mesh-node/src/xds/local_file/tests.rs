@@ -199,3 +199,25 @@ policies:
         "{error}"
     );
 }
+
+#[test]
+fn a_waypoint_with_both_or_neither_destination_is_refused_by_entry() {
+    let both = parse_str(
+        "workloads:\n  - name: s\n    namespace: shop\n    addresses: [10.0.0.7]\n    waypoint: {address: 10.0.0.9, hostname: shop/wp.shop.svc}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        both.contains("workloads[0]: waypoint: address and hostname are exclusive"),
+        "{both}"
+    );
+    let neither = parse_str(
+        "services:\n  - name: e\n    namespace: shop\n    hostname: e.shop.svc\n    waypoint: {port: 15008}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        neither.contains("services[0]: waypoint: needs an address or a hostname"),
+        "{neither}"
+    );
+}

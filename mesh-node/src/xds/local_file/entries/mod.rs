@@ -59,7 +59,9 @@ pub struct WaypointEntry {
 }
 
 impl WaypointEntry {
-    fn into_proto(self) -> pb::GatewayAddress {
+    /// The gateway address; refuses an entry that names both an address and a hostname, or
+    /// neither (a network without an address, say), by field.
+    fn into_proto(self) -> Result<pb::GatewayAddress, String> {
         use pb::gateway_address::Destination;
         let Self {
             address,
@@ -68,7 +70,11 @@ impl WaypointEntry {
             port,
         } = self;
         let destination = match (address, hostname) {
-            (Some(ip), _) => Some(Destination::Address(pb::NetworkAddress {
+            (Some(_), Some(_)) => {
+                return Err("waypoint: address and hostname are exclusive".to_owned());
+            }
+            (None, None) => return Err("waypoint: needs an address or a hostname".to_owned()),
+            (Some(ip), None) => Some(Destination::Address(pb::NetworkAddress {
                 network,
                 address: ip_bytes(&ip),
                 length: None,
@@ -80,13 +86,11 @@ impl WaypointEntry {
                     hostname: hostname.to_owned(),
                 }))
             }
-            // Refused, by name, by the conversion's check.
-            (None, None) => None,
         };
-        pb::GatewayAddress {
+        Ok(pb::GatewayAddress {
             destination,
             hbone_mtls_port: port.unwrap_or(mesh_common::HBONE_PORT).into(),
-        }
+        })
     }
 }
 

@@ -78,7 +78,8 @@ pub enum VisibilityEntry {
 }
 
 impl ServiceEntry {
-    pub fn into_proto(self) -> pb::Service {
+    /// The message istiod would send; `Err` names a field no message could carry.
+    pub fn into_proto(self) -> Result<pb::Service, String> {
         use pb::load_balancing::{HealthPolicy as H, Mode as M, Scope as S};
         let Self {
             name,
@@ -91,8 +92,8 @@ impl ServiceEntry {
             waypoint,
             visibility,
         } = self;
-        pb::Service {
-            waypoint: waypoint.map(WaypointEntry::into_proto),
+        Ok(pb::Service {
+            waypoint: waypoint.map(WaypointEntry::into_proto).transpose()?,
             visibility: match visibility {
                 Some(VisibilityEntry::Namespace) => pb::service::Visibility::Namespace,
                 Some(VisibilityEntry::Public) | None => pb::service::Visibility::Public,
@@ -139,6 +140,6 @@ impl ServiceEntry {
                 } as i32,
             }),
             ..Default::default()
-        }
+        })
     }
 }

@@ -74,7 +74,8 @@ pub struct WorkloadEntry {
 }
 
 impl WorkloadEntry {
-    pub fn into_proto(self) -> pb::Workload {
+    /// The message istiod would send; `Err` names a field no message could carry.
+    pub fn into_proto(self) -> Result<pb::Workload, String> {
         let Self {
             uid,
             name,
@@ -97,8 +98,8 @@ impl WorkloadEntry {
             host_network,
             hostname,
         } = self;
-        pb::Workload {
-            waypoint: waypoint.map(WaypointEntry::into_proto),
+        Ok(pb::Workload {
+            waypoint: waypoint.map(WaypointEntry::into_proto).transpose()?,
             network_mode: if host_network {
                 pb::NetworkMode::HostNetwork
             } else {
@@ -140,6 +141,6 @@ impl WorkloadEntry {
             canonical_name,
             canonical_revision,
             ..Default::default()
-        }
+        })
     }
 }

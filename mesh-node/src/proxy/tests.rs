@@ -116,10 +116,9 @@ fn push(ctx: &ProxyContext, workloads: Vec<pb::Workload>, services: Vec<pb::Serv
 
 /// The one sample line of `metric` in the exposition.
 fn sample(metrics: &Metrics, metric: &str) -> String {
-    let text = metrics.encode();
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(metric)).collect();
-    assert_eq!(lines.len(), 1, "{text}");
-    lines[0].to_owned()
+    let mut lines = metrics.sample_lines(metric);
+    assert_eq!(lines.len(), 1, "{}", metrics.encode());
+    lines.remove(0)
 }
 
 #[test]

@@ -372,6 +372,21 @@ fn kernel_help(counter: KernelCounter) -> &'static str {
 }
 
 #[cfg(test)]
+impl Metrics {
+    /// The exposition's sample lines of `metric` (any labels), for tests across the crate.
+    pub(crate) fn sample_lines(&self, metric: &str) -> Vec<String> {
+        self.encode()
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(metric)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::telemetry::Peer;
@@ -398,10 +413,11 @@ mod tests {
         metrics.closed(&labels, 24, 0);
         let text = metrics.encode();
         let line = |name: &str| {
-            text.lines()
-                .find(|line| line.starts_with(name))
+            let name = name.trim_end_matches('{');
+            metrics
+                .sample_lines(name)
+                .pop()
                 .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-                .to_owned()
         };
         assert!(
             line("istio_tcp_connections_opened_total{").ends_with(" 2"),

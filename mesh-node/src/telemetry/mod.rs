@@ -280,11 +280,8 @@ mod tests {
 
     fn closed(metrics: &Metrics) -> String {
         metrics
-            .encode()
-            .lines()
-            .filter(|l| l.starts_with("istio_tcp_connections_closed_total"))
-            .map(str::to_owned)
-            .collect()
+            .sample_lines("istio_tcp_connections_closed_total")
+            .concat()
     }
 
     /// A report dropped without being closed (a forgotten path, a panic) still counts as

@@ -1,6 +1,6 @@
-//! A stand-in for an Istio waypoint (an Envoy, which these machines do not have): an HBONE
-//! server at `<pod IP>:15008` in a pod's network namespace, with a certificate for the
-//! waypoint's identity. It records each CONNECT it is sent, then forwards it as a waypoint does
+//! A stand-in for an Istio waypoint (an Envoy, which these machines do not have): mesh-node's
+//! own protocol-only HBONE server at `<pod IP>:15008` in a pod's network namespace, with a
+//! certificate for the waypoint's identity. It records each CONNECT it is sent, then forwards it as a waypoint does
 //! after its L7 work: a CONNECT of its own, as itself, to the destination workload's `15008`,
 //! spliced to the first.
 use std::{
@@ -12,17 +12,16 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use http::{Response, StatusCode};
+use http::StatusCode;
 use mesh_node::{
     hbone::{
-        H2Stream,
         client::{ConnectHeaders, Connection},
+        server::{self, HandleFuture, Refusal, Responder, TunnelHandler, TunnelRequest},
     },
-    identity::{Identity, file_ca::FileCa, san},
+    identity::{Identity, file_ca::FileCa},
     tls::Tls,
 };
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_rustls::TlsAcceptor;
 
 use crate::Topology;
 
@@ -33,8 +32,8 @@ pub struct Recorded {
     pub authority: String,
     /// The verified SPIFFE ID of the node proxy that sent it.
     pub client: String,
-    pub forwarded: Option<String>,
-    pub baggage: Option<String>,
+    /// The application's address, from `forwarded`.
+    pub forwarded_for: Option<SocketAddr>,
 }
 
 /// Where the waypoint sends a tunnel for `authority`: the workload address and port (the new
@@ -90,20 +89,26 @@ impl Waypoint {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
+                let config = certified.server_config.clone();
+                let handler: Arc<dyn TunnelHandler> = Arc::new(Forwarder {
+                    tls,
+                    certified,
+                    forward,
+                    record,
+                });
                 let accept = async {
                     loop {
-                        let Ok((tcp, _)) = listener.accept().await else {
+                        let Ok((tcp, peer)) = listener.accept().await else {
                             continue;
                         };
-                        let (tls, certified, forward, record) = (
-                            tls.clone(),
-                            certified.clone(),
-                            forward.clone(),
-                            record.clone(),
-                        );
-                        tokio::spawn(async move {
-                            let _ = serve(tcp, tls, certified, forward, record).await;
-                        });
+                        // mesh-node's own protocol-only HBONE server does TLS, h2 and CONNECT.
+                        tokio::spawn(server::serve_connection(
+                            tcp,
+                            peer,
+                            config.clone(),
+                            Duration::from_secs(10),
+                            handler.clone(),
+                        ));
                     }
                 };
                 tokio::select! {
@@ -139,58 +144,34 @@ impl Drop for Waypoint {
     }
 }
 
-async fn serve(
-    tcp: tokio::net::TcpStream,
+/// The stand-in's tunnel handler: record, then forward as a waypoint would.
+struct Forwarder {
     tls: Arc<Tls>,
     certified: Arc<mesh_node::tls::Certified>,
     forward: Arc<Forward>,
     record: Arc<Mutex<Vec<Recorded>>>,
-) -> Result<()> {
-    let stream = TlsAcceptor::from(certified.server_config.clone())
-        .accept(tcp)
-        .await?;
-    let client = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .context("no client certificate")
-        .and_then(|leaf| Ok(san::identity_of(leaf)?))?;
-    let mut connection = h2::server::handshake(stream).await?;
-    while let Some(Ok((request, mut respond))) = connection.accept().await {
-        let header = |name: &str| {
-            request
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let authority = request
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        record
+}
+
+impl TunnelHandler for Forwarder {
+    fn handle(&self, request: TunnelRequest, responder: Responder) -> HandleFuture {
+        self.record
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(Recorded {
-                authority: authority.clone(),
-                client: client.to_string(),
-                forwarded: header("forwarded"),
-                baggage: header("baggage"),
+                authority: request.authority.to_string(),
+                client: request.peer_identity.to_string(),
+                forwarded_for: request.forwarded_for,
             });
-        let next = authority.parse().ok().and_then(|a| forward(a));
-        let (tls, certified) = (tls.clone(), certified.clone());
-        tokio::spawn(async move {
-            let unavailable = |mut respond: h2::server::SendResponse<_>| {
-                let answer = Response::builder()
-                    .status(StatusCode::SERVICE_UNAVAILABLE)
-                    .body(())
-                    .unwrap_or_default();
-                let _ = respond.send_response(answer, true);
+        let next = (self.forward)(request.authority);
+        let (tls, certified) = (self.tls.clone(), self.certified.clone());
+        Box::pin(async move {
+            let unavailable = |reason: String| Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                reason,
             };
             let Some((target, expected)) = next else {
-                return unavailable(respond);
+                return responder
+                    .refuse(unavailable(format!("no route for {}", request.authority)));
             };
             let upstream = async {
                 let peer = SocketAddr::new(target.ip(), 15008);
@@ -202,15 +183,14 @@ async fn serve(
                     .await?;
                 anyhow::Ok((connection, stream))
             };
-            let Ok((_connection, mut upstream)) = upstream.await else {
-                return unavailable(respond);
+            let (_connection, mut upstream) = match upstream.await {
+                Ok(parts) => parts,
+                Err(error) => return responder.refuse(unavailable(error.to_string())),
             };
-            let Ok(send) = respond.send_response(Response::new(()), false) else {
+            let Ok(mut downstream) = responder.accept() else {
                 return;
             };
-            let mut downstream = H2Stream::new(send, request.into_body());
             let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-        });
+        })
     }
-    Ok(())
 }

@@ -150,12 +150,9 @@ fn traffic_for_a_waypoint_goes_through_it_and_going_around_it_is_refused() {
             connect.client, "spiffe://cluster.local/ns/default/sa/client",
             "the waypoint verified the client's node proxy as the client"
         );
-        let client_ip = topo.pod("client").ip.to_string();
+        let client_ip = std::net::IpAddr::from(topo.pod("client").ip);
         assert!(
-            connect
-                .forwarded
-                .as_deref()
-                .is_some_and(|f| f.contains(&client_ip)),
+            connect.forwarded_for.is_some_and(|f| f.ip() == client_ip),
             "{connect:?}"
         );
     }

@@ -10,7 +10,10 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode};
 use rustls::{ClientConfig, pki_types::ServerName};
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
@@ -47,6 +50,8 @@ pub struct ConnectHeaders {
     pub client: Option<SocketAddr>,
     pub baggage: Option<String>,
     pub traceparent: Option<String>,
+    /// The source's network: set on the inner CONNECT of double HBONE only.
+    pub forwarded_network: Option<String>,
 }
 
 /// A live HBONE connection.
@@ -65,8 +70,23 @@ impl Connection {
         config: Arc<ClientConfig>,
     ) -> Result<Self, ClientError> {
         let _ = tcp.set_nodelay(true);
+        Self::establish_over(tcp, peer, ServerName::IpAddress(peer.ip().into()), config).await
+    }
+
+    /// TLS and h2 over any byte stream: the inner connection of double HBONE runs over the
+    /// outer tunnel's [`H2Stream`]. `peer` names it in errors; `server_name` keys TLS session
+    /// resumption (the certificate is checked against `config`'s identities, not the name).
+    pub async fn establish_over<T>(
+        io: T,
+        peer: SocketAddr,
+        server_name: ServerName<'static>,
+        config: Arc<ClientConfig>,
+    ) -> Result<Self, ClientError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let tls = TlsConnector::from(config)
-            .connect(ServerName::IpAddress(peer.ip().into()), tcp)
+            .connect(server_name, io)
             .await
             .map_err(|error| ClientError::Tls {
                 peer,
@@ -174,6 +194,7 @@ pub fn connect_request(
     for (name, value) in [
         (super::BAGGAGE, &headers.baggage),
         (super::TRACEPARENT, &headers.traceparent),
+        (super::FORWARDED_NETWORK, &headers.forwarded_network),
     ] {
         if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
             map.insert(name, value);

@@ -2,13 +2,15 @@
 //!
 //! The h2 crate is used directly rather than through hyper: [`H2Stream::splice`] moves tunnel
 //! bytes between a socket and h2 without copying them, and with no extra task per stream.
+pub mod baggage;
 pub mod client;
 pub mod pool;
 pub mod server;
 mod stream;
 
-use std::time::Duration;
+use std::{fmt, net::SocketAddr, time::Duration};
 
+pub use baggage::Baggage;
 pub use stream::H2Stream;
 
 /// Per-stream receive window (what one slow tunnel may hold in flight).
@@ -35,6 +37,56 @@ pub const MAX_SEND_BUFFER: usize = 1024 * 1024;
 pub const FORWARDED: &str = "forwarded";
 pub const BAGGAGE: &str = "baggage";
 pub const TRACEPARENT: &str = "traceparent";
+/// On the inner CONNECT of double HBONE: the network the source is on. A destination that
+/// sees another network than its own knows the TCP peer is a gateway, not the source.
+pub const FORWARDED_NETWORK: &str = "x-forwarded-network";
+
+/// Where a CONNECT asks to go.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Authority {
+    /// `ip:port`: a workload's address (or a service VIP, for a waypoint).
+    Addr(SocketAddr),
+    /// `<service hostname>:<port>`: double HBONE, where the gateway routes by the service and
+    /// the destination node maps the service port to its pod's port.
+    Host { hostname: String, port: u16 },
+}
+
+impl Authority {
+    /// Reads `ip:port`, `[v6]:port` or `hostname:port`; `None` for anything else.
+    pub fn parse(value: &str) -> Option<Self> {
+        if let Ok(addr) = value.parse() {
+            return Some(Self::Addr(addr));
+        }
+        let (hostname, port) = value.rsplit_once(':')?;
+        let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+        let valid = !hostname.is_empty()
+            && hostname.len() <= 253
+            && hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+            && !hostname.starts_with(['.', '-']);
+        valid.then(|| Self::Host {
+            hostname: hostname.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::Addr(addr) => addr.port(),
+            Self::Host { port, .. } => *port,
+        }
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Addr(addr) => addr.fmt(f),
+            Self::Host { hostname, port } => write!(f, "{hostname}:{port}"),
+        }
+    }
+}
 
 /// Why an h2 connection's keep-alive gave up.
 #[derive(Debug, thiserror::Error)]
@@ -80,5 +132,38 @@ mod tests {
             Some("[fd00::1]:80".parse().unwrap())
         );
         assert_eq!(super::forwarded_for("for=unknown"), None);
+    }
+
+    #[test]
+    fn reads_authorities() {
+        use super::Authority;
+        assert_eq!(
+            Authority::parse("10.0.0.1:80"),
+            Some(Authority::Addr("10.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            Authority::parse("[fd00::1]:80"),
+            Some(Authority::Addr("[fd00::1]:80".parse().unwrap()))
+        );
+        assert_eq!(
+            Authority::parse("Reviews.shop.svc.cluster.local:9080"),
+            Some(Authority::Host {
+                hostname: "reviews.shop.svc.cluster.local".into(),
+                port: 9080
+            })
+        );
+        for bad in [
+            "",
+            "host",
+            "host:",
+            ":80",
+            "host:0",
+            "host:99999",
+            "a b:80",
+            "-x:80",
+            "x/y:80",
+        ] {
+            assert_eq!(Authority::parse(bad), None, "{bad:?}");
+        }
     }
 }

@@ -12,8 +12,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use super::{
-    CONNECTION_WINDOW, H2Stream, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER,
-    SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
+    Authority, Baggage, CONNECTION_WINDOW, H2Stream, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE,
+    MAX_SEND_BUFFER, SERVER_MAX_STREAMS, STREAM_WINDOW, keepalive,
 };
 use crate::{
     identity::{Identity, san},
@@ -31,9 +31,13 @@ pub struct TunnelRequest {
     /// The TCP peer of the HBONE connection (the source node or pod).
     pub peer: SocketAddr,
     /// Where the tunnel wants to go: the `:authority`.
-    pub authority: SocketAddr,
+    pub authority: Authority,
     /// The application client's address from the `forwarded` header.
     pub forwarded_for: Option<SocketAddr>,
+    /// The source's network, from `x-forwarded-network` (double HBONE's inner CONNECT).
+    pub forwarded_network: Option<String>,
+    /// What the source says of itself in `baggage`.
+    pub baggage: Baggage,
 }
 
 /// Why a CONNECT is refused: the HTTP status it is answered with and a reason for the log.
@@ -259,19 +263,56 @@ pub fn parse_request<B>(
         .uri()
         .authority()
         .ok_or_else(|| bad("CONNECT without :authority".to_owned()))?;
-    let authority: SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| bad(format!("authority {authority} is not an ip:port")))?;
-    let forwarded_for = request
+    let authority = Authority::parse(authority.as_str()).ok_or_else(|| {
+        bad(format!(
+            "authority {authority} is neither an ip:port nor a hostname:port"
+        ))
+    })?;
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+    };
+    let forwarded_for = header(super::FORWARDED).and_then(super::forwarded_for);
+    let forwarded_network = header(super::FORWARDED_NETWORK)
+        .map(str::trim)
+        .filter(|network| !network.is_empty())
+        .map(str::to_owned);
+    let baggage = request
         .headers()
-        .get(super::FORWARDED)
-        .and_then(|value| value.to_str().ok())
-        .and_then(super::forwarded_for);
+        .get_all(super::BAGGAGE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .fold(Baggage::default(), |mut all, value| {
+            merge(&mut all, Baggage::parse(value));
+            all
+        });
     Ok(TunnelRequest {
         peer_identity,
         peer,
         authority,
         forwarded_for,
+        forwarded_network,
+        baggage,
     })
+}
+
+/// Fields `more` sets win over those of earlier `baggage` headers.
+fn merge(into: &mut Baggage, more: Baggage) {
+    let fields = [
+        (&mut into.cluster, more.cluster),
+        (&mut into.namespace, more.namespace),
+        (&mut into.workload_name, more.workload_name),
+        (&mut into.workload_kind, more.workload_kind),
+        (&mut into.service, more.service),
+        (&mut into.version, more.version),
+        (&mut into.region, more.region),
+        (&mut into.zone, more.zone),
+    ];
+    for (field, value) in fields {
+        if !value.is_empty() {
+            *field = value;
+        }
+    }
 }

@@ -17,7 +17,10 @@ use super::{
 };
 use crate::{
     ending,
-    hbone::server::{self, HandleFuture, Refused, Responder, TunnelHandler, TunnelRequest},
+    hbone::{
+        Authority, Baggage,
+        server::{self, HandleFuture, Refused, Responder, TunnelHandler, TunnelRequest},
+    },
     pod::Pod,
     splice::Revoked,
     state::State,
@@ -137,28 +140,113 @@ async fn open_tunnel_target(
     pod: Arc<Pod>,
     request: &TunnelRequest,
 ) -> Result<Delivered, Failure> {
-    let dst = request.authority;
-    if !pod.owns(dst.ip()) {
-        return Err(Failure::BadDestination(format!(
-            "authority {dst} is not an address of local pod {}",
-            pod.spec
-        )));
-    }
+    let dst = match &request.authority {
+        Authority::Addr(dst) => {
+            if !pod.owns(dst.ip()) {
+                return Err(Failure::BadDestination(format!(
+                    "authority {dst} is not an address of local pod {}",
+                    pod.spec
+                )));
+            }
+            *dst
+        }
+        // Double HBONE: the gateway sent it to this pod's 15008 for a service the pod serves.
+        Authority::Host { hostname, port } => SocketAddr::new(
+            pod.primary_ip(),
+            service_target_port(ctx, &pod, hostname, *port)?,
+        ),
+    };
     if dst.port() == HBONE_PORT {
         return Err(Failure::BadDestination(format!(
-            "authority {dst} is the HBONE port itself"
+            "authority {} is the HBONE port itself",
+            request.authority
         )));
     }
     // The source node vouches for the application's address in `forwarded`; without it, the
     // TCP peer is the best we know.
     let source_addr = request.forwarded_for.unwrap_or(request.peer);
+    // Through an east-west gateway the TCP peer is the gateway and the source's address is
+    // another network's: the workload is described by what it proved (its identity) and what
+    // it said (`baggage`), never looked up by address.
+    let via_gateway = request
+        .forwarded_network
+        .as_deref()
+        .is_some_and(|network| network != ctx.node.network);
     let conn = Inbound {
         pod,
         source: Some(request.peer_identity.clone()),
         source_ip: source_addr.ip(),
         destination: dst,
     };
-    deliver(ctx, conn, source_addr, None).await
+    let client = Client::Tunnel {
+        baggage: &request.baggage,
+        via_gateway,
+    };
+    deliver(ctx, conn, source_addr, client).await
+}
+
+/// The port of `pod` that serves `port` of the service called `hostname`: its endpoint's own
+/// mapping, else the service's target port.
+fn service_target_port(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    hostname: &str,
+    port: u16,
+) -> Result<u16, Failure> {
+    let state = ctx.state();
+    let workload = state.workload_by_ip(&ctx.node.network, pod.primary_ip());
+    let not_served = || {
+        Failure::BadDestination(format!(
+            "local pod {} is not an endpoint of {hostname}:{port}",
+            pod.spec
+        ))
+    };
+    let workload = workload.ok_or_else(not_served)?;
+    let service = state
+        .services_by_hostname(hostname)
+        .find(|service| workload.services.contains_key(service.key()))
+        .ok_or_else(not_served)?;
+    let mapped = workload
+        .services
+        .get(service.key())
+        .and_then(|ports| ports.iter().find(|p| p.service_port == port))
+        .map(|p| p.target_port)
+        .filter(|p| *p != 0);
+    let declared = service
+        .ports
+        .iter()
+        .find(|p| p.service_port == port)
+        .map(|p| {
+            if p.target_port == 0 {
+                port
+            } else {
+                p.target_port
+            }
+        });
+    match (mapped, declared) {
+        (Some(target), _) | (None, Some(target)) => Ok(target),
+        // A service that declares no ports serves them all as they are.
+        (None, None) if service.ports.is_empty() => Ok(port),
+        (None, None) => Err(Failure::BadDestination(format!(
+            "service {} has no port {port}",
+            service.key()
+        ))),
+    }
+}
+
+/// Who is on the other end of a connection being delivered, as far as the path knows.
+#[derive(Clone, Copy, Debug)]
+pub enum Client<'a> {
+    /// A pod enrolled on this node (same-node delivery).
+    LocalPod(&'a Pod),
+    /// An HBONE tunnel: what the source said of itself, and whether it came through an
+    /// east-west gateway (then its address means nothing here).
+    Tunnel {
+        baggage: &'a Baggage,
+        via_gateway: bool,
+    },
+    /// Captured plaintext: only its address.
+    Plain,
 }
 
 /// An application connection inside a local pod, authorized, and how to learn that policy
@@ -172,18 +260,17 @@ pub struct Delivered {
 
 /// Authorizes `conn` and connects to the application at its destination. Every path into a
 /// pod (HBONE, same-node, captured plaintext) comes through here, so all of them obey policy
-/// and are reported (`reporter="destination"`). `src` is the client's address; `source_pod` its
-/// pod when it is enrolled on this node.
+/// and are reported (`reporter="destination"`). `src` is the client's address.
 pub async fn deliver(
     ctx: &ProxyContext,
     conn: Inbound,
     src: SocketAddr,
-    source_pod: Option<&Pod>,
+    client: Client<'_>,
 ) -> Result<Delivered, Failure> {
     let (pod, dst) = (conn.pod.clone(), conn.destination);
     let (revocation, report) = {
         let state = ctx.state();
-        let report = open_report(ctx, &state, &conn, src, source_pod);
+        let report = open_report(ctx, &state, &conn, src, client);
         let decision = conn.decide(&state, &ctx.node);
         conn.log_dry_run(&decision);
         if !decision.verdict.is_allowed() {
@@ -231,28 +318,36 @@ pub async fn deliver(
 
 /// The destination side's report of `conn`: the local pod, and what is known of the client —
 /// its pod when it is enrolled here, else the workload at its address (when the identity it
-/// proved agrees), else the identity alone.
+/// proved agrees), else the identity with what its `baggage` says.
 fn open_report(
     ctx: &ProxyContext,
     state: &State,
     conn: &Inbound,
     src: SocketAddr,
-    source_pod: Option<&Pod>,
+    client: Client<'_>,
 ) -> Report {
     let network = &ctx.node.network;
-    let source_workload = state.workload_by_ip(network, conn.source_ip);
-    let source = match (source_pod, &conn.source, source_workload) {
-        (Some(pod), _, workload) => Peer::of_pod(pod, workload.as_deref()),
-        (None, Some(identity), Some(workload)) if workload.identity() == *identity => {
+    let source_workload = match client {
+        Client::Tunnel {
+            via_gateway: true, ..
+        } => None,
+        _ => state.workload_by_ip(network, conn.source_ip),
+    };
+    let source = match (client, &conn.source, source_workload) {
+        (Client::LocalPod(pod), _, workload) => Peer::of_pod(pod, workload.as_deref()),
+        (_, Some(identity), Some(workload)) if workload.identity() == *identity => {
             Peer::of_workload(&workload)
         }
-        (None, Some(identity), _) => Peer::of_identity(identity),
-        (None, None, Some(workload)) => Peer {
+        (Client::Tunnel { baggage, .. }, Some(identity), _) => {
+            Peer::of_identity(identity).described_by(baggage)
+        }
+        (_, Some(identity), _) => Peer::of_identity(identity),
+        (_, None, Some(workload)) => Peer {
             // A plaintext client proved nothing: name its workload, claim no identity.
             principal: String::new(),
             ..Peer::of_workload(&workload)
         },
-        (None, None, None) => Peer::unknown(),
+        (_, None, None) => Peer::unknown(),
     };
     let destination = Peer::of_pod(
         &conn.pod,

@@ -64,7 +64,7 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         stream: mut upstream,
         revocation,
         report,
-    }) = inbound::deliver(&ctx, conn, peer, None).await
+    }) = inbound::deliver(&ctx, conn, peer, inbound::Client::Plain).await
     else {
         return;
     };

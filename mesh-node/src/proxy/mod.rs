@@ -1,6 +1,7 @@
 //! The data path: captured outbound connections, HBONE tunnels arriving for local pods, and
 //! plaintext connections captured on their way into local pods.
 pub mod authorize;
+mod double_hbone;
 pub mod failure;
 pub mod inbound;
 pub mod inbound_plain;

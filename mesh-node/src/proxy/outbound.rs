@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::{
     ProxyContext,
     authorize::Inbound,
-    connect_from_pod,
+    connect_from_pod, double_hbone,
     failure::Failure,
     inbound::{self, Delivered},
     route::{self, Route, Source, Tunnel},
@@ -17,14 +17,16 @@ use super::{
 use crate::{
     ending,
     hbone::{
-        H2Stream,
+        Baggage, H2Stream,
         client::{ConnectHeaders, Connection},
         pool::PoolKey,
     },
+    identity::{Identity, San},
     pod::Pod,
     splice::{Revoked, splice},
-    state::{Destination, State},
+    state::{Destination, State, Workload},
     telemetry::{Addresses, Peer, Report, Reporter},
+    tls::Certified,
 };
 
 /// Accepts captured connections on one of the pod's outbound listeners until the task is aborted.
@@ -86,11 +88,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let app_addr = SocketAddr::new(pod.primary_ip(), peer.port());
     // The route and what the report says of it come from one read of the state: a push
     // cannot land between them.
-    let (route, mut report) = {
+    let (route, mut report, headers) = {
         let state = ctx.state();
         let route = route(&ctx, &state, &pod, original);
         let report = open_report(&ctx, &state, &pod, app_addr, original, &route);
-        (route, report)
+        let source = state.workload_by_ip(&ctx.node.network, app_addr.ip());
+        let headers = connect_headers(&ctx, &pod, source.as_deref(), app_addr);
+        (route, report, headers)
     };
     // Each way either relays (and returns) or says why it could not carry the connection.
     let (failure, message) = match route {
@@ -102,7 +106,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                 source_ip: app_addr.ip(),
                 destination: dst,
             };
-            match inbound::deliver(&ctx, conn, app_addr, Some(&pod)).await {
+            match inbound::deliver(&ctx, conn, app_addr, inbound::Client::LocalPod(&pod)).await {
                 Ok(Delivered {
                     stream,
                     revocation,
@@ -123,7 +127,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         }
         Route::Hbone(tunnel) => {
             report.delivered_to(tunnel.authority);
-            match open_tunnel(&ctx, &pod, &tunnel, app_addr).await {
+            match open_tunnel(&ctx, &pod, &tunnel, &headers).await {
+                Ok(tunnel) => {
+                    return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
+                }
+                Err(failure) => (failure, "outbound connection failed"),
+            }
+        }
+        Route::Gateway(tunnel) => {
+            report.delivered_to(tunnel.peer);
+            report.through_gateway(tunnel.gateway.identity().to_string());
+            match double_hbone::open(&ctx, &pod, &tunnel, headers).await {
                 Ok(tunnel) => {
                     return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
                 }
@@ -185,6 +199,9 @@ pub(super) fn open_report(
         Route::Passthrough(dst) => state
             .workload_by_ip(network, dst.ip())
             .map_or_else(Peer::unknown, |workload| Peer::of_workload(&workload)),
+        // The remote endpoint is known by the workload standing for it and the identity it
+        // must prove.
+        Route::Gateway(tunnel) => Peer::of_remote(&tunnel.endpoint, tunnel.inner_expected.first()),
         Route::Refused(_) => Peer::unknown(),
     };
     let addrs = Addresses {
@@ -192,7 +209,7 @@ pub(super) fn open_report(
         original_dst,
         dst: None,
     };
-    let mtls = matches!(route, Route::Hbone(_));
+    let mtls = matches!(route, Route::Hbone(_) | Route::Gateway(_));
     Report::open(
         &ctx.metrics,
         Reporter::Source,
@@ -210,42 +227,85 @@ async fn open_tunnel(
     ctx: &ProxyContext,
     pod: &Pod,
     tunnel: &Tunnel,
-    app_addr: SocketAddr,
+    headers: &ConnectHeaders,
 ) -> Result<H2Stream, Failure> {
-    let Tunnel {
-        workload,
-        authority,
-        peer,
-        expected,
-        waypoint: _,
-    } = tunnel;
-    let peer = *peer;
+    let source = source_certificate(ctx, pod).await?;
+    pooled_stream(
+        ctx,
+        pod,
+        &source,
+        PeerOf {
+            addr: tunnel.peer,
+            expected: &tunnel.expected,
+            identity: tunnel.workload.identity(),
+        },
+        &tunnel.authority.to_string(),
+        headers,
+    )
+    .await
+}
+
+/// The source pod's certificate, waiting for its first fetch if need be.
+pub(super) async fn source_certificate(
+    ctx: &ProxyContext,
+    pod: &Pod,
+) -> Result<Arc<Certified>, Failure> {
     let certs = ctx.certs.as_ref().ok_or_else(|| {
         Failure::Tunnel(
             "no certificate source configured (mesh-node run --ca-address or --ca-dir)".into(),
         )
     })?;
-    let source = certs
+    certs
         .get(&pod.identity)
         .await
-        .map_err(|error| Failure::Tunnel(error.to_string()))?;
+        .map_err(|error| Failure::Tunnel(error.to_string()))
+}
+
+/// The TLS peer of a pooled HBONE connection.
+pub(super) struct PeerOf<'a> {
+    pub addr: SocketAddr,
+    /// The names its certificate may carry.
+    pub expected: &'a [San],
+    /// Who it is, for the log.
+    pub identity: Identity,
+}
+
+/// A CONNECT stream to `authority` on a pooled connection from `pod` to `peer`, made when no
+/// pooled one has room.
+pub(super) async fn pooled_stream(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    source: &Certified,
+    peer: PeerOf<'_>,
+    authority: &str,
+    headers: &ConnectHeaders,
+) -> Result<H2Stream, Failure> {
+    let PeerOf {
+        addr,
+        expected,
+        identity,
+    } = peer;
+    let tls = ctx
+        .certs
+        .as_ref()
+        .map(|certs| certs.tls())
+        .ok_or_else(|| Failure::Tunnel("no certificate source configured".into()))?;
     let key = PoolKey::new(
         pod.primary_ip(),
         pod.identity.clone(),
-        expected.clone(),
-        peer,
+        expected.to_vec(),
+        addr,
     );
     let lease = ctx
         .pool
         .checkout(&key, || async {
-            let tcp = connect_from_pod(&pod.netns, peer, ctx.settings.connect_timeout)
+            let tcp = connect_from_pod(&pod.netns, addr, ctx.settings.connect_timeout)
                 .await
-                .map_err(|error| format!("connect {peer}: {error}"))?;
-            let config = certs
-                .tls()
-                .client_config(&source, expected.clone())
+                .map_err(|error| format!("connect {addr}: {error}"))?;
+            let config = tls
+                .client_config(source, expected.to_vec())
                 .map_err(|error| format!("client TLS configuration: {error}"))?;
-            Connection::establish(tcp, peer, config)
+            Connection::establish(tcp, addr, config)
                 .await
                 .map_err(|error| error.to_string())
         })
@@ -253,26 +313,61 @@ async fn open_tunnel(
         .map_err(Failure::Tunnel)?;
     if lease.fresh {
         tracing::info!(
-            %peer,
-            peer_identity = %workload.identity(),
+            peer = %addr,
+            peer_identity = %identity,
             connection_id = lease.connection_id(),
             "HBONE connection established"
         );
     }
-    let headers = ConnectHeaders {
-        client: Some(app_addr),
-        baggage: Some(format!(
-            "k8s.namespace.name={},k8s.pod.name={}",
-            pod.spec.namespace, pod.spec.name
-        )),
-        traceparent: Some(traceparent(certs.tls().provider())),
-    };
     let stream = lease
         .connection()
-        .connect(&authority.to_string(), &headers)
+        .connect(authority, headers)
         .await
         .map_err(|error| Failure::Tunnel(error.to_string()))?;
     Ok(stream.with_lease(lease))
+}
+
+/// The headers of every CONNECT from `pod`'s application at `app_addr`: `forwarded`, a fresh
+/// `traceparent`, and `baggage` describing the source (from its workload when the control
+/// plane knows it): through a gateway, that is all the destination learns of it.
+fn connect_headers(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    workload: Option<&Workload>,
+    app_addr: SocketAddr,
+) -> ConnectHeaders {
+    let baggage = match workload {
+        Some(w) => Baggage {
+            cluster: w.cluster_id.clone(),
+            namespace: w.namespace.clone(),
+            workload_name: if w.workload_name.is_empty() {
+                w.name.clone()
+            } else {
+                w.workload_name.clone()
+            },
+            workload_kind: w.workload_type.to_owned(),
+            service: w.canonical_name.clone(),
+            version: w.canonical_revision.clone(),
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+        },
+        None => Baggage {
+            cluster: ctx.node.cluster_id.clone(),
+            namespace: pod.spec.namespace.clone(),
+            workload_name: pod.spec.name.clone(),
+            workload_kind: "pod".to_owned(),
+            ..Baggage::default()
+        },
+    };
+    ConnectHeaders {
+        client: Some(app_addr),
+        baggage: Some(baggage.to_header()),
+        traceparent: ctx
+            .certs
+            .as_ref()
+            .map(|certs| traceparent(certs.tls().provider())),
+        forwarded_network: None,
+    }
 }
 
 /// A fresh W3C trace context: version 00, random trace and span ids, sampled.

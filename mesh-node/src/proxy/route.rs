@@ -4,6 +4,8 @@
 //! - a service VIP with a waypoint → HBONE to the waypoint, `:authority` the VIP and port;
 //! - a service VIP → one of its endpoints (see [`lb::pick`]), then as for a workload; the
 //!   endpoint's own waypoint is not consulted (as ztunnel: the service was addressed);
+//! - an endpoint (or a service's waypoint) on another network → double HBONE through that
+//!   network's east-west gateway, `:authority` the service's hostname and port on both layers;
 //! - a workload with a waypoint, unless the connection comes from that waypoint → HBONE to
 //!   the waypoint, `:authority` the workload's address and port;
 //! - a pod enrolled on this node → straight into it;
@@ -28,6 +30,8 @@ pub enum Route<P> {
     Local { pod: P, dst: SocketAddr },
     /// An HBONE tunnel to another node, or to a waypoint.
     Hbone(Tunnel),
+    /// A tunnel inside a tunnel, through the east-west gateway of another network.
+    Gateway(GatewayTunnel),
     /// Not in the mesh (or an endpoint without HBONE): plain TCP.
     Passthrough(SocketAddr),
     /// Neither delivered nor passed through, and why (no endpoint, a waypoint that cannot be
@@ -50,11 +54,33 @@ pub struct Tunnel {
     pub waypoint: bool,
 }
 
+/// Double HBONE: the outer tunnel ends at the gateway, which relays the inner one (its own
+/// TLS, end to end with the remote node) to an endpoint it picks in its network.
+#[derive(Debug, Clone)]
+pub struct GatewayTunnel {
+    /// The gateway's workload: who answers the outer TLS.
+    pub gateway: Arc<Workload>,
+    /// The outer TLS peer: `<gateway ip>:<hbone_mtls_port>`.
+    pub peer: SocketAddr,
+    /// The names the gateway's certificate may carry.
+    pub outer_expected: Vec<San>,
+    /// `<service hostname>:<service port>` (never a VIP): how the gateway routes it.
+    pub authority: String,
+    /// The names the remote end's certificate (the inner TLS) may carry.
+    pub inner_expected: Vec<San>,
+    /// The endpoint chosen: the synthetic workload standing for the remote network's
+    /// endpoints of the service (or its waypoint there).
+    pub endpoint: Arc<Workload>,
+    /// The inner tunnel goes to the service's waypoint on that network.
+    pub waypoint: bool,
+}
+
 impl<P> Route<P> {
     /// For the access log's `route=`.
     pub fn name(&self) -> &'static str {
         match self {
             Route::Local { .. } => "local",
+            Route::Gateway(_) => "gateway",
             Route::Hbone(Tunnel { waypoint: true, .. }) => "waypoint",
             Route::Hbone(_) => "hbone",
             Route::Passthrough(_) => "passthrough",
@@ -95,16 +121,29 @@ pub fn decide<P>(
     match state.lookup(network, dst.ip(), Some(source.namespace)) {
         Some(Destination::Service(service)) => {
             if let Some(waypoint) = service_waypoint(&service, random) {
-                return via_waypoint(state, waypoint, dst, &origin, random);
+                return via_waypoint(state, waypoint, Some(&service), dst, &origin, random);
             }
             match lb::pick(state, &service, dst.port(), &origin, random) {
-                Ok(Choice::Endpoint(endpoint)) => {
-                    let addr = SocketAddr::new(endpoint.ip, endpoint.port);
-                    match local(endpoint.ip) {
+                Ok(Choice::Endpoint(endpoint)) if endpoint.is_remote(&origin) => {
+                    through_gateway(state, &endpoint.workload, &service, dst, false, random)
+                }
+                Ok(Choice::Endpoint(lb::Endpoint {
+                    workload,
+                    ip: Some(ip),
+                    port,
+                })) => {
+                    let addr = SocketAddr::new(ip, port);
+                    match local(ip) {
                         Some(pod) => Route::Local { pod, dst: addr },
-                        None => to_workload(endpoint.workload, addr, &service.subject_alt_names),
+                        None => to_workload(workload, addr, &service.subject_alt_names),
                     }
                 }
+                // `pick` only returns an endpoint without an address on another network.
+                Ok(Choice::Endpoint(endpoint)) => Route::Refused(format!(
+                    "endpoint {} of service {} has no address",
+                    endpoint.workload.uid,
+                    service.key()
+                )),
                 Ok(Choice::Passthrough) => Route::Passthrough(dst),
                 Err(error) => Route::Refused(error.to_string()),
             }
@@ -113,7 +152,7 @@ pub fn decide<P>(
             if let Some(waypoint) = &workload.waypoint
                 && !is_from(state, waypoint, source)
             {
-                return via_waypoint(state, waypoint, dst, &origin, random);
+                return via_waypoint(state, waypoint, None, dst, &origin, random);
             }
             match local(dst.ip()) {
                 Some(pod) => Route::Local { pod, dst },
@@ -188,6 +227,7 @@ fn resolve(state: &State, gateway: &GatewayAddress) -> Option<Resolved> {
 fn via_waypoint<P>(
     state: &State,
     gateway: &GatewayAddress,
+    service: Option<&Service>,
     dst: SocketAddr,
     origin: &Origin<'_>,
     random: &mut impl FnMut() -> u64,
@@ -219,10 +259,16 @@ fn via_waypoint<P>(
         }
     };
     if workload.network != origin.network {
-        return Route::Refused(format!(
-            "waypoint {} is on network {:?}; reaching it through a network gateway is not supported yet",
-            workload.uid, workload.network
-        ));
+        // A service's waypoint on another network is reached as the service would be: through
+        // that network's gateway, by the service's hostname (as ztunnel). A workload's cannot
+        // be: only service-addressed traffic crosses networks.
+        return match service {
+            Some(service) => through_gateway(state, &workload, service, dst, true, random),
+            None => Route::Refused(format!(
+                "waypoint {} is on network {:?}: only traffic addressed to a service crosses networks",
+                workload.uid, workload.network
+            )),
+        };
     }
     let mut expected = sans;
     expected.push(workload.identity().into());
@@ -232,6 +278,75 @@ fn via_waypoint<P>(
         expected,
         workload,
         waypoint: true,
+    })
+}
+
+/// Double HBONE to `endpoint` (a workload on another network) through its network's gateway.
+/// The gateway routes by the service's hostname, so both layers carry it, with the port the
+/// application asked for. A missing or unknown gateway refuses the connection.
+fn through_gateway<P>(
+    state: &State,
+    endpoint: &Arc<Workload>,
+    service: &Service,
+    dst: SocketAddr,
+    waypoint: bool,
+    random: &mut impl FnMut() -> u64,
+) -> Route<P> {
+    let network = &endpoint.network;
+    let Some(gateway) = &endpoint.network_gateway else {
+        return Route::Refused(format!(
+            "no gateway for network {network:?} (endpoint {} of service {})",
+            endpoint.uid,
+            service.key()
+        ));
+    };
+    let (workload, ip, mut outer_expected) = match resolve(state, gateway) {
+        Some(Resolved::Workload(workload)) => match workload.addresses.first().copied() {
+            Some(ip) => (workload, ip, Vec::new()),
+            None => {
+                return Route::Refused(format!(
+                    "gateway {} of network {network:?} has no address",
+                    workload.uid
+                ));
+            }
+        },
+        // A gateway service's endpoints are on the gateway's network, not ours: pick among
+        // them without the network filter a waypoint's endpoints get.
+        Some(Resolved::Service(gateway_service)) => {
+            match lb::pick_gateway_endpoint(state, &gateway_service, random) {
+                Some((workload, ip)) => (workload, ip, gateway_service.subject_alt_names.clone()),
+                None => {
+                    return Route::Refused(format!(
+                        "gateway {} of network {network:?} has no healthy endpoint",
+                        gateway_service.key()
+                    ));
+                }
+            }
+        }
+        None => {
+            return Route::Refused(format!(
+                "no gateway for network {network:?}: {} is not known to the control plane",
+                describe(gateway)
+            ));
+        }
+    };
+    outer_expected.push(workload.identity().into());
+    // The far end proves the service's identity: its SANs, else (istiod sends none for most
+    // Kubernetes services) the identity of the workload standing for the remote endpoints
+    // (its service account, "default" when unnamed). ztunnel accepts only the SANs.
+    let inner_expected = if service.subject_alt_names.is_empty() {
+        vec![endpoint.identity().into()]
+    } else {
+        service.subject_alt_names.clone()
+    };
+    Route::Gateway(GatewayTunnel {
+        gateway: workload,
+        peer: SocketAddr::new(ip, gateway.hbone_mtls_port),
+        outer_expected,
+        authority: format!("{}:{}", service.hostname, dst.port()),
+        inner_expected,
+        endpoint: endpoint.clone(),
+        waypoint,
     })
 }
 
@@ -255,5 +370,7 @@ fn describe(gateway: &GatewayAddress) -> String {
     }
 }
 
+#[cfg(test)]
+mod network_tests;
 #[cfg(test)]
 mod tests;

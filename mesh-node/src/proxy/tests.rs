@@ -218,7 +218,13 @@ async fn a_denied_delivery_is_refused_before_any_connect_and_reported_as_deny() 
         source_ip: "10.0.1.66".parse().unwrap(),
         destination: "10.0.2.5:8080".parse().unwrap(),
     };
-    let refused = inbound::deliver(&ctx, conn, "10.0.1.66:5555".parse().unwrap(), None).await;
+    let refused = inbound::deliver(
+        &ctx,
+        conn,
+        "10.0.1.66:5555".parse().unwrap(),
+        inbound::Client::Plain,
+    )
+    .await;
     match refused {
         Err(failure @ Failure::Denied(_)) => {
             assert_eq!(failure.status(), http::StatusCode::UNAUTHORIZED);

@@ -110,6 +110,9 @@ pub struct State {
     workload_addrs: ByAddress<Workload>,
     services: HashMap<String, Arc<Service>>,
     service_vips: HashMap<String, NetworkVips>,
+    /// Hostname → keys ("namespace/hostname") of the services with it: a gateway routes the
+    /// `hostname:port` of a CONNECT, and a node delivers one, by it.
+    service_hostnames: HashMap<String, BTreeSet<String>>,
     /// Service key → endpoint uid → workload. A workload may name a service that has not
     /// arrived yet; its endpoints are waiting here when it does.
     endpoints: HashMap<String, HashMap<String, Arc<Workload>>>,
@@ -201,11 +204,21 @@ impl State {
                 vips.ranges.sort_by(|a, b| a.1.key().cmp(b.1.key()));
             }
         }
+        self.service_hostnames
+            .entry(service.hostname.clone())
+            .or_default()
+            .insert(service.key().to_owned());
         self.services.insert(service.key().to_owned(), service);
     }
 
     pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
+        if let Some(keys) = self.service_hostnames.get_mut(&old.hostname) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.service_hostnames.remove(&old.hostname);
+            }
+        }
         for vip in &old.vips {
             let Some(vips) = self.service_vips.get_mut(&vip.network) else {
                 continue;
@@ -330,6 +343,19 @@ impl State {
     }
 
     /// The workloads that declare themselves endpoints of the service `key`.
+    /// The services with this hostname, in key order (one, unless the same host is declared
+    /// in several namespaces).
+    pub fn services_by_hostname<'a>(
+        &'a self,
+        hostname: &str,
+    ) -> impl Iterator<Item = &'a Arc<Service>> + 'a {
+        self.service_hostnames
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
+    }
+
     pub fn endpoints(&self, key: &str) -> impl Iterator<Item = &Arc<Workload>> {
         self.endpoints.get(key).into_iter().flat_map(|e| e.values())
     }

@@ -37,8 +37,17 @@ impl<'a> Origin<'a> {
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     pub workload: Arc<Workload>,
-    pub ip: IpAddr,
+    /// Its address; `None` for an endpoint on another network known only by its network
+    /// gateway (the synthetic workload istiod sends for a global service's remote endpoints).
+    pub ip: Option<IpAddr>,
     pub port: u16,
+}
+
+impl Endpoint {
+    /// Reached through the east-west gateway of its network rather than directly.
+    pub fn is_remote(&self, origin: &Origin<'_>) -> bool {
+        self.workload.network != origin.network
+    }
 }
 
 /// Why no endpoint was chosen.
@@ -100,13 +109,19 @@ pub fn pick(
         if lb.health_policy == HealthPolicy::OnlyHealthy && !workload.healthy {
             continue;
         }
-        if workload.capacity == 0 || workload.network != origin.network {
-            // Other networks are reached through their east-west gateway, not directly.
+        if workload.capacity == 0 {
             continue;
         }
-        let Some(ip) = workload.addresses.first().copied() else {
+        // On our network an endpoint is reached by its address. Another network's endpoints
+        // are reached through its east-west gateway: the synthetic workload istiod sends for
+        // them has no address; one with neither address nor gateway is unreachable. (The
+        // workload list is the same for every client, so a gateway on our own network is
+        // used.) As ztunnel's `load_balance`.
+        let ip = workload.addresses.first().copied();
+        let in_network = workload.network == origin.network;
+        if ip.is_none() && (in_network || workload.network_gateway.is_none()) {
             continue;
-        };
+        }
         let target = workload
             .services
             .get(key)
@@ -122,13 +137,9 @@ pub fn pick(
             LbMode::Strict | LbMode::Failover => &lb.routing_preference,
             LbMode::Standard | LbMode::Passthrough => &[],
         };
-        let rank = preference
-            .iter()
-            .take_while(|scope| matches(**scope, origin, workload))
-            .count();
-        if lb.mode == LbMode::Strict && rank < lb.routing_preference.len() {
+        let Some(rank) = rank(preference, lb.mode == LbMode::Strict, origin, workload) else {
             continue;
-        }
+        };
         best_rank = best_rank.max(rank);
         candidates.push((
             rank,
@@ -176,6 +187,21 @@ pub fn pick_hbone_endpoint(
     weighted(candidates, |(w, _)| w.capacity, random)
 }
 
+/// One endpoint of an east-west gateway's service, on whatever network it is (a gateway's
+/// endpoints are on the network it fronts): health and capacity only.
+pub fn pick_gateway_endpoint(
+    state: &State,
+    service: &Service,
+    random: &mut impl FnMut() -> u64,
+) -> Option<(Arc<Workload>, IpAddr)> {
+    let candidates = state
+        .endpoints(service.key())
+        .filter(|w| w.healthy && w.capacity > 0)
+        .filter_map(|w| Some((w.clone(), w.addresses.first().copied()?)))
+        .collect();
+    weighted(candidates, |(w, _)| w.capacity, random)
+}
+
 /// One of `candidates`, at random, each as likely as its weight (all alike when every weight
 /// is 0).
 pub fn weighted<T>(
@@ -202,6 +228,37 @@ pub fn weighted<T>(
         ticket -= weight;
     }
     Some(candidates.swap_remove(chosen))
+}
+
+/// How well `workload` fits the routing preference: how many leading scopes it shares with
+/// the origin, `None` when STRICT and not all. As ztunnel, a preference that starts with
+/// NETWORK ranks every endpoint on the origin's network above every other (a remote endpoint
+/// is still ranked by the scopes after it, so failover picks the nearest remote locality).
+fn rank(
+    preference: &[Scope],
+    strict: bool,
+    origin: &Origin<'_>,
+    workload: &Workload,
+) -> Option<usize> {
+    let network_first = preference.first() == Some(&Scope::Network);
+    let (mut rank, mut adjust) = (0, 0);
+    for scope in preference {
+        if network_first && *scope == Scope::Network {
+            if origin.network == workload.network {
+                rank += 1;
+                adjust = preference.len() - 1;
+            }
+            continue;
+        }
+        if !matches(*scope, origin, workload) {
+            break;
+        }
+        rank += 1;
+    }
+    if strict && rank < preference.len() {
+        return None;
+    }
+    Some(rank + adjust)
 }
 
 fn matches(scope: Scope, origin: &Origin<'_>, workload: &Workload) -> bool {

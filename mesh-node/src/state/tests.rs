@@ -206,7 +206,7 @@ fn maps_the_target_port_per_workload() {
     .unwrap() else {
         panic!("expected an endpoint")
     };
-    assert_eq!((chosen.ip, chosen.port), (ip("10.0.1.1"), 9090));
+    assert_eq!((chosen.ip, chosen.port), (Some(ip("10.0.1.1")), 9090));
     assert_eq!(
         lb::pick(
             &state,
@@ -368,20 +368,28 @@ fn passthrough_mode_selects_nothing() {
 }
 
 #[test]
-fn endpoints_on_other_networks_are_not_reached_directly() {
+fn endpoints_on_other_networks_are_chosen_only_with_a_way_there() {
+    let origin = origin_workload();
+    let origin = Origin::of(&origin);
+    let svc = service(None);
+    // An address on another network: chosen, for the route to send through its gateway (or
+    // refuse, having none).
     let mut state = State::new();
     state.upsert_workload(endpoint("remote", "10.0.1.1", |w| {
         w.network = "net2".into()
     }));
-    let svc = service(None);
+    match lb::pick(&state, &svc, 80, &origin, &mut rng(1)) {
+        Ok(Choice::Endpoint(chosen)) => assert!(chosen.is_remote(&origin)),
+        other => panic!("expected the remote endpoint, got {other:?}"),
+    }
+    // No address and no gateway: nothing to reach it by.
+    let mut state = State::new();
+    state.upsert_workload(endpoint("remote", "10.0.1.1", |w| {
+        w.network = "net2".into();
+        w.addresses.clear();
+    }));
     assert!(matches!(
-        lb::pick(
-            &state,
-            &svc,
-            80,
-            &Origin::of(&origin_workload()),
-            &mut rng(1)
-        ),
+        lb::pick(&state, &svc, 80, &origin, &mut rng(1)),
         Err(LbError::NoEndpoint { .. })
     ));
 }

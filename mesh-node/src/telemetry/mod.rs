@@ -12,7 +12,13 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 pub use metrics::{Metrics, TcpLabels};
 
-use crate::{identity::Identity, pod::Pod, splice::How, state::Workload};
+use crate::{
+    hbone::Baggage,
+    identity::{Identity, San},
+    pod::Pod,
+    splice::How,
+    state::Workload,
+};
 
 /// Which side of the connection reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +72,30 @@ impl Peer {
     /// Only the address is known (a plaintext client, a destination outside the mesh).
     pub fn unknown() -> Self {
         Self::default()
+    }
+
+    /// A workload on another network, known here only by the workload istiod sends in its
+    /// place (namespace, cluster, perhaps a name) and the identity it must prove.
+    pub fn of_remote(workload: &Workload, expected: Option<&San>) -> Self {
+        let mut peer = Self::of_workload(workload);
+        peer.principal = expected.map_or_else(String::new, San::to_string);
+        peer
+    }
+
+    /// Fills what the identity leaves open from what the peer said of itself in `baggage`
+    /// (the namespace stays the identity's: that one is proven).
+    pub fn described_by(mut self, baggage: &Baggage) -> Self {
+        let fill = |field: &mut String, value: &str| {
+            if field.is_empty() {
+                *field = value.to_owned();
+            }
+        };
+        fill(&mut self.workload, &baggage.workload_name);
+        fill(&mut self.namespace, &baggage.namespace);
+        fill(&mut self.canonical_service, &baggage.service);
+        fill(&mut self.canonical_revision, &baggage.version);
+        fill(&mut self.cluster, &baggage.cluster);
+        self
     }
 
     /// Only the identity is known (an HBONE peer the state does not describe).
@@ -128,8 +158,11 @@ pub struct Report {
     reporter: Reporter,
     labels: TcpLabels,
     addrs: Addresses,
-    /// Where it went, for the source side (`local`, `hbone`, `passthrough`, `refused`).
+    /// Where it went, for the source side (`local`, `hbone`, `gateway`, `passthrough`,
+    /// `refused`).
     route: &'static str,
+    /// The identity of the east-west gateway it went through.
+    gateway: Option<String>,
     started: Instant,
 }
 
@@ -164,8 +197,15 @@ impl Report {
             labels,
             addrs,
             route,
+            gateway: None,
             started: Instant::now(),
         }
+    }
+
+    /// The connection goes through the east-west gateway with this identity (its address is
+    /// the `dst`).
+    pub fn through_gateway(&mut self, identity: String) {
+        self.gateway = Some(identity);
     }
 
     /// Where the connection was delivered, once known.
@@ -225,6 +265,7 @@ impl Report {
             dst_identity = %or_dash(&l.destination_principal),
             dst_service = %or_dash(&l.destination_service),
             route = %self.route,
+            gateway_identity = %self.gateway.as_deref().unwrap_or("-"),
             bytes_sent = sent,
             bytes_received = received,
             duration_ms,

@@ -8,25 +8,25 @@ use crate::{
     state::convert,
 };
 
-const CLIENT: &str = "10.0.1.2";
-const SERVER: &str = "10.0.2.5";
+pub(super) const CLIENT: &str = "10.0.1.2";
+pub(super) const SERVER: &str = "10.0.2.5";
 const WAYPOINT_POD: &str = "10.0.3.9";
 const WAYPOINT_VIP: &str = "10.96.9.9";
-const ECHO_VIP: &str = "10.96.0.10";
+pub(super) const ECHO_VIP: &str = "10.96.0.10";
 const WAYPOINT_HOST: &str = "waypoint.default.svc.cluster.local";
 
-fn bytes(ip: &str) -> Vec<u8> {
+pub(super) fn bytes(ip: &str) -> Vec<u8> {
     match ip.parse::<IpAddr>().unwrap() {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     }
 }
 
-fn addr(text: &str) -> SocketAddr {
+pub(super) fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
 
-fn pb_workload(name: &str, ip: &str) -> pb::Workload {
+pub(super) fn pb_workload(name: &str, ip: &str) -> pb::Workload {
     pb::Workload {
         uid: name.into(),
         name: name.into(),
@@ -38,7 +38,7 @@ fn pb_workload(name: &str, ip: &str) -> pb::Workload {
     }
 }
 
-fn port(service_port: u32, target_port: u32) -> pb::Port {
+pub(super) fn port(service_port: u32, target_port: u32) -> pb::Port {
     pb::Port {
         service_port,
         target_port,
@@ -46,7 +46,7 @@ fn port(service_port: u32, target_port: u32) -> pb::Port {
     }
 }
 
-fn pb_service(host: &str, vip: &str, length: Option<u32>) -> pb::Service {
+pub(super) fn pb_service(host: &str, vip: &str, length: Option<u32>) -> pb::Service {
     pb::Service {
         name: host.split('.').next().unwrap_or(host).into(),
         namespace: "default".into(),
@@ -83,7 +83,7 @@ fn by_hostname(host: &str) -> pb::GatewayAddress {
 }
 
 /// client, server (endpoint of echo), and a waypoint pod behind the waypoint service.
-fn mesh(
+pub(super) fn mesh(
     edit_server: impl FnOnce(&mut pb::Workload),
     edit_echo: impl FnOnce(&mut pb::Service),
 ) -> State {
@@ -117,13 +117,13 @@ fn mesh(
     state
 }
 
-fn client_identity() -> Identity {
+pub(super) fn client_identity() -> Identity {
     Identity::new("cluster.local", "default", "client")
 }
 
 /// Routes a connection from `from_ip` (identity `from`) to `dst`; pods in `local` are enrolled
 /// here.
-fn route_from(
+pub(super) fn route_from(
     state: &State,
     from_ip: &str,
     from: &Identity,
@@ -153,11 +153,11 @@ fn route_from(
     )
 }
 
-fn route(state: &State, dst: &str) -> Route<String> {
+pub(super) fn route(state: &State, dst: &str) -> Route<String> {
     route_from(state, CLIENT, &client_identity(), "default", dst, &[])
 }
 
-fn tunnel(route: Route<String>) -> Tunnel {
+pub(super) fn tunnel(route: Route<String>) -> Tunnel {
     match route {
         Route::Hbone(tunnel) => tunnel,
         other => panic!("expected a tunnel, got {other:?}"),

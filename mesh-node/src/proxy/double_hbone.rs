@@ -1,0 +1,79 @@
+//! Double HBONE: how a connection reaches a service endpoint on another network. The outer
+//! tunnel goes to that network's east-west gateway on a pooled connection, like any HBONE
+//! tunnel; inside it runs a second TLS + h2 connection, end to end with the remote node, which
+//! the gateway relays without reading. Both CONNECTs name `<service hostname>:<port>`; the
+//! inner one also says which network the source is on (`x-forwarded-network`).
+//!
+//! The inner connection is never pooled (as ztunnel): the gateway picks a remote endpoint per
+//! outer tunnel, and pooling would pin every connection to the first one. Its TLS resumes the
+//! session of an earlier inner connection to the same identities when the far end still has
+//! it, which saves the certificate exchange and signatures of a full handshake.
+use rustls::pki_types::ServerName;
+
+use super::{
+    ProxyContext,
+    failure::Failure,
+    outbound::{PeerOf, pooled_stream, source_certificate},
+    route::GatewayTunnel,
+};
+use crate::{
+    hbone::{
+        H2Stream,
+        client::{ConnectHeaders, Connection},
+    },
+    pod::Pod,
+};
+
+/// Opens the inner tunnel of `tunnel` for `pod`, inside an outer one to the gateway. `headers`
+/// go on both CONNECTs (the inner one adds the source network).
+pub(super) async fn open(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    tunnel: &GatewayTunnel,
+    headers: ConnectHeaders,
+) -> Result<H2Stream, Failure> {
+    let source = source_certificate(ctx, pod).await?;
+    let outer = pooled_stream(
+        ctx,
+        pod,
+        &source,
+        PeerOf {
+            addr: tunnel.peer,
+            expected: &tunnel.outer_expected,
+            identity: tunnel.gateway.identity(),
+        },
+        &tunnel.authority,
+        &headers,
+    )
+    .await?;
+    let tls = ctx
+        .certs
+        .as_ref()
+        .map(|certs| certs.tls())
+        .ok_or_else(|| Failure::Tunnel("no certificate source configured".into()))?;
+    let config = source
+        .resuming_client(tunnel.inner_expected.clone(), |expected| {
+            tls.client_config(&source, expected)
+        })
+        .map_err(|error| Failure::Tunnel(format!("client TLS configuration: {error}")))?;
+    // The name only keys the session cache: sessions are per service, whichever of its
+    // endpoints the gateway picks (one that does not know the session does a full handshake).
+    let hostname = tunnel
+        .authority
+        .rsplit_once(':')
+        .map_or(tunnel.authority.as_str(), |(host, _)| host);
+    let server_name = ServerName::try_from(hostname.to_owned())
+        .unwrap_or_else(|_| ServerName::IpAddress(tunnel.peer.ip().into()));
+    let inner = Connection::establish_over(outer, tunnel.peer, server_name, config)
+        .await
+        .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))?;
+    let headers = ConnectHeaders {
+        forwarded_network: Some(ctx.node.network.clone()),
+        ..headers
+    };
+    // The inner connection ends once its one stream does: nothing else holds it.
+    inner
+        .connect(&tunnel.authority, &headers)
+        .await
+        .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))
+}

@@ -12,11 +12,11 @@ use std::{
 use crate::{
     admin::{self, Admin, BindError, Readiness},
     certs::CertManager,
-    config::RunConfig,
+    config::{GatewayConfig, RunConfig},
     dataplane::{Dataplane, DataplaneError},
     enroll::{Enroller, static_file},
     identity::{
-        CertSource,
+        CertSource, Identity,
         file_ca::{FileCa, FileCaError},
         is_valid_trust_domain,
         istio_ca::IstioCa,
@@ -70,6 +70,17 @@ pub enum RunError {
     Endpoint(#[from] BindError),
     #[error("install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(
+        "--mode gateway needs a certificate source (--ca-dir or --ca-address): the gateway terminates mutual TLS"
+    )]
+    GatewayWithoutCa,
+    #[error("--mode gateway enrolls no pods: drop --pods")]
+    GatewayWithPods,
+    #[error("gateway listener {addr}: {source}")]
+    GatewayListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub fn run(config: RunConfig) -> Result<(), RunError> {
@@ -120,6 +131,9 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             config.cert_settings,
         ))
     });
+    if let Some(gateway) = config.gateway.clone() {
+        return run_gateway(config, gateway, certs, control, local, xds_endpoint);
+    }
     preflight::check_capabilities()?;
     let open_files = preflight::raise_open_file_limit();
     let kernel = preflight::check_kernel()?;
@@ -128,12 +142,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     preflight::check_cgroup(&cgroup, &mount)?;
     preflight::ensure_bpffs()?;
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().thread_name("mesh-data");
-    if config.worker_threads > 0 {
-        runtime.worker_threads(config.worker_threads);
-    }
-    let runtime = runtime.build().map_err(RunError::Runtime)?;
+    let runtime = data_runtime(config.worker_threads)?;
 
     runtime.block_on(async move {
         // The endpoints come up first, so that readiness answers (503) while the rest starts.
@@ -237,6 +246,99 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         );
         Ok(())
     })
+}
+
+/// `mesh-node run --mode gateway`: the admin endpoints, the mesh state and the gateway's own
+/// certificate as for a node, then the gateway listener; no eBPF, no pods.
+fn run_gateway(
+    config: RunConfig,
+    gateway: GatewayConfig,
+    certs: Option<Arc<CertManager>>,
+    control: tokio::runtime::Handle,
+    local: Option<local_file::LocalState>,
+    xds_endpoint: Option<tonic::transport::Endpoint>,
+) -> Result<(), RunError> {
+    let Some(certs) = certs else {
+        return Err(RunError::GatewayWithoutCa);
+    };
+    if config.pods_file.is_some() {
+        return Err(RunError::GatewayWithPods);
+    }
+    let identity = Identity::new(
+        &config.trust_domain,
+        &gateway.namespace,
+        &gateway.service_account,
+    );
+    let open_files = preflight::raise_open_file_limit();
+    let runtime = data_runtime(config.worker_threads)?;
+    runtime.block_on(async move {
+        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(XdsStatus {
+            synced: config.xds.is_none(),
+            rejected: Vec::new(),
+        });
+        let readiness = Arc::new(Readiness::new(xds_ready.clone(), Some(certs.clone())));
+        let metrics = Arc::new(Metrics::new());
+        let admin = Arc::new(Admin {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            ctx: OnceLock::new(),
+            enroller: OnceLock::new(),
+        });
+        admin::start(admin.clone(), config.endpoints).await?;
+        // Nothing to attach and nobody to enroll: readiness waits for the state and the
+        // gateway's certificate only.
+        readiness.programs_attached();
+        readiness.startup_enrollment_done();
+        certs.track(&identity);
+        let ctx = Arc::new(ProxyContext::new(
+            Arc::new(crate::gateway::NoCapture),
+            config.node.clone(),
+            Some(certs),
+            config.settings,
+            metrics,
+        ));
+        let _ = admin.ctx.set(ctx.clone());
+        if let Some(local) = local {
+            ctx.update_state(|state| local.apply(state));
+        }
+        control.spawn(crate::memory::give_back_after_peaks());
+        if let (Some(xds), Some(endpoint)) = (config.xds.clone(), xds_endpoint) {
+            start_control_plane(&control, xds, endpoint, ctx.clone(), ready_tx);
+        }
+        let listener = tokio::net::TcpListener::bind(gateway.listen)
+            .await
+            .map_err(|source| RunError::GatewayListen {
+                addr: gateway.listen,
+                source,
+            })?;
+        tracing::info!(
+            listen = %gateway.listen,
+            %identity,
+            network = %config.node.network,
+            open_files,
+            "east-west gateway listening"
+        );
+        tokio::spawn(crate::gateway::serve(listener, identity, ctx));
+        let shutdown = wait_for_shutdown();
+        tokio::pin!(shutdown);
+        tokio::select! {
+            result = &mut shutdown => return result,
+            _ = xds_ready.wait_for(|status| status.synced) => {}
+        }
+        tracing::info!("mesh-node is ready");
+        shutdown.await?;
+        tracing::info!("gateway shutting down");
+        Ok(())
+    })
+}
+
+fn data_runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, RunError> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all().thread_name("mesh-data");
+    if worker_threads > 0 {
+        runtime.worker_threads(worker_threads);
+    }
+    runtime.build().map_err(RunError::Runtime)
 }
 
 /// The control runtime: a single thread of its own for xDS and the CA, so control-plane work

@@ -43,6 +43,19 @@ pub struct RunConfig {
     pub xds: Option<crate::xds::client::XdsConfig>,
     /// Admin (15000), metrics (15020) and readiness (15021) listeners.
     pub endpoints: Addresses,
+    /// `Some`: run as the east-west gateway of `node.network` instead of a node proxy.
+    pub gateway: Option<GatewayConfig>,
+}
+
+/// The east-west gateway (`mesh-node run --mode gateway`).
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Where other networks' nodes connect (`<address>:15008`).
+    pub listen: std::net::SocketAddr,
+    /// The identity its certificate carries: the gateway workload's service account, which
+    /// clients check the outer TLS against.
+    pub namespace: String,
+    pub service_account: String,
 }
 
 impl Default for RunConfig {
@@ -63,6 +76,7 @@ impl Default for RunConfig {
             node: NodeInfo::default(),
             xds: None,
             endpoints: Addresses::default(),
+            gateway: None,
         }
     }
 }

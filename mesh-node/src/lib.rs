@@ -11,6 +11,7 @@ pub mod config;
 pub mod dataplane;
 pub mod ending;
 pub mod enroll;
+pub mod gateway;
 pub mod hbone;
 pub mod identity;
 pub mod inspect;

@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mesh_node::{
     admin,
     certs::CertSettings,
-    config::{DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, NodeInfo, RunConfig, Settings},
+    config::{
+        DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, GatewayConfig, NodeInfo, RunConfig,
+        Settings,
+    },
     error_chain,
     identity::{file_ca::FileCa, istio_ca::IstioCaConfig},
     istiod,
@@ -107,6 +110,25 @@ enum OutputArg {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// `node`: the node proxy of the pods on this node. `gateway`: the east-west gateway of
+    /// --network (no eBPF, no pods).
+    #[arg(long, env = "MESH_NODE_MODE", value_enum, default_value_t = ModeArg::Node)]
+    mode: ModeArg,
+    /// Gateway mode: where other networks' nodes connect.
+    #[arg(
+        long,
+        env = "MESH_NODE_GATEWAY_LISTEN",
+        default_value = "0.0.0.0:15008"
+    )]
+    gateway_listen: SocketAddr,
+    /// Gateway mode: the gateway's identity as NAMESPACE/SERVICE_ACCOUNT (that of its
+    /// workload in the control plane's state, which clients verify).
+    #[arg(
+        long,
+        env = "MESH_NODE_GATEWAY_IDENTITY",
+        default_value = "istio-system/istio-eastwestgateway"
+    )]
+    gateway_identity: String,
     /// Static enrollment file (YAML list of pods).
     #[arg(long, env = "MESH_NODE_PODS")]
     pods: Option<PathBuf>,
@@ -199,6 +221,12 @@ struct RunArgs {
     connect_timeout: u64,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Node,
+    Gateway,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum FailModeArg {
     /// Let traffic through uncaptured.
@@ -231,6 +259,27 @@ fn main() -> ExitCode {
         Command::Bpf(args) => bpf(args),
         Command::Run(args) => {
             let args = *args;
+            let gateway = match args.mode {
+                ModeArg::Node => None,
+                ModeArg::Gateway => match args.gateway_identity.split_once('/') {
+                    Some((namespace, service_account))
+                        if !namespace.is_empty() && !service_account.is_empty() =>
+                    {
+                        Some(GatewayConfig {
+                            listen: args.gateway_listen,
+                            namespace: namespace.to_owned(),
+                            service_account: service_account.to_owned(),
+                        })
+                    }
+                    _ => {
+                        eprintln!(
+                            "mesh-node: error: --gateway-identity {:?}: expected NAMESPACE/SERVICE_ACCOUNT",
+                            args.gateway_identity
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             let ca = args.ca_address.map(|address| IstioCaConfig {
                 target: istiod::Target {
                     address,
@@ -288,6 +337,7 @@ fn main() -> ExitCode {
                     metrics: args.metrics_address,
                     readiness: args.readiness_address,
                 },
+                gateway,
             };
             match mesh_node::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -270,6 +270,17 @@ impl ControlPlane {
     /// `mesh-node run` arguments that take the mesh state from this control plane, as node
     /// `node` of cluster "cluster1", with the topology's CA root and a token file written once.
     pub fn client_args(&self, topo: &Topology, node: &str) -> Vec<String> {
+        self.client_args_in(topo, node, "cluster1", "")
+    }
+
+    /// As [`Self::client_args`], as a node of `cluster` on `network`.
+    pub fn client_args_in(
+        &self,
+        topo: &Topology,
+        node: &str,
+        cluster: &str,
+        network: &str,
+    ) -> Vec<String> {
         let token = token_file(topo);
         [
             "--xds-address",
@@ -281,7 +292,9 @@ impl ControlPlane {
             "--xds-token-file",
             &token.display().to_string(),
             "--cluster-id",
-            "cluster1",
+            cluster,
+            "--network",
+            network,
             "--node-name",
             node,
         ]

@@ -11,6 +11,7 @@ pub mod control_plane;
 pub mod hbone_client;
 pub mod http_probe;
 pub mod meshnode;
+pub mod multicluster;
 pub mod netns_server;
 pub mod podapp;
 pub mod privilege;

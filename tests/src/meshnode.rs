@@ -51,6 +51,28 @@ impl MeshNode {
 
     /// Starts mesh-node without waiting (for tests of start-up failures).
     pub fn spawn(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {
+        let n: &Node = topo.node(node);
+        let base = [
+            "--pods".to_owned(),
+            n.pods_file.display().to_string(),
+            "--cgroup".to_owned(),
+            n.cgroup.display().to_string(),
+            "--bpffs".to_owned(),
+            n.bpffs.display().to_string(),
+        ];
+        Self::spawn_in(topo, node, &base, extra)
+    }
+
+    /// Starts `mesh-node run --mode gateway` in node `node`'s namespace (no pods, no eBPF) and
+    /// waits until it reports ready.
+    pub fn start_gateway(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {
+        let base = ["--mode".to_owned(), "gateway".to_owned()];
+        let mut gateway = Self::spawn_in(topo, node, &base, extra)?;
+        gateway.wait_ready()?;
+        Ok(gateway)
+    }
+
+    fn spawn_in(topo: &Topology, node: &str, base: &[String], extra: &[&str]) -> Result<Self> {
         let node: &Node = topo.node(node);
         let bin = binary();
         if !bin.exists() {
@@ -69,12 +91,7 @@ impl MeshNode {
             &["--workers", "2"]
         };
         cmd.arg("run")
-            .arg("--pods")
-            .arg(&node.pods_file)
-            .arg("--cgroup")
-            .arg(&node.cgroup)
-            .arg("--bpffs")
-            .arg(&node.bpffs)
+            .args(base)
             .args(workers)
             .args(extra)
             .env(

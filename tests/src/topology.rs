@@ -120,6 +120,14 @@ impl Topology {
     }
 
     pub fn build(specs: &[NodeSpec]) -> Result<Self> {
+        Self::build_routed(specs, |_, _| true)
+    }
+
+    /// As [`Topology::build`], every node on one shared segment (a bridge in a namespace of
+    /// its own when there are more than two), where node `a` routes to the pods of node `b`
+    /// only when `routes(a, b)`: clusters whose pods can reach each other only through a
+    /// gateway node are built this way.
+    pub fn build_routed(specs: &[NodeSpec], routes: impl Fn(&str, &str) -> bool) -> Result<Self> {
         sweep_leftovers();
         let id = format!(
             "{}x{}",
@@ -142,7 +150,7 @@ impl Topology {
             let node = topo.build_node(index as u8 + 1, spec)?;
             topo.nodes.push(node);
         }
-        topo.link_nodes()?;
+        topo.link_nodes(&routes)?;
         for node in &topo.nodes {
             write_pods_file(node)?;
         }
@@ -304,40 +312,82 @@ impl Topology {
         })
     }
 
-    /// A veth between every pair of nodes would do; with one or two nodes a single link does.
-    fn link_nodes(&mut self) -> Result<()> {
-        ensure!(self.nodes.len() <= 2, "the harness links at most two nodes");
-        if self.nodes.len() < 2 {
+    /// Two nodes: one veth between them. More: a bridge in a namespace of its own, each node
+    /// on it by a veth. Node `i` is 198.19.0.i on it and routes to the pods of each node it
+    /// `routes` to.
+    fn link_nodes(&mut self, routes: &dyn Fn(&str, &str) -> bool) -> Result<()> {
+        let count = self.nodes.len();
+        ensure!(count < 200, "the harness links fewer than 200 nodes");
+        if count < 2 {
             return Ok(());
         }
-        let (a, b) = (&self.nodes[0].netns, &self.nodes[1].netns);
-        ip(&[
-            "-n", a, "link", "add", "n0", "type", "veth", "peer", "name", "n0", "netns", b,
-        ])?;
-        for (i, ns) in [a, b].into_iter().enumerate() {
-            let own = i as u8 + 1;
-            let other = 2 - i as u8;
+        if count == 2 {
+            let (a, b) = (self.nodes[0].netns.clone(), self.nodes[1].netns.clone());
+            ip(&[
+                "-n", &a, "link", "add", "n0", "type", "veth", "peer", "name", "n0", "netns", &b,
+            ])?;
+        } else {
+            let wan = self.add_netns(format!("{PREFIX}-{}-wan", self.id))?;
+            ip(&["-n", &wan, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &wan, "link", "set", "br0", "up"])?;
+            for (i, node) in self.nodes.iter().enumerate() {
+                let port = format!("v{i}");
+                ip(&[
+                    "-n",
+                    &wan,
+                    "link",
+                    "add",
+                    &port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "n0",
+                    "netns",
+                    &node.netns,
+                ])?;
+                ip(&["-n", &wan, "link", "set", &port, "master", "br0"])?;
+                ip(&["-n", &wan, "link", "set", &port, "up"])?;
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ns = &node.netns;
             ip(&[
                 "-n",
                 ns,
                 "addr",
                 "add",
-                &format!("198.19.0.{own}/24"),
+                &format!("198.19.0.{}/24", i + 1),
                 "dev",
                 "n0",
             ])?;
             ip(&["-n", ns, "link", "set", "n0", "up"])?;
-            ip(&[
-                "-n",
-                ns,
-                "route",
-                "add",
-                &format!("198.18.{other}.0/24"),
-                "via",
-                &format!("198.19.0.{other}"),
-            ])?;
+            for (j, other) in self.nodes.iter().enumerate() {
+                if i == j || !routes(node.name, other.name) {
+                    continue;
+                }
+                ip(&[
+                    "-n",
+                    ns,
+                    "route",
+                    "add",
+                    &format!("198.18.{}.0/24", j + 1),
+                    "via",
+                    &format!("198.19.0.{}", j + 1),
+                ])?;
+            }
         }
         Ok(())
+    }
+
+    /// Node `name`'s address on the segment between the nodes.
+    pub fn link_ip(&self, name: &str) -> Ipv4Addr {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        Ipv4Addr::new(198, 19, 0, index as u8 + 1)
     }
 }
 

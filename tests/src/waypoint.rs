@@ -162,7 +162,10 @@ impl TunnelHandler for Forwarder {
                 client: request.peer_identity.to_string(),
                 forwarded_for: request.forwarded_for,
             });
-        let next = (self.forward)(request.authority);
+        let next = match &request.authority {
+            mesh_node::hbone::Authority::Addr(addr) => (self.forward)(*addr),
+            mesh_node::hbone::Authority::Host { .. } => None,
+        };
         let (tls, certified) = (self.tls.clone(), self.certified.clone());
         Box::pin(async move {
             let unavailable = |reason: String| Refusal {

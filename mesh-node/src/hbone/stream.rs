@@ -29,6 +29,9 @@ pub struct H2Stream {
     recv: RecvStream,
     pending: Bytes,
     write_closed: bool,
+    /// Shutting down also waits for the far side's end of stream (see
+    /// [`H2Stream::drained_on_shutdown`]).
+    drain_on_shutdown: bool,
     _lease: Option<Box<dyn Send + Sync>>,
 }
 
@@ -39,8 +42,19 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             write_closed: false,
+            drain_on_shutdown: false,
             _lease: None,
         }
+    }
+
+    /// Makes `poll_shutdown` end the sending side, then read (and discard) until the far
+    /// side ends too. For a stream that carries a protocol of its own (the inner TLS of
+    /// double HBONE): that protocol's close (`close_notify`, then shutdown) must not be
+    /// followed by dropping a stream whose receiving side is still open, which h2 turns into
+    /// a reset (RST_STREAM CANCEL) that the far side would count as a failed connection.
+    pub fn drained_on_shutdown(mut self) -> Self {
+        self.drain_on_shutdown = true;
+        self
     }
 
     /// Keeps `lease` alive as long as the stream.
@@ -321,12 +335,24 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.write_closed {
             self.write_closed = true;
             self.send
                 .send_data(Bytes::new(), true)
                 .map_err(h2_io_error)?;
+        }
+        if self.drain_on_shutdown {
+            self.pending.clear();
+            loop {
+                match ready!(self.recv.poll_data(cx)) {
+                    Some(Ok(data)) => {
+                        let _ = self.recv.flow_control().release_capacity(data.len());
+                    }
+                    Some(Err(error)) => return Poll::Ready(Err(h2_io_error(error))),
+                    None => break,
+                }
+            }
         }
         Poll::Ready(Ok(()))
     }

@@ -64,6 +64,8 @@ pub(super) async fn open(
         .map_or(tunnel.authority.as_str(), |(host, _)| host);
     let server_name = ServerName::try_from(hostname.to_owned())
         .unwrap_or_else(|_| ServerName::IpAddress(tunnel.peer.ip().into()));
+    // Closing the inner connection ends the outer stream cleanly both ways, not with a reset.
+    let outer = outer.drained_on_shutdown();
     let inner = Connection::establish_over(outer, tunnel.peer, server_name, config)
         .await
         .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))?;

@@ -83,6 +83,35 @@ pub fn pick(
     origin: &Origin<'_>,
     random: &mut impl FnMut() -> u64,
 ) -> Result<Choice, LbError> {
+    pick_among(state, service, port, origin, Reach::AnyNetwork, random)
+}
+
+/// As [`pick`], among the endpoints on the origin's own network only: what an east-west
+/// gateway forwards to (never to another network's gateway).
+pub fn pick_in_network(
+    state: &State,
+    service: &Service,
+    port: u16,
+    origin: &Origin<'_>,
+    random: &mut impl FnMut() -> u64,
+) -> Result<Choice, LbError> {
+    pick_among(state, service, port, origin, Reach::OwnNetwork, random)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    AnyNetwork,
+    OwnNetwork,
+}
+
+fn pick_among(
+    state: &State,
+    service: &Service,
+    port: u16,
+    origin: &Origin<'_>,
+    reach: Reach,
+    random: &mut impl FnMut() -> u64,
+) -> Result<Choice, LbError> {
     let lb = service.load_balancing.as_ref().unwrap_or(&DEFAULT_LB);
     if lb.mode == LbMode::Passthrough {
         return Ok(Choice::Passthrough);
@@ -120,6 +149,9 @@ pub fn pick(
         let ip = workload.addresses.first().copied();
         let in_network = workload.network == origin.network;
         if ip.is_none() && (in_network || workload.network_gateway.is_none()) {
+            continue;
+        }
+        if !in_network && reach == Reach::OwnNetwork {
             continue;
         }
         let target = workload

@@ -1,0 +1,323 @@
+//! Two clusters on two networks, joined by an east-west gateway that is mesh-node in gateway
+//! mode (see `mesh_tests::multicluster`). Assertions are on what users see: which cluster
+//! served a call, bytes intact, who the destination says called, what crossed the gateway's
+//! link, and what the gateway answers a client it must not serve.
+use std::{net::SocketAddr, thread, time::Duration};
+
+use mesh_node::{
+    hbone::client::{ConnectHeaders, Connection},
+    xds::proto::{security as sec, workload as pb},
+};
+use mesh_tests::{
+    control_plane::eventually,
+    hbone_client,
+    multicluster::{ECHO_HOST, ECHO_PORT, GATEWAY_NS, GATEWAY_SA, MultiCluster, echo_service},
+    podapp, privileged, sniff,
+};
+use tokio::net::TcpStream;
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+
+/// Which pod answered each connection of a run: the echo server reports the address it was
+/// called from, and a node delivers from inside the destination pod, from its own address.
+fn served_by(mc: &MultiCluster, run: &podapp::PodRun) -> Vec<&'static str> {
+    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
+    run.ok
+        .iter()
+        .map(|conn| {
+            ["server1", "server2"]
+                .into_iter()
+                .find(|pod| conn.server_saw.ip() == mc.topo.pod(pod).ip)
+                .unwrap_or_else(|| panic!("answered from {}", conn.server_saw))
+        })
+        .collect()
+}
+
+/// Pushes `change` to cluster `plane` and waits until `node` has applied it.
+fn push(node: &mesh_tests::MeshNode, change: impl FnOnce()) {
+    let applied = || node.log_lines_with(&["xDS update applied"]).len();
+    let before = applied();
+    change();
+    eventually("the push to be applied", || applied() > before)
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log_text()));
+}
+
+#[test]
+fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway() {
+    if !privileged() {
+        return;
+    }
+    let mc = MultiCluster::start(false);
+    let sniffer = sniff::Sniffer::start(&mc.topo.node("gw2").netns, "n0").expect("capture gw2");
+    let run = mc.topo.connect_from("client", mc.echo(), 256 * 1024, 3);
+    let segments = sniffer.stop();
+    assert_eq!(served_by(&mc, &run), ["server2"; 3]);
+    for conn in &run.ok {
+        assert_eq!(conn.peer, mc.echo(), "the application sees what it called");
+        assert_eq!(conn.bytes, 256 * 1024);
+    }
+
+    // The gateway's link carried the bytes, and none of them in cleartext.
+    let carried: usize = segments.iter().map(|s| s.payload.len()).sum();
+    assert!(
+        carried > 3 * 256 * 1024,
+        "only {carried} bytes crossed the gateway's link"
+    );
+    let marker = podapp::pattern_bytes(1000, 64);
+    assert!(
+        !segments
+            .iter()
+            .any(|s| s.payload.windows(marker.len()).any(|w| w == marker)),
+        "application bytes crossed the gateway's link in cleartext"
+    );
+
+    // The destination names the caller by its own identity and workload, not the gateway.
+    let dst_lines = mc
+        .c2n1
+        .log_lines_with(&["HBONE tunnel closed", "reporter=destination"]);
+    assert_eq!(dst_lines.len(), 3, "{}", mc.c2n1.log_text());
+    for line in &dst_lines {
+        for field in [
+            &format!("src_identity={CLIENT_ID}") as &str,
+            "src_workload=client",
+            "src_namespace=default",
+            "dst_workload=server2",
+        ] {
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+    }
+    // The source shows the hop; the gateway logs each tunnel, and never the payload.
+    let src_lines = mc
+        .c1n1
+        .log_lines_with(&["outbound connection closed", "route=gateway"]);
+    assert_eq!(src_lines.len(), 3, "{}", mc.c1n1.log_text());
+    let gw_ip = mc.topo.link_ip("gw2");
+    for line in &src_lines {
+        for field in [
+            format!("dst={gw_ip}:15008"),
+            format!("gateway_identity=spiffe://cluster.local/ns/{GATEWAY_NS}/sa/{GATEWAY_SA}"),
+            format!("dst_service={ECHO_HOST}"),
+            "dst_namespace=default".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} missing: {line}");
+        }
+    }
+    let gw_lines = mc.gw2.log_lines_with(&["gateway tunnel closed"]);
+    assert_eq!(gw_lines.len(), 3, "{}", mc.gw2.log_text());
+    for line in &gw_lines {
+        assert!(
+            line.contains(&format!("src_identity={CLIENT_ID}")),
+            "{line}"
+        );
+        assert!(line.contains("dst_workload=server2"), "{line}");
+        assert!(line.contains("route=gateway"), "{line}");
+    }
+    let gw_log = std::fs::read(&mc.gw2.log).expect("gateway log");
+    assert!(!gw_log.windows(marker.len()).any(|w| w == marker));
+
+    // Authorization at the destination is by the caller's principal.
+    let principal = |action: sec::Action, who: &str| sec::Authorization {
+        name: "gate".into(),
+        namespace: "default".into(),
+        scope: sec::Scope::Namespace as i32,
+        action: action as i32,
+        rules: vec![sec::Rule {
+            clauses: vec![sec::Clause {
+                matches: vec![sec::Match {
+                    principals: vec![sec::StringMatch {
+                        match_type: Some(sec::string_match::MatchType::Exact(who.into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    let one = || mc.topo.connect_from("client", mc.echo(), 4096, 1);
+    push(&mc.c2n1, || {
+        mc.cp2.put_policy(principal(
+            sec::Action::Deny,
+            "cluster.local/ns/default/sa/client",
+        ))
+    });
+    let denied = one();
+    assert!(
+        denied.ok.is_empty(),
+        "a DENY of the caller let it in: {denied:?}"
+    );
+    push(&mc.c2n1, || {
+        mc.cp2.put_policy(principal(
+            sec::Action::Allow,
+            "cluster.local/ns/default/sa/client",
+        ))
+    });
+    assert_eq!(served_by(&mc, &one()), ["server2"]);
+    push(&mc.c2n1, || {
+        mc.cp2.put_policy(principal(
+            sec::Action::Allow,
+            "cluster.local/ns/default/sa/someone-else",
+        ))
+    });
+    assert!(
+        one().ok.is_empty(),
+        "an ALLOW of another principal let the caller in"
+    );
+}
+
+#[test]
+fn network_failover_stays_local_while_it_can_and_comes_back() {
+    if !privileged() {
+        return;
+    }
+    let mc = MultiCluster::start(true);
+    let mut failover = echo_service("net1");
+    failover.load_balancing = Some(pb::LoadBalancing {
+        routing_preference: vec![pb::load_balancing::Scope::Network as i32],
+        mode: pb::load_balancing::Mode::Failover as i32,
+        health_policy: 0,
+    });
+    push(&mc.c1n1, || mc.cp1.put_service(failover));
+    let calls = |n| mc.topo.connect_from("client", mc.echo(), 4096, n);
+    assert_eq!(
+        served_by(&mc, &calls(6)),
+        ["server1"; 6],
+        "local while healthy"
+    );
+
+    // A connection open across both switches is never cut by them.
+    let long = {
+        let pod = mc.topo.pod("client");
+        let (netns, cgroup, target) = (pod.netns_path(), pod.cgroup.clone(), mc.echo());
+        thread::spawn(move || {
+            podapp::connect_holding(
+                &netns,
+                &cgroup,
+                target,
+                64 * 1024,
+                1,
+                Duration::from_secs(3),
+            )
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let state = mc.state();
+    push(&mc.c1n1, || {
+        mc.cp1.put_workload(state.pod("server1", "c1n1", 1, None))
+    });
+    assert_eq!(served_by(&mc, &calls(6)), ["server2"; 6], "failed over");
+    push(&mc.c1n1, || {
+        mc.cp1
+            .put_workload(state.pod("server1", "c1n1", 1, Some(ECHO_HOST)))
+    });
+    assert_eq!(served_by(&mc, &calls(6)), ["server1"; 6], "back home");
+    let long = long
+        .join()
+        .expect("long connection thread")
+        .expect("run podapp");
+    assert_eq!(served_by(&mc, &long), ["server1"]);
+}
+
+#[test]
+fn without_a_preference_capacity_spreads_calls_across_clusters() {
+    if !privileged() {
+        return;
+    }
+    let mc = MultiCluster::start(true);
+    // Cluster 2 reports 9 endpoints (one workload, capacity 9) against one local endpoint.
+    push(&mc.c1n1, || mc.cp1.put_workload(mc.state().remote_echo(9)));
+    let run = mc.topo.connect_from("client", mc.echo(), 512, 60);
+    let remote = served_by(&mc, &run)
+        .iter()
+        .filter(|pod| **pod == "server2")
+        .count();
+    // Expected 54 of 60; an even split between the two workloads would give 30.
+    assert!(
+        (44..=60).contains(&remote),
+        "{remote} of 60 calls went to cluster 2"
+    );
+}
+
+#[test]
+fn the_gateway_refuses_foreign_clients_and_what_it_cannot_route() {
+    if !privileged() {
+        return;
+    }
+    let mc = MultiCluster::start(false);
+    let ca_dir = mc.topo.ca_dir();
+    let gateway_id = format!("spiffe://cluster.local/ns/{GATEWAY_NS}/sa/{GATEWAY_SA}");
+    let peer = SocketAddr::from((mc.topo.link_ip("gw2"), 15008));
+    let echo = format!("{ECHO_HOST}:{ECHO_PORT}");
+    let outcome = hbone_client::run_in(&mc.topo.node("c1n1").netns_path(), || async {
+        let good = hbone_client::client_config(&ca_dir, CLIENT_ID, &gateway_id).unwrap();
+        let foreign = hbone_client::client_config(
+            &ca_dir,
+            "spiffe://evil.example/ns/default/sa/client",
+            &gateway_id,
+        )
+        .unwrap();
+        let anonymous = hbone_client::anonymous_config(&ca_dir, &gateway_id).unwrap();
+        let open = |config, authority: String| async move {
+            let tcp = TcpStream::connect(peer).await.map_err(|e| e.to_string())?;
+            let connection = Connection::establish(tcp, peer, config)
+                .await
+                .map_err(|e| e.to_string())?;
+            connection
+                .connect(&authority, &ConnectHeaders::default())
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        (
+            open(good.clone(), echo.clone()).await,
+            open(good.clone(), "nothere.default.svc.cluster.local:80".into()).await,
+            open(good.clone(), format!("{}:8080", mc.topo.pod("server2").ip)).await,
+            open(foreign, echo.clone()).await,
+            open(anonymous, echo.clone()).await,
+        )
+    })
+    .expect("run the client");
+    let (routed, unknown, by_address, foreign, anonymous) = outcome;
+    assert!(routed.is_ok(), "a mesh client is routed: {routed:?}");
+    for (what, result, status) in [
+        ("an unknown hostname", &unknown, "400"),
+        ("an address authority", &by_address, "400"),
+    ] {
+        let error = result.as_ref().expect_err(what);
+        assert!(error.contains(status), "{what}: {error}");
+    }
+    for (what, result) in [
+        ("another trust domain", &foreign),
+        ("no certificate", &anonymous),
+    ] {
+        assert!(result.is_err(), "{what} was let through the gateway");
+    }
+    // The refusals are in the gateway's log, by reason.
+    assert!(
+        mc.gw2
+            .log_text()
+            .contains("no service nothere.default.svc.cluster.local is known here")
+    );
+    let refused = mc
+        .gw2
+        .log_lines_with(&["HBONE connection to the gateway refused"]);
+    assert!(!refused.is_empty(), "{}", mc.gw2.log_text());
+
+    // With no endpoint left in cluster 2, the gateway answers 503.
+    push(&mc.gw2, || {
+        mc.cp2
+            .put_workload(mc.state().pod("server2", "c2n1", 2, None))
+    });
+    let no_endpoint = hbone_client::run_in(&mc.topo.node("c1n1").netns_path(), || async {
+        let good = hbone_client::client_config(&ca_dir, CLIENT_ID, &gateway_id).unwrap();
+        let tcp = TcpStream::connect(peer).await.unwrap();
+        let connection = Connection::establish(tcp, peer, good).await.unwrap();
+        connection
+            .connect(&echo, &ConnectHeaders::default())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    })
+    .expect("run the client");
+    let error = no_endpoint.expect_err("no endpoint, yet routed");
+    assert!(error.contains("503"), "{error}");
+}

@@ -88,6 +88,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// TLS plus HTTP/2 handshake of an inbound HBONE connection.
     pub handshake_timeout: Duration,
+    /// Double HBONE's inner TLS resumes earlier sessions with the same identities.
+    pub inner_tls_resumption: bool,
 }
 
 impl Default for Settings {
@@ -95,6 +97,7 @@ impl Default for Settings {
         Self {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            inner_tls_resumption: true,
         }
     }
 }

@@ -216,6 +216,16 @@ struct RunArgs {
     /// Readiness endpoint (/healthz/ready).
     #[arg(long, env = "MESH_NODE_READINESS_ADDRESS", default_value = admin::DEFAULT_READINESS)]
     readiness_address: SocketAddr,
+    /// Resume TLS sessions on double HBONE's inner connections (to another network's
+    /// endpoints, never pooled): a resumed handshake skips the certificates and signatures.
+    #[arg(
+        long,
+        env = "MESH_NODE_INNER_TLS_RESUMPTION",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    inner_tls_resumption: bool,
     /// Seconds to wait for a TCP connect (upstreams, peers' 15008).
     #[arg(long, env = "MESH_NODE_CONNECT_TIMEOUT", default_value_t = 10)]
     connect_timeout: u64,
@@ -331,6 +341,7 @@ fn main() -> ExitCode {
                 settings: Settings {
                     connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
                     handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+                    inner_tls_resumption: args.inner_tls_resumption,
                 },
                 endpoints: admin::Addresses {
                     admin: args.admin_address,

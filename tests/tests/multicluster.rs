@@ -10,7 +10,7 @@ use mesh_node::{
 };
 use mesh_tests::{
     control_plane::eventually,
-    hbone_client,
+    hbone_client, http_probe,
     multicluster::{ECHO_HOST, ECHO_PORT, GATEWAY_NS, GATEWAY_SA, MultiCluster, echo_service},
     podapp, privileged, sniff,
 };
@@ -114,6 +114,30 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
     }
     let gw_log = std::fs::read(&mc.gw2.log).expect("gateway log");
     assert!(!gw_log.windows(marker.len()).any(|w| w == marker));
+
+    // Istio's metrics on every hop name both ends, cluster included: nothing `unknown`.
+    let closed = "istio_tcp_connections_closed_total";
+    for (node, reporter, destination) in [
+        ("c1n1", "source", "echo"),
+        ("gw2", "destination", "server2"),
+        ("c2n1", "destination", "server2"),
+    ] {
+        let netns = mc.topo.node(node).netns_path();
+        let labels = [
+            format!("reporter=\"{reporter}\""),
+            "source_workload=\"client\"".to_owned(),
+            "source_workload_namespace=\"default\"".to_owned(),
+            "source_cluster=\"cluster1\"".to_owned(),
+            format!("destination_workload=\"{destination}\""),
+            "destination_workload_namespace=\"default\"".to_owned(),
+            "destination_cluster=\"cluster2\"".to_owned(),
+            format!("destination_service=\"{ECHO_HOST}\""),
+        ];
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let total = http_probe::total(&netns, closed, &labels).expect("scrape");
+        let text = http_probe::scrape(&netns).expect("scrape");
+        assert_eq!(total, 3.0, "{node}: {closed} with {labels:?}:\n{text}");
+    }
 
     // Authorization at the destination is by the caller's principal.
     let principal = |action: sec::Action, who: &str| sec::Authorization {

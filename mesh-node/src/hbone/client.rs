@@ -60,6 +60,8 @@ pub struct Connection {
     peer: SocketAddr,
     send: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Its TLS handshake resumed an earlier session.
+    resumed: bool,
 }
 
 impl Connection {
@@ -95,6 +97,7 @@ impl Connection {
         if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
             return Err(ClientError::NoH2 { peer });
         }
+        let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -125,7 +128,17 @@ impl Connection {
             }
             .instrument(tracing::info_span!("hbone_client", %peer)),
         );
-        Ok(Self { peer, send, closed })
+        Ok(Self {
+            peer,
+            send,
+            closed,
+            resumed,
+        })
+    }
+
+    /// Whether the TLS handshake resumed an earlier session rather than a full one.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 
     pub fn peer(&self) -> SocketAddr {

@@ -51,11 +51,14 @@ pub(super) async fn open(
         .as_ref()
         .map(|certs| certs.tls())
         .ok_or_else(|| Failure::Tunnel("no certificate source configured".into()))?;
-    let config = source
-        .resuming_client(tunnel.inner_expected.clone(), |expected| {
+    let config = if ctx.settings.inner_tls_resumption {
+        source.resuming_client(tunnel.inner_expected.clone(), |expected| {
             tls.client_config(&source, expected)
         })
-        .map_err(|error| Failure::Tunnel(format!("client TLS configuration: {error}")))?;
+    } else {
+        tls.client_config(&source, tunnel.inner_expected.clone())
+    }
+    .map_err(|error| Failure::Tunnel(format!("client TLS configuration: {error}")))?;
     // The name only keys the session cache: sessions are per service, whichever of its
     // endpoints the gateway picks (one that does not know the session does a full handshake).
     let hostname = tunnel
@@ -69,6 +72,7 @@ pub(super) async fn open(
     let inner = Connection::establish_over(outer, tunnel.peer, server_name, config)
         .await
         .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))?;
+    ctx.metrics.inner_handshake(inner.resumed());
     let headers = ConnectHeaders {
         forwarded_network: Some(ctx.node.network.clone()),
         ..headers

@@ -178,9 +178,14 @@ async fn open_tunnel_target(
         source_ip: source_addr.ip(),
         destination: dst,
     };
+    let service = match &request.authority {
+        Authority::Host { hostname, .. } => Some(hostname.as_str()),
+        Authority::Addr(_) => None,
+    };
     let client = Client::Tunnel {
         baggage: &request.baggage,
         via_gateway,
+        service,
     };
     deliver(ctx, conn, source_addr, client).await
 }
@@ -244,6 +249,8 @@ pub enum Client<'a> {
     Tunnel {
         baggage: &'a Baggage,
         via_gateway: bool,
+        /// The service it was addressed to, when the CONNECT named it (double HBONE).
+        service: Option<&'a str>,
     },
     /// Captured plaintext: only its address.
     Plain,
@@ -360,12 +367,16 @@ fn open_report(
         original_dst: conn.destination,
         dst: Some(conn.destination),
     };
+    let service = match client {
+        Client::Tunnel { service, .. } => service,
+        Client::LocalPod(_) | Client::Plain => None,
+    };
     Report::open(
         &ctx.metrics,
         Reporter::Destination,
         &source,
         &destination,
-        None,
+        service,
         conn.source.is_some(),
         addrs,
         "inbound",

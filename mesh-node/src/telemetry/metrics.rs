@@ -122,6 +122,12 @@ pub struct Metrics {
     xds_connected: Gauge,
     certs: Family<ResultLabel, Gauge>,
     hbone_refused: Family<ReasonLabel, Counter>,
+    inner_handshakes: Family<KindLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -207,6 +213,12 @@ impl Metrics {
             "Connections to a pod's 15008 refused before HBONE was established, by reason (tls, identity, http2, timeout, no_certificate); every one is counted, the log only samples them",
             hbone_refused.clone(),
         );
+        let inner_handshakes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "mesh_hbone_inner_handshakes",
+            "TLS handshakes of double HBONE's inner connections (through an east-west gateway), by kind: full, or resumed from an earlier session",
+            inner_handshakes.clone(),
+        );
         let dataplane = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(KernelCounters(dataplane.clone())));
         Self {
@@ -223,6 +235,7 @@ impl Metrics {
             xds_connected,
             certs,
             hbone_refused,
+            inner_handshakes,
         }
     }
 
@@ -292,6 +305,14 @@ impl Metrics {
     pub fn hbone_refused(&self, reason: &'static str) {
         self.hbone_refused
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// An inner TLS handshake of double HBONE completed, `resumed` or full.
+    pub fn inner_handshake(&self, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.inner_handshakes
+            .get_or_create(&KindLabel { kind })
             .inc();
     }
 

@@ -221,3 +221,41 @@ fn a_waypoint_with_both_or_neither_destination_is_refused_by_entry() {
         "{neither}"
     );
 }
+
+#[test]
+fn reads_another_networks_endpoints_behind_their_gateway() {
+    let state = parse_str(
+        r#"
+workloads:
+  - uid: cluster2/net2/echo
+    name: echo
+    namespace: default
+    network: net2
+    tunnelProtocol: HBONE
+    capacity: 4
+    networkGateway: {network: net2, address: 192.0.2.10, port: 15009}
+    services:
+      default/echo.default.svc.cluster.local: [{servicePort: 80, targetPort: 8080}]
+"#,
+    )
+    .unwrap();
+    let w = &state.workloads[0];
+    assert!(w.addresses.is_empty());
+    assert_eq!(w.capacity, 4);
+    assert_eq!(
+        w.network_gateway,
+        Some(crate::state::GatewayAddress {
+            destination: crate::state::GatewayDestination::Address {
+                network: "net2".into(),
+                ip: "192.0.2.10".parse().unwrap(),
+            },
+            hbone_mtls_port: 15009,
+        })
+    );
+    let error = parse_str(
+        "workloads:\n  - name: w\n    namespace: default\n    networkGateway: {network: net2}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("networkGateway: needs an address or a hostname"), "{error}");
+}

@@ -47,7 +47,7 @@ impl From<Port> for pb::Port {
 /// the port defaults to 15008.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct WaypointEntry {
+pub struct GatewayEntry {
     #[serde(default)]
     address: Option<IpAddr>,
     #[serde(default)]
@@ -58,10 +58,11 @@ pub struct WaypointEntry {
     port: Option<u16>,
 }
 
-impl WaypointEntry {
-    /// The gateway address; refuses an entry that names both an address and a hostname, or
-    /// neither (a network without an address, say), by field.
-    fn into_proto(self) -> Result<pb::GatewayAddress, String> {
+impl GatewayEntry {
+    /// The gateway address of field `field` (`waypoint`, `networkGateway`); refuses an entry
+    /// that names both an address and a hostname, or neither (a network without an address,
+    /// say), by field.
+    fn into_proto(self, field: &str) -> Result<pb::GatewayAddress, String> {
         use pb::gateway_address::Destination;
         let Self {
             address,
@@ -71,9 +72,9 @@ impl WaypointEntry {
         } = self;
         let destination = match (address, hostname) {
             (Some(_), Some(_)) => {
-                return Err("waypoint: address and hostname are exclusive".to_owned());
+                return Err(format!("{field}: address and hostname are exclusive"));
             }
-            (None, None) => return Err("waypoint: needs an address or a hostname".to_owned()),
+            (None, None) => return Err(format!("{field}: needs an address or a hostname")),
             (Some(ip), None) => Some(Destination::Address(pb::NetworkAddress {
                 network,
                 address: ip_bytes(&ip),

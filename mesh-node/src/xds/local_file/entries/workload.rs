@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::Deserialize;
 
-use super::{Port, WaypointEntry, ip_bytes};
+use super::{Port, GatewayEntry, ip_bytes};
 use crate::proto::workload as pb;
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -42,6 +42,8 @@ pub struct WorkloadEntry {
     service_account: String,
     #[serde(default)]
     trust_domain: String,
+    /// None for another network's endpoints known only by their gateway.
+    #[serde(default)]
     addresses: Vec<IpAddr>,
     #[serde(default)]
     node: String,
@@ -66,7 +68,10 @@ pub struct WorkloadEntry {
     #[serde(default)]
     canonical_revision: String,
     #[serde(default)]
-    waypoint: Option<WaypointEntry>,
+    waypoint: Option<GatewayEntry>,
+    /// The east-west gateway other networks reach this workload through.
+    #[serde(default)]
+    network_gateway: Option<GatewayEntry>,
     #[serde(default)]
     host_network: bool,
     #[serde(default)]
@@ -95,11 +100,17 @@ impl WorkloadEntry {
             canonical_name,
             canonical_revision,
             waypoint,
+            network_gateway,
             host_network,
             hostname,
         } = self;
         Ok(pb::Workload {
-            waypoint: waypoint.map(WaypointEntry::into_proto).transpose()?,
+            network_gateway: network_gateway
+                .map(|g| g.into_proto("networkGateway"))
+                .transpose()?,
+            waypoint: waypoint
+                .map(|w| w.into_proto("waypoint"))
+                .transpose()?,
             network_mode: if host_network {
                 pb::NetworkMode::HostNetwork
             } else {

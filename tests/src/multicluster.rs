@@ -9,9 +9,12 @@ use std::net::SocketAddr;
 
 use mesh_node::xds::proto::workload as pb;
 
+use anyhow::Result;
+
 use crate::{
     MeshNode, PodSpec, Server, Topology,
-    control_plane::{ControlPlane, pod_workload},
+    control_plane::{ControlPlane, eventually, pod_workload},
+    podapp::PodRun,
     topology::NodeSpec,
 };
 
@@ -137,6 +140,41 @@ impl MultiCluster {
     pub fn state(&self) -> State<'_> {
         State { topo: &self.topo }
     }
+
+    /// Which server pod answered each connection of a run, in order: the echo server reports
+    /// the address it was called from, and a node delivers from inside the destination pod,
+    /// from its own address. Fails on any failed connection.
+    pub fn served_by(&self, run: &PodRun) -> Result<Vec<&'static str>> {
+        anyhow::ensure!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
+        run.ok
+            .iter()
+            .map(|conn| {
+                ["server1", "server2"]
+                    .into_iter()
+                    .find(|pod| conn.server_saw.ip() == self.topo.pod(pod).ip)
+                    .ok_or_else(|| anyhow::anyhow!("answered from {}", conn.server_saw))
+            })
+            .collect()
+    }
+}
+
+/// Makes `change` (a push to a control plane) and waits until `node` has applied it.
+pub fn push(node: &MeshNode, change: impl FnOnce()) -> Result<()> {
+    let applied = || node.log_lines_with(&["xDS update applied"]).len();
+    let before = applied();
+    change();
+    eventually("the push to be applied", || applied() > before)
+}
+
+/// echo with NETWORK failover: local endpoints while there are any, else another network's.
+pub fn failover_echo(network: &str) -> pb::Service {
+    let mut service = echo_service(network);
+    service.load_balancing = Some(pb::LoadBalancing {
+        routing_preference: vec![pb::load_balancing::Scope::Network as i32],
+        mode: pb::load_balancing::Mode::Failover as i32,
+        health_policy: 0,
+    });
+    service
 }
 
 /// Builds the resources of the two clusters.

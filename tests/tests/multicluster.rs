@@ -6,40 +6,26 @@ use std::{net::SocketAddr, thread, time::Duration};
 
 use mesh_node::{
     hbone::client::{ConnectHeaders, Connection},
-    xds::proto::{security as sec, workload as pb},
+    xds::proto::security as sec,
 };
 use mesh_tests::{
-    control_plane::eventually,
     hbone_client, http_probe,
-    multicluster::{ECHO_HOST, ECHO_PORT, GATEWAY_NS, GATEWAY_SA, MultiCluster, echo_service},
+    multicluster::{
+        self, ECHO_HOST, ECHO_PORT, GATEWAY_NS, GATEWAY_SA, MultiCluster, failover_echo,
+    },
     podapp, privileged, sniff,
 };
 use tokio::net::TcpStream;
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
-/// Which pod answered each connection of a run: the echo server reports the address it was
-/// called from, and a node delivers from inside the destination pod, from its own address.
 fn served_by(mc: &MultiCluster, run: &podapp::PodRun) -> Vec<&'static str> {
-    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
-    run.ok
-        .iter()
-        .map(|conn| {
-            ["server1", "server2"]
-                .into_iter()
-                .find(|pod| conn.server_saw.ip() == mc.topo.pod(pod).ip)
-                .unwrap_or_else(|| panic!("answered from {}", conn.server_saw))
-        })
-        .collect()
+    mc.served_by(run)
+        .unwrap_or_else(|error| panic!("{error:#}"))
 }
 
-/// Pushes `change` to cluster `plane` and waits until `node` has applied it.
 fn push(node: &mesh_tests::MeshNode, change: impl FnOnce()) {
-    let applied = || node.log_lines_with(&["xDS update applied"]).len();
-    let before = applied();
-    change();
-    eventually("the push to be applied", || applied() > before)
-        .unwrap_or_else(|e| panic!("{e}\n{}", node.log_text()));
+    multicluster::push(node, change).unwrap_or_else(|e| panic!("{e}\n{}", node.log_text()));
 }
 
 #[test]
@@ -194,13 +180,7 @@ fn network_failover_stays_local_while_it_can_and_comes_back() {
         return;
     }
     let mc = MultiCluster::start(true);
-    let mut failover = echo_service("net1");
-    failover.load_balancing = Some(pb::LoadBalancing {
-        routing_preference: vec![pb::load_balancing::Scope::Network as i32],
-        mode: pb::load_balancing::Mode::Failover as i32,
-        health_policy: 0,
-    });
-    push(&mc.c1n1, || mc.cp1.put_service(failover));
+    push(&mc.c1n1, || mc.cp1.put_service(failover_echo("net1")));
     let calls = |n| mc.topo.connect_from("client", mc.echo(), 4096, n);
     assert_eq!(
         served_by(&mc, &calls(6)),

@@ -36,8 +36,12 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing need.
     Setup,
-    /// Set up, build, and run the local two-node demo (needs root).
-    Demo,
+    /// Set up, build, and run a local demo (needs root): two clusters joined by an east-west
+    /// gateway, failing over and back (default), or `single`: two nodes of one cluster.
+    Demo {
+        /// `multicluster` (default) or `single`.
+        which: Option<String>,
+    },
     /// Set up, build, lint and run every test (integration tests need root).
     Test,
     /// Build with optimisations and run a benchmark suite (default: the data path; needs root).
@@ -73,10 +77,12 @@ fn main() -> Result<()> {
         Cmd::Setup => {
             setup()?;
         }
-        Cmd::Demo => {
+        Cmd::Demo { which } => {
             let toolchain = setup()?;
             build(&toolchain)?;
-            run(Command::new(root.join("target/debug/mesh-demo")))?;
+            let mut demo = Command::new(root.join("target/debug/mesh-demo"));
+            demo.args(which);
+            run(demo)?;
         }
         Cmd::Bench { suite } => {
             let toolchain = setup()?;

@@ -1,16 +1,32 @@
-//! The local demo: two simulated nodes, a client pod and a server pod, one mesh-node per node.
-//! A connection from the client is captured by eBPF and carried by mesh-node through an HBONE
-//! tunnel (mutual TLS with SPIFFE identities); the demo shows the evidence from each side, then
-//! removes everything it built.
+//! The local demos, each removing everything it built when it ends:
+//!
+//! - `mesh-demo` (or `mesh-demo multicluster`): two clusters on two networks, joined by an
+//!   east-west gateway that is mesh-node in gateway mode. A client in cluster 1 calls the
+//!   global service `echo`; it is served in cluster 1 while cluster 1 has an endpoint, by
+//!   cluster 2 through the gateway (double HBONE) once the local endpoint is gone, and locally
+//!   again when it returns.
+//! - `mesh-demo single`: two nodes of one cluster, a client pod and a server pod; the
+//!   connection is captured by eBPF and carried through an HBONE tunnel (mutual TLS with SPIFFE
+//!   identities), with the evidence from each side.
 use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{MeshNode, NodeSpec, PodSpec, Server, Topology, podapp};
+use mesh_tests::{
+    MeshNode, NodeSpec, PodSpec, Server, Topology,
+    multicluster::{self, ECHO_HOST, MultiCluster, failover_echo},
+    podapp,
+};
 
 const PAYLOAD: usize = 1 << 20;
 
 fn main() -> ExitCode {
-    match demo() {
+    let which = std::env::args().nth(1);
+    let result = root().and_then(|()| match which.as_deref() {
+        None | Some("multicluster") => multicluster_demo(),
+        Some("single") => single_cluster_demo(),
+        Some(other) => bail!("unknown demo {other:?}: multicluster (the default) or single"),
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("mesh-demo: {error:#}");
@@ -19,11 +35,131 @@ fn main() -> ExitCode {
     }
 }
 
-fn demo() -> Result<()> {
+fn root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
+    Ok(())
+}
+
+/// The access-log line's fields named in `keys`, as `key=value`, for a short summary.
+fn fields(line: &str, keys: &[&str]) -> String {
+    keys.iter()
+        .filter_map(|key| {
+            line.split_whitespace()
+                .find(|field| field.starts_with(&format!("{key}=")))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn multicluster_demo() -> Result<()> {
+    println!(
+        "mesh-node demo: two clusters on two networks, one global service, an east-west gateway\n"
+    );
+    let mc = MultiCluster::start(true);
+    let gw = mc.topo.link_ip("gw2");
+    println!(
+        "  cluster1 (network net1): node c1n1 with pods client {} and server1 {}",
+        mc.topo.pod("client").ip,
+        mc.topo.pod("server1").ip
+    );
+    println!(
+        "  cluster2 (network net2): node c2n1 with pod server2 {}, behind the gateway {gw}:15008",
+        mc.topo.pod("server2").ip
+    );
+    println!("  cluster1's pods have no route to cluster2's: the gateway is the only way there.");
+    println!("  each cluster has its own control plane (speaking as istiod does); one mesh root.");
+    println!(
+        "  mesh-node runs on c1n1 and c2n1, and as the gateway (`mesh-node run --mode gateway`) on gw2.\n"
+    );
+    multicluster::push(&mc.c1n1, || mc.cp1.put_service(failover_echo("net1")))?;
+    println!(
+        "  {ECHO_HOST} (VIP {}) is global, with NETWORK failover: local endpoints first.\n",
+        mc.echo()
+    );
+
+    let mut seen = 0;
+    let mut call = |title: &str| -> Result<Vec<&'static str>> {
+        let run = mc.topo.connect_from("client", mc.echo(), 64 * 1024, 3);
+        let served = mc.served_by(&run)?;
+        println!(
+            "  {title}: 3 calls to {}, 64 KiB each, echoed intact, served by {served:?}",
+            mc.echo()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let lines = mc.c1n1.log_lines_with(&["outbound connection closed"]);
+        for line in lines.iter().skip(seen).take(1) {
+            println!(
+                "    c1n1 access log: {}",
+                fields(
+                    line,
+                    &[
+                        "route",
+                        "dst",
+                        "dst_workload",
+                        "dst_service",
+                        "gateway_identity"
+                    ]
+                )
+            );
+        }
+        seen = lines.len();
+        Ok(served)
+    };
+    let local = call("cluster1 has an endpoint")?;
+    println!(
+        "\n  server1 leaves the service in cluster1 (its control plane pushes the change) ..."
+    );
+    let state = mc.state();
+    multicluster::push(&mc.c1n1, || {
+        mc.cp1.put_workload(state.pod("server1", "c1n1", 1, None))
+    })?;
+    let remote = call("cluster1 has none")?;
+    let show = |title: &str, mesh: &MeshNode, needle: &str, keys: &[&str]| {
+        if let Some(line) = mesh.log_lines_with(&[needle]).last() {
+            println!("    {title}: {}", fields(line, keys));
+        }
+    };
+    show(
+        "gateway access log",
+        &mc.gw2,
+        "gateway tunnel closed",
+        &["src_identity", "dst", "dst_workload", "dst_service"],
+    );
+    show(
+        "c2n1 access log",
+        &mc.c2n1,
+        "HBONE tunnel closed",
+        &[
+            "src_identity",
+            "src_workload",
+            "src_namespace",
+            "dst_workload",
+        ],
+    );
+    println!(
+        "    (the gateway relayed the inner TLS without reading it; cluster2 saw the caller's own identity)"
+    );
+    println!("\n  server1 is back ...");
+    multicluster::push(&mc.c1n1, || {
+        mc.cp1
+            .put_workload(state.pod("server1", "c1n1", 1, Some(ECHO_HOST)))
+    })?;
+    let back = call("cluster1 has an endpoint again")?;
+    if local != ["server1"; 3] || remote != ["server2"; 3] || back != ["server1"; 3] {
+        bail!("unexpected routing: {local:?}, then {remote:?}, then {back:?}");
+    }
+    println!(
+        "\n  result: served locally, failed over to cluster2 through the gateway, and came back."
+    );
+    drop(mc);
+    println!("  demo topology removed (namespaces, cgroups, pinned programs, processes).");
+    Ok(())
+}
+
+fn single_cluster_demo() -> Result<()> {
     println!(
         "mesh-node demo: two nodes, two pods, capture by eBPF (no iptables, no sidecar), HBONE between nodes\n"
     );

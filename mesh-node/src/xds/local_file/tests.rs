@@ -257,5 +257,8 @@ workloads:
     )
     .unwrap_err()
     .to_string();
-    assert!(error.contains("networkGateway: needs an address or a hostname"), "{error}");
+    assert!(
+        error.contains("networkGateway: needs an address or a hostname"),
+        "{error}"
+    );
 }

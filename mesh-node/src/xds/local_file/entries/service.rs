@@ -1,7 +1,7 @@
 //! A service entry of the local file.
 use serde::Deserialize;
 
-use super::{Cidr, Port, GatewayEntry, ip_bytes};
+use super::{Cidr, GatewayEntry, Port, ip_bytes};
 use crate::proto::workload as pb;
 
 /// A service address, or a block of them (`10.100.0.0/16`): bare on the default network, or
@@ -93,9 +93,7 @@ impl ServiceEntry {
             visibility,
         } = self;
         Ok(pb::Service {
-            waypoint: waypoint
-                .map(|w| w.into_proto("waypoint"))
-                .transpose()?,
+            waypoint: waypoint.map(|w| w.into_proto("waypoint")).transpose()?,
             visibility: match visibility {
                 Some(VisibilityEntry::Namespace) => pb::service::Visibility::Namespace,
                 Some(VisibilityEntry::Public) | None => pb::service::Visibility::Public,

@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::Deserialize;
 
-use super::{Port, GatewayEntry, ip_bytes};
+use super::{GatewayEntry, Port, ip_bytes};
 use crate::proto::workload as pb;
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -108,9 +108,7 @@ impl WorkloadEntry {
             network_gateway: network_gateway
                 .map(|g| g.into_proto("networkGateway"))
                 .transpose()?,
-            waypoint: waypoint
-                .map(|w| w.into_proto("waypoint"))
-                .transpose()?,
+            waypoint: waypoint.map(|w| w.into_proto("waypoint")).transpose()?,
             network_mode: if host_network {
                 pb::NetworkMode::HostNetwork
             } else {

@@ -19,7 +19,15 @@ fn smoke_run_measures_every_path() {
     let report = result.expect("the smoke benchmark runs");
     assert!(report.errors.is_empty(), "errors: {:?}", report.errors);
 
-    let mesh = [Route::SameNode, Route::CrossNode];
+    let mesh = [
+        Route::SameNode,
+        Route::CrossNode,
+        Route::CrossCluster,
+        Route::CrossClusterFullTls,
+    ];
+    // Memory is measured once per kind of path: the full-TLS variant holds connections alike.
+    let memory = [Route::SameNode, Route::CrossNode, Route::CrossCluster];
+    let gateway = [Route::CrossCluster];
     let mut expected = vec![
         ("throughput_1", &Route::ALL[..]),
         ("throughput_8", &Route::ALL[..]),
@@ -31,12 +39,19 @@ fn smoke_run_measures_every_path() {
         ("conn_rate", &Route::ALL[..]),
         ("connect_p99", &Route::ALL[..]),
         ("exchange_p99", &Route::ALL[..]),
-        ("rss_idle", &mesh[..]),
-        ("rss_peak", &mesh[..]),
-        ("rss_after_peak", &mesh[..]),
+        ("rss_idle", &memory[..]),
+        ("rss_peak", &memory[..]),
+        ("rss_after_peak", &memory[..]),
+        ("gateway_rss_idle", &gateway[..]),
     ];
     let held: Vec<String> = config.held.iter().map(|n| format!("rss_{n}")).collect();
-    expected.extend(held.iter().map(|k| (k.as_str(), &mesh[..])));
+    expected.extend(held.iter().map(|k| (k.as_str(), &memory[..])));
+    let tunnels: Vec<String> = config
+        .held
+        .iter()
+        .map(|n| format!("gateway_rss_{n}"))
+        .collect();
+    expected.extend(tunnels.iter().map(|k| (k.as_str(), &gateway[..])));
     for (key, routes) in expected {
         let metric = report
             .metric(key)
@@ -52,12 +67,20 @@ fn smoke_run_measures_every_path() {
             assert!(stat.min <= stat.median && stat.median <= stat.max);
         }
     }
-    // Cross-node memory is two mesh-nodes; each path's held connections cost memory.
+    // Cross-node memory is two mesh-nodes, cross-cluster three; each path's held connections
+    // cost memory, the gateway's tunnels too.
     let rss = |key: &str, route: Route| report.metric(key).unwrap().paths[route.key()].median;
-    let most = format!("rss_{}", config.held.iter().max().unwrap());
-    for route in mesh {
-        assert!(rss(&most, route) > rss("rss_idle", route), "{route:?}");
+    let most = config.held.iter().max().unwrap();
+    for route in memory {
+        assert!(
+            rss(&format!("rss_{most}"), route) > rss("rss_idle", route),
+            "{route:?}"
+        );
     }
+    assert!(
+        rss(&format!("gateway_rss_{most}"), Route::CrossCluster)
+            > rss("gateway_rss_idle", Route::CrossCluster)
+    );
 
     let json: serde_json::Value =
         serde_json::from_str(&written.expect("JSON written")).expect("JSON parses");

@@ -275,10 +275,9 @@ pub fn parse_request<B>(
             .and_then(|value| value.to_str().ok())
     };
     let forwarded_for = header(super::FORWARDED).and_then(super::forwarded_for);
-    let forwarded_network = header(super::FORWARDED_NETWORK)
-        .map(str::trim)
-        .filter(|network| !network.is_empty())
-        .map(str::to_owned);
+    // Present, even empty (the default network is ""), means double HBONE's inner CONNECT.
+    let forwarded_network =
+        header(super::FORWARDED_NETWORK).map(|network| network.trim().to_owned());
     let baggage = request
         .headers()
         .get_all(super::BAGGAGE)

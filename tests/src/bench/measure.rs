@@ -55,6 +55,11 @@ impl Bench<'_> {
         let meshes = self.start_meshes()?;
         thread::sleep(self.config.settle());
         found.samples.add("rss_idle", route, meshes.rss_mib(route)?);
+        if route == Route::CrossCluster {
+            found
+                .samples
+                .add("gateway_rss_idle", route, meshes.gateway_rss_mib()?);
+        }
         for &n in &self.config.held {
             let needed = descriptors_needed(route, n);
             if needed > open_files {
@@ -73,6 +78,13 @@ impl Bench<'_> {
                 route.key()
             );
             found.samples.add(&format!("rss_{n}"), route, rss);
+            if route == Route::CrossCluster {
+                found.samples.add(
+                    &format!("gateway_rss_{n}"),
+                    route,
+                    meshes.gateway_rss_mib()?,
+                );
+            }
             held.close()?;
         }
         // A fresh pair of processes for the peak, so that what the held counts above left
@@ -193,15 +205,45 @@ impl Bench<'_> {
     }
 
     pub(super) fn start_meshes(&self) -> Result<Meshes> {
-        let args: Vec<&str> = self.config.mesh_args.iter().map(String::as_str).collect();
+        let with = |extra: &[&str]| -> Vec<String> {
+            self.config
+                .mesh_args
+                .iter()
+                .cloned()
+                .chain(extra.iter().map(|arg| (*arg).to_owned()))
+                .collect()
+        };
+        let start = |node: &str, args: Vec<String>| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            MeshNode::start_hbone(self.topo, node, &args)
+        };
+        let gateway = {
+            let mut args = self.topo.hbone_args();
+            args.extend(with(&[
+                "--network",
+                "net2",
+                "--gateway-listen",
+                &format!("{}:15008", self.topo.link_ip("gw")),
+            ]));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            MeshNode::start_gateway(self.topo, "gw", &args)?
+        };
         Ok(Meshes {
-            node1: MeshNode::start_hbone(self.topo, "node1", &args)?,
-            node2: MeshNode::start_hbone(self.topo, "node2", &args)?,
+            node1: start("node1", with(&[]))?,
+            // node2's outbound is only the full-TLS cross-cluster path's.
+            node2: start("node2", with(&["--inner-tls-resumption", "false"]))?,
+            node3: start("node3", with(&["--network", "net2"]))?,
+            gw: gateway,
         })
     }
 
     pub(super) fn target(&self, route: Route) -> String {
-        SocketAddr::from((self.topo.pod(route.server()).ip, PORT)).to_string()
+        match route {
+            Route::CrossCluster | Route::CrossClusterFullTls => {
+                SocketAddr::from((super::FAR_VIP, PORT)).to_string()
+            }
+            _ => SocketAddr::from((self.topo.pod(route.server()).ip, PORT)).to_string(),
+        }
     }
 
     /// Runs `loadgen <mode> <target> <args…> <durations in ms…>` in the path's client pod and
@@ -238,20 +280,18 @@ impl Bench<'_> {
         Outcome::parse(line)
     }
 
-    /// The figures are only worth something if each path went where it says: node1's mesh-node
-    /// logged the captured paths' connections with their route, and none of the direct ones.
+    /// The figures are only worth something if each path went where it says: the source
+    /// node's mesh-node logged the captured paths' connections with their route, and none of
+    /// the direct ones.
     pub(super) fn check_routes(&self, meshes: &Meshes) -> Result<()> {
         for &route in &self.config.routes {
             let dst = format!("original_dst={}", self.target(route));
-            let carried = meshes
-                .node1
-                .log_lines_with(&["outbound connection closed", &dst]);
-            let expected = match route {
-                Route::Direct => None,
-                Route::SameNode => Some("route=local"),
-                Route::CrossNode => Some("route=hbone"),
+            let source = match route {
+                Route::CrossClusterFullTls => &meshes.node2,
+                _ => &meshes.node1,
             };
-            match expected {
+            let carried = source.log_lines_with(&["outbound connection closed", &dst]);
+            match route.logged_route() {
                 None => ensure!(
                     carried.is_empty(),
                     "the direct path went through mesh-node: {}",
@@ -259,7 +299,7 @@ impl Bench<'_> {
                 ),
                 Some(how) => ensure!(
                     carried.iter().any(|line| line.contains(how)),
-                    "mesh-node on node1 logged no {} connection with {how}",
+                    "the source mesh-node logged no {} connection with {how}",
                     route.key()
                 ),
             }
@@ -352,6 +392,8 @@ impl Drop for Held {
 pub(super) struct Meshes {
     node1: MeshNode,
     node2: MeshNode,
+    node3: MeshNode,
+    gw: MeshNode,
 }
 
 impl Meshes {
@@ -360,15 +402,26 @@ impl Meshes {
             .mesh_nodes()
             .iter()
             .map(|node| {
-                let mesh = if *node == "node1" {
-                    &self.node1
-                } else {
-                    &self.node2
-                };
-                mesh.pid()
+                self.node(node)
+                    .pid()
                     .with_context(|| format!("mesh-node on {node} is not running"))
             })
             .collect()
+    }
+
+    fn node(&self, name: &str) -> &MeshNode {
+        match name {
+            "node1" => &self.node1,
+            "node2" => &self.node2,
+            "node3" => &self.node3,
+            _ => &self.gw,
+        }
+    }
+
+    /// Resident memory of the gateway alone.
+    pub(super) fn gateway_rss_mib(&self) -> Result<f64> {
+        let pid = self.gw.pid().context("the gateway is not running")?;
+        Ok(proc_rss_kib(pid)? as f64 / 1024.0)
     }
 
     /// Resident memory of the path's mesh-nodes together.

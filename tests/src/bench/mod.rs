@@ -5,7 +5,13 @@
 //! - **same-node**: `client` → `local`, both enrolled on node1: captured and delivered by
 //!   node1's mesh-node without TLS;
 //! - **cross-node**: `client` (node1) → `server` (node2), both enrolled: captured on node1,
-//!   carried in an HBONE tunnel (mutual TLS, HTTP/2 CONNECT) and delivered by node2's mesh-node.
+//!   carried in an HBONE tunnel (mutual TLS, HTTP/2 CONNECT) and delivered by node2's mesh-node;
+//! - **cross-cluster**: `client` (node1) → the VIP of `far`, whose one endpoint is on node3, in
+//!   another network (`net2`) that node1 and node2 have no route into: captured on node1, double
+//!   HBONE to the east-west gateway `gw` (mesh-node in gateway mode), relayed to node3's
+//!   mesh-node, delivered; the inner TLS resumes earlier sessions;
+//! - **cross-cluster, full TLS**: the same from `client2` (node2), whose mesh-node runs with
+//!   `--inner-tls-resumption false`: every inner connection pays a full handshake.
 //!
 //! The load comes from `loadgen` (this package) running inside the pods, against a `loadgen
 //! serve` in each server pod. Every figure is taken `runs` times, the paths interleaved within
@@ -141,22 +147,38 @@ impl Config {
     }
 }
 
-/// One of the three measured paths.
+/// One of the measured paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Route {
     Direct,
     SameNode,
     CrossNode,
+    CrossCluster,
+    CrossClusterFullTls,
 }
 
+/// The VIP of the service `far`, whose endpoint is in the other network.
+pub const FAR_VIP: [u8; 4] = [10, 96, 3, 10];
+const FAR_HOST: &str = "far.default.svc.cluster.local";
+
 impl Route {
-    pub const ALL: [Route; 3] = [Route::Direct, Route::SameNode, Route::CrossNode];
+    pub const ALL: [Route; 5] = [
+        Route::Direct,
+        Route::SameNode,
+        Route::CrossNode,
+        Route::CrossCluster,
+        Route::CrossClusterFullTls,
+    ];
 
     pub fn parse(name: &str) -> Result<Self> {
         Route::ALL
             .into_iter()
             .find(|r| r.key() == name)
-            .with_context(|| format!("unknown path {name:?} (direct, same-node, cross-node)"))
+            .with_context(|| {
+                format!(
+                    "unknown path {name:?} (direct, same-node, cross-node, cross-cluster, cross-cluster-full-tls)"
+                )
+            })
     }
 
     pub fn key(self) -> &'static str {
@@ -164,6 +186,8 @@ impl Route {
             Route::Direct => "direct",
             Route::SameNode => "same-node",
             Route::CrossNode => "cross-node",
+            Route::CrossCluster => "cross-cluster",
+            Route::CrossClusterFullTls => "cross-cluster-full-tls",
         }
     }
 
@@ -172,13 +196,16 @@ impl Route {
             Route::Direct => "direct (no mesh)",
             Route::SameNode => "same-node",
             Route::CrossNode => "cross-node HBONE",
+            Route::CrossCluster => "cross-cluster via gateway",
+            Route::CrossClusterFullTls => "cross-cluster, no inner resumption",
         }
     }
 
     fn client(self) -> &'static str {
         match self {
             Route::Direct => "plain1",
-            Route::SameNode | Route::CrossNode => "client",
+            Route::SameNode | Route::CrossNode | Route::CrossCluster => "client",
+            Route::CrossClusterFullTls => "client2",
         }
     }
 
@@ -187,44 +214,103 @@ impl Route {
             Route::Direct => "plain2",
             Route::SameNode => "local",
             Route::CrossNode => "server",
+            Route::CrossCluster | Route::CrossClusterFullTls => "far",
         }
     }
 
-    /// The nodes whose mesh-node carries this path's traffic.
+    /// The nodes whose mesh-node carries this path's traffic (the gateway's included).
     fn mesh_nodes(self) -> &'static [&'static str] {
         match self {
             Route::Direct => &[],
             Route::SameNode => &["node1"],
             Route::CrossNode => &["node1", "node2"],
+            Route::CrossCluster => &["node1", "gw", "node3"],
+            Route::CrossClusterFullTls => &["node2", "gw", "node3"],
         }
     }
+
+    /// What the source node's access line says of this path's connections.
+    fn logged_route(self) -> Option<&'static str> {
+        match self {
+            Route::Direct => None,
+            Route::SameNode => Some("route=local"),
+            Route::CrossNode => Some("route=hbone"),
+            Route::CrossCluster | Route::CrossClusterFullTls => Some("route=gateway"),
+        }
+    }
+}
+
+/// The mesh state every node and the gateway read: the pods as HBONE workloads (`far` on
+/// network `net2`, behind the gateway), the gateway's own workload, and the service `far`.
+fn state_yaml(topo: &Topology) -> String {
+    let gateway = topo.link_ip("gw");
+    let mut yaml = String::from("workloads:\n");
+    for node in &topo.nodes {
+        for pod in &node.pods {
+            let protocol = if pod.enrolled { "HBONE" } else { "NONE" };
+            yaml.push_str(&format!(
+                "  - name: {}\n    namespace: default\n    serviceAccount: {}\n    addresses: [{}]\n    node: {}\n    tunnelProtocol: {protocol}\n",
+                pod.name, pod.name, pod.ip, node.name
+            ));
+            if pod.name == "far" {
+                yaml.push_str(&format!(
+                    "    network: net2\n    networkGateway: {{network: net2, address: {gateway}}}\n    services: {{default/{FAR_HOST}: [{{servicePort: {PORT}, targetPort: {PORT}}}]}}\n"
+                ));
+            }
+        }
+    }
+    yaml.push_str(&format!(
+        "  - uid: NetworkGateway/net2/{gateway}/15008\n    name: istio-eastwestgateway\n    namespace: istio-system\n    serviceAccount: istio-eastwestgateway\n    addresses: [{gateway}]\n    network: net2\n    tunnelProtocol: HBONE\n"
+    ));
+    let vip = std::net::Ipv4Addr::from(FAR_VIP);
+    yaml.push_str(&format!(
+        "services:\n  - name: far\n    namespace: default\n    hostname: {FAR_HOST}\n    addresses: [{vip}, {{network: net2, address: {vip}}}]\n    ports: [{{servicePort: {PORT}, targetPort: {PORT}}}]\n"
+    ));
+    yaml
 }
 
 /// Runs the benchmark, writes `<out_dir>/<name>.json` and `.md`, and returns the report.
 pub fn run(config: &Config) -> Result<Report> {
     let open_files = raise_open_file_limit();
-    let topo = Topology::build(&[
-        NodeSpec {
-            name: "node1",
-            pods: vec![
-                PodSpec::enrolled("client"),
-                PodSpec::enrolled("local"),
-                PodSpec::plain("plain1"),
-            ],
-        },
-        NodeSpec {
-            name: "node2",
-            pods: vec![PodSpec::enrolled("server"), PodSpec::plain("plain2")],
-        },
-    ])
+    let topo = Topology::build_routed(
+        &[
+            NodeSpec {
+                name: "node1",
+                pods: vec![
+                    PodSpec::enrolled("client"),
+                    PodSpec::enrolled("local"),
+                    PodSpec::plain("plain1"),
+                ],
+            },
+            NodeSpec {
+                name: "node2",
+                pods: vec![
+                    PodSpec::enrolled("server"),
+                    PodSpec::plain("plain2"),
+                    PodSpec::enrolled("client2"),
+                ],
+            },
+            NodeSpec {
+                name: "node3",
+                pods: vec![PodSpec::enrolled("far")],
+            },
+            NodeSpec {
+                name: "gw",
+                pods: vec![],
+            },
+        ],
+        // node3 is another network: reached through the gateway only.
+        |from, to| !(to == "node3" && (from == "node1" || from == "node2")),
+    )
     .context("build the benchmark topology")?;
+    fs::write(topo.state_file(), state_yaml(&topo)).context("write the mesh state")?;
     // Thousands of short connections per second: ports in TIME_WAIT must be reusable.
     for pod in topo.nodes.iter().flat_map(|n| &n.pods) {
         sysctl(&pod.netns, "net.ipv4.tcp_tw_reuse=1")?;
         sysctl(&pod.netns, "net.ipv4.ip_local_port_range=1024 65000")?;
     }
     let loadgen = sibling_binary("loadgen", "LOADGEN_BIN")?;
-    let _servers = ["local", "server", "plain2"]
+    let _servers = ["local", "server", "plain2", "far"]
         .into_iter()
         .map(|name| {
             let pod = topo.pod(name);
@@ -245,11 +331,12 @@ pub fn run(config: &Config) -> Result<Report> {
     let mut found = Found::default();
 
     if config.memory {
+        // The full-TLS variant holds connections the same way as the resuming one.
         for route in config
             .routes
             .iter()
             .copied()
-            .filter(|r| *r != Route::Direct)
+            .filter(|r| !matches!(r, Route::Direct | Route::CrossClusterFullTls))
         {
             bench.memory(route, open_files, &mut found)?;
         }

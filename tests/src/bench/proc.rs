@@ -45,8 +45,10 @@ pub(super) fn proc_cpu_seconds(pid: u32) -> Result<f64> {
 /// tunnels share a few TLS connections); the load generator holds one each. Plus headroom for
 /// mesh-node's own (BPF objects, listeners, log).
 pub(super) fn descriptors_needed(route: Route, n: usize) -> u64 {
+    // The busiest mesh-node's sockets per connection: same-node and the destination of a
+    // cross-cluster call hold two (client or tunnel, and the application).
     let per_connection = match route {
-        Route::SameNode => 2,
+        Route::SameNode | Route::CrossCluster | Route::CrossClusterFullTls => 2,
         Route::Direct | Route::CrossNode => 1,
     };
     (per_connection * n + 200) as u64

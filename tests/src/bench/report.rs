@@ -131,6 +131,20 @@ pub(super) fn metric_defs(config: &Config) -> Vec<(String, String, &'static str,
         ));
     }
     defs.push((
+        "gateway_rss_idle".into(),
+        "gateway RSS, idle".into(),
+        "MiB",
+        MeshOnly,
+    ));
+    for n in &config.held {
+        defs.push((
+            format!("gateway_rss_{n}"),
+            format!("gateway RSS, {n} open tunnels"),
+            "MiB",
+            MeshOnly,
+        ));
+    }
+    defs.push((
         "rss_peak".into(),
         format!("mesh-node RSS, {} open connections (the peak)", config.peak),
         "MiB",

@@ -1,10 +1,13 @@
 //! Two clusters on one machine, each on a network of its own, as Istio's multi-network
-//! ambient mesh describes them: cluster 1 (network `net1`) is node `c1n1` with `client` and
-//! `server1`; cluster 2 (network `net2`) is node `c2n1` with `server2`, behind the east-west
-//! gateway node `gw2`, where mesh-node runs in gateway mode. Cluster 1's pods cannot route to
-//! cluster 2's: the only way there is the gateway. Each cluster has its own test control
-//! plane, speaking as istiod does (the remote endpoints of the global service `echo` are one
-//! synthetic workload with `network_gateway` and `capacity`); both share one mesh root.
+//! ambient mesh describes them. Cluster 1 (network `net1`): nodes `c1n1` (pod `client`) and
+//! `c1n2` (pod `server1`), east-west gateway node `gw1`. Cluster 2 (network `net2`): nodes
+//! `c2n1` (pod `client2`) and `c2n2` (pod `server2`), gateway `gw2`. mesh-node runs on every node
+//! and, in gateway mode, on both gateways. The nodes of a cluster route to each other's pods;
+//! neither cluster routes to the other's: the only way across is a gateway (which reaches every
+//! pod: its own cluster's to forward to, the other's to answer). Each cluster has its own test
+//! control plane, speaking as istiod does (the other network's endpoints of the global service
+//! `echo` are one synthetic workload with `network_gateway` and `capacity`); both share one
+//! mesh root.
 use std::net::SocketAddr;
 
 use mesh_node::xds::proto::workload as pb;
@@ -31,7 +34,10 @@ pub const GATEWAY_NS: &str = "istio-system";
 pub struct MultiCluster {
     // Processes first: they go before the namespaces they run in.
     pub c1n1: MeshNode,
+    pub c1n2: MeshNode,
     pub c2n1: MeshNode,
+    pub c2n2: MeshNode,
+    pub gw1: MeshNode,
     pub gw2: MeshNode,
     pub servers: Vec<Server>,
     pub cp1: ControlPlane,
@@ -39,91 +45,98 @@ pub struct MultiCluster {
     pub topo: Topology,
 }
 
+/// The cluster (1 or 2) a node of the topology belongs to.
+fn cluster_of(node: &str) -> u8 {
+    if node.starts_with("c1") || node == "gw1" {
+        1
+    } else {
+        2
+    }
+}
+
 impl MultiCluster {
     /// Builds the topology, starts both control planes with the clusters' state (`server1`
-    /// an endpoint of echo only when `local_endpoint`), the echo servers, both nodes and the
-    /// gateway, each ready.
+    /// an endpoint of echo only when `local_endpoint`; `server2` always), the echo servers,
+    /// every node and both gateways, each ready.
     pub fn start(local_endpoint: bool) -> Self {
+        let node = |name: &'static str, pods: Vec<PodSpec>| NodeSpec { name, pods };
         let topo = Topology::build_routed(
             &[
-                NodeSpec {
-                    name: "c1n1",
-                    pods: vec![PodSpec::enrolled("client"), PodSpec::enrolled("server1")],
-                },
-                NodeSpec {
-                    name: "c2n1",
-                    pods: vec![PodSpec::enrolled("server2")],
-                },
-                NodeSpec {
-                    name: "gw2",
-                    pods: vec![],
-                },
+                node("c1n1", vec![PodSpec::enrolled("client")]),
+                node("c1n2", vec![PodSpec::enrolled("server1")]),
+                node("c2n1", vec![PodSpec::enrolled("client2")]),
+                node("c2n2", vec![PodSpec::enrolled("server2")]),
+                node("gw1", vec![]),
+                node("gw2", vec![]),
             ],
-            // The gateway reaches every pod (cluster 2's to forward, cluster 1's to answer);
-            // the clusters do not reach each other's pods.
-            |from, _| from == "gw2",
+            |from, to| from.starts_with("gw") || cluster_of(from) == cluster_of(to),
         )
         .unwrap_or_else(|error| panic!("build the two-cluster topology: {error:#}"));
-        let cp1 = ControlPlane::start(
-            &topo.node("c1n1").netns_path(),
-            SocketAddr::from((topo.link_ip("c1n1"), 15012)),
-            &topo.ca_dir(),
-        )
-        .expect("start cluster 1's control plane");
-        let cp2 = ControlPlane::start(
-            &topo.node("c2n1").netns_path(),
-            SocketAddr::from((topo.link_ip("c2n1"), 15012)),
-            &topo.ca_dir(),
-        )
-        .expect("start cluster 2's control plane");
-        let mc_state = State { topo: &topo };
+        let plane = |node: &str| {
+            ControlPlane::start(
+                &topo.node(node).netns_path(),
+                SocketAddr::from((topo.link_ip(node), 15012)),
+                &topo.ca_dir(),
+            )
+            .unwrap_or_else(|error| panic!("start the control plane on {node}: {error:#}"))
+        };
+        let (cp1, cp2) = (plane("c1n1"), plane("c2n1"));
+        let state = State { topo: &topo };
+        let server1 = local_endpoint.then_some(ECHO_HOST);
         cp1.put_workloads(vec![
-            mc_state.pod("client", "c1n1", 1, None),
-            mc_state.remote_echo(1),
-            mc_state.gateway_workload(),
+            state.pod("client", "c1n1", 1, None),
+            state.pod("server1", "c1n2", 1, server1),
+            state.remote_echo(2, 1),
+            state.gateway_workload(2),
         ]);
-        if local_endpoint {
-            cp1.put_workload(mc_state.pod("server1", "c1n1", 1, Some(ECHO_HOST)));
-        } else {
-            cp1.put_workload(mc_state.pod("server1", "c1n1", 1, None));
-        }
         cp1.put_service(echo_service("net1"));
         cp2.put_workloads(vec![
-            mc_state.pod("server2", "c2n1", 2, Some(ECHO_HOST)),
-            mc_state.gateway_workload(),
+            state.pod("client2", "c2n1", 2, None),
+            state.pod("server2", "c2n2", 2, Some(ECHO_HOST)),
+            state.remote_echo(1, 1),
+            state.gateway_workload(1),
         ]);
         cp2.put_service(echo_service("net2"));
         let servers = vec![
             topo.serve("server1", TARGET_PORT),
             topo.serve("server2", TARGET_PORT),
         ];
-        let node = |cp: &ControlPlane, name: &str, cluster: &str, network: &str| {
-            let mut args = cp.client_args_in(&topo, name, cluster, network);
+        let args = |cp: &ControlPlane, name: &str| {
+            let cluster = cluster_of(name);
+            let mut args = cp.client_args_in(
+                &topo,
+                name,
+                &format!("cluster{cluster}"),
+                &format!("net{cluster}"),
+            );
             args.extend(["--ca-dir".to_owned(), topo.ca_dir().display().to_string()]);
+            args
+        };
+        let mesh_node = |cp: &ControlPlane, name: &str| {
+            let args = args(cp, name);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             MeshNode::start(&topo, name, &args)
                 .unwrap_or_else(|error| panic!("start mesh-node {name}: {error:#}"))
         };
-        let c1n1 = node(&cp1, "c1n1", "cluster1", "net1");
-        let c2n1 = node(&cp2, "c2n1", "cluster2", "net2");
-        let gw2 = {
-            let mut args = cp2.client_args_in(&topo, "gw2", "cluster2", "net2");
+        let gateway = |cp: &ControlPlane, name: &str| {
+            let mut args = args(cp, name);
             args.extend([
-                "--ca-dir".to_owned(),
-                topo.ca_dir().display().to_string(),
                 "--gateway-listen".to_owned(),
-                format!("{}:15008", topo.link_ip("gw2")),
+                format!("{}:15008", topo.link_ip(name)),
                 "--gateway-identity".to_owned(),
                 format!("{GATEWAY_NS}/{GATEWAY_SA}"),
             ]);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            MeshNode::start_gateway(&topo, "gw2", &args)
-                .unwrap_or_else(|error| panic!("start the gateway: {error:#}"))
+            MeshNode::start_gateway(&topo, name, &args)
+                .unwrap_or_else(|error| panic!("start the gateway {name}: {error:#}"))
         };
         Self {
-            c1n1,
-            c2n1,
-            gw2,
+            c1n1: mesh_node(&cp1, "c1n1"),
+            c1n2: mesh_node(&cp1, "c1n2"),
+            c2n1: mesh_node(&cp2, "c2n1"),
+            c2n2: mesh_node(&cp2, "c2n2"),
+            gw1: gateway(&cp1, "gw1"),
+            gw2: gateway(&cp2, "gw2"),
             servers,
             cp1,
             cp2,
@@ -197,21 +210,22 @@ impl State<'_> {
         w
     }
 
-    /// What istiod sends cluster 1 for cluster 2's endpoints of echo: one workload on net2,
-    /// without an address, behind net2's gateway, its capacity the endpoint count.
-    pub fn remote_echo(&self, capacity: u32) -> pb::Workload {
+    /// What istiod sends the other cluster for cluster `cluster`'s endpoints of echo: one
+    /// workload on that cluster's network, without an address, behind its gateway, its
+    /// capacity the endpoint count.
+    pub fn remote_echo(&self, cluster: u8, capacity: u32) -> pb::Workload {
         pb::Workload {
-            uid: format!("cluster2/net2/{ECHO_HOST}"),
+            uid: format!("cluster{cluster}/net{cluster}/{ECHO_HOST}"),
             name: "echo".into(),
             namespace: "default".into(),
-            network: "net2".into(),
-            cluster_id: "cluster2".into(),
+            network: format!("net{cluster}"),
+            cluster_id: format!("cluster{cluster}"),
             tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
             network_gateway: Some(pb::GatewayAddress {
                 destination: Some(pb::gateway_address::Destination::Address(
                     pb::NetworkAddress {
-                        network: "net2".into(),
-                        address: self.topo.link_ip("gw2").octets().to_vec(),
+                        network: format!("net{cluster}"),
+                        address: self.gateway_ip(cluster).octets().to_vec(),
                         length: None,
                     },
                 )),
@@ -223,20 +237,25 @@ impl State<'_> {
         }
     }
 
-    /// net2's east-west gateway as a workload: the identity its certificate carries.
-    pub fn gateway_workload(&self) -> pb::Workload {
-        let ip = self.topo.link_ip("gw2");
+    /// Cluster `cluster`'s east-west gateway as a workload: the identity its certificate
+    /// carries.
+    pub fn gateway_workload(&self, cluster: u8) -> pb::Workload {
+        let ip = self.gateway_ip(cluster);
         pb::Workload {
-            uid: format!("NetworkGateway/net2/{ip}/15008"),
+            uid: format!("NetworkGateway/net{cluster}/{ip}/15008"),
             name: "istio-eastwestgateway".into(),
             namespace: GATEWAY_NS.into(),
             service_account: GATEWAY_SA.into(),
             addresses: vec![ip.octets().to_vec()],
-            network: "net2".into(),
-            cluster_id: "cluster2".into(),
+            network: format!("net{cluster}"),
+            cluster_id: format!("cluster{cluster}"),
             tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
             ..Default::default()
         }
+    }
+
+    fn gateway_ip(&self, cluster: u8) -> std::net::Ipv4Addr {
+        self.topo.link_ip(&format!("gw{cluster}"))
     }
 }
 

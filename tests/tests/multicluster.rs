@@ -59,9 +59,9 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
 
     // The destination names the caller by its own identity and workload, not the gateway.
     let dst_lines = mc
-        .c2n1
+        .c2n2
         .log_lines_with(&["HBONE tunnel closed", "reporter=destination"]);
-    assert_eq!(dst_lines.len(), 3, "{}", mc.c2n1.log_text());
+    assert_eq!(dst_lines.len(), 3, "{}", mc.c2n2.log_text());
     for line in &dst_lines {
         for field in [
             &format!("src_identity={CLIENT_ID}") as &str,
@@ -106,7 +106,7 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
     for (node, reporter, destination) in [
         ("c1n1", "source", "echo"),
         ("gw2", "destination", "server2"),
-        ("c2n1", "destination", "server2"),
+        ("c2n2", "destination", "server2"),
     ] {
         let netns = mc.topo.node(node).netns_path();
         let labels = [
@@ -144,7 +144,7 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
         ..Default::default()
     };
     let one = || mc.topo.connect_from("client", mc.echo(), 4096, 1);
-    push(&mc.c2n1, || {
+    push(&mc.c2n2, || {
         mc.cp2.put_policy(principal(
             sec::Action::Deny,
             "cluster.local/ns/default/sa/client",
@@ -155,14 +155,14 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
         denied.ok.is_empty(),
         "a DENY of the caller let it in: {denied:?}"
     );
-    push(&mc.c2n1, || {
+    push(&mc.c2n2, || {
         mc.cp2.put_policy(principal(
             sec::Action::Allow,
             "cluster.local/ns/default/sa/client",
         ))
     });
     assert_eq!(served_by(&mc, &one()), ["server2"]);
-    push(&mc.c2n1, || {
+    push(&mc.c2n2, || {
         mc.cp2.put_policy(principal(
             sec::Action::Allow,
             "cluster.local/ns/default/sa/someone-else",
@@ -206,12 +206,12 @@ fn network_failover_stays_local_while_it_can_and_comes_back() {
     thread::sleep(Duration::from_millis(500));
     let state = mc.state();
     push(&mc.c1n1, || {
-        mc.cp1.put_workload(state.pod("server1", "c1n1", 1, None))
+        mc.cp1.put_workload(state.pod("server1", "c1n2", 1, None))
     });
     assert_eq!(served_by(&mc, &calls(6)), ["server2"; 6], "failed over");
     push(&mc.c1n1, || {
         mc.cp1
-            .put_workload(state.pod("server1", "c1n1", 1, Some(ECHO_HOST)))
+            .put_workload(state.pod("server1", "c1n2", 1, Some(ECHO_HOST)))
     });
     assert_eq!(served_by(&mc, &calls(6)), ["server1"; 6], "back home");
     let long = long
@@ -228,7 +228,9 @@ fn without_a_preference_capacity_spreads_calls_across_clusters() {
     }
     let mc = MultiCluster::start(true);
     // Cluster 2 reports 9 endpoints (one workload, capacity 9) against one local endpoint.
-    push(&mc.c1n1, || mc.cp1.put_workload(mc.state().remote_echo(9)));
+    push(&mc.c1n1, || {
+        mc.cp1.put_workload(mc.state().remote_echo(2, 9))
+    });
     let run = mc.topo.connect_from("client", mc.echo(), 512, 60);
     let remote = served_by(&mc, &run)
         .iter()
@@ -309,7 +311,7 @@ fn the_gateway_refuses_foreign_clients_and_what_it_cannot_route() {
     // With no endpoint left in cluster 2, the gateway answers 503.
     push(&mc.gw2, || {
         mc.cp2
-            .put_workload(mc.state().pod("server2", "c2n1", 2, None))
+            .put_workload(mc.state().pod("server2", "c2n2", 2, None))
     });
     let no_endpoint = hbone_client::run_in(&mc.topo.node("c1n1").netns_path(), || async {
         let good = hbone_client::client_config(&ca_dir, CLIENT_ID, &gateway_id).unwrap();
@@ -324,4 +326,31 @@ fn the_gateway_refuses_foreign_clients_and_what_it_cannot_route() {
     .expect("run the client");
     let error = no_endpoint.expect_err("no endpoint, yet routed");
     assert!(error.contains("503"), "{error}");
+}
+
+#[test]
+fn a_call_from_the_other_cluster_comes_back_through_the_first_clusters_gateway() {
+    if !privileged() {
+        return;
+    }
+    let mc = MultiCluster::start(true);
+    let from_two = || mc.topo.connect_from("client2", mc.echo(), 64 * 1024, 2);
+    // Cluster 2 has its own endpoint, and one in cluster 1 behind gw1 (capacity 1 each).
+    push(&mc.c2n1, || {
+        mc.cp2
+            .put_workload(mc.state().pod("server2", "c2n2", 2, None))
+    });
+    assert_eq!(served_by(&mc, &from_two()), ["server1"; 2]);
+    let lines = mc.gw1.log_lines_with(&["gateway tunnel closed"]);
+    assert_eq!(lines.len(), 2, "{}", mc.gw1.log_text());
+    assert!(
+        lines[0].contains("src_identity=spiffe://cluster.local/ns/default/sa/client2"),
+        "{}",
+        lines[0]
+    );
+    // The destination in cluster 1 names the caller from cluster 2.
+    let dst = mc
+        .c1n2
+        .log_lines_with(&["HBONE tunnel closed", "src_workload=client2"]);
+    assert_eq!(dst.len(), 2, "{}", mc.c1n2.log_text());
 }

@@ -315,3 +315,87 @@ fn merge(into: &mut Baggage, more: Baggage) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(authority: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::builder()
+            .method(Method::CONNECT)
+            .uri(http::Uri::builder().authority(authority).build().unwrap());
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn parse(request: &Request<()>) -> Result<TunnelRequest, Refusal> {
+        parse_request(
+            request,
+            Identity::new("cluster.local", "default", "client"),
+            "192.0.2.1:40000".parse().unwrap(),
+        )
+    }
+
+    #[test]
+    fn reads_the_inner_connect_of_double_hbone() {
+        let inner = request(
+            "echo.default.svc.cluster.local:80",
+            &[
+                ("forwarded", r#"for="10.0.1.2:5000""#),
+                ("x-forwarded-network", "net1"),
+                ("baggage", "k8s.cluster.name=c1,k8s.namespace.name=default"),
+                ("baggage", "k8s.deployment.name=client"),
+            ],
+        );
+        let tunnel = parse(&inner).unwrap();
+        assert_eq!(
+            tunnel.authority,
+            Authority::Host {
+                hostname: "echo.default.svc.cluster.local".into(),
+                port: 80
+            }
+        );
+        assert_eq!(tunnel.forwarded_network.as_deref(), Some("net1"));
+        assert_eq!(tunnel.forwarded_for, Some("10.0.1.2:5000".parse().unwrap()));
+        assert_eq!(
+            (
+                tunnel.baggage.cluster.as_str(),
+                tunnel.baggage.namespace.as_str(),
+                tunnel.baggage.workload_name.as_str()
+            ),
+            ("c1", "default", "client")
+        );
+        // The default network is "": the header is there, empty.
+        let from_default = request(
+            "echo.default.svc.cluster.local:80",
+            &[("x-forwarded-network", "")],
+        );
+        assert_eq!(
+            parse(&from_default).unwrap().forwarded_network.as_deref(),
+            Some("")
+        );
+        // A direct tunnel has neither.
+        let direct = parse(&request("10.0.2.5:8080", &[])).unwrap();
+        assert_eq!(direct.forwarded_network, None);
+        assert!(direct.baggage.is_empty());
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_connect_to_a_host_or_address() {
+        let get = Request::builder()
+            .method(Method::GET)
+            .uri("http://10.0.2.5:8080/")
+            .body(())
+            .unwrap();
+        assert_eq!(parse(&get).unwrap_err().status, StatusCode::BAD_REQUEST);
+        let refusal = parse(&request("no_port_here", &[])).unwrap_err();
+        assert_eq!(refusal.status, StatusCode::BAD_REQUEST);
+        assert!(
+            refusal
+                .reason
+                .contains("neither an ip:port nor a hostname:port")
+        );
+    }
+}

@@ -59,20 +59,21 @@ fn multicluster_demo() -> Result<()> {
         "mesh-node demo: two clusters on two networks, one global service, an east-west gateway\n"
     );
     let mc = MultiCluster::start(true);
-    let gw = mc.topo.link_ip("gw2");
+    let (gw1, gw2) = (mc.topo.link_ip("gw1"), mc.topo.link_ip("gw2"));
     println!(
-        "  cluster1 (network net1): node c1n1 with pods client {} and server1 {}",
+        "  cluster1 (network net1): nodes c1n1 (pod client {}) and c1n2 (pod server1 {}), gateway {gw1}:15008",
         mc.topo.pod("client").ip,
         mc.topo.pod("server1").ip
     );
     println!(
-        "  cluster2 (network net2): node c2n1 with pod server2 {}, behind the gateway {gw}:15008",
+        "  cluster2 (network net2): nodes c2n1 (pod client2 {}) and c2n2 (pod server2 {}), gateway {gw2}:15008",
+        mc.topo.pod("client2").ip,
         mc.topo.pod("server2").ip
     );
     println!("  cluster1's pods have no route to cluster2's: the gateway is the only way there.");
     println!("  each cluster has its own control plane (speaking as istiod does); one mesh root.");
     println!(
-        "  mesh-node runs on c1n1 and c2n1, and as the gateway (`mesh-node run --mode gateway`) on gw2.\n"
+        "  mesh-node runs on every node, and as the gateway (`mesh-node run --mode gateway`) on gw1 and gw2.\n"
     );
     multicluster::push(&mc.c1n1, || mc.cp1.put_service(failover_echo("net1")))?;
     println!(
@@ -114,7 +115,7 @@ fn multicluster_demo() -> Result<()> {
     );
     let state = mc.state();
     multicluster::push(&mc.c1n1, || {
-        mc.cp1.put_workload(state.pod("server1", "c1n1", 1, None))
+        mc.cp1.put_workload(state.pod("server1", "c1n2", 1, None))
     })?;
     let remote = call("cluster1 has none")?;
     let show = |title: &str, mesh: &MeshNode, needle: &str, keys: &[&str]| {
@@ -129,8 +130,8 @@ fn multicluster_demo() -> Result<()> {
         &["src_identity", "dst", "dst_workload", "dst_service"],
     );
     show(
-        "c2n1 access log",
-        &mc.c2n1,
+        "c2n2 access log",
+        &mc.c2n2,
         "HBONE tunnel closed",
         &[
             "src_identity",
@@ -145,7 +146,7 @@ fn multicluster_demo() -> Result<()> {
     println!("\n  server1 is back ...");
     multicluster::push(&mc.c1n1, || {
         mc.cp1
-            .put_workload(state.pod("server1", "c1n1", 1, Some(ECHO_HOST)))
+            .put_workload(state.pod("server1", "c1n2", 1, Some(ECHO_HOST)))
     })?;
     let back = call("cluster1 has an endpoint again")?;
     if local != ["server1"; 3] || remote != ["server2"; 3] || back != ["server1"; 3] {

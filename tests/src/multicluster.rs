@@ -59,12 +59,22 @@ impl MultiCluster {
     /// an endpoint of echo only when `local_endpoint`; `server2` always), the echo servers,
     /// every node and both gateways, each ready.
     pub fn start(local_endpoint: bool) -> Self {
+        Self::start_with(local_endpoint, None)
+    }
+
+    /// As [`Self::start`], with the mesh root (and its key) copied from `root_dir`
+    /// (`root-cert.pem`, `ca-key.pem`: ztunnel's test root, for interop) instead of a new one.
+    /// c2n1 also hosts `zpod`, a pod no mesh-node enrolls, for a foreign proxy to run in.
+    pub fn start_with(local_endpoint: bool, root_dir: Option<&std::path::Path>) -> Self {
         let node = |name: &'static str, pods: Vec<PodSpec>| NodeSpec { name, pods };
         let topo = Topology::build_routed(
             &[
                 node("c1n1", vec![PodSpec::enrolled("client")]),
                 node("c1n2", vec![PodSpec::enrolled("server1")]),
-                node("c2n1", vec![PodSpec::enrolled("client2")]),
+                node(
+                    "c2n1",
+                    vec![PodSpec::enrolled("client2"), PodSpec::plain("zpod")],
+                ),
                 node("c2n2", vec![PodSpec::enrolled("server2")]),
                 node("gw1", vec![]),
                 node("gw2", vec![]),
@@ -72,6 +82,15 @@ impl MultiCluster {
             |from, to| from.starts_with("gw") || cluster_of(from) == cluster_of(to),
         )
         .unwrap_or_else(|error| panic!("build the two-cluster topology: {error:#}"));
+        if let Some(dir) = root_dir {
+            for (from, to) in [
+                ("root-cert.pem", "root-cert.pem"),
+                ("ca-key.pem", "root-key.pem"),
+            ] {
+                std::fs::copy(dir.join(from), topo.ca_dir().join(to))
+                    .unwrap_or_else(|error| panic!("copy {from} from {}: {error}", dir.display()));
+            }
+        }
         let plane = |node: &str| {
             ControlPlane::start(
                 &topo.node(node).netns_path(),
@@ -162,9 +181,12 @@ impl MultiCluster {
         run.ok
             .iter()
             .map(|conn| {
-                ["server1", "server2"]
-                    .into_iter()
-                    .find(|pod| conn.server_saw.ip() == self.topo.pod(pod).ip)
+                self.topo
+                    .nodes
+                    .iter()
+                    .flat_map(|node| &node.pods)
+                    .find(|pod| std::net::IpAddr::V4(pod.ip) == conn.server_saw.ip())
+                    .map(|pod| pod.name)
                     .ok_or_else(|| anyhow::anyhow!("answered from {}", conn.server_saw))
             })
             .collect()

@@ -308,6 +308,13 @@ fn the_gateway_refuses_foreign_clients_and_what_it_cannot_route() {
         .log_lines_with(&["HBONE connection to the gateway refused"]);
     assert!(!refused.is_empty(), "{}", mc.gw2.log_text());
 
+    // The gateway is operated like a node: ready, with its state in the config dump.
+    let gw_netns = mc.topo.node("gw2").netns_path();
+    let ready = http_probe::get(&gw_netns, "127.0.0.1:15021", "/healthz/ready").expect("readiness");
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let dump = http_probe::get(&gw_netns, "127.0.0.1:15000", "/config_dump").expect("config dump");
+    assert!(dump.body.contains(ECHO_HOST), "{}", dump.body);
+
     // With no endpoint left in cluster 2, the gateway answers 503.
     push(&mc.gw2, || {
         mc.cp2

@@ -19,7 +19,7 @@ use std::{
 
 use mesh_tests::{
     control_plane::eventually,
-    hbone_client, http_probe,
+    hbone_client,
     multicluster::{self, ECHO_HOST, MultiCluster, TARGET_PORT},
     podapp,
 };

@@ -209,3 +209,47 @@ fn a_ca_down_at_start_is_reported_retried_and_recovered_from() {
             .is_empty()
     );
 }
+
+#[test]
+fn the_gateway_takes_its_own_certificate_from_istiods_ca() {
+    if !privileged() {
+        return;
+    }
+    let topo = topology();
+    let ca = TestCa::start(
+        &topo.node("node1").netns_path(),
+        CA.parse().unwrap(),
+        &topo.ca_dir(),
+        Duration::from_secs(3600),
+    )
+    .expect("start CA");
+    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway";
+    let listen = "198.19.0.2:15008";
+    let mut args = ca.client_args(&topo);
+    args.extend(
+        [
+            "--local-xds",
+            &topo.state_file().display().to_string(),
+            "--gateway-listen",
+            listen,
+        ]
+        .map(str::to_owned),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Ready only once its certificate is in hand.
+    let gateway = MeshNode::start_gateway(&topo, "node2", &args).expect("start the gateway");
+    assert_eq!(
+        issued_to(&ca, gateway_id),
+        1,
+        "{:?}\n{}",
+        ca.seen(),
+        gateway.log_text()
+    );
+    // What it presents is that certificate, verified as clients verify it.
+    let probe = hbone_client::client_config(&topo.ca_dir(), CLIENT_ID, gateway_id).unwrap();
+    let cert = hbone_client::run_in(&topo.pod("prober").netns_path(), || {
+        hbone_client::server_certificate(probe, listen.parse().unwrap())
+    })
+    .expect("run the probe");
+    assert!(cert.is_ok(), "{cert:?}\n{}", gateway.log_text());
+}

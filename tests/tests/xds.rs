@@ -344,6 +344,15 @@ fn a_bad_resource_is_nacked_by_name_and_the_rest_of_its_response_applies() {
         nack.starts_with("resource \"default/garbage\": decode:"),
         "{nack}"
     );
+    // Both nodes take the stream; the NACK above may be node2's. node1 must have refused it
+    // too before it goes, or (on a loaded machine) node1 never sees it and counts two below.
+    eventually("node1 to refuse the garbage", || {
+        !mesh
+            .node1()
+            .log_lines_with(&["xDS resource rejected (NACK)", "default/garbage"])
+            .is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.node1().log_text()));
     mesh.plane.remove("default/garbage");
 
     // One response, as istiod would send it: ep-b drained (capacity 0), ep-c removed, and two

@@ -84,6 +84,8 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
             format!("gateway_identity=spiffe://cluster.local/ns/{GATEWAY_NS}/sa/{GATEWAY_SA}"),
             format!("dst_service={ECHO_HOST}"),
             "dst_namespace=default".to_owned(),
+            "dst_workload=server2".to_owned(),
+            "dst_identity=spiffe://cluster.local/ns/default/sa/server2".to_owned(),
         ] {
             assert!(line.contains(&field), "{field} missing: {line}");
         }
@@ -104,7 +106,8 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
     // Istio's metrics on every hop name both ends, cluster included: nothing `unknown`.
     let closed = "istio_tcp_connections_closed_total";
     for (node, reporter, destination) in [
-        ("c1n1", "source", "echo"),
+        // The source learns who served it from the destination's answer (its `baggage`).
+        ("c1n1", "source", "server2"),
         ("gw2", "destination", "server2"),
         ("c2n2", "destination", "server2"),
     ] {

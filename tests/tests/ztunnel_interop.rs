@@ -184,6 +184,12 @@ fn mesh_node_reaches_ztunnel_through_a_mesh_node_gateway() {
     ] {
         assert!(lines[0].contains(field), "{field}: {}", lines[0]);
     }
+    // ztunnel answers with its workload in `baggage`; our source names it from that.
+    let src = mc
+        .c1n1
+        .log_lines_with(&["outbound connection closed", "route=gateway"]);
+    assert_eq!(src.len(), 2, "{}", mc.c1n1.log_text());
+    assert!(src[0].contains("dst_workload=zpod"), "{}", src[0]);
     let gw = mc
         .gw2
         .log_lines_with(&["gateway tunnel closed", "dst_workload=zpod"]);

@@ -18,10 +18,13 @@ use tokio_rustls::TlsConnector;
 use tracing::Instrument;
 
 use super::{
-    CONNECTION_WINDOW, H2Stream, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER,
+    Baggage, CONNECTION_WINDOW, H2Stream, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, MAX_SEND_BUFFER,
     STREAM_WINDOW, keepalive,
 };
-use crate::tls::{self, ALPN_H2};
+use crate::{
+    identity::{Identity, san},
+    tls::{self, ALPN_H2},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -62,6 +65,8 @@ pub struct Connection {
     closed: Arc<AtomicBool>,
     /// Its TLS handshake resumed an earlier session.
     resumed: bool,
+    /// The identity the server's certificate proved.
+    peer_identity: Option<Identity>,
 }
 
 impl Connection {
@@ -98,6 +103,12 @@ impl Connection {
             return Err(ClientError::NoH2 { peer });
         }
         let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        let peer_identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| san::identity_of(leaf).ok());
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -133,7 +144,14 @@ impl Connection {
             send,
             closed,
             resumed,
+            peer_identity,
         })
+    }
+
+    /// The identity the server proved in the TLS handshake (a resumed session keeps the one
+    /// of its full handshake).
+    pub fn peer_identity(&self) -> Option<&Identity> {
+        self.peer_identity.as_ref()
     }
 
     /// Whether the TLS handshake resumed an earlier session rather than a full one.
@@ -156,6 +174,18 @@ impl Connection {
         authority: &str,
         headers: &ConnectHeaders,
     ) -> Result<H2Stream, ClientError> {
+        self.connect_described(authority, headers)
+            .await
+            .map(|(stream, _)| stream)
+    }
+
+    /// As [`Self::connect`], with what the answering proxy said of its workload in the
+    /// response's `baggage` (empty when it said nothing).
+    pub async fn connect_described(
+        &self,
+        authority: &str,
+        headers: &ConnectHeaders,
+    ) -> Result<(H2Stream, Baggage), ClientError> {
         let peer = self.peer;
         let request = connect_request(authority, headers)?;
         let mut send = self
@@ -177,7 +207,13 @@ impl Connection {
                 status: response.status(),
             });
         }
-        Ok(H2Stream::new(stream, response.into_body()))
+        let baggage = response
+            .headers()
+            .get(super::BAGGAGE)
+            .and_then(|value| value.to_str().ok())
+            .map(Baggage::parse)
+            .unwrap_or_default();
+        Ok((H2Stream::new(stream, response.into_body()), baggage))
     }
 }
 

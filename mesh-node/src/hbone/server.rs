@@ -73,8 +73,21 @@ impl Responder {
     }
 
     /// Answers 200: the tunnel is open. Fails when the client has gone meanwhile.
-    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self.respond.send_response(Response::new(()), false)?;
+    pub fn accept(self) -> Result<H2Stream, h2::Error> {
+        self.accept_described(None)
+    }
+
+    /// As [`Self::accept`], describing the workload that answers in the response's `baggage`
+    /// (as ztunnel does): through a gateway, the client learns who served it only this way.
+    pub fn accept_described(mut self, baggage: Option<&Baggage>) -> Result<H2Stream, h2::Error> {
+        let mut response = Response::new(());
+        if let Some(value) = baggage
+            .filter(|b| !b.is_empty())
+            .and_then(|b| http::HeaderValue::from_str(&b.to_header()).ok())
+        {
+            response.headers_mut().insert(super::BAGGAGE, value);
+        }
+        let send = self.respond.send_response(response, false)?;
         Ok(H2Stream::new(send, self.body))
     }
 }

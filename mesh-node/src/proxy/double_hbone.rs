@@ -18,11 +18,32 @@ use super::{
 };
 use crate::{
     hbone::{
-        H2Stream,
+        Baggage, H2Stream,
         client::{ConnectHeaders, Connection},
     },
+    identity::Identity,
     pod::Pod,
+    telemetry::Draft,
 };
+
+/// Who answered an inner tunnel: the identity its TLS proved, and what it said of its
+/// workload in the response's `baggage`.
+pub(super) struct FarEnd {
+    identity: Option<Identity>,
+    baggage: Baggage,
+}
+
+impl FarEnd {
+    /// The report's destination as the far end described it: the synthetic workload the
+    /// route chose stands in only for what it did not say.
+    pub(super) fn describe(self, mut draft: Draft) -> Draft {
+        draft.destination = draft.destination.described_as(&self.baggage);
+        if let Some(identity) = self.identity {
+            draft.destination.principal = identity.to_string();
+        }
+        draft
+    }
+}
 
 /// Opens the inner tunnel of `tunnel` for `pod`, inside an outer one to the gateway. `headers`
 /// go on both CONNECTs (the inner one adds the source network).
@@ -31,7 +52,7 @@ pub(super) async fn open(
     pod: &Pod,
     tunnel: &GatewayTunnel,
     headers: ConnectHeaders,
-) -> Result<H2Stream, Failure> {
+) -> Result<(H2Stream, FarEnd), Failure> {
     let source = source_certificate(ctx, pod).await?;
     let outer = pooled_stream(
         ctx,
@@ -78,8 +99,13 @@ pub(super) async fn open(
         ..headers
     };
     // The inner connection ends once its one stream does: nothing else holds it.
-    inner
-        .connect(&tunnel.authority, &headers)
+    let (stream, baggage) = inner
+        .connect_described(&tunnel.authority, &headers)
         .await
-        .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))
+        .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))?;
+    let far_end = FarEnd {
+        identity: inner.peer_identity().cloned(),
+        baggage,
+    };
+    Ok((stream, far_end))
 }

@@ -102,11 +102,19 @@ impl TunnelHandler for PodTarget {
                 stream: mut upstream,
                 revocation,
                 report,
-            } = match open_tunnel_target(&ctx, pod, &request).await {
+            } = match open_tunnel_target(&ctx, pod.clone(), &request).await {
                 Ok(delivered) => delivered,
                 Err(failure) => return responder.refuse(failure.refusal()),
             };
-            let tunnel = match responder.accept() {
+            // Said back in `baggage`: through a gateway, the client learns who served it only
+            // this way.
+            let baggage = {
+                let state = ctx.state();
+                state
+                    .workload_by_ip(&ctx.node.network, pod.primary_ip())
+                    .map(|w| super::workload_baggage(&w))
+            };
+            let tunnel = match responder.accept_described(baggage.as_ref()) {
                 Ok(tunnel) => tunnel,
                 Err(error) => {
                     // The application was connected: it is reset (armed), and said so.

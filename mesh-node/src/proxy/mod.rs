@@ -27,6 +27,25 @@ use crate::{
     telemetry::Metrics, throttle::Throttle,
 };
 
+/// How a workload describes itself in `baggage` (on the CONNECTs of its connections, and in
+/// the answer to tunnels into it).
+pub fn workload_baggage(w: &crate::state::Workload) -> crate::hbone::Baggage {
+    crate::hbone::Baggage {
+        cluster: w.cluster_id.clone(),
+        namespace: w.namespace.clone(),
+        workload_name: if w.workload_name.is_empty() {
+            w.name.clone()
+        } else {
+            w.workload_name.clone()
+        },
+        workload_kind: w.workload_type.to_owned(),
+        service: w.canonical_name.clone(),
+        version: w.canonical_revision.clone(),
+        region: w.locality.region.clone(),
+        zone: w.locality.zone.clone(),
+    }
+}
+
 /// Where a captured connection was going, as the kernel recorded it: the one thing the data
 /// path asks of the eBPF side. A trait, so that a [`ProxyContext`] can be built (and routing,
 /// delivery and reports tested) without loading programs.

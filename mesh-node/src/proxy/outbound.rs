@@ -25,7 +25,7 @@ use crate::{
     pod::Pod,
     splice::{Revoked, splice},
     state::{Destination, State, Workload},
-    telemetry::{Addresses, Peer, Report, Reporter},
+    telemetry::{Addresses, Draft, Peer, Report, Reporter},
     tls::Certified,
 };
 
@@ -88,17 +88,19 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let app_addr = SocketAddr::new(pod.primary_ip(), peer.port());
     // The route and what the report says of it come from one read of the state: a push
     // cannot land between them.
-    let (route, mut report, headers) = {
+    let (route, draft, headers) = {
         let state = ctx.state();
         let route = route(&ctx, &state, &pod, original);
-        let report = open_report(&ctx, &state, &pod, app_addr, original, &route);
+        let draft = report_draft(&ctx, &state, &pod, app_addr, original, &route);
         let source = state.workload_by_ip(&ctx.node.network, app_addr.ip());
         let headers = connect_headers(&ctx, &pod, source.as_deref(), app_addr);
-        (route, report, headers)
+        (route, draft, headers)
     };
+    let metrics = &ctx.metrics;
     // Each way either relays (and returns) or says why it could not carry the connection.
-    let (failure, message) = match route {
+    let (failure, message, report) = match route {
         Route::Local { pod: dst_pod, dst } => {
+            let mut report = draft.open(metrics);
             report.delivered_to(dst);
             let conn = Inbound {
                 pod: dst_pod.clone(),
@@ -122,29 +124,39 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                     )
                     .await;
                 }
-                Err(failure) => (failure, "outbound connection failed"),
+                Err(failure) => (failure, "outbound connection failed", report),
             }
         }
         Route::Hbone(tunnel) => {
+            let mut report = draft.open(metrics);
             report.delivered_to(tunnel.authority);
             match open_tunnel(&ctx, &pod, &tunnel, &headers).await {
                 Ok(tunnel) => {
                     return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
                 }
-                Err(failure) => (failure, "outbound connection failed"),
+                Err(failure) => (failure, "outbound connection failed", report),
             }
         }
         Route::Gateway(tunnel) => {
-            report.delivered_to(tunnel.peer);
+            // Opened once the far end has answered: through a gateway, its answer is the only
+            // description of who serves the connection.
+            let opened = double_hbone::open(&ctx, &pod, &tunnel, headers).await;
+            let (mut draft, outcome) = match opened {
+                Ok((stream, far_end)) => (far_end.describe(draft), Ok(stream)),
+                Err(failure) => (draft, Err(failure)),
+            };
+            draft.addrs.dst = Some(tunnel.peer);
+            let mut report = draft.open(metrics);
             report.through_gateway(tunnel.gateway.identity().to_string());
-            match double_hbone::open(&ctx, &pod, &tunnel, headers).await {
-                Ok(tunnel) => {
-                    return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
+            match outcome {
+                Ok(stream) => {
+                    return relay(client, Upstream::Tunnel(stream), None, report, None).await;
                 }
-                Err(failure) => (failure, "outbound connection failed"),
+                Err(failure) => (failure, "outbound connection failed", report),
             }
         }
         Route::Passthrough(dst) => {
+            let mut report = draft.open(metrics);
             report.delivered_to(dst);
             match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
                 Ok(upstream) => {
@@ -158,25 +170,30 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                         source,
                     },
                     "outbound connection failed: upstream connect",
+                    report,
                 ),
             }
         }
-        Route::Refused(reason) => (Failure::NoRoute(reason), "outbound connection refused"),
+        Route::Refused(reason) => (
+            Failure::NoRoute(reason),
+            "outbound connection refused",
+            draft.open(metrics),
+        ),
     };
     // Dropping the armed client resets it.
     report.close(failure.outcome(), 0, 0, message);
 }
 
-/// Opens the source side's report: who the application is, and what the route says about the
-/// destination.
-pub(super) fn open_report(
+/// The source side's report, not yet opened: who the application is, and what the route says
+/// about the destination.
+pub(super) fn report_draft(
     ctx: &ProxyContext,
     state: &State,
     pod: &Pod,
     src: SocketAddr,
     original_dst: SocketAddr,
     route: &Route<Arc<Pod>>,
-) -> Report {
+) -> Draft {
     let network = &ctx.node.network;
     let source = Peer::of_pod(pod, state.workload_by_ip(network, src.ip()).as_deref());
     let service = match state.lookup(network, original_dst.ip(), Some(&pod.spec.namespace)) {
@@ -210,16 +227,15 @@ pub(super) fn open_report(
         dst: None,
     };
     let mtls = matches!(route, Route::Hbone(_) | Route::Gateway(_));
-    Report::open(
-        &ctx.metrics,
-        Reporter::Source,
-        &source,
-        &destination,
-        service.as_deref(),
-        mtls,
+    Draft {
+        reporter: Reporter::Source,
+        source,
+        destination,
+        destination_service: service,
+        mutual_tls: mtls,
         addrs,
-        route.name(),
-    )
+        route: route.name(),
+    }
 }
 
 /// The tunnel `tunnel` describes, on a pooled connection to its peer.
@@ -337,20 +353,7 @@ fn connect_headers(
     app_addr: SocketAddr,
 ) -> ConnectHeaders {
     let baggage = match workload {
-        Some(w) => Baggage {
-            cluster: w.cluster_id.clone(),
-            namespace: w.namespace.clone(),
-            workload_name: if w.workload_name.is_empty() {
-                w.name.clone()
-            } else {
-                w.workload_name.clone()
-            },
-            workload_kind: w.workload_type.to_owned(),
-            service: w.canonical_name.clone(),
-            version: w.canonical_revision.clone(),
-            region: w.locality.region.clone(),
-            zone: w.locality.zone.clone(),
-        },
+        Some(w) => super::workload_baggage(w),
         None => Baggage {
             cluster: ctx.node.cluster_id.clone(),
             namespace: pod.spec.namespace.clone(),

@@ -145,7 +145,7 @@ fn a_vip_connection_is_routed_to_its_endpoint_and_reported_with_both_sides() {
             }
             other => panic!("{other:?}"),
         }
-        outbound::open_report(&ctx, &state, &client, app, vip, &route)
+        outbound::report_draft(&ctx, &state, &client, app, vip, &route).open(&ctx.metrics)
     };
     report.finish(
         &crate::splice::How::Closed,

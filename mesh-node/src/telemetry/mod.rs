@@ -82,6 +82,22 @@ impl Peer {
         peer
     }
 
+    /// What the far end said of itself in `baggage` replaces what we guessed (the principal
+    /// stays: that one is proven).
+    pub fn described_as(mut self, baggage: &Baggage) -> Self {
+        let set = |field: &mut String, value: &str| {
+            if !value.is_empty() {
+                *field = value.to_owned();
+            }
+        };
+        set(&mut self.workload, &baggage.workload_name);
+        set(&mut self.namespace, &baggage.namespace);
+        set(&mut self.canonical_service, &baggage.service);
+        set(&mut self.canonical_revision, &baggage.version);
+        set(&mut self.cluster, &baggage.cluster);
+        self
+    }
+
     /// Fills what the identity leaves open from what the peer said of itself in `baggage`
     /// (the namespace stays the identity's: that one is proven).
     pub fn described_by(mut self, baggage: &Baggage) -> Self {
@@ -164,6 +180,35 @@ pub struct Report {
     /// The identity of the east-west gateway it went through.
     gateway: Option<String>,
     started: Instant,
+}
+
+/// A report not opened yet: what the source side knows before the connection is carried,
+/// to be completed by what carrying it reveals (the far end's own description, for a tunnel
+/// through a gateway) and then opened.
+pub struct Draft {
+    pub reporter: Reporter,
+    pub source: Peer,
+    pub destination: Peer,
+    pub destination_service: Option<String>,
+    pub mutual_tls: bool,
+    pub addrs: Addresses,
+    pub route: &'static str,
+}
+
+impl Draft {
+    /// Counts the connection as opened.
+    pub fn open(self, metrics: &Arc<Metrics>) -> Report {
+        Report::open(
+            metrics,
+            self.reporter,
+            &self.source,
+            &self.destination,
+            self.destination_service.as_deref(),
+            self.mutual_tls,
+            self.addrs,
+            self.route,
+        )
+    }
 }
 
 impl Report {

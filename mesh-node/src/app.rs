@@ -145,20 +145,13 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     let runtime = data_runtime(config.worker_threads)?;
 
     runtime.block_on(async move {
-        // The endpoints come up first, so that readiness answers (503) while the rest starts.
-        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(XdsStatus {
-            synced: config.xds.is_none(),
-            rejected: Vec::new(),
-        });
-        let readiness = Arc::new(Readiness::new(xds_ready.clone(), certs.clone()));
-        let metrics = Arc::new(Metrics::new());
-        let admin = Arc::new(Admin {
-            metrics: metrics.clone(),
-            readiness: readiness.clone(),
-            ctx: OnceLock::new(),
-            enroller: OnceLock::new(),
-        });
-        admin::start(admin.clone(), config.endpoints).await?;
+        let Endpoints {
+            admin,
+            readiness,
+            metrics,
+            ready_tx,
+            mut xds_ready,
+        } = start_endpoints(&config, certs.clone()).await?;
         let dataplane = Arc::new(Dataplane::start(&config.bpffs_dir, &cgroup, config.fail_mode)?);
         readiness.programs_attached();
         metrics.attach_dataplane(dataplane.clone());
@@ -181,19 +174,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             metrics,
         ));
         let _ = admin.ctx.set(ctx.clone());
-        if let Some(local) = local {
-            tracing::info!(
-                workloads = local.workloads.len(),
-                services = local.services.len(),
-                policies = local.policies.len(),
-                "mesh state loaded from the local file"
-            );
-            ctx.update_state(|state| local.apply(state));
-        }
-        control.spawn(crate::memory::give_back_after_peaks());
-        if let (Some(xds), Some(endpoint)) = (config.xds.clone(), xds_endpoint) {
-            start_control_plane(&control, xds, endpoint, ctx.clone(), ready_tx);
-        }
+        feed_state(&ctx, local, &control, config.xds.clone().zip(xds_endpoint), ready_tx);
         let sweeper = ctx.clone();
         tokio::spawn(async move {
             loop {
@@ -272,19 +253,13 @@ fn run_gateway(
     let open_files = preflight::raise_open_file_limit();
     let runtime = data_runtime(config.worker_threads)?;
     runtime.block_on(async move {
-        let (ready_tx, mut xds_ready) = tokio::sync::watch::channel(XdsStatus {
-            synced: config.xds.is_none(),
-            rejected: Vec::new(),
-        });
-        let readiness = Arc::new(Readiness::new(xds_ready.clone(), Some(certs.clone())));
-        let metrics = Arc::new(Metrics::new());
-        let admin = Arc::new(Admin {
-            metrics: metrics.clone(),
-            readiness: readiness.clone(),
-            ctx: OnceLock::new(),
-            enroller: OnceLock::new(),
-        });
-        admin::start(admin.clone(), config.endpoints).await?;
+        let Endpoints {
+            admin,
+            readiness,
+            metrics,
+            ready_tx,
+            mut xds_ready,
+        } = start_endpoints(&config, Some(certs.clone())).await?;
         // Nothing to attach and nobody to enroll: readiness waits for the state and the
         // gateway's certificate only.
         readiness.programs_attached();
@@ -298,13 +273,13 @@ fn run_gateway(
             metrics,
         ));
         let _ = admin.ctx.set(ctx.clone());
-        if let Some(local) = local {
-            ctx.update_state(|state| local.apply(state));
-        }
-        control.spawn(crate::memory::give_back_after_peaks());
-        if let (Some(xds), Some(endpoint)) = (config.xds.clone(), xds_endpoint) {
-            start_control_plane(&control, xds, endpoint, ctx.clone(), ready_tx);
-        }
+        feed_state(
+            &ctx,
+            local,
+            &control,
+            config.xds.clone().zip(xds_endpoint),
+            ready_tx,
+        );
         let listener = tokio::net::TcpListener::bind(gateway.listen)
             .await
             .map_err(|source| RunError::GatewayListen {
@@ -330,6 +305,68 @@ fn run_gateway(
         tracing::info!("gateway shutting down");
         Ok(())
     })
+}
+
+/// The admin, metrics and readiness endpoints, and the channel readiness learns the control
+/// plane's progress by.
+struct Endpoints {
+    admin: Arc<Admin>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    ready_tx: tokio::sync::watch::Sender<XdsStatus>,
+    xds_ready: tokio::sync::watch::Receiver<XdsStatus>,
+}
+
+/// Brings the endpoints up first, so that readiness answers (503, with the reasons) while the
+/// rest starts.
+async fn start_endpoints(
+    config: &RunConfig,
+    certs: Option<Arc<CertManager>>,
+) -> Result<Endpoints, RunError> {
+    let (ready_tx, xds_ready) = tokio::sync::watch::channel(XdsStatus {
+        synced: config.xds.is_none(),
+        rejected: Vec::new(),
+    });
+    let readiness = Arc::new(Readiness::new(xds_ready.clone(), certs));
+    let metrics = Arc::new(Metrics::new());
+    let admin = Arc::new(Admin {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        ctx: OnceLock::new(),
+        enroller: OnceLock::new(),
+    });
+    admin::start(admin.clone(), config.endpoints).await?;
+    Ok(Endpoints {
+        admin,
+        readiness,
+        metrics,
+        ready_tx,
+        xds_ready,
+    })
+}
+
+/// Gives `ctx` its mesh state: the local file's now, the control plane's as it comes; and
+/// starts giving memory back after load peaks.
+fn feed_state(
+    ctx: &Arc<ProxyContext>,
+    local: Option<local_file::LocalState>,
+    control: &tokio::runtime::Handle,
+    xds: Option<(xds_client::XdsConfig, tonic::transport::Endpoint)>,
+    ready_tx: tokio::sync::watch::Sender<XdsStatus>,
+) {
+    if let Some(local) = local {
+        tracing::info!(
+            workloads = local.workloads.len(),
+            services = local.services.len(),
+            policies = local.policies.len(),
+            "mesh state loaded from the local file"
+        );
+        ctx.update_state(|state| local.apply(state));
+    }
+    control.spawn(crate::memory::give_back_after_peaks());
+    if let Some((xds, endpoint)) = xds {
+        start_control_plane(control, xds, endpoint, ctx.clone(), ready_tx);
+    }
 }
 
 fn data_runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime, RunError> {

@@ -5,11 +5,7 @@
 //! endpoint's `15008`, and relays the tunnel's bytes untouched: they are the inner HBONE
 //! connection, TLS from the source node to the destination node, so the gateway never holds
 //! the application's plaintext. No eBPF, no pods; state and certificate come as for a node.
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
@@ -18,10 +14,10 @@ use crate::{
     ending,
     hbone::{
         Authority,
-        server::{self, HandleFuture, Refusal, Responder, TunnelHandler, TunnelRequest},
+        server::{HandleFuture, Refusal, Responder, TunnelHandler, TunnelRequest},
     },
     identity::Identity,
-    proxy::{OriginalDestinations, ProxyContext, failure::Failure},
+    proxy::{OriginalDestinations, ProxyContext, failure::Failure, inbound},
     state::{
         Locality,
         lb::{self, Choice, Origin},
@@ -41,54 +37,7 @@ impl OriginalDestinations for NoCapture {
 /// Accepts HBONE connections on `listener` as `identity` until the task is aborted.
 pub async fn serve(listener: TcpListener, identity: Identity, ctx: Arc<ProxyContext>) {
     let handler: Arc<dyn TunnelHandler> = Arc::new(Forwarder { ctx: ctx.clone() });
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "accept on the gateway listener failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (ctx, handler, identity) = (ctx.clone(), handler.clone(), identity.clone());
-        tokio::spawn(async move {
-            let Some(certs) = &ctx.certs else { return };
-            let certified = match certs.get(&identity).await {
-                Ok(certified) => certified,
-                Err(error) => {
-                    ctx.metrics.hbone_refused("no_certificate");
-                    refused(
-                        &ctx,
-                        peer,
-                        &format!("no certificate for the gateway: {error}"),
-                    );
-                    return;
-                }
-            };
-            let served = server::serve_connection(
-                tcp,
-                peer,
-                certified.server_config.clone(),
-                ctx.settings.handshake_timeout,
-                handler,
-            )
-            .await;
-            if let Err(error) = served {
-                ctx.metrics.hbone_refused(error.kind.name());
-                refused(&ctx, peer, &error.reason);
-            }
-        });
-    }
-}
-
-/// Logs a refused connection unless the same source was refused for the same reason lately.
-fn refused(ctx: &ProxyContext, peer: SocketAddr, reason: &str) {
-    if let Some(suppressed) = ctx
-        .refusals
-        .admit((peer.ip(), reason.to_owned()), Instant::now())
-    {
-        tracing::info!(%peer, %reason, suppressed, "HBONE connection to the gateway refused");
-    }
+    inbound::serve_hbone_as(listener, identity, "east-west gateway", handler, ctx).await;
 }
 
 /// Routes each tunnel to an endpoint of its service on this network.

@@ -308,7 +308,7 @@ fn the_gateway_refuses_foreign_clients_and_what_it_cannot_route() {
     );
     let refused = mc
         .gw2
-        .log_lines_with(&["HBONE connection to the gateway refused"]);
+        .log_lines_with(&["HBONE connection refused", "pod=east-west gateway"]);
     assert!(!refused.is_empty(), "{}", mc.gw2.log_text());
 
     // The gateway is operated like a node: ready, with its state in the config dump.

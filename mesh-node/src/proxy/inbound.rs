@@ -21,6 +21,7 @@ use crate::{
         Authority, Baggage,
         server::{self, HandleFuture, Refused, Responder, TunnelHandler, TunnelRequest},
     },
+    identity::Identity,
     pod::Pod,
     splice::Revoked,
     state::State,
@@ -33,19 +34,42 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyCon
         pod: pod.clone(),
         ctx: ctx.clone(),
     });
+    serve_hbone_as(
+        listener,
+        pod.identity.clone(),
+        &pod.spec.to_string(),
+        target,
+        ctx,
+    )
+    .await;
+}
+
+/// Accepts HBONE connections on `listener` until the task is aborted, each presenting the
+/// certificate of `identity` and handing its tunnels to `target`. `whose` names the listener
+/// in the log (the pod, or the east-west gateway).
+pub async fn serve_hbone_as(
+    listener: TcpListener,
+    identity: Identity,
+    whose: &str,
+    target: Arc<dyn TunnelHandler>,
+    ctx: Arc<ProxyContext>,
+) {
+    let whose: Arc<str> = whose.into();
+    let identity = Arc::new(identity);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
-                tracing::warn!(pod = %pod.spec, %error, "accept on HBONE listener failed");
+                tracing::warn!(pod = %whose, %error, "accept on HBONE listener failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let (pod, ctx, target) = (pod.clone(), ctx.clone(), target.clone());
+        let (whose, identity, ctx, target) =
+            (whose.clone(), identity.clone(), ctx.clone(), target.clone());
         tokio::spawn(async move {
             let Some(certs) = &ctx.certs else { return };
-            match certs.get(&pod.identity).await {
+            match certs.get(&identity).await {
                 Ok(certified) => {
                     let served = server::serve_connection(
                         tcp,
@@ -56,14 +80,14 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyCon
                     )
                     .await;
                     if let Err(refused) = served {
-                        refused_handshake(&ctx, &pod, peer, &refused);
+                        refused_handshake(&ctx, &whose, peer, &refused);
                     }
                 }
                 Err(error) => {
                     ctx.metrics.hbone_refused("no_certificate");
-                    let key = (peer.ip(), "no certificate for the pod".to_owned());
+                    let key = (peer.ip(), "no certificate".to_owned());
                     if let Some(suppressed) = ctx.refusals.admit(key, Instant::now()) {
-                        tracing::warn!(pod = %pod.spec, %peer, %error, suppressed, "HBONE connection refused: no certificate for the pod");
+                        tracing::warn!(pod = %whose, %peer, %error, suppressed, "HBONE connection refused: no certificate for {identity}");
                     }
                 }
             }
@@ -74,12 +98,12 @@ pub async fn serve_hbone(listener: TcpListener, pod: Arc<Pod>, ctx: Arc<ProxyCon
 /// Counts a refused handshake, and logs it unless the same source was refused for the same
 /// reason within the last [`super::REFUSAL_LOG_WINDOW`] (the line then says how many were
 /// left out): whoever can reach 15008 can cause these, and must not flood the log.
-fn refused_handshake(ctx: &ProxyContext, pod: &Pod, peer: SocketAddr, refused: &Refused) {
+fn refused_handshake(ctx: &ProxyContext, whose: &str, peer: SocketAddr, refused: &Refused) {
     ctx.metrics.hbone_refused(refused.kind.name());
     let key = (peer.ip(), refused.reason.clone());
     if let Some(suppressed) = ctx.refusals.admit(key, Instant::now()) {
         tracing::info!(
-            pod = %pod.spec,
+            pod = %whose,
             %peer,
             reason = %refused.reason,
             suppressed,

@@ -101,17 +101,7 @@ impl MeshNode {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        let ns_fd = netns.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (setns) between fork and exec; `netns` outlives
-        // the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        enter_netns_at_exec(&mut cmd, &netns);
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
@@ -246,4 +236,20 @@ fn next_log_path(workdir: &Path, node: &str) -> PathBuf {
         .map(|n| workdir.join(format!("mesh-node-{node}-{n}.log")))
         .find(|p| !p.exists())
         .expect("an unused log name")
+}
+
+/// Makes `cmd`'s process enter the network namespace `netns` before it runs; the caller keeps
+/// `netns` open until the spawn.
+pub fn enter_netns_at_exec(cmd: &mut Command, netns: &File) {
+    let ns_fd = netns.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setns) between fork and exec; the caller keeps the
+    // file open until the spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

@@ -70,17 +70,7 @@ impl Ztunnel {
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out);
-        use std::os::{fd::AsRawFd, unix::process::CommandExt};
-        let fd = netns.as_raw_fd();
-        // SAFETY: only setns between fork and exec; `netns` outlives the spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        mesh_tests::meshnode::enter_netns_at_exec(&mut cmd, &netns);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));

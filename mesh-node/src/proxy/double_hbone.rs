@@ -13,8 +13,8 @@ use rustls::pki_types::ServerName;
 use super::{
     ProxyContext,
     failure::Failure,
-    outbound::{PeerOf, pooled_stream, source_certificate},
     route::GatewayTunnel,
+    tunnel::{PeerOf, pooled_stream, source_certificate},
 };
 use crate::{
     hbone::{

@@ -9,6 +9,7 @@ pub mod outbound;
 pub mod route;
 #[cfg(test)]
 mod tests;
+mod tunnel;
 mod upstream;
 
 use std::{

@@ -1,7 +1,7 @@
 //! Captured outbound connections: recover where the application was going, then pick the way
 //! there — straight into a pod on this node, through an HBONE tunnel to a mesh workload, or
 //! plain TCP to anything outside the mesh.
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -13,20 +13,15 @@ use super::{
     failure::Failure,
     inbound::{self, Delivered},
     route::{self, Route, Source, Tunnel},
+    tunnel::{connect_headers, open_tunnel},
 };
 use crate::{
     ending,
-    hbone::{
-        Baggage, H2Stream,
-        client::{ConnectHeaders, Connection},
-        pool::PoolKey,
-    },
-    identity::{Identity, San},
+    hbone::H2Stream,
     pod::Pod,
     splice::{Revoked, splice},
-    state::{Destination, State, Workload},
+    state::{Destination, State},
     telemetry::{Addresses, Draft, Peer, Report, Reporter},
-    tls::Certified,
 };
 
 /// Accepts captured connections on one of the pod's outbound listeners until the task is aborted.
@@ -238,159 +233,6 @@ pub(super) fn report_draft(
     }
 }
 
-/// The tunnel `tunnel` describes, on a pooled connection to its peer.
-async fn open_tunnel(
-    ctx: &ProxyContext,
-    pod: &Pod,
-    tunnel: &Tunnel,
-    headers: &ConnectHeaders,
-) -> Result<H2Stream, Failure> {
-    let source = source_certificate(ctx, pod).await?;
-    pooled_stream(
-        ctx,
-        pod,
-        &source,
-        PeerOf {
-            addr: tunnel.peer,
-            expected: &tunnel.expected,
-            identity: tunnel.workload.identity(),
-        },
-        &tunnel.authority.to_string(),
-        headers,
-    )
-    .await
-}
-
-/// The source pod's certificate, waiting for its first fetch if need be.
-pub(super) async fn source_certificate(
-    ctx: &ProxyContext,
-    pod: &Pod,
-) -> Result<Arc<Certified>, Failure> {
-    let certs = ctx.certs.as_ref().ok_or_else(|| {
-        Failure::Tunnel(
-            "no certificate source configured (mesh-node run --ca-address or --ca-dir)".into(),
-        )
-    })?;
-    certs
-        .get(&pod.identity)
-        .await
-        .map_err(|error| Failure::Tunnel(error.to_string()))
-}
-
-/// The TLS peer of a pooled HBONE connection.
-pub(super) struct PeerOf<'a> {
-    pub addr: SocketAddr,
-    /// The names its certificate may carry.
-    pub expected: &'a [San],
-    /// Who it is, for the log.
-    pub identity: Identity,
-}
-
-/// A CONNECT stream to `authority` on a pooled connection from `pod` to `peer`, made when no
-/// pooled one has room.
-pub(super) async fn pooled_stream(
-    ctx: &ProxyContext,
-    pod: &Pod,
-    source: &Certified,
-    peer: PeerOf<'_>,
-    authority: &str,
-    headers: &ConnectHeaders,
-) -> Result<H2Stream, Failure> {
-    let PeerOf {
-        addr,
-        expected,
-        identity,
-    } = peer;
-    let tls = ctx
-        .certs
-        .as_ref()
-        .map(|certs| certs.tls())
-        .ok_or_else(|| Failure::Tunnel("no certificate source configured".into()))?;
-    let key = PoolKey::new(
-        pod.primary_ip(),
-        pod.identity.clone(),
-        expected.to_vec(),
-        addr,
-    );
-    let lease = ctx
-        .pool
-        .checkout(&key, || async {
-            let tcp = connect_from_pod(&pod.netns, addr, ctx.settings.connect_timeout)
-                .await
-                .map_err(|error| format!("connect {addr}: {error}"))?;
-            let config = tls
-                .client_config(source, expected.to_vec())
-                .map_err(|error| format!("client TLS configuration: {error}"))?;
-            Connection::establish(tcp, addr, config)
-                .await
-                .map_err(|error| error.to_string())
-        })
-        .await
-        .map_err(Failure::Tunnel)?;
-    if lease.fresh {
-        tracing::info!(
-            peer = %addr,
-            peer_identity = %identity,
-            connection_id = lease.connection_id(),
-            "HBONE connection established"
-        );
-    }
-    let stream = lease
-        .connection()
-        .connect(authority, headers)
-        .await
-        .map_err(|error| Failure::Tunnel(error.to_string()))?;
-    Ok(stream.with_lease(lease))
-}
-
-/// The headers of every CONNECT from `pod`'s application at `app_addr`: `forwarded`, a fresh
-/// `traceparent`, and `baggage` describing the source (from its workload when the control
-/// plane knows it): through a gateway, that is all the destination learns of it.
-fn connect_headers(
-    ctx: &ProxyContext,
-    pod: &Pod,
-    workload: Option<&Workload>,
-    app_addr: SocketAddr,
-) -> ConnectHeaders {
-    let baggage = match workload {
-        Some(w) => super::workload_baggage(w),
-        None => Baggage {
-            cluster: ctx.node.cluster_id.clone(),
-            namespace: pod.spec.namespace.clone(),
-            workload_name: pod.spec.name.clone(),
-            workload_kind: "pod".to_owned(),
-            ..Baggage::default()
-        },
-    };
-    ConnectHeaders {
-        client: Some(app_addr),
-        baggage: Some(baggage.to_header()),
-        traceparent: ctx
-            .certs
-            .as_ref()
-            .map(|certs| traceparent(certs.tls().provider())),
-        forwarded_network: None,
-    }
-}
-
-/// A fresh W3C trace context: version 00, random trace and span ids, sampled.
-fn traceparent(provider: &rustls::crypto::CryptoProvider) -> String {
-    let mut ids = [0u8; 24];
-    if provider.secure_random.fill(&mut ids).is_err() {
-        ids[0] = 1;
-    }
-    let mut value = String::with_capacity(55);
-    value.push_str("00-");
-    for (i, byte) in ids.iter().enumerate() {
-        if i == 16 {
-            value.push('-');
-        }
-        let _ = write!(value, "{byte:02x}");
-    }
-    value.push_str("-01");
-    value
-}
-
 /// Where an outbound connection's bytes go.
 enum Upstream {
     /// A socket: to the local destination pod, or a passthrough destination.
@@ -426,20 +268,4 @@ async fn relay(
         inbound.finish(&ended.how, request, response, "local delivery");
     }
     report.finish(&ended.how, request, response, "outbound connection");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn traceparent_has_the_w3c_shape() {
-        let value = traceparent(&crate::tls::provider());
-        let parts: Vec<&str> = value.split('-').collect();
-        assert_eq!(parts.len(), 4);
-        assert_eq!(
-            (parts[0], parts[1].len(), parts[2].len(), parts[3]),
-            ("00", 32, 16, "01")
-        );
-    }
 }

@@ -143,9 +143,10 @@ fn pick_among(
         }
         // On our network an endpoint is reached by its address. Another network's endpoints
         // are reached through its east-west gateway: the synthetic workload istiod sends for
-        // them has no address; one with neither address nor gateway is unreachable. (The
-        // workload list is the same for every client, so a gateway on our own network is
-        // used.) As ztunnel's `load_balance`.
+        // them has no address; one with neither address nor gateway is unreachable. istiod
+        // sends every client the synthetic workloads of every network, so the one standing for
+        // our own network (no address, on our network) is skipped. As ztunnel's
+        // `load_balance`.
         let ip = workload.addresses.first().copied();
         let in_network = workload.network == origin.network;
         if ip.is_none() && (in_network || workload.network_gateway.is_none()) {

@@ -596,3 +596,60 @@ fn the_longest_covering_vip_block_wins_and_a_single_vip_beats_any_block() {
     assert_eq!(at("10.1.2.3").as_deref(), Some("single.example"));
     assert_eq!(at("11.0.0.1"), None);
 }
+
+/// ztunnel's rule for a preference that starts with NETWORK: every endpoint on the caller's
+/// network outranks every other one, and among the others the later scopes still count, so
+/// failover goes to the nearest remote region. (Counting matched leading scopes alone would
+/// rank both remote endpoints 0 and split between them.)
+#[test]
+fn network_first_failover_still_prefers_the_nearest_remote_region() {
+    let remote = |uid: &str, region: &str| {
+        endpoint(uid, "10.0.9.1", |w| {
+            w.network = "net2".into();
+            w.addresses.clear();
+            w.network_gateway = Some(pb::GatewayAddress {
+                destination: Some(pb::gateway_address::Destination::Address(
+                    pb::NetworkAddress {
+                        network: "net2".into(),
+                        address: vec![192, 0, 2, 1],
+                        length: None,
+                    },
+                )),
+                hbone_mtls_port: 15008,
+            });
+            w.locality = Some(pb::Locality {
+                region: region.into(),
+                ..Default::default()
+            });
+        })
+    };
+    let mut state = State::new();
+    state.upsert_workload(remote("far-region", "r9"));
+    state.upsert_workload(remote("same-region", "r1"));
+    state.upsert_workload(endpoint("local-other-region", "10.0.1.5", |w| {
+        w.locality = Some(pb::Locality {
+            region: "r5".into(),
+            ..Default::default()
+        });
+    }));
+    let svc = service(Some(pb::LoadBalancing {
+        routing_preference: vec![
+            pb::load_balancing::Scope::Network as i32,
+            pb::load_balancing::Scope::Region as i32,
+        ],
+        mode: pb::load_balancing::Mode::Failover as i32,
+        health_policy: 0,
+    }));
+    let origin = origin_workload();
+    let only = |state: &State| {
+        spread(state, &svc, &origin, 200)
+            .into_keys()
+            .collect::<Vec<_>>()
+    };
+    // Local beats a remote endpoint in the caller's own region.
+    assert_eq!(only(&state), ["local-other-region"]);
+    state.remove_workload("local-other-region");
+    assert_eq!(only(&state), ["same-region"]);
+    state.remove_workload("same-region");
+    assert_eq!(only(&state), ["far-region"]);
+}

@@ -158,6 +158,12 @@ fn a_call_to_a_global_service_is_served_by_the_other_cluster_through_the_gateway
         denied.ok.is_empty(),
         "a DENY of the caller let it in: {denied:?}"
     );
+    // Refused by the destination's policy, by the caller's identity (not lost on the way).
+    let refusals = mc.c2n2.log_lines_with(&[
+        "inbound connection denied by policy",
+        "src_identity=spiffe://cluster.local/ns/default/sa/client",
+    ]);
+    assert_eq!(refusals.len(), 1, "{}", mc.c2n2.log_text());
     push(&mc.c2n2, || {
         mc.cp2.put_policy(principal(
             sec::Action::Allow,

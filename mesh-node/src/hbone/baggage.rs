@@ -95,6 +95,25 @@ impl Baggage {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
     }
+
+    /// Takes every field `more` sets (a later `baggage` header wins over an earlier one).
+    pub fn merge(&mut self, more: Baggage) {
+        let fields = [
+            (&mut self.cluster, more.cluster),
+            (&mut self.namespace, more.namespace),
+            (&mut self.workload_name, more.workload_name),
+            (&mut self.workload_kind, more.workload_kind),
+            (&mut self.service, more.service),
+            (&mut self.version, more.version),
+            (&mut self.region, more.region),
+            (&mut self.zone, more.zone),
+        ];
+        for (field, value) in fields {
+            if !value.is_empty() {
+                *field = value;
+            }
+        }
+    }
 }
 
 /// A byte a baggage value may hold unencoded (W3C baggage: no whitespace, quotes, commas,

@@ -297,7 +297,7 @@ pub fn parse_request<B>(
         .iter()
         .filter_map(|value| value.to_str().ok())
         .fold(Baggage::default(), |mut all, value| {
-            merge(&mut all, Baggage::parse(value));
+            all.merge(Baggage::parse(value));
             all
         });
     Ok(TunnelRequest {
@@ -308,25 +308,6 @@ pub fn parse_request<B>(
         forwarded_network,
         baggage,
     })
-}
-
-/// Fields `more` sets win over those of earlier `baggage` headers.
-fn merge(into: &mut Baggage, more: Baggage) {
-    let fields = [
-        (&mut into.cluster, more.cluster),
-        (&mut into.namespace, more.namespace),
-        (&mut into.workload_name, more.workload_name),
-        (&mut into.workload_kind, more.workload_kind),
-        (&mut into.service, more.service),
-        (&mut into.version, more.version),
-        (&mut into.region, more.region),
-        (&mut into.zone, more.zone),
-    ];
-    for (field, value) in fields {
-        if !value.is_empty() {
-            *field = value;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -130,14 +130,16 @@ impl TunnelHandler for PodTarget {
                 Ok(delivered) => delivered,
                 Err(failure) => return responder.refuse(failure.refusal()),
             };
-            // Said back in `baggage`: through a gateway, the client learns who served it only
-            // this way.
-            let baggage = {
+            // Said back in `baggage` to double HBONE's inner CONNECT (it names the source's
+            // network): through a gateway, the client learns who served it only this way. A
+            // direct client knows already, so the common path skips the lookup.
+            let baggage = request.forwarded_network.is_some().then(|| {
                 let state = ctx.state();
                 state
                     .workload_by_ip(&ctx.node.network, pod.primary_ip())
                     .map(|w| super::workload_baggage(&w))
-            };
+            });
+            let baggage = baggage.flatten();
             let tunnel = match responder.accept_described(baggage.as_ref()) {
                 Ok(tunnel) => tunnel,
                 Err(error) => {
@@ -224,7 +226,7 @@ async fn open_tunnel_target(
 
 /// The port of `pod` that serves `port` of the service called `hostname`: its endpoint's own
 /// mapping, else the service's target port.
-fn service_target_port(
+pub(super) fn service_target_port(
     ctx: &ProxyContext,
     pod: &Pod,
     hostname: &str,

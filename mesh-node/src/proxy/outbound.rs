@@ -83,14 +83,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     let app_addr = SocketAddr::new(pod.primary_ip(), peer.port());
     // The route and what the report says of it come from one read of the state: a push
     // cannot land between them.
-    let (route, draft, headers) = {
+    let (route, draft, source) = {
         let state = ctx.state();
         let route = route(&ctx, &state, &pod, original);
         let draft = report_draft(&ctx, &state, &pod, app_addr, original, &route);
-        let source = state.workload_by_ip(&ctx.node.network, app_addr.ip());
-        let headers = connect_headers(&ctx, &pod, source.as_deref(), app_addr);
-        (route, draft, headers)
+        // Kept for the CONNECT headers, which only tunnels need (built outside the lock).
+        let source = matches!(route, Route::Hbone(_) | Route::Gateway(_))
+            .then(|| state.workload_by_ip(&ctx.node.network, app_addr.ip()))
+            .flatten();
+        (route, draft, source)
     };
+    let headers = || connect_headers(&ctx, &pod, source.as_deref(), app_addr);
     let metrics = &ctx.metrics;
     // Each way either relays (and returns) or says why it could not carry the connection.
     let (failure, message, report) = match route {
@@ -125,7 +128,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         Route::Hbone(tunnel) => {
             let mut report = draft.open(metrics);
             report.delivered_to(tunnel.authority);
-            match open_tunnel(&ctx, &pod, &tunnel, &headers).await {
+            match open_tunnel(&ctx, &pod, &tunnel, &headers()).await {
                 Ok(tunnel) => {
                     return relay(client, Upstream::Tunnel(tunnel), None, report, None).await;
                 }
@@ -135,7 +138,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
         Route::Gateway(tunnel) => {
             // Opened once the far end has answered: through a gateway, its answer is the only
             // description of who serves the connection.
-            let opened = double_hbone::open(&ctx, &pod, &tunnel, headers).await;
+            let opened = double_hbone::open(&ctx, &pod, &tunnel, headers()).await;
             let (mut draft, outcome) = match opened {
                 Ok((stream, far_end)) => (far_end.describe(draft), Ok(stream)),
                 Err(failure) => (draft, Err(failure)),

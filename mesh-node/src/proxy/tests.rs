@@ -244,3 +244,65 @@ async fn a_denied_delivery_is_refused_before_any_connect_and_reported_as_deny() 
         "{line}"
     );
 }
+
+/// Double HBONE's inner CONNECT names `<service hostname>:<service port>`: the destination
+/// node maps it to the pod's port (its endpoint mapping, else the service's), and refuses a
+/// service the pod does not serve or a port the service does not have, by name.
+#[test]
+fn a_hostname_authority_maps_to_the_pods_port_or_is_refused_by_name() {
+    let ctx = context();
+    let mut server = workload("server", "10.0.2.5", Some("echo.default.svc.cluster.local"));
+    // Its own mapping for 80 says 8080 (as the service); add 81, which only it maps.
+    if let Some(ports) = server
+        .services
+        .get_mut("default/echo.default.svc.cluster.local")
+    {
+        ports.ports.push(pb::Port {
+            service_port: 81,
+            target_port: 9091,
+            ..Default::default()
+        });
+    }
+    let mut echo = echo_service();
+    echo.ports.push(pb::Port {
+        service_port: 82,
+        target_port: 9092,
+        ..Default::default()
+    });
+    push(
+        &ctx,
+        vec![server, workload("other", "10.0.2.6", None)],
+        vec![echo],
+    );
+    let port = |pod: &Arc<Pod>, host: &str, port: u16| {
+        inbound::service_target_port(&ctx, pod, host, port).map_err(|f| f.to_string())
+    };
+    let server = pod("server", "10.0.2.5");
+    assert_eq!(
+        port(&server, "echo.default.svc.cluster.local", 80),
+        Ok(8080)
+    );
+    assert_eq!(
+        port(&server, "echo.default.svc.cluster.local", 81),
+        Ok(9091)
+    );
+    // Not in the endpoint's own mapping: the service's target port.
+    assert_eq!(
+        port(&server, "echo.default.svc.cluster.local", 82),
+        Ok(9092)
+    );
+    let missing = port(&server, "echo.default.svc.cluster.local", 83).unwrap_err();
+    assert!(missing.contains("has no port 83"), "{missing}");
+    let unknown = port(&server, "nothere.default.svc.cluster.local", 80).unwrap_err();
+    assert!(
+        unknown.contains("is not an endpoint of nothere"),
+        "{unknown}"
+    );
+    let other = port(
+        &pod("other", "10.0.2.6"),
+        "echo.default.svc.cluster.local",
+        80,
+    )
+    .unwrap_err();
+    assert!(other.contains("is not an endpoint of echo"), "{other}");
+}

@@ -84,33 +84,28 @@ impl Peer {
 
     /// What the far end said of itself in `baggage` replaces what we guessed (the principal
     /// stays: that one is proven).
-    pub fn described_as(mut self, baggage: &Baggage) -> Self {
-        let set = |field: &mut String, value: &str| {
-            if !value.is_empty() {
-                *field = value.to_owned();
-            }
-        };
-        set(&mut self.workload, &baggage.workload_name);
-        set(&mut self.namespace, &baggage.namespace);
-        set(&mut self.canonical_service, &baggage.service);
-        set(&mut self.canonical_revision, &baggage.version);
-        set(&mut self.cluster, &baggage.cluster);
-        self
+    pub fn described_as(self, baggage: &Baggage) -> Self {
+        self.with_baggage(baggage, true)
     }
 
-    /// Fills what the identity leaves open from what the peer said of itself in `baggage`
-    /// (the namespace stays the identity's: that one is proven).
-    pub fn described_by(mut self, baggage: &Baggage) -> Self {
-        let fill = |field: &mut String, value: &str| {
-            if field.is_empty() {
-                *field = value.to_owned();
+    /// Fills what the identity leaves open from what the peer said of itself in `baggage`.
+    pub fn described_by(self, baggage: &Baggage) -> Self {
+        self.with_baggage(baggage, false)
+    }
+
+    fn with_baggage(mut self, baggage: &Baggage, replace: bool) -> Self {
+        let fields = [
+            (&mut self.workload, &baggage.workload_name),
+            (&mut self.namespace, &baggage.namespace),
+            (&mut self.canonical_service, &baggage.service),
+            (&mut self.canonical_revision, &baggage.version),
+            (&mut self.cluster, &baggage.cluster),
+        ];
+        for (field, value) in fields {
+            if !value.is_empty() && (replace || field.is_empty()) {
+                value.clone_into(field);
             }
-        };
-        fill(&mut self.workload, &baggage.workload_name);
-        fill(&mut self.namespace, &baggage.namespace);
-        fill(&mut self.canonical_service, &baggage.service);
-        fill(&mut self.canonical_revision, &baggage.version);
-        fill(&mut self.cluster, &baggage.cluster);
+        }
         self
     }
 
@@ -362,6 +357,48 @@ mod tests {
             addrs,
             "inbound",
         )
+    }
+
+    /// A source through a gateway keeps the namespace its identity proves and takes the rest
+    /// from its `baggage`; a destination's answer replaces what the route guessed, but never
+    /// the principal.
+    #[test]
+    fn baggage_fills_or_replaces_labels_but_never_the_principal() {
+        let said = Baggage::parse(
+            "k8s.cluster.name=c1,k8s.namespace.name=elsewhere,k8s.deployment.name=client",
+        );
+        let source = Peer::of_identity(&Identity::new("cluster.local", "shop", "client"))
+            .described_by(&said);
+        assert_eq!(
+            (
+                source.namespace.as_str(),
+                source.workload.as_str(),
+                source.cluster.as_str()
+            ),
+            ("shop", "client", "c1")
+        );
+        let guessed = Peer {
+            workload: "echo".into(),
+            namespace: "default".into(),
+            principal: "spiffe://cluster.local/ns/default/sa/server2".into(),
+            ..Peer::default()
+        };
+        let answer = Baggage::parse("k8s.deployment.name=server2,k8s.cluster.name=c2");
+        let destination = guessed.described_as(&answer);
+        assert_eq!(
+            (
+                destination.workload.as_str(),
+                destination.namespace.as_str(),
+                destination.cluster.as_str(),
+                destination.principal.as_str()
+            ),
+            (
+                "server2",
+                "default",
+                "c2",
+                "spiffe://cluster.local/ns/default/sa/server2"
+            )
+        );
     }
 
     fn closed(metrics: &Metrics) -> String {

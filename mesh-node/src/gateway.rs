@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::{
     ending,
@@ -17,11 +17,8 @@ use crate::{
         server::{HandleFuture, Refusal, Responder, TunnelHandler, TunnelRequest},
     },
     identity::Identity,
-    proxy::{OriginalDestinations, ProxyContext, failure::Failure, inbound},
-    state::{
-        Locality,
-        lb::{self, Choice, Origin},
-    },
+    proxy::{OriginalDestinations, ProxyContext, connect, failure::Failure, inbound},
+    state::lb::{self, Choice, Origin},
     telemetry::{Addresses, Peer, Report, Reporter},
 };
 
@@ -59,24 +56,17 @@ impl TunnelHandler for Forwarder {
                 Ok(hop) => hop,
                 Err(refusal) => return responder.refuse(refusal),
             };
-            let upstream = match tokio::time::timeout(
-                ctx.settings.connect_timeout,
-                TcpStream::connect(endpoint),
-            )
-            .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(source)) => {
-                    return fail(report, responder, connect_failure(endpoint, source));
-                }
-                Err(_) => {
-                    let timed_out =
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
-                    return fail(report, responder, connect_failure(endpoint, timed_out));
+            let mut upstream = match connect(endpoint, ctx.settings.connect_timeout).await {
+                Ok(stream) => stream,
+                Err(source) => {
+                    let failure = Failure::Connect {
+                        addr: endpoint,
+                        pod: None,
+                        source,
+                    };
+                    return fail(report, responder, failure);
                 }
             };
-            let mut upstream = upstream;
-            let _ = upstream.set_nodelay(true);
             // The endpoint's node sees the inner TLS break off, not a clean end, unless the
             // tunnel really ended cleanly (see `ending`).
             ending::arm(&upstream);
@@ -101,24 +91,10 @@ impl TunnelHandler for Forwarder {
     }
 }
 
-fn connect_failure(addr: SocketAddr, source: std::io::Error) -> Failure {
-    Failure::Connect {
-        addr,
-        pod: None,
-        source,
-    }
-}
-
 fn fail(report: Report, responder: Responder, failure: Failure) {
     report.close(failure.outcome(), 0, 0, "gateway tunnel failed");
     responder.refuse(failure.refusal());
 }
-
-static NO_LOCALITY: Locality = Locality {
-    region: String::new(),
-    zone: String::new(),
-    subzone: String::new(),
-};
 
 /// The endpoint for `request` and its report; a refusal (400 for what the gateway cannot
 /// route, 503 when the service has no endpoint here) otherwise.
@@ -142,12 +118,7 @@ fn choose(ctx: &ProxyContext, request: &TunnelRequest) -> Result<Hop, Refusal> {
         .cloned()
         .ok_or_else(|| bad(format!("no service {hostname} is known here")))?;
     let node = &ctx.node;
-    let origin = Origin {
-        node: &node.node_name,
-        cluster_id: &node.cluster_id,
-        network: &node.network,
-        locality: &NO_LOCALITY,
-    };
+    let origin = Origin::of_node(&node.node_name, &node.cluster_id, &node.network);
     let unavailable = |reason: String| Refusal {
         status: StatusCode::SERVICE_UNAVAILABLE,
         reason,

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-pub use upstream::connect_from_pod;
+pub use upstream::{connect, connect_from_pod};
 
 use self::authorize::Live;
 

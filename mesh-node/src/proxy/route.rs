@@ -17,8 +17,7 @@ use super::NodeInfo;
 use crate::{
     identity::{Identity, San},
     state::{
-        Destination, GatewayAddress, GatewayDestination, Locality, Service, State, TunnelProtocol,
-        Workload,
+        Destination, GatewayAddress, GatewayDestination, Service, State, TunnelProtocol, Workload,
         lb::{self, Choice, Origin},
     },
 };
@@ -111,12 +110,7 @@ pub fn decide<P>(
     let source_workload = state.workload_by_ip(network, source.ip);
     let origin = match &source_workload {
         Some(workload) => Origin::of(workload),
-        None => Origin {
-            node: &node.node_name,
-            cluster_id: &node.cluster_id,
-            network,
-            locality: &NO_LOCALITY,
-        },
+        None => Origin::of_node(&node.node_name, &node.cluster_id, network),
     };
     match state.lookup(network, dst.ip(), Some(source.namespace)) {
         Some(Destination::Service(service)) => {
@@ -165,12 +159,6 @@ pub fn decide<P>(
         },
     }
 }
-
-static NO_LOCALITY: Locality = Locality {
-    region: String::new(),
-    zone: String::new(),
-    subzone: String::new(),
-};
 
 /// An HBONE workload through its tunnel port, anything else as plain TCP.
 fn to_workload<P>(workload: Arc<Workload>, dst: SocketAddr, sans: &[San]) -> Route<P> {

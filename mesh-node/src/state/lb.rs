@@ -22,7 +22,25 @@ pub struct Origin<'a> {
     pub locality: &'a Locality,
 }
 
+/// The locality of an origin that has none (a node, a pod the control plane has not
+/// described): it matches no REGION, ZONE or SUBZONE preference but an empty one.
+static NO_LOCALITY: Locality = Locality {
+    region: String::new(),
+    zone: String::new(),
+    subzone: String::new(),
+};
+
 impl<'a> Origin<'a> {
+    /// A node itself (or a pod on it the control plane has not described yet).
+    pub fn of_node(node: &'a str, cluster_id: &'a str, network: &'a str) -> Self {
+        Self {
+            node,
+            cluster_id,
+            network,
+            locality: &NO_LOCALITY,
+        }
+    }
+
     pub fn of(workload: &'a Workload) -> Self {
         Self {
             node: &workload.node,

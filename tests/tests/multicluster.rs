@@ -370,3 +370,67 @@ fn a_call_from_the_other_cluster_comes_back_through_the_first_clusters_gateway()
         .log_lines_with(&["HBONE tunnel closed", "src_workload=client2"]);
     assert_eq!(dst.len(), 2, "{}", mc.c1n2.log_text());
 }
+
+#[test]
+fn a_far_end_that_never_answers_the_inner_handshake_fails_the_call_by_its_deadline() {
+    if !privileged() {
+        return;
+    }
+    let mc = MultiCluster::start(false);
+    // Cluster 2's only endpoint of echo now takes TCP on 15008 and never says a word: the
+    // gateway connects and relays, the outer connection stays healthy, the inner TLS stalls.
+    let zpod = mc.topo.pod("zpod");
+    let (netns, addr) = (zpod.netns_path(), SocketAddr::from((zpod.ip, 15008)));
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let listener_thread = thread::spawn(move || {
+        hbone_client::run_in(&netns, || async move {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .expect("bind 15008");
+            bound_tx.send(()).expect("signal bound");
+            let mut held = Vec::new();
+            // Accepts and holds, reading nothing and writing nothing, for longer than the
+            // deadline.
+            let _ = tokio::time::timeout(Duration::from_secs(12), async {
+                while let Ok((socket, _)) = listener.accept().await {
+                    held.push(socket);
+                }
+            })
+            .await;
+        })
+    });
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the silent endpoint listens");
+    let state = mc.state();
+    let mut silent = state.pod("zpod", "c2n1", 2, Some(ECHO_HOST));
+    silent.tunnel_protocol = mesh_node::xds::proto::workload::TunnelProtocol::Hbone as i32;
+    push(&mc.gw2, || {
+        mc.cp2
+            .change_workloads(vec![silent, state.pod("server2", "c2n2", 2, None)], &[])
+    });
+    let run = mc.topo.connect_from("client", mc.echo(), 1024, 1);
+    assert!(
+        run.ok.is_empty(),
+        "a stalled far end served the call: {run:?}"
+    );
+    let failed = mc
+        .c1n1
+        .log_lines_with(&["outbound connection failed", "route=gateway"]);
+    assert_eq!(failed.len(), 1, "{}", mc.c1n1.log_text());
+    assert!(
+        failed[0].contains("no answer within 10 s"),
+        "{}\n{}",
+        failed[0],
+        mc.gw2.log_text()
+    );
+    // Its access line counts the wait (the report opens only once the far end has answered,
+    // or not).
+    let waited: u64 = failed[0]
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("duration_ms="))
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_default();
+    assert!(waited >= 10_000, "{}", failed[0]);
+    let _ = listener_thread.join();
+}

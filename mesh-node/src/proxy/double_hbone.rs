@@ -19,7 +19,7 @@ use super::{
 use crate::{
     hbone::{
         Baggage, H2Stream,
-        client::{ConnectHeaders, Connection},
+        client::{ClientError, ConnectHeaders, Connection},
     },
     identity::Identity,
     pod::Pod,
@@ -90,22 +90,32 @@ pub(super) async fn open(
         .unwrap_or_else(|_| ServerName::IpAddress(tunnel.peer.ip().into()));
     // Closing the inner connection ends the outer stream cleanly both ways, not with a reset.
     let outer = outer.drained_on_shutdown();
-    let inner = Connection::establish_over(outer, tunnel.peer, server_name, config)
-        .await
-        .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))?;
-    ctx.metrics.inner_handshake(inner.resumed());
     let headers = ConnectHeaders {
         forwarded_network: Some(ctx.node.network.clone()),
         ..headers
     };
-    // The inner connection ends once its one stream does: nothing else holds it.
-    let (stream, baggage) = inner
-        .connect_described(&tunnel.authority, &headers)
-        .await
-        .map_err(|error| Failure::Tunnel(format!("inner HBONE through the gateway: {error}")))?;
-    let far_end = FarEnd {
-        identity: inner.peer_identity().cloned(),
-        baggage,
+    let inner = async {
+        let inner = Connection::establish_over(outer, tunnel.peer, server_name, config).await?;
+        ctx.metrics.inner_handshake(inner.resumed());
+        // The inner connection ends once its one stream does: nothing else holds it.
+        let (stream, baggage) = inner.connect_described(&tunnel.authority, &headers).await?;
+        let far_end = FarEnd {
+            identity: inner.peer_identity().cloned(),
+            baggage,
+        };
+        Ok::<_, ClientError>((stream, far_end))
     };
-    Ok((stream, far_end))
+    // The outer connection's keep-alive would never notice a far end that stalls the inner
+    // handshake (the gateway answers its PINGs): the whole inner set-up has a deadline.
+    let deadline = ctx.settings.connect_timeout;
+    match tokio::time::timeout(deadline, inner).await {
+        Ok(Ok(opened)) => Ok(opened),
+        Ok(Err(error)) => Err(Failure::Tunnel(format!(
+            "inner HBONE through the gateway: {error}"
+        ))),
+        Err(_) => Err(Failure::Tunnel(format!(
+            "inner HBONE through the gateway: no answer within {} s",
+            deadline.as_secs()
+        ))),
+    }
 }

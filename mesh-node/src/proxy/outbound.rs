@@ -1,7 +1,11 @@
 //! Captured outbound connections: recover where the application was going, then pick the way
 //! there — straight into a pod on this node, through an HBONE tunnel to a mesh workload, or
 //! plain TCP to anything outside the mesh.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
@@ -233,6 +237,7 @@ pub(super) fn report_draft(
         mutual_tls: mtls,
         addrs,
         route: route.name(),
+        started: Instant::now(),
     }
 }
 

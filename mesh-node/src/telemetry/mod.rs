@@ -188,12 +188,15 @@ pub struct Draft {
     pub mutual_tls: bool,
     pub addrs: Addresses,
     pub route: &'static str,
+    /// When the connection was accepted: its duration counts from here, however late the
+    /// report is opened.
+    pub started: Instant,
 }
 
 impl Draft {
     /// Counts the connection as opened.
     pub fn open(self, metrics: &Arc<Metrics>) -> Report {
-        Report::open(
+        let mut report = Report::open(
             metrics,
             self.reporter,
             &self.source,
@@ -202,7 +205,9 @@ impl Draft {
             self.mutual_tls,
             self.addrs,
             self.route,
-        )
+        );
+        report.started = self.started;
+        report
     }
 }
 

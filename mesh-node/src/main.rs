@@ -273,7 +273,11 @@ fn main() -> ExitCode {
                 ModeArg::Node => None,
                 ModeArg::Gateway => match args.gateway_identity.split_once('/') {
                     Some((namespace, service_account))
-                        if !namespace.is_empty() && !service_account.is_empty() =>
+                        if [namespace, service_account].iter().all(|part| {
+                            !part.is_empty()
+                                && !part.contains('/')
+                                && !part.chars().any(char::is_whitespace)
+                        }) =>
                     {
                         Some(GatewayConfig {
                             listen: args.gateway_listen,

@@ -434,3 +434,36 @@ fn a_far_end_that_never_answers_the_inner_handshake_fails_the_call_by_its_deadli
     assert!(waited >= 10_000, "{}", failed[0]);
     let _ = listener_thread.join();
 }
+
+/// Gateway mode refuses what it cannot run with, in one line naming the flag, before it binds
+/// anything.
+#[test]
+fn gateway_mode_refuses_a_bad_identity_and_a_missing_certificate_source() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(mesh_tests::meshnode::binary())
+            .args(["run", "--mode", "gateway"])
+            .args(args)
+            .output()
+            .expect("run mesh-node");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for bad in ["a/b/c", "istio-system/", "no-slash", "ns/sa x"] {
+        let (code, stderr) = run(&["--gateway-identity", bad]);
+        assert_eq!(code, Some(1), "{bad}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "--gateway-identity {bad:?}: expected NAMESPACE/SERVICE_ACCOUNT"
+            )),
+            "{bad}: {stderr}"
+        );
+    }
+    let (code, stderr) = run(&[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--mode gateway needs a certificate source (--ca-dir or --ca-address)"),
+        "{stderr}"
+    );
+}

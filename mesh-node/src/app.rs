@@ -14,7 +14,11 @@ use crate::{
     certs::CertManager,
     config::{GatewayConfig, RunConfig},
     dataplane::{Dataplane, DataplaneError},
-    enroll::{Enroller, static_file},
+    enroll::{
+        Enroller,
+        kubernetes::{self, KubeError},
+        static_file,
+    },
     identity::{
         CertSource, Identity,
         file_ca::{FileCa, FileCaError},
@@ -74,8 +78,12 @@ pub enum RunError {
         "--mode gateway needs a certificate source (--ca-dir or --ca-address): the gateway terminates mutual TLS"
     )]
     GatewayWithoutCa,
-    #[error("--mode gateway enrolls no pods: drop --pods")]
+    #[error("--mode gateway enrolls no pods: drop --pods and --kubernetes")]
     GatewayWithPods,
+    #[error("--pods and --kubernetes are exclusive: pods are enrolled from one source")]
+    TwoPodSources,
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
     #[error("gateway listener {addr}: {source}")]
     GatewayListen {
         addr: std::net::SocketAddr,
@@ -134,6 +142,17 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     if let Some(gateway) = config.gateway.clone() {
         return run_gateway(config, gateway, certs, control, local, xds_endpoint);
     }
+    if config.kubernetes.is_some() && config.pods_file.is_some() {
+        return Err(RunError::TwoPodSources);
+    }
+    let kube = match &config.kubernetes {
+        // The client's request buffer is a task on the control runtime, where the watcher runs.
+        Some(settings) => Some((
+            control.block_on(kubernetes::connect(settings))?,
+            settings.clone(),
+        )),
+        None => None,
+    };
     preflight::check_capabilities()?;
     let open_files = preflight::raise_open_file_limit();
     let kernel = preflight::check_kernel()?;
@@ -187,15 +206,35 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         });
         let enroller = Arc::new(Enroller::new(ctx, dataplane.clone(), &config.trust_domain));
         let _ = admin.enroller.set(enroller.clone());
-        let total = pods.len();
-        let mut enrolled = 0;
-        for pod in pods {
-            // One pod's failure (netns gone, port taken) must not stop the others.
-            match enroller.enroll(pod) {
-                Ok(_) => enrolled += 1,
-                Err(error) => tracing::error!(%error, "pod not enrolled"),
+        let shutdown = wait_for_shutdown();
+        tokio::pin!(shutdown);
+        let (enrolled, total) = match kube {
+            Some((client, settings)) => {
+                let (synced_tx, synced) = tokio::sync::oneshot::channel();
+                let controller = kubernetes::Controller::new(client, settings, enroller.clone());
+                control.spawn(controller.run(synced_tx));
+                // Readiness waits until the pods already running here are enrolled.
+                tokio::select! {
+                    result = &mut shutdown => return result,
+                    enrolled = synced => {
+                        let enrolled = enrolled.unwrap_or(0);
+                        (enrolled, enrolled)
+                    }
+                }
             }
-        }
+            None => {
+                let total = pods.len();
+                let mut enrolled = 0;
+                for pod in pods {
+                    // One pod's failure (netns gone, port taken) must not stop the others.
+                    match enroller.enroll(pod) {
+                        Ok(_) => enrolled += 1,
+                        Err(error) => tracing::error!(%error, "pod not enrolled"),
+                    }
+                }
+                (enrolled, total)
+            }
+        };
         readiness.startup_enrollment_done();
         let cookies = enroller.netns_cookies();
         let stale = dataplane.retain_enrolled(&cookies)?;
@@ -207,8 +246,6 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 "removed namespaces and inbound links an earlier run enrolled that are gone now"
             );
         }
-        let shutdown = wait_for_shutdown();
-        tokio::pin!(shutdown);
         tokio::select! {
             result = &mut shutdown => return result,
             _ = xds_ready.wait_for(|status| status.synced) => {}
@@ -242,7 +279,7 @@ fn run_gateway(
     let Some(certs) = certs else {
         return Err(RunError::GatewayWithoutCa);
     };
-    if config.pods_file.is_some() {
+    if config.pods_file.is_some() || config.kubernetes.is_some() {
         return Err(RunError::GatewayWithPods);
     }
     let identity = Identity::new(

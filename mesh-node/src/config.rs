@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub endpoints: Addresses,
     /// `Some`: run as the east-west gateway of `node.network` instead of a node proxy.
     pub gateway: Option<GatewayConfig>,
+    /// `Some`: enroll this node's pods from the Kubernetes API (exclusive with `pods_file`).
+    pub kubernetes: Option<crate::enroll::kubernetes::KubeSettings>,
 }
 
 /// The east-west gateway (`mesh-node run --mode gateway`).
@@ -77,6 +79,7 @@ impl Default for RunConfig {
             xds: None,
             endpoints: Addresses::default(),
             gateway: None,
+            kubernetes: None,
         }
     }
 }

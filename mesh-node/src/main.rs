@@ -11,6 +11,7 @@ use mesh_node::{
         DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, GatewayConfig, NodeInfo, RunConfig,
         Settings,
     },
+    enroll::kubernetes::{KubeSettings, select::Selector},
     error_chain,
     identity::{file_ca::FileCa, istio_ca::IstioCaConfig},
     istiod,
@@ -132,6 +133,29 @@ struct RunArgs {
     /// Static enrollment file (YAML list of pods).
     #[arg(long, env = "MESH_NODE_PODS")]
     pods: Option<PathBuf>,
+    /// Enroll this node's pods from the Kubernetes API (namespace and pod label
+    /// --enrollment-label), instead of --pods.
+    #[arg(long, env = "MESH_NODE_KUBERNETES")]
+    kubernetes: bool,
+    /// kubeconfig for --kubernetes; default: the pod's service account (or KUBECONFIG).
+    #[arg(long, env = "MESH_NODE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The host's /proc, where --kubernetes finds pods' network namespaces.
+    #[arg(long, env = "MESH_NODE_HOST_PROC", default_value = "/proc")]
+    host_proc: PathBuf,
+    /// The label (on namespaces and pods) that enables the mesh.
+    #[arg(
+        long,
+        env = "MESH_NODE_ENROLLMENT_LABEL",
+        default_value = "istio.io/dataplane-mode"
+    )]
+    enrollment_label: String,
+    /// Its value that enrolls a namespace or a pod.
+    #[arg(long, env = "MESH_NODE_ENROLLMENT_ENABLED", default_value = "ambient")]
+    enrollment_enabled: String,
+    /// Its value that keeps a pod out, whatever its namespace says.
+    #[arg(long, env = "MESH_NODE_ENROLLMENT_DISABLED", default_value = "none")]
+    enrollment_disabled: String,
     /// cgroup v2 directory to attach the capture hooks to [default: the cgroup2 mount root].
     #[arg(long, env = "MESH_NODE_CGROUP")]
     cgroup: Option<PathBuf>,
@@ -306,6 +330,17 @@ fn main() -> ExitCode {
                 cluster_id: args.cluster_id.clone(),
                 ttl: Duration::from_secs(args.cert_ttl.max(60)),
             });
+            let kubernetes = args.kubernetes.then(|| KubeSettings {
+                kubeconfig: args.kubeconfig.clone(),
+                node_name: args.node_name.clone(),
+                host_proc: args.host_proc.clone(),
+                selector: Selector {
+                    label: args.enrollment_label.clone(),
+                    enabled: args.enrollment_enabled.clone(),
+                    disabled: args.enrollment_disabled.clone(),
+                    own_pod: Some((args.pod_namespace.clone(), args.pod_name.clone())),
+                },
+            });
             let xds = args.xds_address.map(|address| XdsConfig {
                 address,
                 root_cert: args.xds_root_cert,
@@ -320,6 +355,7 @@ fn main() -> ExitCode {
             });
             let config = RunConfig {
                 pods_file: args.pods,
+                kubernetes,
                 cgroup: args.cgroup,
                 bpffs_dir: args.bpffs,
                 fail_mode: match args.fail_mode {

@@ -43,11 +43,17 @@ impl NetNs {
             path: path.to_owned(),
             io_error,
         })?;
+        // Entering and leaving proves it is a network namespace (setns checks the type).
+        Self::from_file(file, path)
+    }
+
+    /// Takes an already open namespace file (`path` names it in messages), checked as
+    /// [`NetNs::open`] checks.
+    pub fn from_file(file: File, path: &Path) -> Result<Self, NetNsError> {
         let netns = Self {
             file,
             path: path.to_owned(),
         };
-        // Entering and leaving proves it is a network namespace (setns checks the type).
         netns.run(|| ()).map_err(|_| NetNsError::NotNetNs {
             path: path.to_owned(),
         })?;

@@ -1,8 +1,10 @@
 //! The pod registry: enrolling a pod opens mesh-node's listeners inside its network namespace and
 //! tells the kernel programs to capture it; un-enrolling undoes both.
 //!
-//! Sources (the static file today, the Kubernetes watcher later) only call [`Enroller::enroll`]
-//! and [`Enroller::unenroll`].
+//! Sources (the static file, the Kubernetes watcher) only call [`Enroller::enroll`] (or
+//! [`Enroller::enroll_in`], with the namespace already open) and [`Enroller::unenroll`], from any
+//! runtime: the listeners and their accept loops always live on the data-path runtime.
+pub mod kubernetes;
 pub mod static_file;
 
 use std::{
@@ -64,6 +66,8 @@ pub struct Enroller {
     trust_domain: String,
     pods: Mutex<HashMap<String, Enrolled>>,
     next_id: AtomicU32,
+    /// The data-path runtime, which the listeners register with and the accept loops run on.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Which accept loop serves a listener.
@@ -75,8 +79,10 @@ enum Role {
 }
 
 impl Enroller {
+    /// Must be called inside the data-path runtime, which it keeps a handle to.
     pub fn new(ctx: Arc<ProxyContext>, dataplane: Arc<Dataplane>, trust_domain: &str) -> Self {
         Self {
+            runtime: tokio::runtime::Handle::current(),
             ctx,
             dataplane,
             trust_domain: trust_domain.to_owned(),
@@ -85,9 +91,20 @@ impl Enroller {
         }
     }
 
-    /// Opens the pod's listeners in its namespace, starts serving them, then starts capture.
-    /// Must be called inside the data-path runtime.
+    /// Opens the pod's namespace file (`spec.netns`), then enrolls it as [`Enroller::enroll_in`].
     pub fn enroll(&self, spec: PodSpec) -> Result<Arc<Pod>, EnrollError> {
+        let netns = NetNs::open(&spec.netns).map_err(|source| EnrollError::NetNs {
+            pod: spec.key(),
+            source,
+        })?;
+        self.enroll_in(spec, netns)
+    }
+
+    /// Opens the pod's listeners in `netns`, starts serving them, then starts capture. The
+    /// namespace is held open for as long as the pod is enrolled, whatever happens to the
+    /// processes in it.
+    pub fn enroll_in(&self, spec: PodSpec, netns: NetNs) -> Result<Arc<Pod>, EnrollError> {
+        let _data_runtime = self.runtime.enter();
         let key = spec.key();
         if self.lock().contains_key(&key) {
             return Err(EnrollError::AlreadyEnrolled { pod: key });
@@ -96,10 +113,6 @@ impl Enroller {
         if spec.ips.is_empty() {
             return Err(EnrollError::NoAddress { pod: key });
         }
-        let netns = NetNs::open(&spec.netns).map_err(|source| EnrollError::NetNs {
-            pod: key.clone(),
-            source,
-        })?;
         let listeners = open_listeners(&key, &spec, &netns, self.ctx.certs.is_some())?;
         let listener_bits = listeners
             .iter()
@@ -196,7 +209,8 @@ impl Enroller {
         Ok(pod)
     }
 
-    /// Stops capture for the pod, then closes its listeners. Unknown pods are ignored.
+    /// Stops capture for the pod, then closes its listeners; connections already accepted go on
+    /// to their natural end. Unknown pods are ignored.
     pub fn unenroll(&self, key: &str) -> Result<(), DataplaneError> {
         let Some(enrolled) = self.lock().remove(key) else {
             return Ok(());

@@ -10,6 +10,8 @@ pub mod ca_server;
 pub mod control_plane;
 pub mod hbone_client;
 pub mod http_probe;
+pub mod kube_api;
+pub mod kubelet;
 pub mod meshnode;
 pub mod multicluster;
 pub mod netns_server;

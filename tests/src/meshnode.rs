@@ -63,6 +63,32 @@ impl MeshNode {
         Self::spawn_in(topo, node, &base, extra)
     }
 
+    /// Starts mesh-node for `node` enrolling pods from the Kubernetes API in `kubeconfig`
+    /// (no pods file), HBONE on, plus `extra`; waits until it reports ready.
+    pub fn start_kubernetes(
+        topo: &Topology,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let n: &Node = topo.node(node);
+        let mut base = vec![
+            "--kubernetes".to_owned(),
+            "--kubeconfig".to_owned(),
+            kubeconfig.display().to_string(),
+            "--node-name".to_owned(),
+            n.name.to_owned(),
+            "--cgroup".to_owned(),
+            n.cgroup.display().to_string(),
+            "--bpffs".to_owned(),
+            n.bpffs.display().to_string(),
+        ];
+        base.extend(topo.hbone_args());
+        let mut mesh = Self::spawn_in(topo, node, &base, extra)?;
+        mesh.wait_ready()?;
+        Ok(mesh)
+    }
+
     /// Starts `mesh-node run --mode gateway` in node `node`'s namespace (no pods, no eBPF) and
     /// waits until it reports ready.
     pub fn start_gateway(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {

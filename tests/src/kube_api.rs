@@ -91,9 +91,9 @@ impl Store {
     }
 
     fn delete(&mut self, kind: Kind, namespace: &str, name: &str) -> bool {
-        let Some(mut object) =
-            self.objects
-                .remove(&(kind, namespace.to_owned(), name.to_owned()))
+        let Some(mut object) = self
+            .objects
+            .remove(&(kind, namespace.to_owned(), name.to_owned()))
         else {
             return false;
         };
@@ -174,7 +174,10 @@ impl KubeApi {
     pub fn put_pod(&self, mut pod: Value) {
         let key = (
             Kind::Pod,
-            pod["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+            pod["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
             pod["metadata"]["name"].as_str().unwrap_or("").to_owned(),
         );
         if let Some(old) = self.shared.lock().objects.get(&key)
@@ -453,7 +456,13 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         ["api", "v1", "namespaces", ns] => (Kind::Namespace, None, Some(*ns)),
         ["api", "v1", "namespaces", ns, "pods"] => (Kind::Pod, Some(*ns), None),
         ["api", "v1", "namespaces", ns, "pods", name] => (Kind::Pod, Some(*ns), Some(*name)),
-        _ => return status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
     };
     let method = request.method().clone();
     match (method, name) {
@@ -469,7 +478,11 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
             let namespace = namespace.unwrap_or("").to_owned();
             patch(shared, request, namespace, name.to_owned()).await
         }
-        _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "method not allowed",
+        ),
     }
 }
 
@@ -478,7 +491,11 @@ fn not_found(kind: Kind, name: &str) -> Response<Body> {
         Kind::Pod => "pods",
         Kind::Namespace => "namespaces",
     };
-    status(StatusCode::NOT_FOUND, "NotFound", &format!("{plural} \"{name}\" not found"))
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{plural} \"{name}\" not found"),
+    )
 }
 
 fn collection(
@@ -534,7 +551,9 @@ fn watch_stream(
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true");
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|v| v.parse().ok())
@@ -577,7 +596,9 @@ fn watch_stream(
                 let events: Vec<Value> = store
                     .log
                     .iter()
-                    .filter(|(rv, k, _, object)| *rv > seen && *k == kind && matches(object, &fields))
+                    .filter(|(rv, k, _, object)| {
+                        *rv > seen && *k == kind && matches(object, &fields)
+                    })
                     .map(|(_, _, event, object)| json!({"type": event, "object": object}))
                     .collect();
                 (events, store.rv)
@@ -639,7 +660,11 @@ async fn patch(
         return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
     };
     let Ok(patch) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
-        return status(StatusCode::BAD_REQUEST, "BadRequest", "the patch is not JSON");
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the patch is not JSON",
+        );
     };
     let updated = {
         let mut store = shared.lock();
@@ -689,7 +714,10 @@ mod tests {
     #[test]
     fn merge_patch_sets_and_removes() {
         let mut object = json!({"metadata": {"annotations": {"a": "1", "b": "2"}, "name": "x"}});
-        merge_patch(&mut object, &json!({"metadata": {"annotations": {"a": null, "c": "3"}}}));
+        merge_patch(
+            &mut object,
+            &json!({"metadata": {"annotations": {"a": null, "c": "3"}}}),
+        );
         assert_eq!(
             object,
             json!({"metadata": {"annotations": {"b": "2", "c": "3"}, "name": "x"}})

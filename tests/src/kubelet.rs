@@ -24,10 +24,13 @@ pub enum CgroupDriver {
 
 /// A pod's UID, unique per test run (the form the API server gives: a UUID).
 pub fn pod_uid(topo: &Topology, pod: &str) -> String {
-    let hash = pod
+    let hash = pod.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    let id: u64 = topo
+        .id
         .bytes()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    let id: u64 = topo.id.bytes().fold(0, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        .fold(0, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
     format!(
         "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
         (hash >> 32) as u32,

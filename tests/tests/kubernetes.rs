@@ -3,13 +3,7 @@
 //! cgroups named as the kubelet names them, found through the host's /proc. Assertions are on
 //! what users see: which pods `mesh-node bpf pods` lists, whether connections were captured and
 //! tunnelled, the annotation on the pod objects, connections that must survive.
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::Command,
-    thread,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::Command, thread, time::Duration};
 
 use mesh_tests::{
     MeshNode, PodSpec, Topology,
@@ -122,10 +116,16 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
 
     let mesh1 = MeshNode::start_kubernetes(&topo, "node1", &kubeconfig, &[]).expect("node1");
     let mesh2 = MeshNode::start_kubernetes(&topo, "node2", &kubeconfig, &[]).expect("node2");
-    assert!(pinned_pods(&topo, "node1").is_empty(), "nothing is labelled yet");
+    assert!(
+        pinned_pods(&topo, "node1").is_empty(),
+        "nothing is labelled yet"
+    );
 
     // A connection open before enrollment, still transferring after it.
-    let (client_netns, client_cgroup) = (topo.pod("client").netns_path(), topo.pod("client").cgroup.clone());
+    let (client_netns, client_cgroup) = (
+        topo.pod("client").netns_path(),
+        topo.pod("client").cgroup.clone(),
+    );
     let before = thread::spawn(move || {
         podapp::connect_holding(
             &client_netns,
@@ -160,15 +160,29 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
     // New connections are captured and tunnelled node to node.
     let run = connect_ok(&topo, "client", target);
     assert_eq!(run.ok[0].peer, target);
-    assert!(wait_for(|| tunnelled_from(&mesh1, &topo, "client", target) == 1));
-    assert!(wait_for(|| !mesh2.log_lines_with(&["reporter=destination", "src_identity=spiffe://cluster.local/ns/shop/sa/client"]).is_empty()));
+    assert!(wait_for(
+        || tunnelled_from(&mesh1, &topo, "client", target) == 1
+    ));
+    assert!(wait_for(|| !mesh2
+        .log_lines_with(&[
+            "reporter=destination",
+            "src_identity=spiffe://cluster.local/ns/shop/sa/client"
+        ])
+        .is_empty()));
 
     // The connection from before enrollment finished intact and was never captured.
     let before = before.join().expect("thread").expect("podapp");
     assert!(before.errors.is_empty(), "{:?}", before.errors);
     assert_eq!(before.ok[0].bytes, 256 * 1024);
-    assert_eq!(before.ok[0].server_saw, before.ok[0].local, "it went direct, as before");
-    assert_eq!(captured_to(&mesh1, target), 1, "only the new connection was captured");
+    assert_eq!(
+        before.ok[0].server_saw, before.ok[0].local,
+        "it went direct, as before"
+    );
+    assert_eq!(
+        captured_to(&mesh1, target),
+        1,
+        "only the new connection was captured"
+    );
 
     // The opted-out pod stays out.
     connect_ok(&topo, "optout", target);
@@ -190,9 +204,17 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
     );
 
     // A pod that appears later is enrolled when it runs.
-    api.put_pod(pod_object(&topo, "late", json!({"status": {"phase": "Pending"}})));
+    api.put_pod(pod_object(
+        &topo,
+        "late",
+        json!({"status": {"phase": "Pending"}}),
+    ));
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(pinned_pods(&topo, "node1"), ["shop/client"], "pending pods wait");
+    assert_eq!(
+        pinned_pods(&topo, "node1"),
+        ["shop/client"],
+        "pending pods wait"
+    );
     api.put_pod(pod_object(&topo, "late", json!({})));
     assert!(
         wait_for(|| pinned_pods(&topo, "node1") == ["shop/client", "shop/late"]),
@@ -200,7 +222,9 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
         pinned_pods(&topo, "node1")
     );
     connect_ok(&topo, "late", target);
-    assert!(wait_for(|| tunnelled_from(&mesh1, &topo, "late", target) == 1));
+    assert!(wait_for(
+        || tunnelled_from(&mesh1, &topo, "late", target) == 1
+    ));
 
     // A deleted pod is released; the others stay.
     assert!(api.delete_pod("shop", "late"));
@@ -210,12 +234,16 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
         pinned_pods(&topo, "node1")
     );
     api.put_pod(pod_object(&topo, "late", json!({})));
-    assert!(wait_for(|| pinned_pods(&topo, "node1") == ["shop/client", "shop/late"]));
+    assert!(wait_for(
+        || pinned_pods(&topo, "node1") == ["shop/client", "shop/late"]
+    ));
 
     // The label goes: everything is released, annotations removed, nothing left pinned.
     api.put_namespace("shop", &[]);
     assert!(
-        wait_for(|| pinned_pods(&topo, "node1").is_empty() && pinned_pods(&topo, "node2").is_empty()),
+        wait_for(
+            || pinned_pods(&topo, "node1").is_empty() && pinned_pods(&topo, "node2").is_empty()
+        ),
         "node1 {:?} node2 {:?}",
         pinned_pods(&topo, "node1"),
         pinned_pods(&topo, "node2")
@@ -227,11 +255,16 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
     }));
     let captured = captured_to(&mesh1, target);
     let run = connect_ok(&topo, "client", target);
-    assert_eq!(run.ok[0].server_saw, run.ok[0].local, "released: direct again");
+    assert_eq!(
+        run.ok[0].server_saw, run.ok[0].local,
+        "released: direct again"
+    );
     thread::sleep(Duration::from_millis(300));
     assert_eq!(captured_to(&mesh1, target), captured);
     assert!(
-        mesh1.log_lines_with(&["Kubernetes watch failed"]).is_empty(),
+        mesh1
+            .log_lines_with(&["Kubernetes watch failed"])
+            .is_empty(),
         "{}",
         mesh1.log_text()
     );
@@ -263,7 +296,9 @@ fn restarts_outages_and_relists_leave_enrolled_pods_alone() {
     let _mesh2 = MeshNode::start_kubernetes(&topo, "node2", &kubeconfig, &[]).expect("node2");
     assert_eq!(pinned_pods(&topo, "node2"), ["shop/server"]);
     connect_ok(&topo, "client", target);
-    assert!(wait_for(|| tunnelled_from(&mesh1, &topo, "client", target) == 1));
+    assert!(wait_for(
+        || tunnelled_from(&mesh1, &topo, "client", target) == 1
+    ));
 
     // Restart: the same pod enrolled again, once, with no stale state.
     mesh1.stop().expect("stop node1");
@@ -271,7 +306,9 @@ fn restarts_outages_and_relists_leave_enrolled_pods_alone() {
     assert_eq!(pinned_pods(&topo, "node1"), ["shop/client"]);
     assert_eq!(mesh1.log_lines_with(&["pod enrolled"]).len(), 1);
     connect_ok(&topo, "client", target);
-    assert!(wait_for(|| tunnelled_from(&mesh1, &topo, "client", target) == 1));
+    assert!(wait_for(
+        || tunnelled_from(&mesh1, &topo, "client", target) == 1
+    ));
 
     // History compacted: the watches get 410 Gone, list again, and change nothing.
     let (lists, _) = api.requests();
@@ -290,7 +327,9 @@ fn restarts_outages_and_relists_leave_enrolled_pods_alone() {
     api.stop();
     thread::sleep(Duration::from_millis(500));
     connect_ok(&topo, "client", target);
-    assert!(wait_for(|| tunnelled_from(&mesh1, &topo, "client", target) == 2));
+    assert!(wait_for(
+        || tunnelled_from(&mesh1, &topo, "client", target) == 2
+    ));
     assert_eq!(pinned_pods(&topo, "node1"), ["shop/client"]);
     api.put_pod(pod_object(
         &topo,
@@ -298,7 +337,11 @@ fn restarts_outages_and_relists_leave_enrolled_pods_alone() {
         json!({"metadata": {"labels": {LABEL: "none"}}}),
     ));
     thread::sleep(Duration::from_millis(500));
-    assert_eq!(pinned_pods(&topo, "node1"), ["shop/client"], "not seen while away");
+    assert_eq!(
+        pinned_pods(&topo, "node1"),
+        ["shop/client"],
+        "not seen while away"
+    );
     api.resume().expect("API server back");
     assert!(
         wait_for_long(|| pinned_pods(&topo, "node1").is_empty()),
@@ -306,9 +349,13 @@ fn restarts_outages_and_relists_leave_enrolled_pods_alone() {
         pinned_pods(&topo, "node1"),
         mesh1.log_text()
     );
-    assert!(wait_for(|| api.pod_annotation("shop", "client", ANNOTATION).is_none()));
+    assert!(wait_for(|| api
+        .pod_annotation("shop", "client", ANNOTATION)
+        .is_none()));
     assert!(
-        !mesh1.log_lines_with(&["Kubernetes watch failed"]).is_empty(),
+        !mesh1
+            .log_lines_with(&["Kubernetes watch failed"])
+            .is_empty(),
         "the outage was noticed"
     );
 }

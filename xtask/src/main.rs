@@ -8,6 +8,8 @@
 //! - `bench [datapath [--smoke] [--runs N] …]`: release build, then the data-path
 //!   benchmark (direct vs same-node vs cross-node HBONE).
 //! - `bench xds [SIZES]`: release build, then the control-plane scale benchmark.
+//! - `release`: setup, then the release build of mesh-node (what the image's build stage runs).
+//! - `image [--tag T]`: the container image from `Containerfile`, with buildah or podman.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -44,6 +46,13 @@ enum Cmd {
     },
     /// Set up, build, lint and run every test (integration tests need root).
     Test,
+    /// Set up and build mesh-node with optimisations (target/release/mesh-node).
+    Release,
+    /// Build the container image (Containerfile) with buildah or podman, whichever is present.
+    Image {
+        #[arg(long, default_value = "mesh-node:dev")]
+        tag: String,
+    },
     /// Build with optimisations and run a benchmark suite (default: the data path; needs root).
     Bench {
         #[command(subcommand)]
@@ -83,6 +92,22 @@ fn main() -> Result<()> {
             let mut demo = Command::new(root.join("target/debug/mesh-demo"));
             demo.args(which);
             run(demo)?;
+        }
+        Cmd::Release => {
+            let toolchain = setup()?;
+            cargo(&toolchain, &["build", "--release", "-p", "mesh-node"])?;
+        }
+        Cmd::Image { tag } => {
+            let builder = ["buildah", "podman"]
+                .into_iter()
+                .find(|tool| Command::new(tool).arg("--version").output().is_ok())
+                .context(
+                    "neither buildah nor podman is installed (apt-get install buildah, or podman)",
+                )?;
+            let mut build = command(builder, &["build", "-f", "Containerfile", "-t", &tag, "."]);
+            build.current_dir(&root);
+            run(build)?;
+            eprintln!("xtask: built image {tag} with {builder}");
         }
         Cmd::Bench { suite } => {
             let toolchain = setup()?;
@@ -146,6 +171,7 @@ fn setup() -> Result<String> {
     ensure_rust_src(&toolchain)?;
     ensure_bpf_linker()?;
     ensure_debian_tools()?;
+    check_kustomize()?;
     eprintln!("xtask: set up (eBPF toolchain {toolchain}, bpf-linker {BPF_LINKER_VERSION})");
     Ok(toolchain)
 }
@@ -241,6 +267,30 @@ fn ensure_debian_tools() -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive");
     run(install)
+}
+
+/// The manifest tests render deploy/ with `kubectl kustomize` (kustomize v5 syntax). Debian has
+/// no kubectl recent enough, so its absence is reported, not installed. Only checked where the
+/// tests run (not in the image's build stage, which has no use for it).
+fn check_kustomize() -> Result<()> {
+    if env::var_os("MESH_SKIP_KUBECTL_CHECK").is_some() {
+        return Ok(());
+    }
+    let version = output(command("kubectl", &["version", "--client"])).context(
+        "kubectl (with kustomize v5) is needed by the manifest tests: install it from \
+         https://kubernetes.io/docs/tasks/tools/ (or set MESH_SKIP_KUBECTL_CHECK=1 where no \
+         test runs)",
+    )?;
+    let kustomize = version
+        .lines()
+        .find_map(|line| line.strip_prefix("Kustomize Version: v"))
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+    match kustomize {
+        Some(major) if major >= 5 => Ok(()),
+        _ => bail!(
+            "kubectl's kustomize is older than v5 ({version:?}): install a kubectl of 1.27 or later"
+        ),
+    }
 }
 
 fn build(toolchain: &str) -> Result<()> {

@@ -240,10 +240,7 @@ impl Controller {
                 Err(error) => {
                     self.complain(
                         "",
-                        format!(
-                            "cannot list {}: {error}",
-                            self.settings.host_proc.display()
-                        ),
+                        format!("cannot list {}: {error}", self.settings.host_proc.display()),
                     );
                     HashMap::new()
                 }
@@ -363,9 +360,8 @@ fn slim(pod: &mut Pod) {
     pod.metadata.managed_fields = None;
     pod.metadata.owner_references = None;
     if let Some(annotations) = &mut pod.metadata.annotations {
-        annotations.retain(|key, _| {
-            key == REDIRECTION_ANNOTATION || key.starts_with("sidecar.istio.io/")
-        });
+        annotations
+            .retain(|key, _| key == REDIRECTION_ANNOTATION || key.starts_with("sidecar.istio.io/"));
     }
     if let Some(spec) = &mut pod.spec {
         spec.volumes = None;

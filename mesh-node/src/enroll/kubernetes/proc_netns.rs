@@ -41,7 +41,10 @@ pub fn find(proc_root: &Path, uids: &HashSet<String>) -> io::Result<HashMap<Stri
         .map(|uid| {
             (
                 uid.clone(),
-                [format!("pod{uid}"), format!("pod{}.slice", uid.replace('-', "_"))],
+                [
+                    format!("pod{uid}"),
+                    format!("pod{}.slice", uid.replace('-', "_")),
+                ],
             )
         })
         .collect();
@@ -196,11 +199,7 @@ mod tests {
         let proc = FakeProc::new("miss");
         // Another pod whose UID starts the same; a container id containing the UID; a slice
         // without the dash before "pod".
-        proc.process(
-            5,
-            &format!("0::/kubepods/besteffort/pod{UID}0/c1\n"),
-            true,
-        );
+        proc.process(5, &format!("0::/kubepods/besteffort/pod{UID}0/c1\n"), true);
         proc.process(6, &format!("0::/kubepods/besteffort/x/c-pod{UID}\n"), true);
         proc.process(
             8,

@@ -219,7 +219,11 @@ mod tests {
     fn pod_label_enrolls_or_opts_out() {
         let selector = Selector::default();
         let labelled = pod(json!({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}}));
-        assert!(selector.decide(&labelled, Some(&namespace(json!({})))).is_ok());
+        assert!(
+            selector
+                .decide(&labelled, Some(&namespace(json!({}))))
+                .is_ok()
+        );
         assert!(selector.decide(&labelled, None).is_ok());
         let opted_out = pod(json!({"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}}));
         assert_eq!(
@@ -230,7 +234,10 @@ mod tests {
             selector.decide(&pod(json!({})), Some(&namespace(json!({"other": "x"})))),
             Err(Skip::NotSelected)
         );
-        assert_eq!(selector.decide(&pod(json!({})), None), Err(Skip::NotSelected));
+        assert_eq!(
+            selector.decide(&pod(json!({})), None),
+            Err(Skip::NotSelected)
+        );
     }
 
     #[test]
@@ -264,7 +271,10 @@ mod tests {
             ..Selector::default()
         };
         let ns = ambient_ns();
-        assert_eq!(selector.decide(&pod(json!({})), Some(&ns)), Err(Skip::OwnPod));
+        assert_eq!(
+            selector.decide(&pod(json!({})), Some(&ns)),
+            Err(Skip::OwnPod)
+        );
         let selector = Selector::default();
         let cases = [
             (json!({"spec": {"hostNetwork": true}}), Skip::HostNetwork),
@@ -309,9 +319,8 @@ mod tests {
     #[test]
     fn annotation_is_recognised() {
         assert!(!is_annotated(&pod(json!({}))));
-        let annotated = pod(
-            json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}}),
-        );
+        let annotated =
+            pod(json!({"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}}));
         assert!(is_annotated(&annotated));
     }
 }

@@ -46,7 +46,24 @@ pub struct RunConfig {
     /// `Some`: run as the east-west gateway of `node.network` instead of a node proxy.
     pub gateway: Option<GatewayConfig>,
     /// `Some`: enroll this node's pods from the Kubernetes API (exclusive with `pods_file`).
-    pub kubernetes: Option<crate::enroll::kubernetes::KubeSettings>,
+    pub kubernetes: Option<KubeSettings>,
+}
+
+/// Enrollment from the Kubernetes API (`--kubernetes`).
+#[derive(Clone, Debug)]
+pub struct KubeSettings {
+    /// A kubeconfig file; `None`: the in-cluster service account (or `KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    /// Only pods scheduled here are watched (`spec.nodeName`).
+    pub node_name: String,
+    /// The host's `/proc` (the DaemonSet mounts it), where pods' namespaces are found.
+    pub host_proc: PathBuf,
+    /// The label on namespaces and pods, its value that enables and the one that opts out.
+    pub label: String,
+    pub enabled_value: String,
+    pub disabled_value: String,
+    /// mesh-node's own pod (`namespace`, `name`), never enrolled.
+    pub own_pod: Option<(String, String)>,
 }
 
 /// The east-west gateway (`mesh-node run --mode gateway`).

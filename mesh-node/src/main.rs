@@ -8,10 +8,9 @@ use mesh_node::{
     admin,
     certs::CertSettings,
     config::{
-        DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, GatewayConfig, NodeInfo, RunConfig,
-        Settings,
+        DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, GatewayConfig, KubeSettings, NodeInfo,
+        RunConfig, Settings,
     },
-    enroll::kubernetes::{KubeSettings, select::Selector},
     error_chain,
     identity::{file_ca::FileCa, istio_ca::IstioCaConfig},
     istiod,
@@ -334,12 +333,10 @@ fn main() -> ExitCode {
                 kubeconfig: args.kubeconfig.clone(),
                 node_name: args.node_name.clone(),
                 host_proc: args.host_proc.clone(),
-                selector: Selector {
-                    label: args.enrollment_label.clone(),
-                    enabled: args.enrollment_enabled.clone(),
-                    disabled: args.enrollment_disabled.clone(),
-                    own_pod: Some((args.pod_namespace.clone(), args.pod_name.clone())),
-                },
+                label: args.enrollment_label.clone(),
+                enabled_value: args.enrollment_enabled.clone(),
+                disabled_value: args.enrollment_disabled.clone(),
+                own_pod: Some((args.pod_namespace.clone(), args.pod_name.clone())),
             });
             let xds = args.xds_address.map(|address| XdsConfig {
                 address,

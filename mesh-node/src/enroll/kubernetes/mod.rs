@@ -34,22 +34,11 @@ use tokio_stream::StreamExt;
 
 use self::select::{REDIRECTION_ANNOTATION, REDIRECTION_ENABLED, Selector, Wanted, is_annotated};
 use super::{Enroller, PodSpec};
-use crate::netns::NetNs;
+use crate::{config::KubeSettings, netns::NetNs};
 
 /// How often pods still waiting (no network namespace yet, a failed enrollment or patch) are
 /// tried again.
 const RETRY: Duration = Duration::from_secs(1);
-
-#[derive(Clone, Debug)]
-pub struct KubeSettings {
-    /// A kubeconfig file; `None`: the in-cluster service account (or `KUBECONFIG`).
-    pub kubeconfig: Option<PathBuf>,
-    /// Only pods scheduled here are watched (`spec.nodeName`).
-    pub node_name: String,
-    /// The host's `/proc` (the DaemonSet mounts it), where pods' namespaces are found.
-    pub host_proc: PathBuf,
-    pub selector: Selector,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -99,6 +88,7 @@ struct Entry {
 pub struct Controller {
     client: Client,
     settings: KubeSettings,
+    selector: Selector,
     enroller: Arc<Enroller>,
     enrolled: HashMap<String, Entry>,
     /// The last complaint logged per pod, so that a retry that fails the same way is quiet.
@@ -116,6 +106,7 @@ impl Controller {
     pub fn new(client: Client, settings: KubeSettings, enroller: Arc<Enroller>) -> Self {
         Self {
             client,
+            selector: Selector::new(&settings),
             settings,
             enroller,
             enrolled: HashMap::new(),
@@ -149,7 +140,7 @@ impl Controller {
         let mut pending = false;
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tracing::info!(node = %self.settings.node_name, label = %self.settings.selector.label, "watching this node's pods and the namespaces");
+        tracing::info!(node = %self.settings.node_name, label = %self.settings.label, "watching this node's pods and the namespaces");
         loop {
             tokio::select! {
                 item = events.next() => match item {
@@ -196,7 +187,7 @@ impl Controller {
                 .namespace
                 .as_deref()
                 .and_then(|ns| namespaces.get(&ObjectRef::new(ns)));
-            match self.settings.selector.decide(&pod, namespace.as_deref()) {
+            match self.selector.decide(&pod, namespace.as_deref()) {
                 Ok(want) => {
                     wanted.insert(want.key(), (want, pod));
                 }

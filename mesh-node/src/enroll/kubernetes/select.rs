@@ -9,6 +9,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
+use crate::config::KubeSettings;
+
 /// The annotation istiod reads to treat a workload as captured (HBONE-capable).
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 pub const REDIRECTION_ENABLED: &str = "enabled";
@@ -67,6 +69,15 @@ pub enum Skip {
 }
 
 impl Selector {
+    pub fn new(settings: &KubeSettings) -> Self {
+        Self {
+            label: settings.label.clone(),
+            enabled: settings.enabled_value.clone(),
+            disabled: settings.disabled_value.clone(),
+            own_pod: settings.own_pod.clone(),
+        }
+    }
+
     /// Whether `pod` (in `namespace`, when the namespace is known) is enrolled.
     pub fn decide(&self, pod: &Pod, namespace: Option<&Namespace>) -> Result<Wanted, Skip> {
         let meta = &pod.metadata;

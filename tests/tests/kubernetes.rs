@@ -105,7 +105,7 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
         json!({"metadata": {"labels": {LABEL: "none"}}}),
     ));
     api.put_pod(pod_object(&topo, "server", json!({})));
-    let _sandboxes = [
+    let mut sandboxes = [
         Sandbox::start(&topo, "client", CgroupDriver::Systemd).expect("client sandbox"),
         Sandbox::start(&topo, "optout", CgroupDriver::Systemd).expect("optout sandbox"),
         Sandbox::start(&topo, "late", CgroupDriver::Systemd).expect("late sandbox"),
@@ -156,6 +156,11 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
         "enrolled in the namespace found through /proc: {}",
         enrolled_at[0]
     );
+
+    // The pod's processes may come and go (a container restart): the namespace is held open.
+    sandboxes[0].stop();
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(pinned_pods(&topo, "node1"), ["shop/client"]);
 
     // New connections are captured and tunnelled node to node.
     let run = connect_ok(&topo, "client", target);
@@ -238,7 +243,20 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
         || pinned_pods(&topo, "node1") == ["shop/client", "shop/late"]
     ));
 
-    // The label goes: everything is released, annotations removed, nothing left pinned.
+    // The label goes: everything is released, annotations removed, nothing left pinned; a
+    // tunnelled connection open at that moment finishes intact.
+    let (client_netns, client_cgroup) = (topo.pod("client").netns_path(), topo.pod("client").cgroup.clone());
+    let during = thread::spawn(move || {
+        podapp::connect_holding(
+            &client_netns,
+            &client_cgroup,
+            target,
+            256 * 1024,
+            1,
+            Duration::from_secs(2),
+        )
+    });
+    thread::sleep(Duration::from_millis(500));
     api.put_namespace("shop", &[]);
     assert!(
         wait_for(
@@ -253,6 +271,10 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
             .iter()
             .all(|pod| api.pod_annotation("shop", pod, ANNOTATION).is_none())
     }));
+    let during = during.join().expect("thread").expect("podapp");
+    assert!(during.errors.is_empty(), "{:?}", during.errors);
+    assert_eq!(during.ok[0].bytes, 256 * 1024);
+    assert!(wait_for(|| tunnelled_from(&mesh1, &topo, "client", target) == 2));
     let captured = captured_to(&mesh1, target);
     let run = connect_ok(&topo, "client", target);
     assert_eq!(

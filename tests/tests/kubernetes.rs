@@ -245,7 +245,10 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
 
     // The label goes: everything is released, annotations removed, nothing left pinned; a
     // tunnelled connection open at that moment finishes intact.
-    let (client_netns, client_cgroup) = (topo.pod("client").netns_path(), topo.pod("client").cgroup.clone());
+    let (client_netns, client_cgroup) = (
+        topo.pod("client").netns_path(),
+        topo.pod("client").cgroup.clone(),
+    );
     let during = thread::spawn(move || {
         podapp::connect_holding(
             &client_netns,
@@ -274,7 +277,9 @@ fn a_labelled_namespace_enrolls_its_pods_and_removing_the_label_releases_them() 
     let during = during.join().expect("thread").expect("podapp");
     assert!(during.errors.is_empty(), "{:?}", during.errors);
     assert_eq!(during.ok[0].bytes, 256 * 1024);
-    assert!(wait_for(|| tunnelled_from(&mesh1, &topo, "client", target) == 2));
+    assert!(wait_for(
+        || tunnelled_from(&mesh1, &topo, "client", target) == 2
+    ));
     let captured = captured_to(&mesh1, target);
     let run = connect_ok(&topo, "client", target);
     assert_eq!(

@@ -157,8 +157,10 @@ fn the_daemonset_runs_kubernetes_enrollment_with_what_it_needs() {
         .and_then(|s| s.rolling_update)
         .expect("a rolling update");
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
-    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    // The old mesh-node stops before the new one binds the same host ports (no surge until the
+    // listener hand-over exists).
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
     let pod = spec.template.spec.expect("pod spec");
     assert_eq!(pod.host_network, Some(true));
     assert!(pod.termination_grace_period_seconds.unwrap_or(0) >= 30);

@@ -93,6 +93,9 @@ pub enum RunError {
 
 pub fn run(config: RunConfig) -> Result<(), RunError> {
     // Everything that can be refused without touching the kernel is checked first.
+    if config.kubernetes.is_some() && config.pods_file.is_some() {
+        return Err(RunError::TwoPodSources);
+    }
     let pods = match &config.pods_file {
         Some(path) => static_file::load(path)?,
         None => Vec::new(),
@@ -141,9 +144,6 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     });
     if let Some(gateway) = config.gateway.clone() {
         return run_gateway(config, gateway, certs, control, local, xds_endpoint);
-    }
-    if config.kubernetes.is_some() && config.pods_file.is_some() {
-        return Err(RunError::TwoPodSources);
     }
     let kube = match &config.kubernetes {
         // The client's request buffer is a task on the control runtime, where the watcher runs.

@@ -1,5 +1,6 @@
 //! A small Kubernetes API server for tests, speaking the real protocol for pods and namespaces
-//! over HTTP/1.1 inside a node's network namespace: list (with `resourceVersion`), streaming
+//! over HTTPS (HTTP/1.1, a serving certificate for its address from the test mesh root) inside a
+//! node's network namespace: list (with `resourceVersion`), streaming
 //! watch (`ADDED`/`MODIFIED`/`DELETED`, `BOOKMARK` when asked, an `ERROR` with 410 Gone for a
 //! version older than the last compaction), get, and JSON merge / strategic merge patches
 //! (recorded). Bearer-token authentication as a service account's token is checked.
@@ -123,13 +124,19 @@ pub struct KubeApi {
     shared: Arc<Shared>,
     netns: PathBuf,
     addr: SocketAddr,
+    /// The root that signed the serving certificate, for the kubeconfig.
+    root_cert: PathBuf,
+    tls: Arc<rustls::ServerConfig>,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl KubeApi {
-    /// Starts serving on `addr` inside `netns` (port 0: any free port).
-    pub fn start(netns: &Path, addr: SocketAddr) -> Result<Self> {
+    /// Starts serving on `addr` inside `netns` (port 0: any free port), with a certificate
+    /// for `addr`'s IP signed by the CA in `ca_dir` (`root-cert.pem`, `root-key.pem`).
+    pub fn start(netns: &Path, addr: SocketAddr, ca_dir: &Path) -> Result<Self> {
         let mut api = Self {
+            root_cert: ca_dir.join("root-cert.pem"),
+            tls: serving_config(ca_dir, addr.ip())?,
             shared: Arc::new(Shared {
                 store: Mutex::new(Store::default()),
                 changed: watch::channel(0).0,
@@ -150,10 +157,11 @@ impl KubeApi {
     /// A kubeconfig for this server, written to `path`.
     pub fn write_kubeconfig(&self, path: &Path) -> Result<PathBuf> {
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: http://{}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://{}\n    certificate-authority: {}\n\
              users:\n- name: mesh-node\n  user:\n    token: {TOKEN}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: mesh-node\n\
              current-context: test\n",
-            self.addr
+            self.addr,
+            self.root_cert.display()
         );
         std::fs::write(path, text)?;
         Ok(path.to_owned())
@@ -265,6 +273,7 @@ impl KubeApi {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<SocketAddr>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (addr, shared) = (self.addr, self.shared.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let thread = std::thread::spawn(move || {
             let setup = || -> Result<_> {
                 // SAFETY: setns on this thread only; `netns` is open.
@@ -308,8 +317,11 @@ impl KubeApi {
                         let Ok((stream, _)) = listener.accept().await else {
                             continue;
                         };
-                        let shared = shared.clone();
+                        let (shared, acceptor) = (shared.clone(), acceptor.clone());
                         connections.spawn(async move {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
                             let service = hyper::service::service_fn(move |request| {
                                 let shared = shared.clone();
                                 async move { Ok::<_, Infallible>(handle(&shared, request).await) }
@@ -339,6 +351,27 @@ impl Drop for KubeApi {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// TLS 1.2/1.3 with a certificate for `ip`, signed by the CA in `ca_dir`; HTTP/1.1 by ALPN.
+fn serving_config(ca_dir: &Path, ip: std::net::IpAddr) -> Result<Arc<rustls::ServerConfig>> {
+    let root_pem = std::fs::read_to_string(ca_dir.join("root-cert.pem"))?;
+    let root_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("root-key.pem"))?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let params = rcgen::CertificateParams::new(vec![ip.to_string()])?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 type Body = BoxBody<Bytes, Infallible>;

@@ -17,10 +17,12 @@ const PORT: u16 = 8080;
 const LABEL: &str = "istio.io/dataplane-mode";
 const ANNOTATION: &str = "ambient.istio.io/redirection";
 
-/// The API server on node1's link address (both nodes' mesh-nodes reach it) and a kubeconfig.
+/// The API server on node1's link address (both nodes' mesh-nodes reach it), over TLS with a
+/// certificate from the test root, and a kubeconfig naming that root.
 fn api_server(topo: &Topology) -> (KubeApi, PathBuf) {
     let addr = SocketAddr::from((topo.link_ip("node1"), 0));
-    let api = KubeApi::start(&topo.node("node1").netns_path(), addr).expect("start API server");
+    let api = KubeApi::start(&topo.node("node1").netns_path(), addr, &topo.ca_dir())
+        .expect("start API server");
     let kubeconfig = api
         .write_kubeconfig(&topo.workdir.join("kubeconfig"))
         .expect("write kubeconfig");
@@ -397,4 +399,85 @@ fn wait_for_long(mut condition: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(100));
     }
     condition()
+}
+
+/// Settings that cannot work are refused at start, each with one line naming what is wrong,
+/// before anything touches the kernel (no root needed).
+#[test]
+fn bad_kubernetes_settings_are_refused_at_start_with_a_clear_message() {
+    let dir = std::env::temp_dir().join(format!("mesh-k8s-settings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let garbage = dir.join("garbage.yaml");
+    std::fs::write(&garbage, "clusters: [\n").expect("write");
+    let pods = dir.join("pods.yaml");
+    std::fs::write(&pods, "pods: []\n").expect("write");
+    let refuse = |args: &[&str], expected: &str| {
+        let out = Command::new(meshnode::binary())
+            .arg("run")
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .env("HOME", &dir)
+            .output()
+            .expect("run mesh-node");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must be refused: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr}"
+        );
+    };
+    let missing = dir.join("missing.yaml");
+    let missing = missing.to_str().expect("UTF-8 path");
+    refuse(
+        &["--kubernetes", "--kubeconfig", missing, "--node-name", "n1"],
+        &format!("kubeconfig {missing}: failed to read kubeconfig"),
+    );
+    refuse(
+        &[
+            "--kubernetes",
+            "--kubeconfig",
+            garbage.to_str().expect("UTF-8"),
+            "--node-name",
+            "n1",
+        ],
+        "failed to parse kubeconfig YAML",
+    );
+    refuse(
+        &["--kubernetes", "--kubeconfig", missing],
+        "--kubernetes needs --node-name",
+    );
+    refuse(
+        &["--kubernetes", "--node-name", "n1"],
+        "Kubernetes client configuration (in-cluster or KUBECONFIG)",
+    );
+    refuse(
+        &[
+            "--kubernetes",
+            "--node-name",
+            "n1",
+            "--pods",
+            pods.to_str().expect("UTF-8"),
+        ],
+        "--pods and --kubernetes are exclusive",
+    );
+    let ca = dir.join("ca");
+    let init = Command::new(meshnode::binary())
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .expect("mesh-node ca init");
+    assert!(init.status.success());
+    refuse(
+        &[
+            "--kubernetes",
+            "--node-name",
+            "n1",
+            "--mode",
+            "gateway",
+            "--ca-dir",
+            ca.to_str().expect("UTF-8"),
+        ],
+        "--mode gateway enrolls no pods: drop --pods and --kubernetes",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

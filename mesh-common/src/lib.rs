@@ -19,6 +19,10 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// Inbound HBONE listener on the pod's IP inside its network namespace.
 pub const HBONE_PORT: u16 = 15008;
+/// DNS proxy (UDP and TCP) on loopback inside each enrolled pod's network namespace.
+pub const DNS_PROXY_PORT: u16 = 15053;
+/// The port DNS queries are captured on.
+pub const DNS_PORT: u16 = 53;
 
 /// `AF_INET`, as the kernel reports it in `bpf_sock_addr.user_family`.
 pub const FAMILY_INET: u16 = 2;
@@ -42,6 +46,12 @@ pub mod map_names {
     pub const INBOUND: &str = "MESH_INBOUND";
     /// Ring buffer of [`crate::TraceEvent`]s: every redirect decision for an enrolled pod.
     pub const EVENTS: &str = "MESH_EVENTS";
+    /// [`crate::OrigDst`] by socket cookie for captured DNS over UDP: the resolver the
+    /// application addressed, which its replies must seem to come from.
+    pub const DNS_SOCK_ORIG: &str = "MESH_DNS_SOCK_ORIG";
+    /// [`crate::OrigDst`] by network-namespace cookie: the resolver a pod addressed last, where
+    /// mesh-node forwards the queries it does not answer.
+    pub const DNS_UPSTREAM: &str = "MESH_DNS_UPSTREAM";
 }
 
 /// Names of the programs in the eBPF object (also the link file names under the pin directory).
@@ -58,6 +68,10 @@ pub mod program_names {
     pub const GETPEERNAME6: &str = "mesh_getpeername6";
     /// `sk_lookup`, attached to each enrolled pod's network namespace.
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+    /// `cgroup/sendmsg4`: unconnected UDP DNS queries to the pod's DNS proxy.
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    /// `cgroup/recvmsg4`: the proxy's answers seem to come from the resolver asked.
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
 }
 
 /// Capacity of [`map_names::ENROLLED`]: pods on one node.
@@ -113,6 +127,8 @@ impl EnrolledPod {
     pub const LISTENER_INBOUND6: u32 = 1 << 3;
     /// `<pod IP>:15008` (HBONE) is open.
     pub const LISTENER_HBONE: u32 = 1 << 4;
+    /// 127.0.0.1:15053 (UDP and TCP, the DNS proxy) is open: DNS is captured.
+    pub const LISTENER_DNS4: u32 = 1 << 5;
     /// A text field was longer than its capacity and was cut.
     pub const TRUNCATED: u32 = 1 << 31;
 

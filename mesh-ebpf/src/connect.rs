@@ -10,11 +10,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    Counter, FAMILY_INET, FAMILY_INET6, OUTBOUND_PORT, OrigDst, PROXY_MARK, TraceAction,
-    TraceEvent, TraceHook, TraceReason,
+    Counter, DNS_PORT, DNS_PROXY_PORT, EnrolledPod, FAMILY_INET, FAMILY_INET6, OUTBOUND_PORT,
+    OrigDst, PROXY_MARK, TraceAction, TraceEvent, TraceHook, TraceReason,
 };
 
 use crate::{
+    dns,
     addr::{LOOPBACK4, LOOPBACK6, V4_MAPPED_PREFIX, is_loopback4, is_loopback6, is_v4_mapped},
     addr::{port_from_ctx, port_to_ctx, read_user_ip6, write_user_ip6},
     maps::{ENROLLED, SOCK_ORIG, count, fail_closed, trace},
@@ -29,7 +30,11 @@ const IPPROTO_TCP: u32 = 6;
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some((netns_cookie, pod_id)) = capturable_netns(&ctx, sa) else {
+    if sa.protocol == dns::IPPROTO_UDP {
+        dns::capture_udp4(&ctx, sa);
+        return PROCEED;
+    }
+    let Some((netns_cookie, pod_id, flags)) = capturable_netns(&ctx, sa) else {
         return PROCEED;
     };
     let dst = sa.user_ip4;
@@ -44,14 +49,24 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
         src_port: 0,
         _pad: 0,
     };
-    if !listener_alive(&ctx, None) {
+    // DNS over TCP goes to the pod's DNS proxy while it listens, like any other connection
+    // otherwise.
+    let dns = orig.port == DNS_PORT
+        && flags & EnrolledPod::LISTENER_DNS4 != 0
+        && listener_alive(&ctx, None, DNS_PROXY_PORT);
+    if !dns && !listener_alive(&ctx, None, OUTBOUND_PORT) {
         return not_serving(&orig, pod_id);
     }
     if !remember(&ctx, &orig, pod_id) {
         return PROCEED;
     }
     sa.user_ip4 = LOOPBACK4;
-    sa.user_port = port_to_ctx(OUTBOUND_PORT);
+    sa.user_port = port_to_ctx(if dns {
+        dns::remember_upstream(&orig);
+        DNS_PROXY_PORT
+    } else {
+        OUTBOUND_PORT
+    });
     captured(&orig, pod_id);
     PROCEED
 }
@@ -60,7 +75,7 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some((netns_cookie, pod_id)) = capturable_netns(&ctx, sa) else {
+    let Some((netns_cookie, pod_id, _)) = capturable_netns(&ctx, sa) else {
         return PROCEED;
     };
     let dst = read_user_ip6(sa);
@@ -77,7 +92,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         src_port: 0,
         _pad: 0,
     };
-    if !listener_alive(&ctx, Some(mapped)) {
+    if !listener_alive(&ctx, Some(mapped), OUTBOUND_PORT) {
         return not_serving(&orig, pod_id);
     }
     if !remember(&ctx, &orig, pod_id) {
@@ -96,10 +111,10 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-/// The socket's network-namespace cookie and pod id if this connect is one to capture: TCP, not
-/// opened by mesh-node (marked), from an enrolled namespace.
+/// The socket's network-namespace cookie, pod id and listener flags if this connect is one to
+/// capture: TCP, not opened by mesh-node (marked), from an enrolled namespace.
 #[inline(always)]
-fn capturable_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(u64, u32)> {
+fn capturable_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(u64, u32, u32)> {
     if sa.protocol != IPPROTO_TCP {
         return None;
     }
@@ -110,17 +125,17 @@ fn capturable_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(u64, u
     }
     // SAFETY: helper call with the program's own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: the pointer came from a successful lookup; one field is read, immediately.
+    // SAFETY: the pointer came from a successful lookup; two fields are read, immediately.
     ENROLLED
         .get_ptr(&netns_cookie)
-        .map(|pod| (netns_cookie, unsafe { (*pod).pod_id }))
+        .map(|pod| unsafe { (netns_cookie, (*pod).pod_id, (*pod).flags) })
 }
 
-/// Is mesh-node's outbound listener open in this socket's network namespace? A killed mesh-node's
-/// sockets are closed by the kernel, so this is liveness that needs no clean exit.
+/// Is mesh-node's loopback listener on `port` open in this socket's network namespace? A killed
+/// mesh-node's sockets are closed by the kernel, so this is liveness that needs no clean exit.
 /// `v6` is `None` for an IPv4 socket, `Some(mapped)` for an IPv6 one.
 #[inline(always)]
-fn listener_alive(ctx: &SockAddrContext, v6: Option<bool>) -> bool {
+fn listener_alive(ctx: &SockAddrContext, v6: Option<bool>, port: u16) -> bool {
     // SAFETY: bpf_sock_tuple is plain data; all-zero is a valid value.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = match v6 {
@@ -128,14 +143,14 @@ fn listener_alive(ctx: &SockAddrContext, v6: Option<bool>) -> bool {
             // SAFETY: writing the ipv4 variant of a zeroed union.
             let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
             v4.daddr = LOOPBACK4;
-            v4.dport = OUTBOUND_PORT.to_be();
+            v4.dport = port.to_be();
             core::mem::size_of_val(v4)
         }
         Some(false) => {
             // SAFETY: writing the ipv6 variant of a zeroed union.
             let v6 = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
             v6.daddr = LOOPBACK6;
-            v6.dport = OUTBOUND_PORT.to_be();
+            v6.dport = port.to_be();
             core::mem::size_of_val(v6)
         }
     };

@@ -10,7 +10,7 @@ use mesh_common::{Counter, FAMILY_INET, FAMILY_INET6, OrigDst};
 
 use crate::{
     addr::{port_to_ctx, write_user_ip6},
-    maps::{SOCK_ORIG, count},
+    maps::{DNS_SOCK_ORIG, SOCK_ORIG, count},
 };
 
 /// getpeername programs must return 1.
@@ -48,6 +48,10 @@ pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
 fn original(ctx: &SockAddrContext) -> Option<OrigDst> {
     // SAFETY: helper call with the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the pointer came from a successful lookup and is copied out immediately.
-    SOCK_ORIG.get_ptr(&cookie).map(|orig| unsafe { *orig })
+    // SAFETY: the pointers came from successful lookups and are copied out immediately. A
+    // connected UDP socket captured for DNS is found in the second map.
+    SOCK_ORIG
+        .get_ptr(&cookie)
+        .or_else(|| DNS_SOCK_ORIG.get_ptr(&cookie))
+        .map(|orig| unsafe { *orig })
 }

@@ -1,4 +1,5 @@
-//! mesh-node's eBPF programs: capture enrolled pods' outbound and inbound TCP connections.
+//! mesh-node's eBPF programs: capture enrolled pods' outbound and inbound TCP connections, and
+//! their DNS queries (UDP and TCP port 53).
 //!
 //! One object, one file per hook, every map in [`maps`]. See ARCHITECTURE.md "The kernel side".
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -8,6 +9,8 @@
 mod addr;
 #[cfg(target_arch = "bpf")]
 mod connect;
+#[cfg(target_arch = "bpf")]
+mod dns;
 #[cfg(target_arch = "bpf")]
 mod getpeername;
 #[cfg(target_arch = "bpf")]

@@ -22,6 +22,17 @@ pub static SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_
 #[map(name = "MESH_CONN_ORIG")]
 pub static CONN_ORIG: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNS, 0);
 
+/// The resolver each captured UDP DNS socket addressed (by socket cookie), which recvmsg and
+/// getpeername show in place of the pod's DNS proxy. UDP sockets have no close callback, so
+/// entries leave by LRU eviction.
+#[map(name = "MESH_DNS_SOCK_ORIG")]
+pub static DNS_SOCK_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNS, 0);
+
+/// The resolver a pod addressed last (by network-namespace cookie), where mesh-node forwards
+/// the queries it does not answer itself.
+#[map(name = "MESH_DNS_UPSTREAM")]
+pub static DNS_UPSTREAM: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_ENROLLED, 0);
+
 /// Index 0: the [`DataplaneConfig`]. Zeroed (fail-open) until mesh-node writes it.
 #[map(name = "MESH_CONFIG")]
 pub static CONFIG: Array<DataplaneConfig> = Array::pinned(1, 0);

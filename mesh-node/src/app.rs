@@ -204,7 +204,9 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 }
             }
         });
-        let enroller = Arc::new(Enroller::new(ctx, dataplane.clone(), &config.trust_domain));
+        let enroller = Arc::new(
+            Enroller::new(ctx, dataplane.clone(), &config.trust_domain).with_dns(config.dns.clone()),
+        );
         let _ = admin.enroller.set(enroller.clone());
         let shutdown = wait_for_shutdown();
         tokio::pin!(shutdown);

@@ -47,6 +47,23 @@ pub struct RunConfig {
     pub gateway: Option<GatewayConfig>,
     /// `Some`: enroll this node's pods from the Kubernetes API (exclusive with `pods_file`).
     pub kubernetes: Option<KubeSettings>,
+    /// `Some`: enrolled pods' DNS queries go to mesh-node's DNS proxy (pods may opt out).
+    pub dns: Option<DnsSettings>,
+}
+
+/// The pods' DNS proxy.
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    /// The cluster's DNS domain, for short service names and search domains.
+    pub domain: String,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            domain: "cluster.local".to_owned(),
+        }
+    }
 }
 
 /// Enrollment from the Kubernetes API (`--kubernetes`).
@@ -97,6 +114,7 @@ impl Default for RunConfig {
             endpoints: Addresses::default(),
             gateway: None,
             kubernetes: None,
+            dns: Some(DnsSettings::default()),
         }
     }
 }

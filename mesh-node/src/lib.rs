@@ -9,6 +9,7 @@ pub mod authz;
 pub mod certs;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod ending;
 pub mod enroll;
 pub mod gateway;

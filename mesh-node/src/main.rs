@@ -8,8 +8,8 @@ use mesh_node::{
     admin,
     certs::CertSettings,
     config::{
-        DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, FailMode, GatewayConfig, KubeSettings, NodeInfo,
-        RunConfig, Settings,
+        DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, DnsSettings, FailMode, GatewayConfig, KubeSettings,
+        NodeInfo, RunConfig, Settings,
     },
     error_chain,
     identity::{file_ca::FileCa, istio_ca::IstioCaConfig},
@@ -152,6 +152,20 @@ struct RunArgs {
     /// Its value that enrolls a namespace or a pod.
     #[arg(long, env = "MESH_NODE_ENROLLMENT_ENABLED", default_value = "ambient")]
     enrollment_enabled: String,
+    /// Capture enrolled pods' DNS queries (UDP and TCP port 53) and answer mesh names from the
+    /// mesh state, forwarding the rest to the pod's resolver. A pod opts out with the
+    /// annotation `ambient.istio.io/dns-capture: "false"` (pods file: `dnsCapture: false`).
+    #[arg(
+        long,
+        env = "MESH_NODE_DNS_CAPTURE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    dns_capture: bool,
+    /// The cluster's DNS domain (short service names, search domains).
+    #[arg(long, env = "MESH_NODE_DNS_DOMAIN", default_value = "cluster.local")]
+    dns_domain: String,
     /// Its value that keeps a pod out, whatever its namespace says.
     #[arg(long, env = "MESH_NODE_ENROLLMENT_DISABLED", default_value = "none")]
     enrollment_disabled: String,
@@ -353,6 +367,9 @@ fn main() -> ExitCode {
             let config = RunConfig {
                 pods_file: args.pods,
                 kubernetes,
+                dns: args.dns_capture.then(|| DnsSettings {
+                    domain: args.dns_domain.trim_matches('.').to_ascii_lowercase(),
+                }),
                 cgroup: args.cgroup,
                 bpffs_dir: args.bpffs,
                 fail_mode: match args.fail_mode {

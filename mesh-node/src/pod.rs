@@ -20,6 +20,8 @@ pub struct PodSpec {
     /// The pod's network namespace file (`/run/netns/…`, `/proc/<pid>/ns/net`, …).
     pub netns: PathBuf,
     pub ips: Vec<IpAddr>,
+    /// Its DNS queries go to mesh-node's DNS proxy (when DNS capture is on at all).
+    pub dns_capture: bool,
 }
 
 impl PodSpec {

@@ -154,6 +154,8 @@ fn bpf_inspection_shows_pods_connections_and_decisions_while_running_and_after_s
         "sockops",
         "cgroup/getpeername4",
         "cgroup/getpeername6",
+        "cgroup/sendmsg4",
+        "cgroup/recvmsg4",
     ] {
         let found: Vec<_> = hooks.iter().filter(|h| h["hook"] == hook).collect();
         assert_eq!(found.len(), 1, "{hook} in {hooks:#?}");

@@ -19,12 +19,14 @@ use aya::{
 use mesh_common::program_names;
 
 /// Each program with the hook it attaches to and the kernel that hook needs.
-pub(crate) const PROGRAMS: [(&str, &str, &str); 5] = [
+pub(crate) const PROGRAMS: [(&str, &str, &str); 7] = [
     (program_names::CONNECT4, "cgroup/connect4", "5.7"),
     (program_names::CONNECT6, "cgroup/connect6", "5.7"),
     (program_names::SOCK_OPS, "sockops", "5.0"),
     (program_names::GETPEERNAME4, "cgroup/getpeername4", "5.8"),
     (program_names::GETPEERNAME6, "cgroup/getpeername6", "5.8"),
+    (program_names::SENDMSG4, "cgroup/sendmsg4", "4.18"),
+    (program_names::RECVMSG4, "cgroup/recvmsg4", "5.2"),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -64,6 +64,7 @@ pub struct Dataplane {
     links: Vec<AttachedLink>,
     enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
     conn_orig: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    dns_upstream: HashMap<MapData, u64, OrigDst>,
     inbound: Mutex<HashOfSockets>,
     counters: PerCpuArray<MapData, u64>,
     netns_links_dir: PathBuf,
@@ -120,6 +121,7 @@ impl Dataplane {
             links,
             enrolled: Mutex::new(take_map(&mut ebpf, map_names::ENROLLED)?),
             conn_orig: Mutex::new(take_map(&mut ebpf, map_names::CONN_ORIG)?),
+            dns_upstream: take_map(&mut ebpf, map_names::DNS_UPSTREAM)?,
             inbound: Mutex::new(take_map(&mut ebpf, map_names::INBOUND)?),
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
             netns_links_dir,
@@ -258,6 +260,12 @@ impl Dataplane {
         let orig: OrigDst = map.get(&key, 0).ok()?;
         // The LRU map would evict it anyway; removing keeps room for live connections.
         let _ = map.remove(&key);
+        Some(original_destination(&orig))
+    }
+
+    /// The resolver the pod in `netns_cookie` addressed last (recorded by the DNS capture).
+    pub fn dns_upstream(&self, netns_cookie: u64) -> Option<SocketAddr> {
+        let orig: OrigDst = self.dns_upstream.get(&netns_cookie, 0).ok()?;
         Some(original_destination(&orig))
     }
 

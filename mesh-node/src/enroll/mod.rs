@@ -18,12 +18,15 @@ use std::{
     },
 };
 
-use mesh_common::{EnrolledPod, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK};
+use mesh_common::{
+    DNS_PROXY_PORT, EnrolledPod, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError, record::PodRecord},
+    dns::{self, DnsSettings},
     identity::Identity,
     netns::{self, NetNs, NetNsError},
     proxy::{self, ProxyContext},
@@ -68,6 +71,8 @@ pub struct Enroller {
     next_id: AtomicU32,
     /// The data-path runtime, which the listeners register with and the accept loops run on.
     runtime: tokio::runtime::Handle,
+    /// `Some`: pods' DNS queries are captured and answered (unless a pod opts out).
+    dns: Option<DnsSettings>,
 }
 
 /// Which accept loop serves a listener.
@@ -83,12 +88,19 @@ impl Enroller {
     pub fn new(ctx: Arc<ProxyContext>, dataplane: Arc<Dataplane>, trust_domain: &str) -> Self {
         Self {
             runtime: tokio::runtime::Handle::current(),
+            dns: None,
             ctx,
             dataplane,
             trust_domain: trust_domain.to_owned(),
             pods: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
         }
+    }
+
+    /// Captures enrolled pods' DNS queries and answers them with `settings` (see [`dns`]).
+    pub fn with_dns(mut self, settings: Option<DnsSettings>) -> Self {
+        self.dns = settings;
+        self
     }
 
     /// Opens the pod's namespace file (`spec.netns`), then enrolls it as [`Enroller::enroll_in`].
@@ -114,10 +126,20 @@ impl Enroller {
             return Err(EnrollError::NoAddress { pod: key });
         }
         let listeners = open_listeners(&key, &spec, &netns, self.ctx.certs.is_some())?;
+        let dns_settings = self.dns.clone().filter(|_| spec.dns_capture);
+        let dns_sockets = match &dns_settings {
+            Some(_) => Some(open_dns(&key, &netns)?),
+            None => None,
+        };
         let listener_bits = listeners
             .iter()
             .map(|(role, addr, _)| listener_bit(*role, *addr))
-            .fold(0, |bits, bit| bits | bit);
+            .fold(0, |bits, bit| bits | bit)
+            | if dns_sockets.is_some() {
+                EnrolledPod::LISTENER_DNS4
+            } else {
+                0
+            };
         let netns_cookie = netns::socket_netns_cookie(&listeners[0].2).map_err(|io_error| {
             EnrollError::Cookie {
                 pod: key.clone(),
@@ -167,6 +189,24 @@ impl Enroller {
                 Role::InboundPlain => tokio::spawn(proxy::inbound_plain::serve(listener, pod, ctx)),
                 Role::Hbone => tokio::spawn(proxy::inbound::serve_hbone(listener, pod, ctx)),
             });
+        }
+        if let (Some(settings), Some((udp, tcp))) = (dns_settings, dns_sockets) {
+            let registered = tokio::net::UdpSocket::from_std(udp.into()).and_then(|udp| {
+                Ok((udp, TcpListener::from_std(tcp.into())?))
+            });
+            match registered {
+                Ok((udp, tcp)) => {
+                    let (pod, ctx) = (pod.clone(), self.ctx.clone());
+                    tasks.push(tokio::spawn(dns::serve(udp, tcp, pod, ctx, settings)));
+                }
+                Err(io_error) => {
+                    tasks.iter().for_each(JoinHandle::abort);
+                    return Err(EnrollError::Register {
+                        pod: key.clone(),
+                        io_error,
+                    });
+                }
+            }
         }
         // Capture starts only once something is accepting.
         let (link_id, origin) = self
@@ -347,6 +387,30 @@ fn open_listeners(
         }
     }
     Ok(listeners)
+}
+
+/// The DNS proxy's sockets, 127.0.0.1:15053 UDP and TCP, in the pod's namespace.
+fn open_dns(pod: &str, netns: &NetNs) -> Result<(Socket, Socket), EnrollError> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT));
+    let opened = netns
+        .run(|| -> io::Result<(Socket, Socket)> {
+            let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            udp.set_mark(PROXY_MARK)?;
+            udp.set_reuse_address(true)?;
+            udp.set_nonblocking(true)?;
+            udp.bind(&addr.into())?;
+            Ok((udp, listen(addr)?))
+        })
+        .map_err(|source| EnrollError::NetNs {
+            pod: pod.to_owned(),
+            source,
+        })?;
+    opened.map_err(|io_error| EnrollError::Bind {
+        pod: pod.to_owned(),
+        addr,
+        netns: netns.path().to_owned(),
+        io_error,
+    })
 }
 
 fn listen(addr: SocketAddr) -> io::Result<Socket> {

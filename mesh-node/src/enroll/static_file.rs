@@ -7,6 +7,7 @@
 //!     serviceAccount: sleep        # optional, default "default"
 //!     netns: /run/netns/client     # the pod's network namespace file
 //!     ips: [10.0.1.2]
+//!     dnsCapture: false            # optional, default true: DNS queries go to mesh-node
 //! ```
 use std::{
     collections::HashSet,
@@ -64,6 +65,12 @@ struct PodEntry {
     netns: PathBuf,
     #[serde(deserialize_with = "non_empty_ips")]
     ips: Vec<IpAddr>,
+    #[serde(default = "default_true")]
+    dns_capture: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_service_account() -> String {
@@ -126,6 +133,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<PodSpec>, StaticFileError> {
             service_account,
             netns,
             ips: pod_ips,
+            dns_capture,
         } = entry;
         if !names.insert((namespace.clone(), name.clone())) {
             return Err(StaticFileError::DuplicatePod {
@@ -152,6 +160,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<PodSpec>, StaticFileError> {
             service_account,
             netns,
             ips: pod_ips,
+            dns_capture,
         });
     }
     Ok(pods)

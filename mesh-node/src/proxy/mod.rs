@@ -54,11 +54,18 @@ pub trait OriginalDestinations: Send + Sync {
     /// Takes (and forgets) the original destination of the connection from `src_port` in the
     /// network namespace `netns_cookie`.
     fn take(&self, netns_cookie: u64, src_port: u16) -> Option<SocketAddr>;
+    /// The resolver the pod in `netns_cookie` addressed last (DNS capture); `None` without one.
+    fn dns_upstream(&self, _netns_cookie: u64) -> Option<SocketAddr> {
+        None
+    }
 }
 
 impl OriginalDestinations for Dataplane {
     fn take(&self, netns_cookie: u64, src_port: u16) -> Option<SocketAddr> {
         self.take_original_dst(netns_cookie, src_port)
+    }
+    fn dns_upstream(&self, netns_cookie: u64) -> Option<SocketAddr> {
+        Dataplane::dns_upstream(self, netns_cookie)
     }
 }
 

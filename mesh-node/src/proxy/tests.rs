@@ -47,6 +47,7 @@ fn pod(name: &str, ip: &str) -> Arc<Pod> {
         service_account: name.into(),
         netns: PathBuf::from("/proc/self/ns/net"),
         ips: vec![ip.parse().unwrap()],
+        dns_capture: false,
     };
     Arc::new(Pod {
         identity: Identity::new("cluster.local", "default", name),

@@ -14,6 +14,7 @@ use prometheus_client::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::Gauge,
+        histogram::Histogram,
     },
     registry::Registry,
 };
@@ -123,7 +124,10 @@ pub struct Metrics {
     certs: Family<ResultLabel, Gauge>,
     hbone_refused: Family<ReasonLabel, Counter>,
     inner_handshakes: Family<KindLabel, Counter>,
+    dns_requests: Family<ResultLabel, Counter>,
+    dns_upstream: Histogram,
 }
+
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -219,6 +223,18 @@ impl Metrics {
             "TLS handshakes of double HBONE's inner connections (through an east-west gateway), by kind: full, or resumed from an earlier session",
             inner_handshakes.clone(),
         );
+        let dns_requests = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "mesh_dns_requests",
+            "DNS queries of enrolled pods seen by their DNS proxy, by result: answered (a mesh name), forwarded (to the pod's resolver, answered), servfail (the resolver failed or timed out), formerr (malformed), dropped (not even a header, or too many in flight)",
+            dns_requests.clone(),
+        );
+        let dns_upstream = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]);
+        registry.register(
+            "mesh_dns_upstream_duration_seconds",
+            "Time the pods' resolvers took to answer forwarded queries",
+            dns_upstream.clone(),
+        );
         let dataplane = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(KernelCounters(dataplane.clone())));
         Self {
@@ -236,7 +252,22 @@ impl Metrics {
             certs,
             hbone_refused,
             inner_handshakes,
+            dns_requests,
+            dns_upstream,
         }
+    }
+
+    /// A DNS query ended with `result` (`answered`, `forwarded`, `servfail`, `formerr`,
+    /// `dropped`).
+    pub fn dns_request(&self, result: &'static str) {
+        self.dns_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// A pod's resolver answered a forwarded query after `seconds`.
+    pub fn dns_upstream(&self, seconds: f64) {
+        self.dns_upstream.observe(seconds);
     }
 
     /// Exports the programs' decision counters from now on.

@@ -82,6 +82,7 @@ pub async fn connect(settings: &KubeSettings) -> Result<Client, KubeError> {
 struct Entry {
     uid: String,
     ips: Vec<IpAddr>,
+    dns_capture: bool,
 }
 
 /// The enrollment controller of one node.
@@ -206,7 +207,9 @@ impl Controller {
             .filter(|(key, entry)| {
                 wanted
                     .get(*key)
-                    .is_none_or(|(w, _)| w.uid != entry.uid || w.ips != entry.ips)
+                    .is_none_or(|(w, _)| {
+                        w.uid != entry.uid || w.ips != entry.ips || w.dns_capture != entry.dns_capture
+                    })
             })
             .map(|(key, _)| key.clone())
             .collect();
@@ -252,6 +255,7 @@ impl Controller {
                 service_account: want.service_account.clone(),
                 netns: netns.path.clone(),
                 ips: want.ips.clone(),
+                dns_capture: want.dns_capture,
             };
             let result = NetNs::from_file(netns.file, &netns.path)
                 .map_err(|error| error.to_string())
@@ -268,6 +272,7 @@ impl Controller {
                         Entry {
                             uid: want.uid.clone(),
                             ips: want.ips.clone(),
+                            dns_capture: want.dns_capture,
                         },
                     );
                 }

@@ -14,6 +14,8 @@ use crate::config::KubeSettings;
 /// The annotation istiod reads to treat a workload as captured (HBONE-capable).
 pub const REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
 pub const REDIRECTION_ENABLED: &str = "enabled";
+/// `"false"` on a pod keeps its DNS queries away from mesh-node's DNS proxy.
+pub const DNS_CAPTURE_ANNOTATION: &str = "ambient.istio.io/dns-capture";
 /// Set by the sidecar injector on pods that carry an Istio sidecar.
 const SIDECAR_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 const SIDECAR_CONTAINER: &str = "istio-proxy";
@@ -47,6 +49,7 @@ pub struct Wanted {
     pub uid: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
+    pub dns_capture: bool,
 }
 
 impl Wanted {
@@ -128,12 +131,18 @@ impl Selector {
             .and_then(|s| s.service_account_name.clone())
             .filter(|sa| !sa.is_empty())
             .unwrap_or_else(|| "default".to_owned());
+        let dns_capture = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DNS_CAPTURE_ANNOTATION))
+            .is_none_or(|value| value != "false");
         Ok(Wanted {
             namespace: ns.clone(),
             name: name.clone(),
             uid: uid.clone(),
             service_account,
             ips,
+            dns_capture,
         })
     }
 }
@@ -325,6 +334,15 @@ mod tests {
         let wanted = Selector::default().decide(&p, Some(&ambient_ns())).unwrap();
         assert_eq!(wanted.service_account, "default");
         assert_eq!(wanted.ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn dns_capture_is_on_unless_the_pod_says_false() {
+        let ns = ambient_ns();
+        let selector = Selector::default();
+        assert!(selector.decide(&pod(json!({})), Some(&ns)).unwrap().dns_capture);
+        let off = pod(json!({"metadata": {"annotations": {"ambient.istio.io/dns-capture": "false"}}}));
+        assert!(!selector.decide(&off, Some(&ns)).unwrap().dns_capture);
     }
 
     #[test]

@@ -1,0 +1,160 @@
+//! DNS capture: an enrolled pod's queries to port 53 go to mesh-node's DNS proxy on
+//! 127.0.0.1:15053 in the pod's own namespace, and its answers seem to come from the resolver
+//! the application asked.
+//!
+//! - UDP, connected (glibc, Go): `connect4` rewrites the destination; `getpeername4` restores it.
+//! - UDP, unconnected (musl's `sendto`): `sendmsg4` rewrites each datagram's destination.
+//! - Both: `recvmsg4` rewrites the source of what the proxy sends back to the resolver's.
+//! - TCP (large answers): `connect4` sends it to the proxy's TCP listener, as for any captured
+//!   connection (the original destination travels by `SOCK_ORIG` → sock_ops → `CONN_ORIG`).
+//!
+//! Only pods whose record has [`EnrolledPod::LISTENER_DNS4`] are captured, and only while the
+//! proxy's socket is open in the namespace: with mesh-node gone, queries reach the resolver
+//! (fail-open, whatever the fail mode: a pod that cannot resolve fails in worse ways).
+//!
+//! Minimum kernel: 4.18 (sendmsg4), 5.2 (recvmsg4).
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_udp, bpf_sk_release},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    DNS_PORT, DNS_PROXY_PORT, EnrolledPod, FAMILY_INET, OrigDst, PROXY_MARK, TraceAction,
+    TraceEvent, TraceHook, TraceReason,
+};
+
+use crate::{
+    addr::{LOOPBACK4, is_loopback4, port_from_ctx, port_to_ctx},
+    maps::{DNS_SOCK_ORIG, DNS_UPSTREAM, ENROLLED, trace},
+};
+
+const PROCEED: i32 = 1;
+pub const IPPROTO_UDP: u32 = 17;
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    capture_udp4(&ctx, sa);
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sa.user_ip4 != LOOPBACK4 || port_from_ctx(sa.user_port) != DNS_PROXY_PORT {
+        return PROCEED;
+    }
+    // SAFETY: helper call with the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(orig) = DNS_SOCK_ORIG.get_ptr(&cookie) {
+        // SAFETY: the pointer came from a successful lookup; copied out at once.
+        let orig = unsafe { *orig };
+        if orig.family == FAMILY_INET {
+            sa.user_ip4 = orig.ip[0];
+            sa.user_port = port_to_ctx(orig.port);
+        }
+    }
+    PROCEED
+}
+
+/// The pod's network-namespace cookie and id, when this socket is one of its own (not
+/// mesh-node's) and the pod has DNS capture.
+#[inline(always)]
+pub fn dns_pod(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(u64, u32)> {
+    // SAFETY: `sk` is always set for these hooks; the verifier types it as a socket pointer.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() || unsafe { (*sk).mark } == PROXY_MARK {
+        return None;
+    }
+    // SAFETY: helper call with the program's own context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let pod = ENROLLED.get_ptr(&netns_cookie)?;
+    // SAFETY: the pointer came from a successful lookup; two fields are read at once.
+    let (pod_id, flags) = unsafe { ((*pod).pod_id, (*pod).flags) };
+    (flags & EnrolledPod::LISTENER_DNS4 != 0).then_some((netns_cookie, pod_id))
+}
+
+/// A UDP datagram or connect to `<resolver>:53` from a pod with DNS capture: remembered, and
+/// sent to the proxy instead.
+#[inline(always)]
+pub fn capture_udp4(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) {
+    if sa.protocol != IPPROTO_UDP || port_from_ctx(sa.user_port) != DNS_PORT {
+        return;
+    }
+    let dst = sa.user_ip4;
+    if is_loopback4(dst) {
+        return;
+    }
+    let Some((netns_cookie, pod_id)) = dns_pod(ctx, sa) else {
+        return;
+    };
+    let orig = OrigDst {
+        netns_cookie,
+        ip: [dst, 0, 0, 0],
+        port: DNS_PORT,
+        family: FAMILY_INET,
+        src_port: 0,
+        _pad: 0,
+    };
+    if !udp_proxy_alive(ctx) {
+        decision(&orig, pod_id, TraceAction::Passed, TraceReason::NotServing);
+        return;
+    }
+    // SAFETY: helper call with the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if DNS_SOCK_ORIG.insert(&cookie, &orig, 0).is_err() {
+        decision(&orig, pod_id, TraceAction::Passed, TraceReason::MapFull);
+        return;
+    }
+    let _ = DNS_UPSTREAM.insert(&netns_cookie, &orig, 0);
+    sa.user_ip4 = LOOPBACK4;
+    sa.user_port = port_to_ctx(DNS_PROXY_PORT);
+    decision(&orig, pod_id, TraceAction::Captured, TraceReason::None);
+}
+
+/// Records the resolver of a captured DNS-over-TCP connection as the pod's upstream.
+#[inline(always)]
+pub fn remember_upstream(orig: &OrigDst) {
+    let _ = DNS_UPSTREAM.insert(&orig.netns_cookie, orig, 0);
+}
+
+/// Is the proxy's UDP socket open in this namespace?
+#[inline(always)]
+fn udp_proxy_alive(ctx: &SockAddrContext) -> bool {
+    // SAFETY: bpf_sock_tuple is plain data; all-zero is a valid value.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    // SAFETY: writing the ipv4 variant of a zeroed union.
+    let v4 = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+    v4.daddr = LOOPBACK4;
+    v4.dport = DNS_PROXY_PORT.to_be();
+    let size = core::mem::size_of_val(v4) as u32;
+    // SAFETY: the tuple lives on this program's stack and `size` matches the variant written.
+    let sk = unsafe {
+        bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the non-null reference the lookup returned; it must be released once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+#[inline(always)]
+fn decision(orig: &OrigDst, pod_id: u32, action: TraceAction, reason: TraceReason) {
+    trace(TraceEvent {
+        netns_cookie: orig.netns_cookie,
+        dst_ip: orig.ip,
+        pod_id,
+        dst_port: orig.port,
+        family: orig.family,
+        hook: TraceHook::Connect as u8,
+        action: action as u8,
+        reason: reason as u8,
+        ..TraceEvent::default()
+    });
+}

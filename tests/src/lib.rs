@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod ca_server;
 pub mod control_plane;
+pub mod dns_server;
 pub mod hbone_client;
 pub mod http_probe;
 pub mod kube_api;

@@ -34,6 +34,8 @@ pub struct PodSpec {
     pub enrolled: bool,
     /// Kubernetes namespace ("default" unless set); the service account is the pod's name.
     pub namespace: &'static str,
+    /// Its DNS queries go to mesh-node (pods file `dnsCapture`; default true).
+    pub dns_capture: bool,
 }
 
 impl PodSpec {
@@ -42,6 +44,7 @@ impl PodSpec {
             name,
             enrolled: true,
             namespace: "default",
+            dns_capture: true,
         }
     }
     pub fn plain(name: &'static str) -> Self {
@@ -49,10 +52,18 @@ impl PodSpec {
             name,
             enrolled: false,
             namespace: "default",
+            dns_capture: true,
         }
     }
     pub fn in_namespace(self, namespace: &'static str) -> Self {
         Self { namespace, ..self }
+    }
+    /// Enrolled, but its DNS queries are left alone (`dnsCapture: false`).
+    pub fn without_dns_capture(self) -> Self {
+        Self {
+            dns_capture: false,
+            ..self
+        }
     }
 }
 
@@ -82,6 +93,7 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     pub cgroup: PathBuf,
     pub enrolled: bool,
+    pub dns_capture: bool,
 }
 
 impl Pod {
@@ -299,6 +311,7 @@ impl Topology {
                 ip: ip_addr,
                 cgroup: pod_cgroup,
                 enrolled: pod.enrolled,
+                dns_capture: pod.dns_capture,
             });
         }
         let pods_file = self.workdir.join(format!("{}-pods.yaml", spec.name));
@@ -416,6 +429,9 @@ fn write_pods_file(node: &Node) -> Result<()> {
             pod.netns_path().display(),
             pod.ip
         ));
+        if !pod.dns_capture {
+            yaml.push_str("    dnsCapture: false\n");
+        }
     }
     fs::write(&node.pods_file, yaml).with_context(|| format!("write {}", node.pods_file.display()))
 }

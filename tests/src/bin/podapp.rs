@@ -17,6 +17,9 @@
 //! - `podapp push ADDR BYTES END`: client; sends BYTES (or `endless`), then `fin` (half-close,
 //!   wait for the server's end) or `reset` (after 300 ms); prints `ended bytes=N how=…` where
 //!   `how` is how sending ended (`done` when all was sent).
+//!
+//! DNS (`podapp/dns.rs`): `podapp resolve SERVER NAME A|AAAA connected|unconnected|tcp|auto`
+//! and `podapp dnsflood SERVER COUNT`.
 use std::{
     env,
     io::{BufRead, BufReader, Read, Write},
@@ -41,10 +44,13 @@ fn main() -> ExitCode {
         ["sink", addr] => ending::sink(addr),
         ["fetch", addr] => ending::fetch(addr),
         ["push", addr, bytes, end] => ending::push(addr, bytes, end),
+        ["resolve", server, name, qtype, mode] => dns::resolve(server, name, qtype, mode),
+        ["dnsflood", server, count] => dns::flood(server, count),
         _ => Err(
             "usage: podapp serve ADDR | podapp connect ADDR BYTES CONNS [HOLD_MS] | \
                   podapp source ADDR BYTES fin|reset | podapp sink ADDR | podapp fetch ADDR | \
-                  podapp push ADDR BYTES fin|reset"
+                  podapp push ADDR BYTES fin|reset | podapp resolve SERVER NAME TYPE MODE | \
+                  podapp dnsflood SERVER COUNT"
                 .to_owned(),
         ),
     };
@@ -58,6 +64,8 @@ fn main() -> ExitCode {
     }
 }
 
+#[path = "podapp/dns.rs"]
+mod dns;
 #[path = "podapp/ending.rs"]
 mod ending;
 

@@ -193,6 +193,34 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
     assert_eq!(resolve(&topo, "client", upstream, ECHO, "A", "connected").ips, ips(&[VIP4]));
     assert!(resolver.seen().len() < 100, "the flood did not reach the resolver");
 
+    // The proxy's account: answers, forwards, FORMERRs and drops counted; `mesh-node bpf pods`
+    // shows which pods have DNS captured.
+    let netns = topo.node("node1").netns_path();
+    let count = |result: &str| {
+        mesh_tests::http_probe::total(&netns, "mesh_dns_requests_total", &[&format!("result=\"{result}\"")])
+            .unwrap_or(0.0)
+    };
+    // 3 transports, AAAA, 4 short forms, the name connected to, 5 from the neighbour, 1 after.
+    assert_eq!(count("answered"), 15.0);
+    assert!(count("forwarded") >= 3.0, "forwarded {}", count("forwarded"));
+    assert!(count("formerr") >= 1.0 && count("dropped") >= 1.0);
+    let pods = std::process::Command::new(mesh_tests::meshnode::binary())
+        .args(["bpf", "--bpffs"])
+        .arg(&topo.node("node1").bpffs)
+        .args(["pods", "--output", "json"])
+        .output()
+        .expect("mesh-node bpf pods");
+    let pods: serde_json::Value = serde_json::from_slice(&pods.stdout).expect("JSON");
+    let dns_of = |pod: &str| {
+        pods.as_array()
+            .expect("list")
+            .iter()
+            .find(|p| p["pod"] == format!("default/{pod}"))
+            .map(|p| p["listeners"].to_string().contains("15053"))
+    };
+    assert_eq!(dns_of("client"), Some(true), "{pods:#}");
+    assert_eq!(dns_of("optout"), Some(false), "{pods:#}");
+
     // mesh-node gone: queries reach the resolver (fail-open for DNS).
     drop(mesh1);
     thread::sleep(Duration::from_millis(200));

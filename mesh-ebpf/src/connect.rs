@@ -15,9 +15,9 @@ use mesh_common::{
 };
 
 use crate::{
-    dns,
     addr::{LOOPBACK4, LOOPBACK6, V4_MAPPED_PREFIX, is_loopback4, is_loopback6, is_v4_mapped},
     addr::{port_from_ctx, port_to_ctx, read_user_ip6, write_user_ip6},
+    dns,
     maps::{ENROLLED, SOCK_ORIG, count, fail_closed, trace},
 };
 

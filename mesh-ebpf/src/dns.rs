@@ -134,7 +134,13 @@ fn udp_proxy_alive(ctx: &SockAddrContext) -> bool {
     let size = core::mem::size_of_val(v4) as u32;
     // SAFETY: the tuple lives on this program's stack and `size` matches the variant written.
     let sk = unsafe {
-        bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_sk_lookup_udp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if sk.is_null() {
         return false;

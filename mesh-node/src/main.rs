@@ -8,8 +8,8 @@ use mesh_node::{
     admin,
     certs::CertSettings,
     config::{
-        DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, DnsSettings, FailMode, GatewayConfig, KubeSettings,
-        NodeInfo, RunConfig, Settings,
+        DEFAULT_BPFFS_DIR, DEFAULT_TRUST_DOMAIN, DnsSettings, FailMode, GatewayConfig,
+        KubeSettings, NodeInfo, RunConfig, Settings,
     },
     error_chain,
     identity::{file_ca::FileCa, istio_ca::IstioCaConfig},

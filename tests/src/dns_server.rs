@@ -50,11 +50,14 @@ impl DnsServer {
         let zone = Arc::new(Mutex::new(Zone::default()));
         {
             let mut z = zone.lock().unwrap_or_else(PoisonError::into_inner);
-            let big = (1..=40).map(|i| IpAddr::V4(Ipv4Addr::new(203, 0, 113, i))).collect();
+            let big = (1..=40)
+                .map(|i| IpAddr::V4(Ipv4Addr::new(203, 0, 113, i)))
+                .collect();
             z.records.insert(BIG_NAME.to_owned(), big);
         }
         let addr = SocketAddr::new(ip, 53);
-        let netns = std::fs::File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+        let netns =
+            std::fs::File::open(netns).with_context(|| format!("open {}", netns.display()))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let served = zone.clone();
@@ -64,7 +67,9 @@ impl DnsServer {
                 if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error().into());
                 }
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
                 let (udp, tcp) = runtime.block_on(async {
                     Ok::<_, std::io::Error>((
                         tokio::net::UdpSocket::bind(addr).await?,
@@ -135,7 +140,9 @@ impl DnsServer {
 
     /// Adds (or replaces) the addresses of `name`.
     pub fn add(&self, name: &str, ips: &[IpAddr]) {
-        self.lock().records.insert(name.to_ascii_lowercase(), ips.to_vec());
+        self.lock()
+            .records
+            .insert(name.to_ascii_lowercase(), ips.to_vec());
     }
 
     /// Every query received so far.
@@ -165,14 +172,22 @@ impl Drop for DnsServer {
 fn answer(zone: &Mutex<Zone>, query: &[u8], from: SocketAddr, tcp: bool) -> Option<Vec<u8>> {
     let query = Message::from_vec(query).ok()?;
     let question = query.queries.first()?.clone();
-    let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let name = question
+        .name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     let mut zone = zone.lock().unwrap_or_else(PoisonError::into_inner);
     zone.seen.push(Seen {
         name: name.clone(),
         tcp,
         from,
     });
-    let mut reply = Message::new(query.metadata.id, MessageType::Response, query.metadata.op_code);
+    let mut reply = Message::new(
+        query.metadata.id,
+        MessageType::Response,
+        query.metadata.op_code,
+    );
     reply.metadata.recursion_desired = query.metadata.recursion_desired;
     reply.metadata.recursion_available = true;
     reply.add_query(question.clone());

@@ -321,3 +321,59 @@ pub fn wait_with_timeout(child: Child, timeout: Duration) -> Result<std::process
         }
     }
 }
+
+/// What `podapp resolve` got: the response code (`NOERROR`, `NXDOMAIN`, …), the transport
+/// that carried the answer, where the reply seemed to come from, `getpeername()`, the addresses.
+#[derive(Debug)]
+pub struct Resolved {
+    pub rcode: String,
+    pub transport: String,
+    pub from: SocketAddr,
+    pub peer: SocketAddr,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// Runs `podapp resolve SERVER NAME QTYPE MODE` in a pod (see the podapp binary).
+pub fn resolve(
+    netns: &Path,
+    cgroup: &Path,
+    server: SocketAddr,
+    name: &str,
+    qtype: &str,
+    mode: &str,
+) -> Result<Resolved> {
+    let args = [
+        "resolve".to_owned(),
+        server.to_string(),
+        name.to_owned(),
+        qtype.to_owned(),
+        mode.to_owned(),
+    ];
+    let (mut cmd, _files) = command_in(netns, cgroup, &args)?;
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let out = wait_with_timeout(child, Duration::from_secs(20))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().find_map(|l| l.strip_prefix("answer ")) else {
+        bail!(
+            "resolve {name} {qtype} {mode}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let field = |key: &str| {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or("")
+            .to_owned()
+    };
+    Ok(Resolved {
+        rcode: field("rcode"),
+        transport: field("transport"),
+        from: field("from").parse()?,
+        peer: field("peer").parse()?,
+        ips: field("ips")
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()?,
+    })
+}

@@ -11,7 +11,9 @@ use std::{
 };
 
 use mesh_tests::{
-    MeshNode, PodSpec, Topology, dns_server::{BIG_NAME, DnsServer}, podapp, privileged, wait_for,
+    MeshNode, PodSpec, Topology,
+    dns_server::{BIG_NAME, DnsServer},
+    podapp, privileged, wait_for,
 };
 
 const ECHO: &str = "echo.default.svc.cluster.local";
@@ -48,55 +50,17 @@ fn write_state(topo: &Topology) {
     std::fs::write(&path, yaml).expect("write state");
 }
 
-/// `podapp resolve` from `pod`: (rcode, tc, transport, from, peer, ips).
-#[derive(Debug)]
-struct Answer {
-    rcode: String,
-    transport: String,
-    from: SocketAddr,
-    peer: SocketAddr,
-    ips: Vec<IpAddr>,
-}
-
-fn resolve(topo: &Topology, pod: &str, server: SocketAddr, name: &str, qtype: &str, mode: &str) -> Answer {
+fn resolve(
+    topo: &Topology,
+    pod: &str,
+    server: SocketAddr,
+    name: &str,
+    qtype: &str,
+    mode: &str,
+) -> podapp::Resolved {
     let p = topo.pod(pod);
-    let args = [
-        "resolve".to_owned(),
-        server.to_string(),
-        name.to_owned(),
-        qtype.to_owned(),
-        mode.to_owned(),
-    ];
-    let (mut cmd, _files) = podapp::command_in(&p.netns_path(), &p.cgroup, &args).expect("podapp");
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let out = podapp::wait_with_timeout(child, Duration::from_secs(20)).expect("podapp resolve");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("answer "))
-        .unwrap_or_else(|| {
-            panic!(
-                "{pod}: resolve {name} {qtype} {mode}: {stdout} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
-            .unwrap_or("")
-            .to_owned()
-    };
-    Answer {
-        rcode: field("rcode"),
-        transport: field("transport"),
-        from: field("from").parse().expect("from"),
-        peer: field("peer").parse().expect("peer"),
-        ips: field("ips")
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().expect("ip"))
-            .collect(),
-    }
+    podapp::resolve(&p.netns_path(), &p.cgroup, server, name, qtype, mode)
+        .unwrap_or_else(|error| panic!("{pod}: {error:#}"))
 }
 
 fn ips(list: &[&str]) -> Vec<IpAddr> {
@@ -110,8 +74,11 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
     }
     let topo = topology();
     write_state(&topo);
-    let resolver = DnsServer::start(&topo.node("node1").netns_path(), IpAddr::V4(topo.link_ip("node1")))
-        .expect("DNS server");
+    let resolver = DnsServer::start(
+        &topo.node("node1").netns_path(),
+        IpAddr::V4(topo.link_ip("node1")),
+    )
+    .expect("DNS server");
     resolver.add("www.example.org", &ips(&["192.0.2.80"]));
     let upstream = resolver.addr;
     let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("node1");
@@ -122,14 +89,26 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
     // TCP; the answer seems to come from the resolver asked, which never saw the query.
     for mode in ["connected", "unconnected", "tcp"] {
         let a = resolve(&topo, "client", upstream, ECHO, "A", mode);
-        assert_eq!((a.rcode.as_str(), a.ips.clone()), ("NOERROR", ips(&[VIP4])), "{mode}: {a:?}");
-        assert_eq!(a.from, upstream, "{mode}: the reply's source is the resolver");
+        assert_eq!(
+            (a.rcode.as_str(), a.ips.clone()),
+            ("NOERROR", ips(&[VIP4])),
+            "{mode}: {a:?}"
+        );
+        assert_eq!(
+            a.from, upstream,
+            "{mode}: the reply's source is the resolver"
+        );
         assert_eq!(a.peer, upstream, "{mode}: getpeername is the resolver");
     }
     let aaaa = resolve(&topo, "client", upstream, ECHO, "AAAA", "connected");
     assert_eq!(aaaa.ips, ips(&[VIP6]));
     // Short and search-domain forms, as a pod's resolver sends them.
-    for name in ["echo", "echo.default", "echo.default.svc", "echo.default.default.svc.cluster.local"] {
+    for name in [
+        "echo",
+        "echo.default",
+        "echo.default.svc",
+        "echo.default.default.svc.cluster.local",
+    ] {
         let a = resolve(&topo, "client", upstream, name, "A", "connected");
         assert_eq!(a.ips, ips(&[VIP4]), "{name}: {a:?}");
     }
@@ -138,33 +117,64 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
 
     // Another name is forwarded to the resolver the pod asked, from the pod's own address,
     // and the answer relayed.
-    let www = resolve(&topo, "client", upstream, "www.example.org", "A", "connected");
+    let www = resolve(
+        &topo,
+        "client",
+        upstream,
+        "www.example.org",
+        "A",
+        "connected",
+    );
     assert_eq!(www.ips, ips(&["192.0.2.80"]));
     let seen = resolver.seen_for("www.example.org");
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].from.ip(), IpAddr::V4(topo.pod("client").ip));
-    let missing = resolve(&topo, "client", upstream, "nothing.example.org", "A", "connected");
+    let missing = resolve(
+        &topo,
+        "client",
+        upstream,
+        "nothing.example.org",
+        "A",
+        "connected",
+    );
     assert_eq!(missing.rcode, "NXDOMAIN");
 
     // A large answer: truncated over UDP, then asked and relayed over TCP.
     let big = resolve(&topo, "client", upstream, BIG_NAME, "A", "auto");
     assert_eq!(big.transport, "tcp");
     assert_eq!(big.ips.len(), 40, "{big:?}");
-    assert!(resolver.seen_for(BIG_NAME).iter().any(|s| s.tcp && s.from.ip() == IpAddr::V4(topo.pod("client").ip)));
+    assert!(
+        resolver
+            .seen_for(BIG_NAME)
+            .iter()
+            .any(|s| s.tcp && s.from.ip() == IpAddr::V4(topo.pod("client").ip))
+    );
 
     // Resolved by name, reached by the VIP it resolved to: through HBONE to the endpoint.
-    let vip = SocketAddr::new(resolve(&topo, "client", upstream, "echo", "A", "connected").ips[0], 80);
+    let vip = SocketAddr::new(
+        resolve(&topo, "client", upstream, "echo", "A", "connected").ips[0],
+        80,
+    );
     let run = topo.connect_from("client", vip, 4096, 1);
     assert!(run.errors.is_empty(), "{:?}", run.errors);
     assert!(wait_for(|| !mesh1
-        .log_lines_with(&["outbound connection closed", "route=hbone", &format!("dst_service={ECHO}")])
+        .log_lines_with(&[
+            "outbound connection closed",
+            "route=hbone",
+            &format!("dst_service={ECHO}")
+        ])
         .is_empty()));
 
     // Opted out, and not enrolled: the real resolver answers (it does not know echo).
     for pod in ["optout", "outsider"] {
         let a = resolve(&topo, pod, upstream, ECHO, "A", "connected");
         assert_eq!(a.rcode, "NXDOMAIN", "{pod}: {a:?}");
-        assert!(resolver.seen_for(ECHO).iter().any(|s| s.from.ip() == IpAddr::V4(topo.pod(pod).ip)));
+        assert!(
+            resolver
+                .seen_for(ECHO)
+                .iter()
+                .any(|s| s.from.ip() == IpAddr::V4(topo.pod(pod).ip))
+        );
     }
 
     // A flood of malformed queries from one pod: FORMERR where a header can be read, nothing
@@ -173,7 +183,11 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
     let (mut flood, _files) = podapp::command_in(
         &client.netns_path(),
         &client.cgroup,
-        &["dnsflood".to_owned(), upstream.to_string(), "20000".to_owned()],
+        &[
+            "dnsflood".to_owned(),
+            upstream.to_string(),
+            "20000".to_owned(),
+        ],
     )
     .expect("podapp dnsflood");
     let flood = flood.stdout(Stdio::piped()).spawn().expect("spawn flood");
@@ -189,20 +203,37 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("flood: {line}"));
     assert!(replies > 0, "FORMERR answers: {line}");
-    assert!(replies <= 10000, "no answer to datagrams without a header: {line}");
-    assert_eq!(resolve(&topo, "client", upstream, ECHO, "A", "connected").ips, ips(&[VIP4]));
-    assert!(resolver.seen().len() < 100, "the flood did not reach the resolver");
+    assert!(
+        replies <= 10000,
+        "no answer to datagrams without a header: {line}"
+    );
+    assert_eq!(
+        resolve(&topo, "client", upstream, ECHO, "A", "connected").ips,
+        ips(&[VIP4])
+    );
+    assert!(
+        resolver.seen().len() < 100,
+        "the flood did not reach the resolver"
+    );
 
     // The proxy's account: answers, forwards, FORMERRs and drops counted; `mesh-node bpf pods`
     // shows which pods have DNS captured.
     let netns = topo.node("node1").netns_path();
     let count = |result: &str| {
-        mesh_tests::http_probe::total(&netns, "mesh_dns_requests_total", &[&format!("result=\"{result}\"")])
-            .unwrap_or(0.0)
+        mesh_tests::http_probe::total(
+            &netns,
+            "mesh_dns_requests_total",
+            &[&format!("result=\"{result}\"")],
+        )
+        .unwrap_or(0.0)
     };
     // 3 transports, AAAA, 4 short forms, the name connected to, 5 from the neighbour, 1 after.
     assert_eq!(count("answered"), 15.0);
-    assert!(count("forwarded") >= 3.0, "forwarded {}", count("forwarded"));
+    assert!(
+        count("forwarded") >= 3.0,
+        "forwarded {}",
+        count("forwarded")
+    );
     assert!(count("formerr") >= 1.0 && count("dropped") >= 1.0);
     let pods = std::process::Command::new(mesh_tests::meshnode::binary())
         .args(["bpf", "--bpffs"])
@@ -224,7 +255,14 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
     // mesh-node gone: queries reach the resolver (fail-open for DNS).
     drop(mesh1);
     thread::sleep(Duration::from_millis(200));
-    let www = resolve(&topo, "client", upstream, "www.example.org", "A", "connected");
+    let www = resolve(
+        &topo,
+        "client",
+        upstream,
+        "www.example.org",
+        "A",
+        "connected",
+    );
     assert_eq!(www.ips, ips(&["192.0.2.80"]));
     let direct = resolve(&topo, "client", upstream, ECHO, "A", "connected");
     assert_eq!(direct.rcode, "NXDOMAIN", "the real resolver answered");

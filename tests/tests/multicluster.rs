@@ -467,3 +467,39 @@ fn gateway_mode_refuses_a_bad_identity_and_a_missing_certificate_source() {
         "{stderr}"
     );
 }
+
+/// A service with no endpoint in this cluster does not resolve through the cluster's own
+/// resolver; mesh-node answers its name from the mesh state, and the call by that name goes
+/// through the gateway to the other cluster.
+#[test]
+fn a_service_only_in_the_other_cluster_is_called_by_its_name() {
+    if !privileged() {
+        return;
+    }
+    let mc = MultiCluster::start(false);
+    let resolver = mesh_tests::dns_server::DnsServer::start(
+        &mc.topo.node("c1n1").netns_path(),
+        std::net::IpAddr::V4(mc.topo.link_ip("c1n1")),
+    )
+    .expect("cluster 1's resolver");
+    let client = mc.topo.pod("client");
+    let resolved = podapp::resolve(
+        &client.netns_path(),
+        &client.cgroup,
+        resolver.addr,
+        "echo",
+        "A",
+        "connected",
+    )
+    .expect("resolve echo");
+    assert_eq!(resolved.rcode, "NOERROR");
+    assert_eq!(resolved.ips, [mc.echo().ip()]);
+    assert!(
+        resolver.seen().is_empty(),
+        "answered by mesh-node: {:?}",
+        resolver.seen()
+    );
+    let by_name = SocketAddr::new(resolved.ips[0], ECHO_PORT);
+    let run = mc.topo.connect_from("client", by_name, 64 * 1024, 2);
+    assert_eq!(served_by(&mc, &run), ["server2"; 2]);
+}

@@ -111,11 +111,21 @@ mod tests {
                 &[("", "10.96.0.10"), ("", "fd00::10"), ("net2", "10.97.0.10")],
             ),
             service("api", "ext", "api.example.com", &[("", "240.240.0.1")]),
-            service("db", "other", "db.other.svc.cluster.local", &[("", "10.96.0.20")]),
+            service(
+                "db",
+                "other",
+                "db.other.svc.cluster.local",
+                &[("", "10.96.0.20")],
+            ),
         ] {
             state.upsert_service(convert::service(s).unwrap());
         }
-        let mut private = service("secret", "other", "secret.other.svc.cluster.local", &[("", "10.96.0.30")]);
+        let mut private = service(
+            "secret",
+            "other",
+            "secret.other.svc.cluster.local",
+            &[("", "10.96.0.30")],
+        );
         private.visibility = pb::service::Visibility::Namespace as i32;
         state.upsert_service(convert::service(private).unwrap());
         state
@@ -146,7 +156,11 @@ mod tests {
             "reviews.shop.svc.cluster.local.cluster.local",
             "reviews.shop.svc.svc.cluster.local",
         ] {
-            assert_eq!(find(&state, name, SHOP, "cluster.local"), Some(both.clone()), "{name}");
+            assert_eq!(
+                find(&state, name, SHOP, "cluster.local"),
+                Some(both.clone()),
+                "{name}"
+            );
         }
     }
 
@@ -158,7 +172,15 @@ mod tests {
             find(&state, "db.other", SHOP, "cluster.local"),
             Some(ips(&["10.96.0.20"]))
         );
-        assert_eq!(find(&state, "secret.other.svc.cluster.local", SHOP, "cluster.local"), None);
+        assert_eq!(
+            find(
+                &state,
+                "secret.other.svc.cluster.local",
+                SHOP,
+                "cluster.local"
+            ),
+            None
+        );
         let other = Asker {
             namespace: "other",
             network: "",
@@ -181,7 +203,12 @@ mod tests {
             network: "net2",
         };
         assert_eq!(
-            find(&state, "reviews.shop.svc.cluster.local", net2, "cluster.local"),
+            find(
+                &state,
+                "reviews.shop.svc.cluster.local",
+                net2,
+                "cluster.local"
+            ),
             Some(ips(&["10.97.0.10"]))
         );
         // A service with no VIP on this network is still a mesh name: NODATA, not a forward.
@@ -194,7 +221,14 @@ mod tests {
     #[test]
     fn names_outside_the_mesh_are_not_found() {
         let state = state();
-        for name in ["example.org", "kubernetes.default", "", ".", "reviews.other", "pod-0.reviews.shop.svc.cluster.local"] {
+        for name in [
+            "example.org",
+            "kubernetes.default",
+            "",
+            ".",
+            "reviews.other",
+            "pod-0.reviews.shop.svc.cluster.local",
+        ] {
             assert_eq!(find(&state, name, SHOP, "cluster.local"), None, "{name}");
         }
     }

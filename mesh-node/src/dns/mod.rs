@@ -210,12 +210,9 @@ impl Proxy {
         let Ok(mut bytes) = reply.to_vec() else {
             return Verdict::Forward;
         };
-        let limit = message
-            .edns
-            .as_ref()
-            .map_or(UDP_PLAIN_LIMIT, |edns| {
-                usize::from(edns.max_payload()).max(UDP_PLAIN_LIMIT)
-            });
+        let limit = message.edns.as_ref().map_or(UDP_PLAIN_LIMIT, |edns| {
+            usize::from(edns.max_payload()).max(UDP_PLAIN_LIMIT)
+        });
         if transport == Transport::Udp && bytes.len() > limit {
             // Too large for this client over UDP: truncated, so that it asks again over TCP.
             reply.answers.clear();
@@ -281,7 +278,9 @@ impl Proxy {
     ) -> Vec<u8> {
         match result {
             Ok(Ok(reply)) => {
-                self.ctx.metrics.dns_upstream(started.elapsed().as_secs_f64());
+                self.ctx
+                    .metrics
+                    .dns_upstream(started.elapsed().as_secs_f64());
                 self.ctx.metrics.dns_request("forwarded");
                 reply
             }

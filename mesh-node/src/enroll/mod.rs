@@ -191,9 +191,8 @@ impl Enroller {
             });
         }
         if let (Some(settings), Some((udp, tcp))) = (dns_settings, dns_sockets) {
-            let registered = tokio::net::UdpSocket::from_std(udp.into()).and_then(|udp| {
-                Ok((udp, TcpListener::from_std(tcp.into())?))
-            });
+            let registered = tokio::net::UdpSocket::from_std(udp.into())
+                .and_then(|udp| Ok((udp, TcpListener::from_std(tcp.into())?)));
             match registered {
                 Ok((udp, tcp)) => {
                     let (pod, ctx) = (pod.clone(), self.ctx.clone());

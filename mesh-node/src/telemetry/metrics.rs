@@ -128,7 +128,6 @@ pub struct Metrics {
     dns_upstream: Histogram,
 }
 
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,

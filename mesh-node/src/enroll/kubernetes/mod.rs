@@ -205,11 +205,9 @@ impl Controller {
             .enrolled
             .iter()
             .filter(|(key, entry)| {
-                wanted
-                    .get(*key)
-                    .is_none_or(|(w, _)| {
-                        w.uid != entry.uid || w.ips != entry.ips || w.dns_capture != entry.dns_capture
-                    })
+                wanted.get(*key).is_none_or(|(w, _)| {
+                    w.uid != entry.uid || w.ips != entry.ips || w.dns_capture != entry.dns_capture
+                })
             })
             .map(|(key, _)| key.clone())
             .collect();

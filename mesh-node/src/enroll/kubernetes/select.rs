@@ -340,8 +340,14 @@ mod tests {
     fn dns_capture_is_on_unless_the_pod_says_false() {
         let ns = ambient_ns();
         let selector = Selector::default();
-        assert!(selector.decide(&pod(json!({})), Some(&ns)).unwrap().dns_capture);
-        let off = pod(json!({"metadata": {"annotations": {"ambient.istio.io/dns-capture": "false"}}}));
+        assert!(
+            selector
+                .decide(&pod(json!({})), Some(&ns))
+                .unwrap()
+                .dns_capture
+        );
+        let off =
+            pod(json!({"metadata": {"annotations": {"ambient.istio.io/dns-capture": "false"}}}));
         assert!(!selector.decide(&off, Some(&ns)).unwrap().dns_capture);
     }
 

@@ -19,7 +19,9 @@ use hickory_proto::{
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 pub fn resolve(server: &str, name: &str, qtype: &str, mode: &str) -> Result<bool, String> {
-    let server: SocketAddr = server.parse().map_err(|e| format!("server {server}: {e}"))?;
+    let server: SocketAddr = server
+        .parse()
+        .map_err(|e| format!("server {server}: {e}"))?;
     let qtype = match qtype {
         "A" => RecordType::A,
         "AAAA" => RecordType::AAAA,
@@ -51,7 +53,10 @@ pub fn resolve(server: &str, name: &str, qtype: &str, mode: &str) -> Result<bool
         other => return Err(format!("mode {other}")),
     };
     if reply.metadata.id != query.metadata.id {
-        return Err(format!("reply id {} for query {}", reply.metadata.id, query.metadata.id));
+        return Err(format!(
+            "reply id {} for query {}",
+            reply.metadata.id, query.metadata.id
+        ));
     }
     let ips: Vec<String> = reply
         .answers
@@ -77,46 +82,69 @@ pub fn resolve(server: &str, name: &str, qtype: &str, mode: &str) -> Result<bool
     Ok(true)
 }
 
-fn udp_connected(server: SocketAddr, query: &[u8]) -> Result<(Message, SocketAddr, SocketAddr), String> {
+fn udp_connected(
+    server: SocketAddr,
+    query: &[u8],
+) -> Result<(Message, SocketAddr, SocketAddr), String> {
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-    socket.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-    socket.connect(server).map_err(|e| format!("connect {server}: {e}"))?;
+    socket
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    socket
+        .connect(server)
+        .map_err(|e| format!("connect {server}: {e}"))?;
     let peer = socket.peer_addr().map_err(|e| e.to_string())?;
     socket.send(query).map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; 65535];
-    let len = socket.recv(&mut buf).map_err(|e| format!("no answer: {e}"))?;
+    let len = socket
+        .recv(&mut buf)
+        .map_err(|e| format!("no answer: {e}"))?;
     let reply = Message::from_vec(&buf[..len]).map_err(|e| format!("bad answer: {e}"))?;
     Ok((reply, peer, peer))
 }
 
 fn udp_unconnected(server: SocketAddr, query: &[u8]) -> Result<(Message, SocketAddr), String> {
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-    socket.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
-    socket.send_to(query, server).map_err(|e| format!("send to {server}: {e}"))?;
+    socket
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    socket
+        .send_to(query, server)
+        .map_err(|e| format!("send to {server}: {e}"))?;
     let mut buf = vec![0u8; 65535];
-    let (len, from) = socket.recv_from(&mut buf).map_err(|e| format!("no answer: {e}"))?;
+    let (len, from) = socket
+        .recv_from(&mut buf)
+        .map_err(|e| format!("no answer: {e}"))?;
     let reply = Message::from_vec(&buf[..len]).map_err(|e| format!("bad answer: {e}"))?;
     Ok((reply, from))
 }
 
 fn tcp(server: SocketAddr, query: &[u8]) -> Result<(Message, SocketAddr), String> {
-    let mut stream =
-        TcpStream::connect_timeout(&server, TIMEOUT).map_err(|e| format!("connect {server}: {e}"))?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut stream = TcpStream::connect_timeout(&server, TIMEOUT)
+        .map_err(|e| format!("connect {server}: {e}"))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let peer = stream.peer_addr().map_err(|e| e.to_string())?;
     let mut framed = (query.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(query);
     stream.write_all(&framed).map_err(|e| e.to_string())?;
     let mut len = [0u8; 2];
-    stream.read_exact(&mut len).map_err(|e| format!("no answer: {e}"))?;
+    stream
+        .read_exact(&mut len)
+        .map_err(|e| format!("no answer: {e}"))?;
     let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    stream.read_exact(&mut reply).map_err(|e| format!("short answer: {e}"))?;
+    stream
+        .read_exact(&mut reply)
+        .map_err(|e| format!("short answer: {e}"))?;
     let reply = Message::from_vec(&reply).map_err(|e| format!("bad answer: {e}"))?;
     Ok((reply, peer))
 }
 
 pub fn flood(server: &str, count: &str) -> Result<bool, String> {
-    let server: SocketAddr = server.parse().map_err(|e| format!("server {server}: {e}"))?;
+    let server: SocketAddr = server
+        .parse()
+        .map_err(|e| format!("server {server}: {e}"))?;
     let count: usize = count.parse().map_err(|e| format!("count {count}: {e}"))?;
     let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     socket.connect(server).map_err(|e| e.to_string())?;

@@ -117,7 +117,35 @@ fn multicluster_demo() -> Result<()> {
     multicluster::push(&mc.c1n1, || {
         mc.cp1.put_workload(state.pod("server1", "c1n2", 1, None))
     })?;
-    let remote = call("cluster1 has none")?;
+    // The name, not only the VIP: cluster1's own resolver knows no echo; mesh-node answers.
+    let resolver = mesh_tests::dns_server::DnsServer::start(
+        &mc.topo.node("c1n1").netns_path(),
+        std::net::IpAddr::V4(mc.topo.link_ip("c1n1")),
+    )?;
+    let client = mc.topo.pod("client");
+    let resolved = mesh_tests::podapp::resolve(
+        &client.netns_path(),
+        &client.cgroup,
+        resolver.addr,
+        "echo",
+        "A",
+        "connected",
+    )?;
+    println!(
+        "  the client resolves \"echo\" through its resolver {}: {} {:?}, answered by mesh-node's DNS proxy (the resolver, which knows no echo, got {} queries)",
+        resolver.addr,
+        resolved.rcode,
+        resolved.ips,
+        resolver.seen().len()
+    );
+    if resolved.ips != [mc.echo().ip()] || !resolver.seen().is_empty() {
+        bail!(
+            "echo resolved to {:?} (resolver saw {:?})",
+            resolved.ips,
+            resolver.seen()
+        );
+    }
+    let remote = call("cluster1 has none, called by that name")?;
     let show = |title: &str, mesh: &MeshNode, needle: &str, keys: &[&str]| {
         if let Some(line) = mesh.log_lines_with(&[needle]).last() {
             println!("    {title}: {}", fields(line, keys));

@@ -72,6 +72,10 @@ pub mod program_names {
     pub const SENDMSG4: &str = "mesh_sendmsg4";
     /// `cgroup/recvmsg4`: the proxy's answers seem to come from the resolver asked.
     pub const RECVMSG4: &str = "mesh_recvmsg4";
+    /// `cgroup/sendmsg6`: the same for IPv6 (and IPv4-mapped) resolvers.
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    /// `cgroup/recvmsg6`.
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
 }
 
 /// Capacity of [`map_names::ENROLLED`]: pods on one node.
@@ -129,6 +133,8 @@ impl EnrolledPod {
     pub const LISTENER_HBONE: u32 = 1 << 4;
     /// 127.0.0.1:15053 (UDP and TCP, the DNS proxy) is open: DNS is captured.
     pub const LISTENER_DNS4: u32 = 1 << 5;
+    /// [::1]:15053 (UDP and TCP) is open: DNS to IPv6 resolvers is captured.
+    pub const LISTENER_DNS6: u32 = 1 << 6;
     /// A text field was longer than its capacity and was cut.
     pub const TRUNCATED: u32 = 1 << 31;
 

@@ -75,7 +75,11 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some((netns_cookie, pod_id, _)) = capturable_netns(&ctx, sa) else {
+    if sa.protocol == dns::IPPROTO_UDP {
+        dns::capture_udp6(&ctx, sa);
+        return PROCEED;
+    }
+    let Some((netns_cookie, pod_id, flags)) = capturable_netns(&ctx, sa) else {
         return PROCEED;
     };
     let dst = read_user_ip6(sa);
@@ -92,7 +96,10 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         src_port: 0,
         _pad: 0,
     };
-    if !listener_alive(&ctx, Some(mapped), OUTBOUND_PORT) {
+    let dns = orig.port == DNS_PORT
+        && flags & dns::dns_flag(mapped) != 0
+        && listener_alive(&ctx, Some(mapped), DNS_PROXY_PORT);
+    if !dns && !listener_alive(&ctx, Some(mapped), OUTBOUND_PORT) {
         return not_serving(&orig, pod_id);
     }
     if !remember(&ctx, &orig, pod_id) {
@@ -106,7 +113,12 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
             LOOPBACK6
         },
     );
-    sa.user_port = port_to_ctx(OUTBOUND_PORT);
+    sa.user_port = port_to_ctx(if dns {
+        dns::remember_upstream(&orig);
+        DNS_PROXY_PORT
+    } else {
+        OUTBOUND_PORT
+    });
     captured(&orig, pod_id);
     PROCEED
 }

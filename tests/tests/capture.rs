@@ -172,8 +172,8 @@ fn a_restarted_mesh_node_captures_again_through_the_same_pinned_links() {
     let attached = hook_link_ids(&first, "origin=attached");
     assert_eq!(
         attached.len(),
-        7,
-        "seven hooks attached (connect, sock_ops, getpeername, DNS's sendmsg and recvmsg):\n{}",
+        9,
+        "nine hooks attached (connect, sock_ops, getpeername, DNS's sendmsg and recvmsg):\n{}",
         first.log_text()
     );
     first.stop().expect("stop first");

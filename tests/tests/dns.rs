@@ -100,6 +100,17 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
         );
         assert_eq!(a.peer, upstream, "{mode}: getpeername is the resolver");
     }
+    // The same resolver addressed from a dual-stack socket (IPv4-mapped, as Go and Java do):
+    // connect6 / sendmsg6 / recvmsg6 and DNS over TCP through connect6.
+    let mapped = match upstream {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        v6 => v6,
+    };
+    for mode in ["connected", "unconnected", "tcp"] {
+        let a = resolve(&topo, "client", mapped, ECHO, "A", mode);
+        assert_eq!(a.ips, ips(&[VIP4]), "mapped {mode}: {a:?}");
+        assert_eq!((a.from, a.peer), (mapped, mapped), "mapped {mode}");
+    }
     let aaaa = resolve(&topo, "client", upstream, ECHO, "AAAA", "connected");
     assert_eq!(aaaa.ips, ips(&[VIP6]));
     // Short and search-domain forms, as a pod's resolver sends them.
@@ -227,8 +238,9 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
         )
         .unwrap_or(0.0)
     };
-    // 3 transports, AAAA, 4 short forms, the name connected to, 5 from the neighbour, 1 after.
-    assert_eq!(count("answered"), 15.0);
+    // 3 transports twice (IPv4, mapped), AAAA, 4 short forms, the name connected to, 5 from
+    // the neighbour, 1 after the flood.
+    assert_eq!(count("answered"), 18.0);
     assert!(
         count("forwarded") >= 3.0,
         "forwarded {}",

@@ -156,6 +156,8 @@ fn bpf_inspection_shows_pods_connections_and_decisions_while_running_and_after_s
         "cgroup/getpeername6",
         "cgroup/sendmsg4",
         "cgroup/recvmsg4",
+        "cgroup/sendmsg6",
+        "cgroup/recvmsg6",
     ] {
         let found: Vec<_> = hooks.iter().filter(|h| h["hook"] == hook).collect();
         assert_eq!(found.len(), 1, "{hook} in {hooks:#?}");

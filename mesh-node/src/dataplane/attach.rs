@@ -19,7 +19,7 @@ use aya::{
 use mesh_common::program_names;
 
 /// Each program with the hook it attaches to and the kernel that hook needs.
-pub(crate) const PROGRAMS: [(&str, &str, &str); 7] = [
+pub(crate) const PROGRAMS: [(&str, &str, &str); 9] = [
     (program_names::CONNECT4, "cgroup/connect4", "5.7"),
     (program_names::CONNECT6, "cgroup/connect6", "5.7"),
     (program_names::SOCK_OPS, "sockops", "5.0"),
@@ -27,6 +27,8 @@ pub(crate) const PROGRAMS: [(&str, &str, &str); 7] = [
     (program_names::GETPEERNAME6, "cgroup/getpeername6", "5.8"),
     (program_names::SENDMSG4, "cgroup/sendmsg4", "4.18"),
     (program_names::RECVMSG4, "cgroup/recvmsg4", "5.2"),
+    (program_names::SENDMSG6, "cgroup/sendmsg6", "4.18"),
+    (program_names::RECVMSG6, "cgroup/recvmsg6", "5.2"),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -72,10 +72,9 @@ struct Proxy {
     in_flight: Arc<Semaphore>,
 }
 
-/// Serves the pod's DNS proxy on `udp` and `tcp` until the tasks are aborted.
+/// Serves the pod's DNS proxy on each (UDP, TCP) pair of sockets until the task is aborted.
 pub async fn serve(
-    udp: UdpSocket,
-    tcp: TcpListener,
+    sockets: Vec<(UdpSocket, TcpListener)>,
     pod: Arc<Pod>,
     ctx: Arc<ProxyContext>,
     settings: DnsSettings,
@@ -86,7 +85,13 @@ pub async fn serve(
         settings,
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
     });
-    tokio::join!(serve_udp(udp, proxy.clone()), serve_tcp(tcp, proxy));
+    let mut loops = tokio::task::JoinSet::new();
+    for (udp, tcp) in sockets {
+        loops.spawn(serve_udp(udp, proxy.clone()));
+        loops.spawn(serve_tcp(tcp, proxy.clone()));
+    }
+    // Aborting this task drops the set, which aborts the loops.
+    while loops.join_next().await.is_some() {}
 }
 
 async fn serve_udp(socket: UdpSocket, proxy: Arc<Proxy>) {

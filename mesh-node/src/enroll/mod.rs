@@ -128,18 +128,17 @@ impl Enroller {
         let listeners = open_listeners(&key, &spec, &netns, self.ctx.certs.is_some())?;
         let dns_settings = self.dns.clone().filter(|_| spec.dns_capture);
         let dns_sockets = match &dns_settings {
-            Some(_) => Some(open_dns(&key, &netns)?),
-            None => None,
+            Some(_) => open_dns(&key, &spec, &netns)?,
+            None => Vec::new(),
         };
         let listener_bits = listeners
             .iter()
             .map(|(role, addr, _)| listener_bit(*role, *addr))
             .fold(0, |bits, bit| bits | bit)
-            | if dns_sockets.is_some() {
-                EnrolledPod::LISTENER_DNS4
-            } else {
-                0
-            };
+            | dns_sockets
+                .iter()
+                .map(|(bit, _, _)| bit)
+                .fold(0, |bits, bit| bits | bit);
         let netns_cookie = netns::socket_netns_cookie(&listeners[0].2).map_err(|io_error| {
             EnrollError::Cookie {
                 pod: key.clone(),
@@ -190,13 +189,20 @@ impl Enroller {
                 Role::Hbone => tokio::spawn(proxy::inbound::serve_hbone(listener, pod, ctx)),
             });
         }
-        if let (Some(settings), Some((udp, tcp))) = (dns_settings, dns_sockets) {
-            let registered = tokio::net::UdpSocket::from_std(udp.into())
-                .and_then(|udp| Ok((udp, TcpListener::from_std(tcp.into())?)));
+        if let Some(settings) = dns_settings {
+            let registered: io::Result<Vec<_>> = dns_sockets
+                .into_iter()
+                .map(|(_, udp, tcp)| {
+                    Ok((
+                        tokio::net::UdpSocket::from_std(udp.into())?,
+                        TcpListener::from_std(tcp.into())?,
+                    ))
+                })
+                .collect();
             match registered {
-                Ok((udp, tcp)) => {
+                Ok(sockets) => {
                     let (pod, ctx) = (pod.clone(), self.ctx.clone());
-                    tasks.push(tokio::spawn(dns::serve(udp, tcp, pod, ctx, settings)));
+                    tasks.push(tokio::spawn(dns::serve(sockets, pod, ctx, settings)));
                 }
                 Err(io_error) => {
                     tasks.iter().for_each(JoinHandle::abort);
@@ -388,28 +394,50 @@ fn open_listeners(
     Ok(listeners)
 }
 
-/// The DNS proxy's sockets, 127.0.0.1:15053 UDP and TCP, in the pod's namespace.
-fn open_dns(pod: &str, netns: &NetNs) -> Result<(Socket, Socket), EnrollError> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT));
-    let opened = netns
-        .run(|| -> io::Result<(Socket, Socket)> {
-            let udp = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            udp.set_mark(PROXY_MARK)?;
-            udp.set_reuse_address(true)?;
-            udp.set_nonblocking(true)?;
-            udp.bind(&addr.into())?;
-            Ok((udp, listen(addr)?))
-        })
-        .map_err(|source| EnrollError::NetNs {
-            pod: pod.to_owned(),
-            source,
-        })?;
-    opened.map_err(|io_error| EnrollError::Bind {
-        pod: pod.to_owned(),
-        addr,
-        netns: netns.path().to_owned(),
-        io_error,
-    })
+/// The DNS proxy's sockets in the pod's namespace, each pair with its record bit:
+/// 127.0.0.1:15053 UDP and TCP, and [::1]:15053 when the pod has IPv6.
+fn open_dns(
+    pod: &str,
+    spec: &PodSpec,
+    netns: &NetNs,
+) -> Result<Vec<(u32, Socket, Socket)>, EnrollError> {
+    let mut wanted = vec![(
+        EnrolledPod::LISTENER_DNS4,
+        SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT)),
+    )];
+    if spec.ips.iter().any(|ip| ip.to_canonical().is_ipv6()) {
+        wanted.push((
+            EnrolledPod::LISTENER_DNS6,
+            SocketAddr::from((Ipv6Addr::LOCALHOST, DNS_PROXY_PORT)),
+        ));
+    }
+    let mut opened = Vec::with_capacity(wanted.len());
+    for (bit, addr) in wanted {
+        let pair = netns
+            .run(|| -> io::Result<(Socket, Socket)> {
+                let udp = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+                udp.set_mark(PROXY_MARK)?;
+                udp.set_reuse_address(true)?;
+                if addr.is_ipv6() {
+                    udp.set_only_v6(true)?;
+                }
+                udp.set_nonblocking(true)?;
+                udp.bind(&addr.into())?;
+                Ok((udp, listen(addr)?))
+            })
+            .map_err(|source| EnrollError::NetNs {
+                pod: pod.to_owned(),
+                source,
+            })?
+            .map_err(|io_error| EnrollError::Bind {
+                pod: pod.to_owned(),
+                addr,
+                netns: netns.path().to_owned(),
+                io_error,
+            })?;
+        opened.push((bit, pair.0, pair.1));
+    }
+    Ok(opened)
 }
 
 fn listen(addr: SocketAddr) -> io::Result<Socket> {

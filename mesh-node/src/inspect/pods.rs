@@ -20,13 +20,14 @@ struct PodView {
     truncated: bool,
 }
 
-const LISTENERS: [(u32, &str); 6] = [
+const LISTENERS: [(u32, &str); 7] = [
     (EnrolledPod::LISTENER_OUTBOUND4, "127.0.0.1:15001"),
     (EnrolledPod::LISTENER_OUTBOUND6, "[::1]:15001"),
     (EnrolledPod::LISTENER_INBOUND4, "127.0.0.1:15006"),
     (EnrolledPod::LISTENER_INBOUND6, "[::1]:15006"),
     (EnrolledPod::LISTENER_HBONE, "<pod IP>:15008"),
     (EnrolledPod::LISTENER_DNS4, "127.0.0.1:15053 (DNS)"),
+    (EnrolledPod::LISTENER_DNS6, "[::1]:15053 (DNS)"),
 ];
 
 pub fn pods(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), InspectError> {

@@ -86,7 +86,7 @@ fn udp_connected(
     server: SocketAddr,
     query: &[u8],
 ) -> Result<(Message, SocketAddr, SocketAddr), String> {
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    let socket = udp_socket(server)?;
     socket
         .set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -104,7 +104,7 @@ fn udp_connected(
 }
 
 fn udp_unconnected(server: SocketAddr, query: &[u8]) -> Result<(Message, SocketAddr), String> {
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    let socket = udp_socket(server)?;
     socket
         .set_read_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
@@ -139,6 +139,17 @@ fn tcp(server: SocketAddr, query: &[u8]) -> Result<(Message, SocketAddr), String
         .map_err(|e| format!("short answer: {e}"))?;
     let reply = Message::from_vec(&reply).map_err(|e| format!("bad answer: {e}"))?;
     Ok((reply, peer))
+}
+
+/// An unbound socket of the server's family; an IPv6 one is dual-stack, so an IPv4-mapped
+/// server is reached over IPv4 from it.
+fn udp_socket(server: SocketAddr) -> Result<UdpSocket, String> {
+    let any = if server.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
+    UdpSocket::bind(any).map_err(|e| e.to_string())
 }
 
 pub fn flood(server: &str, count: &str) -> Result<bool, String> {

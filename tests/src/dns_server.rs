@@ -23,6 +23,8 @@ use tokio::{
 
 /// A name with 40 A records: over UDP it comes back truncated.
 pub const BIG_NAME: &str = "big.example.org";
+/// A name the server never answers (a resolver that is down for it).
+pub const SILENT_NAME: &str = "silent.example.org";
 
 /// One query the server received.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +185,9 @@ fn answer(zone: &Mutex<Zone>, query: &[u8], from: SocketAddr, tcp: bool) -> Opti
         tcp,
         from,
     });
+    if name == SILENT_NAME {
+        return None;
+    }
     let mut reply = Message::new(
         query.metadata.id,
         MessageType::Response,

@@ -12,7 +12,7 @@ use std::{
 
 use mesh_tests::{
     MeshNode, PodSpec, Topology,
-    dns_server::{BIG_NAME, DnsServer},
+    dns_server::{BIG_NAME, DnsServer, SILENT_NAME},
     podapp, privileged, wait_for,
 };
 
@@ -150,6 +150,14 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
     );
     assert_eq!(missing.rcode, "NXDOMAIN");
 
+    // A resolver that never answers: SERVFAIL once the proxy's 5 s are up (before the
+    // client's own patience would end).
+    let silent = resolve(&topo, "client", upstream, SILENT_NAME, "A", "connected");
+    assert_eq!(silent.rcode, "SERVFAIL", "{silent:?}");
+    // Over TCP the resolver closes the connection without an answer: SERVFAIL at once.
+    let closed = resolve(&topo, "client", upstream, SILENT_NAME, "A", "tcp");
+    assert_eq!(closed.rcode, "SERVFAIL", "{closed:?}");
+
     // A large answer: truncated over UDP, then asked and relayed over TCP.
     let big = resolve(&topo, "client", upstream, BIG_NAME, "A", "auto");
     assert_eq!(big.transport, "tcp");
@@ -247,6 +255,11 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
         count("forwarded")
     );
     assert!(count("formerr") >= 1.0 && count("dropped") >= 1.0);
+    assert_eq!(
+        count("servfail"),
+        2.0,
+        "the silent resolver, over UDP and TCP"
+    );
     let pods = std::process::Command::new(mesh_tests::meshnode::binary())
         .args(["bpf", "--bpffs"])
         .arg(&topo.node("node1").bpffs)

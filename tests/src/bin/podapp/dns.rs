@@ -16,7 +16,8 @@ use hickory_proto::{
     rr::{Name, RData, RecordType},
 };
 
-const TIMEOUT: Duration = Duration::from_secs(3);
+/// Longer than the DNS proxy's 5 s upstream deadline, so a SERVFAIL arrives before it.
+const TIMEOUT: Duration = Duration::from_secs(8);
 
 pub fn resolve(server: &str, name: &str, qtype: &str, mode: &str) -> Result<bool, String> {
     let server: SocketAddr = server

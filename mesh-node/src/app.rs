@@ -205,7 +205,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             }
         });
         let enroller = Arc::new(
-            Enroller::new(ctx, dataplane.clone(), &config.trust_domain).with_dns(config.dns.clone()),
+            Enroller::new(ctx.clone(), dataplane.clone(), &config.trust_domain)
+                .with_dns(config.dns.clone()),
         );
         let _ = admin.enroller.set(enroller.clone());
         let shutdown = wait_for_shutdown();
@@ -259,13 +260,65 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             tracing::info!(waiting_for = ?missing, "readiness endpoint still waiting");
         }
 
-        shutdown.await?;
+        tokio::select! {
+            result = &mut shutdown => result?,
+            () = ctx.drain.started() => {}
+        }
+        drain(&ctx, &readiness, config.drain_timeout, || enroller.stop_accepting(), "pods").await;
         tracing::info!(
             fail_mode = ?config.fail_mode,
             "shutting down; capture hooks stay pinned and apply the fail mode until mesh-node returns"
         );
         Ok(())
     })
+}
+
+/// Drains before exit: not ready; listeners closed (`stop_listening`, which says how many
+/// `what` stopped); every HBONE connection told GOAWAY (`ctx.drain`); then open connections
+/// may finish until `timeout` (a second SIGTERM or SIGINT ends the wait). What is still open
+/// then is cut when the process exits — reset, not closed: a clean end would tell an
+/// application a cut stream was complete.
+async fn drain(
+    ctx: &ProxyContext,
+    readiness: &Readiness,
+    timeout: Duration,
+    stop_listening: impl FnOnce() -> usize,
+    what: &str,
+) {
+    ctx.drain.start();
+    readiness.draining();
+    let stopped = stop_listening();
+    let open = ctx.metrics.open_connections();
+    tracing::info!(
+        open,
+        timeout_s = timeout.as_secs(),
+        "draining: listeners closed for {stopped} {what}, HBONE connections told GOAWAY; open connections may finish"
+    );
+    let started = std::time::Instant::now();
+    let settled = async {
+        while ctx.metrics.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        () = settled => {}
+        _ = tokio::time::sleep(timeout) => {}
+        _ = wait_for_shutdown() => tracing::warn!("second signal: drain cut short"),
+    }
+    let left = ctx.metrics.open_connections().max(0);
+    if left == 0 {
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drained: every connection finished"
+        );
+    } else {
+        ctx.metrics.drain_cut(left as u64);
+        tracing::warn!(
+            left,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drain deadline reached: cutting the connections still open (applications see a reset)"
+        );
+    }
 }
 
 /// `mesh-node run --mode gateway`: the admin endpoints, the mesh state and the gateway's own
@@ -332,7 +385,7 @@ fn run_gateway(
             open_files,
             "east-west gateway listening"
         );
-        tokio::spawn(crate::gateway::serve(listener, identity, ctx));
+        let accepting = tokio::spawn(crate::gateway::serve(listener, identity, ctx.clone()));
         let shutdown = wait_for_shutdown();
         tokio::pin!(shutdown);
         tokio::select! {
@@ -340,7 +393,21 @@ fn run_gateway(
             _ = xds_ready.wait_for(|status| status.synced) => {}
         }
         tracing::info!("mesh-node is ready");
-        shutdown.await?;
+        tokio::select! {
+            result = &mut shutdown => result?,
+            () = ctx.drain.started() => {}
+        }
+        drain(
+            &ctx,
+            &readiness,
+            config.drain_timeout,
+            || {
+                accepting.abort();
+                1
+            },
+            "gateway listener",
+        )
+        .await;
         tracing::info!("gateway shutting down");
         Ok(())
     })

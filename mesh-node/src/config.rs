@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub kubernetes: Option<KubeSettings>,
     /// `Some`: enrolled pods' DNS queries go to mesh-node's DNS proxy (pods may opt out).
     pub dns: Option<DnsSettings>,
+    /// How long open connections may finish after SIGTERM (or `POST /drain`).
+    pub drain_timeout: Duration,
 }
 
 /// The pods' DNS proxy.
@@ -115,6 +117,7 @@ impl Default for RunConfig {
             gateway: None,
             kubernetes: None,
             dns: Some(DnsSettings::default()),
+            drain_timeout: Duration::from_secs(25),
         }
     }
 }

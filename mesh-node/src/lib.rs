@@ -10,6 +10,7 @@ pub mod certs;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
+pub mod drain;
 pub mod ending;
 pub mod enroll;
 pub mod gateway;

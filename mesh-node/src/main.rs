@@ -263,6 +263,10 @@ struct RunArgs {
         value_name = "BOOL"
     )]
     inner_tls_resumption: bool,
+    /// Seconds open connections may finish after SIGTERM or `POST /drain` (listeners closed,
+    /// HBONE connections told GOAWAY at once); what is left then is cut. Fits a 30 s grace period.
+    #[arg(long, env = "MESH_NODE_DRAIN_TIMEOUT", default_value_t = 25)]
+    drain_timeout: u64,
     /// Seconds to wait for a TCP connect (upstreams, peers' 15008).
     #[arg(long, env = "MESH_NODE_CONNECT_TIMEOUT", default_value_t = 10)]
     connect_timeout: u64,
@@ -366,6 +370,7 @@ fn main() -> ExitCode {
             });
             let config = RunConfig {
                 pods_file: args.pods,
+                drain_timeout: Duration::from_secs(args.drain_timeout),
                 kubernetes,
                 dns: args.dns_capture.then(|| DnsSettings {
                     domain: args.dns_domain.trim_matches('.').to_ascii_lowercase(),

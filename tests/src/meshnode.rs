@@ -116,9 +116,17 @@ impl MeshNode {
         } else {
             &["--workers", "2"]
         };
+        // Tests that stop mesh-node with connections open should not wait the production 25 s.
+        let drain: &[&str] =
+            if extra.contains(&"--drain-timeout") || base.iter().any(|a| a == "--drain-timeout") {
+                &[]
+            } else {
+                &["--drain-timeout", "3"]
+            };
         cmd.arg("run")
             .args(base)
             .args(workers)
+            .args(drain)
             .args(extra)
             .env(
                 "MESH_NODE_LOG",

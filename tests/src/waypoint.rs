@@ -108,6 +108,7 @@ impl Waypoint {
                             config.clone(),
                             Duration::from_secs(10),
                             handler.clone(),
+                            tokio::sync::watch::channel(false).1,
                         ));
                     }
                 };

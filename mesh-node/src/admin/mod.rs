@@ -1,6 +1,7 @@
 //! mesh-node's own HTTP endpoints, in its own network namespace:
 //! - admin, `127.0.0.1:15000`: `GET /config_dump` (workloads, services, policies, enrolled
-//!   pods, certificates with expiry — never keys), `GET|POST /logging[?level=FILTER]`;
+//!   pods, certificates with expiry — never keys), `GET|POST /logging[?level=FILTER]`,
+//!   `POST /drain` (as SIGTERM: stop taking connections, let open ones finish, exit);
 //! - metrics, `:15020`: `GET /stats/prometheus` (also `/metrics`), Prometheus text;
 //! - readiness, `:15021`: `GET /healthz/ready`, 200 once programs are attached, start-up
 //!   enrollment is done, the control plane's first answer arrived and every enrolled pod has a
@@ -199,9 +200,21 @@ fn admin_routes(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Byt
                 Err(error) => text(StatusCode::BAD_REQUEST, format!("{error}\n")),
             }
         }
+        (&Method::POST, "/drain") => match admin.ctx.get() {
+            Some(ctx) => {
+                if ctx.drain.start() {
+                    tracing::warn!("drain requested through the admin endpoint");
+                }
+                text(StatusCode::ACCEPTED, "draining\n".to_owned())
+            }
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not serving yet: nothing to drain\n".to_owned(),
+            ),
+        },
         _ => not_found(
             request,
-            "GET /config_dump, GET /logging, POST /logging?level=FILTER",
+            "GET /config_dump, GET /logging, POST /logging?level=FILTER, POST /drain",
         ),
     }
 }

@@ -11,6 +11,7 @@ use crate::{certs::CertManager, xds::session::XdsStatus};
 /// What readiness waits for. Shared by the start-up sequence (which sets the flags) and the
 /// readiness endpoint.
 pub struct Readiness {
+    draining: AtomicBool,
     programs: AtomicBool,
     enrolled: AtomicBool,
     pub(super) xds: watch::Receiver<XdsStatus>,
@@ -22,6 +23,7 @@ impl Readiness {
     /// without a control plane), and names the resources it refused.
     pub fn new(xds: watch::Receiver<XdsStatus>, certs: Option<Arc<CertManager>>) -> Self {
         Self {
+            draining: AtomicBool::new(false),
             programs: AtomicBool::new(false),
             enrolled: AtomicBool::new(false),
             xds,
@@ -31,6 +33,11 @@ impl Readiness {
 
     pub fn programs_attached(&self) {
         self.programs.store(true, Ordering::Release);
+    }
+
+    /// From now on not ready: the process is draining.
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     pub fn startup_enrollment_done(&self) {
@@ -56,6 +63,9 @@ impl Readiness {
     /// What is still missing; empty when ready.
     pub fn missing(&self) -> Vec<String> {
         let mut missing = Vec::new();
+        if self.draining.load(Ordering::Acquire) {
+            missing.push("draining: no new connections are taken".to_owned());
+        }
         if !self.programs.load(Ordering::Acquire) {
             missing.push("eBPF programs not attached yet".to_owned());
         }

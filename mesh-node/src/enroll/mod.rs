@@ -55,6 +55,8 @@ pub enum EnrollError {
     NoAddress { pod: String },
     #[error("enroll pod {pod}: {source}")]
     Dataplane { pod: String, source: DataplaneError },
+    #[error("enroll pod {pod}: mesh-node is draining")]
+    Draining { pod: String },
 }
 
 struct Enrolled {
@@ -118,6 +120,9 @@ impl Enroller {
     pub fn enroll_in(&self, spec: PodSpec, netns: NetNs) -> Result<Arc<Pod>, EnrollError> {
         let _data_runtime = self.runtime.enter();
         let key = spec.key();
+        if self.ctx.drain.is_draining() {
+            return Err(EnrollError::Draining { pod: key });
+        }
         if self.lock().contains_key(&key) {
             return Err(EnrollError::AlreadyEnrolled { pod: key });
         }
@@ -268,6 +273,17 @@ impl Enroller {
         enrolled.tasks.iter().for_each(JoinHandle::abort);
         tracing::info!(pod = %key, "pod un-enrolled");
         result
+    }
+
+    /// Closes every pod's listeners (and DNS proxy) at once, for a drain: new connections meet
+    /// the fail mode (or a successor's listeners), while the pods stay enrolled and pinned and
+    /// the connections already accepted go on. Returns how many pods were serving.
+    pub fn stop_accepting(&self) -> usize {
+        let pods = self.lock();
+        for enrolled in pods.values() {
+            enrolled.tasks.iter().for_each(JoinHandle::abort);
+        }
+        pods.len()
     }
 
     /// Undoes every kernel-side effect of enrolling `pod`; reports the first failure.

@@ -136,13 +136,15 @@ impl RefusedKind {
 }
 
 /// Serves one HBONE connection until the peer closes it or keep-alive fails; `Err` when it
-/// never got past the handshake.
+/// never got past the handshake. Once `drain` turns true the connection is told GOAWAY: no new
+/// tunnels, the open ones finish.
 pub async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,
     handler: Arc<dyn TunnelHandler>,
+    mut drain: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Refused> {
     let _ = tcp.set_nodelay(true);
     let handshake = async {
@@ -210,8 +212,14 @@ pub async fn serve_connection(
             None => Box::pin(std::future::pending()),
         };
     tokio::pin!(keepalive);
+    let mut goaway_sent = false;
     loop {
         tokio::select! {
+            _ = drain.wait_for(|draining| *draining), if !goaway_sent => {
+                goaway_sent = true;
+                connection.graceful_shutdown();
+                tracing::info!(%peer, "HBONE connection draining: GOAWAY sent");
+            }
             next = connection.accept() => match next {
                 Some(Ok((request, respond))) => {
                     // At debug only: a span enabled per tunnel keeps a slot of the

@@ -77,6 +77,7 @@ pub async fn serve_hbone_as(
                         certified.server_config.clone(),
                         ctx.settings.handshake_timeout,
                         target,
+                        ctx.drain.subscribe(),
                     )
                     .await;
                     if let Err(refused) = served {

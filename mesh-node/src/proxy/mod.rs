@@ -87,6 +87,8 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     /// Which refused handshakes (by source address and reason) were logged lately.
     pub refusals: Throttle<(IpAddr, String)>,
+    /// Started on SIGTERM or `POST /drain`.
+    pub drain: crate::drain::Drain,
 }
 
 /// A source refused for one reason is logged at most once per window.
@@ -113,6 +115,7 @@ impl ProxyContext {
             settings,
             live: Arc::new(Live::default()),
             refusals: Throttle::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_KEYS),
+            drain: crate::drain::Drain::new(),
         }
     }
 

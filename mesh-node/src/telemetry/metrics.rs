@@ -125,6 +125,8 @@ pub struct Metrics {
     hbone_refused: Family<ReasonLabel, Counter>,
     inner_handshakes: Family<KindLabel, Counter>,
     dns_requests: Family<ResultLabel, Counter>,
+    open_connections: Gauge,
+    drain_cut: Counter,
     dns_upstream: Histogram,
 }
 
@@ -234,6 +236,18 @@ impl Metrics {
             "Time the pods' resolvers took to answer forwarded queries",
             dns_upstream.clone(),
         );
+        let open_connections = Gauge::default();
+        registry.register(
+            "mesh_connections_open",
+            "Connections mesh-node relays right now, one per side it reports (a connection between two pods of this node counts twice)",
+            open_connections.clone(),
+        );
+        let drain_cut = Counter::default();
+        registry.register(
+            "mesh_drain_cut_connections",
+            "Connections still open when a drain's deadline came, and cut",
+            drain_cut.clone(),
+        );
         let dataplane = Arc::new(OnceLock::new());
         registry.register_collector(Box::new(KernelCounters(dataplane.clone())));
         Self {
@@ -253,7 +267,19 @@ impl Metrics {
             inner_handshakes,
             dns_requests,
             dns_upstream,
+            open_connections,
+            drain_cut,
         }
+    }
+
+    /// Connections open now (reports opened and not yet closed).
+    pub fn open_connections(&self) -> i64 {
+        self.open_connections.get()
+    }
+
+    /// `count` connections were cut at a drain's deadline.
+    pub fn drain_cut(&self, count: u64) {
+        self.drain_cut.inc_by(count);
     }
 
     /// A DNS query ended with `result` (`answered`, `forwarded`, `servfail`, `formerr`,
@@ -276,10 +302,12 @@ impl Metrics {
 
     pub fn opened(&self, labels: &TcpLabels) {
         self.opened.get_or_create(labels).inc();
+        self.open_connections.inc();
     }
 
     pub fn closed(&self, labels: &TcpLabels, request: u64, response: u64) {
         self.closed.get_or_create(labels).inc();
+        self.open_connections.dec();
         self.received.get_or_create(labels).inc_by(request);
         self.sent.get_or_create(labels).inc_by(response);
     }

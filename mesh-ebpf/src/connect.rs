@@ -218,7 +218,7 @@ fn remember(ctx: &SockAddrContext, orig: &OrigDst, pod_id: u32) -> bool {
 }
 
 #[inline(always)]
-fn decision(orig: &OrigDst, pod_id: u32, action: TraceAction, reason: TraceReason) {
+pub fn decision(orig: &OrigDst, pod_id: u32, action: TraceAction, reason: TraceReason) {
     trace(TraceEvent {
         netns_cookie: orig.netns_cookie,
         dst_ip: orig.ip,

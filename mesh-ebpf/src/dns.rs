@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     DNS_PORT, DNS_PROXY_PORT, EnrolledPod, FAMILY_INET, OrigDst, PROXY_MARK, TraceAction,
-    TraceEvent, TraceHook, TraceReason,
+    TraceReason,
 };
 
 use crate::{
@@ -35,7 +35,8 @@ use crate::{
         LOOPBACK4, LOOPBACK6, V4_MAPPED_PREFIX, is_loopback4, is_loopback6, is_v4_mapped,
         port_from_ctx, port_to_ctx, read_user_ip6, write_user_ip6,
     },
-    maps::{DNS_SOCK_ORIG, DNS_UPSTREAM, ENROLLED, trace},
+    connect::decision,
+    maps::{DNS_SOCK_ORIG, DNS_UPSTREAM, ENROLLED},
 };
 use mesh_common::FAMILY_INET6;
 
@@ -261,19 +262,4 @@ fn udp_proxy_alive(ctx: &SockAddrContext, v6: bool) -> bool {
     // SAFETY: `sk` is the non-null reference the lookup returned; it must be released once.
     unsafe { bpf_sk_release(sk.cast()) };
     true
-}
-
-#[inline(always)]
-fn decision(orig: &OrigDst, pod_id: u32, action: TraceAction, reason: TraceReason) {
-    trace(TraceEvent {
-        netns_cookie: orig.netns_cookie,
-        dst_ip: orig.ip,
-        pod_id,
-        dst_port: orig.port,
-        family: orig.family,
-        hook: TraceHook::Connect as u8,
-        action: action as u8,
-        reason: reason as u8,
-        ..TraceEvent::default()
-    });
 }

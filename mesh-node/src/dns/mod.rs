@@ -55,13 +55,79 @@ const MAX_TCP_CONNECTIONS: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// What to do with one query.
-enum Verdict {
-    /// Send these bytes back.
-    Reply(Vec<u8>),
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// An answer from the mesh state: send these bytes back.
+    Answer(Vec<u8>),
+    /// Not a DNS query: send this FORMERR back.
+    Formerr(Vec<u8>),
     /// Not ours: ask the pod's resolver.
     Forward,
     /// Not even a DNS header: say nothing.
     Drop,
+}
+
+/// The answer to `query` from `asker` (pure: a read of the state): a mesh name's A or AAAA
+/// records, FORMERR for what does not parse, or `Forward`. `udp`: the answer must fit the
+/// client's UDP size or come truncated.
+pub fn respond(
+    state: &crate::state::State,
+    query: &[u8],
+    asker: answer::Asker<'_>,
+    domain: &str,
+    udp: bool,
+) -> Verdict {
+    let message = match Message::from_vec(query) {
+        Ok(message) => message,
+        Err(_) => {
+            return match formerr(query) {
+                Some(reply) => Verdict::Formerr(reply),
+                None => Verdict::Drop,
+            };
+        }
+    };
+    let meta = &message.metadata;
+    if meta.message_type != MessageType::Query
+        || meta.op_code != OpCode::Query
+        || message.queries.len() != 1
+    {
+        return Verdict::Forward;
+    }
+    let question = &message.queries[0];
+    let (qtype, qname) = (question.query_type(), question.name().to_ascii());
+    if !matches!(qtype, RecordType::A | RecordType::AAAA) {
+        return Verdict::Forward;
+    }
+    let Some(ips) = answer::find(state, &qname, asker, domain) else {
+        return Verdict::Forward;
+    };
+    let mut reply = Message::response(meta.id, OpCode::Query);
+    reply.metadata.recursion_desired = meta.recursion_desired;
+    reply.metadata.recursion_available = true;
+    reply.metadata.authoritative = true;
+    reply.metadata.response_code = ResponseCode::NoError;
+    reply.add_query(question.clone());
+    let records = ips.iter().filter_map(|ip| match (qtype, ip) {
+        (RecordType::A, IpAddr::V4(v4)) => Some(RData::A(rdata::A(*v4))),
+        (RecordType::AAAA, IpAddr::V6(v6)) => Some(RData::AAAA(rdata::AAAA(*v6))),
+        _ => None,
+    });
+    for data in records {
+        reply.add_answer(Record::from_rdata(question.name().clone(), TTL, data));
+    }
+    let Ok(mut bytes) = reply.to_vec() else {
+        return Verdict::Forward;
+    };
+    let limit = message.edns.as_ref().map_or(UDP_PLAIN_LIMIT, |edns| {
+        usize::from(edns.max_payload()).max(UDP_PLAIN_LIMIT)
+    });
+    if udp && bytes.len() > limit {
+        // Too large for this client over UDP: truncated, so that it asks again over TCP.
+        reply.answers.clear();
+        reply.metadata.truncation = true;
+        bytes = reply.to_vec().unwrap_or_default();
+    }
+    Verdict::Answer(bytes)
 }
 
 /// The proxy's shared parts for one pod.
@@ -108,7 +174,7 @@ async fn serve_udp(socket: UdpSocket, proxy: Arc<Proxy>) {
         };
         let query = buf[..len].to_vec();
         match proxy.decide(&query, client, Transport::Udp) {
-            Verdict::Reply(reply) => {
+            Verdict::Answer(reply) | Verdict::Formerr(reply) => {
                 let _ = socket.send_to(&reply, client).await;
             }
             Verdict::Drop => proxy.ctx.metrics.dns_request("dropped"),
@@ -164,69 +230,28 @@ enum Transport {
 }
 
 impl Proxy {
-    /// Answers a mesh name, refuses what cannot be read, or sends it on.
+    /// Answers a mesh name, refuses what cannot be read, or sends it on; counts answers.
     fn decide(&self, query: &[u8], client: SocketAddr, transport: Transport) -> Verdict {
-        let message = match Message::from_vec(query) {
-            Ok(message) => message,
-            Err(_) => {
-                return match formerr(query) {
-                    Some(reply) => {
-                        self.ctx.metrics.dns_request("formerr");
-                        Verdict::Reply(reply)
-                    }
-                    None => Verdict::Drop,
-                };
-            }
-        };
-        let meta = &message.metadata;
-        if meta.message_type != MessageType::Query
-            || meta.op_code != OpCode::Query
-            || message.queries.len() != 1
-        {
-            return Verdict::Forward;
-        }
-        let question = &message.queries[0];
-        let (qtype, qname) = (question.query_type(), question.name().to_ascii());
-        if !matches!(qtype, RecordType::A | RecordType::AAAA) {
-            return Verdict::Forward;
-        }
         let asker = answer::Asker {
             namespace: &self.pod.spec.namespace,
             network: &self.ctx.node.network,
         };
-        let found = answer::find(&self.ctx.state(), &qname, asker, &self.settings.domain);
-        let Some(ips) = found else {
-            return Verdict::Forward;
-        };
-        let mut reply = Message::response(meta.id, OpCode::Query);
-        reply.metadata.recursion_desired = meta.recursion_desired;
-        reply.metadata.recursion_available = true;
-        reply.metadata.authoritative = true;
-        reply.metadata.response_code = ResponseCode::NoError;
-        reply.add_query(question.clone());
-        let records = ips.iter().filter_map(|ip| match (qtype, ip) {
-            (RecordType::A, IpAddr::V4(v4)) => Some(RData::A(rdata::A(*v4))),
-            (RecordType::AAAA, IpAddr::V6(v6)) => Some(RData::AAAA(rdata::AAAA(*v6))),
-            _ => None,
-        });
-        for data in records {
-            reply.add_answer(Record::from_rdata(question.name().clone(), TTL, data));
+        let verdict = respond(
+            &self.ctx.state(),
+            query,
+            asker,
+            &self.settings.domain,
+            transport == Transport::Udp,
+        );
+        match &verdict {
+            Verdict::Answer(_) => {
+                tracing::debug!(target: "dns", pod = %self.pod.spec, %client, "DNS query answered from the mesh state");
+                self.ctx.metrics.dns_request("answered");
+            }
+            Verdict::Formerr(_) => self.ctx.metrics.dns_request("formerr"),
+            Verdict::Forward | Verdict::Drop => {}
         }
-        let Ok(mut bytes) = reply.to_vec() else {
-            return Verdict::Forward;
-        };
-        let limit = message.edns.as_ref().map_or(UDP_PLAIN_LIMIT, |edns| {
-            usize::from(edns.max_payload()).max(UDP_PLAIN_LIMIT)
-        });
-        if transport == Transport::Udp && bytes.len() > limit {
-            // Too large for this client over UDP: truncated, so that it asks again over TCP.
-            reply.answers.clear();
-            reply.metadata.truncation = true;
-            bytes = reply.to_vec().unwrap_or_default();
-        }
-        tracing::debug!(target: "dns", pod = %self.pod.spec, %client, name = %qname, ?qtype, answers = ips.len(), "DNS query answered from the mesh state");
-        self.ctx.metrics.dns_request("answered");
-        Verdict::Reply(bytes)
+        verdict
     }
 
     /// Asks the pod's resolver over UDP; SERVFAIL when there is none, it fails or is silent.
@@ -316,7 +341,7 @@ impl Proxy {
                 Ok(Err(error)) => return Err(error),
             };
             let reply = match self.decide(&query, client, Transport::Tcp) {
-                Verdict::Reply(reply) => reply,
+                Verdict::Answer(reply) | Verdict::Formerr(reply) => reply,
                 Verdict::Drop => {
                     self.ctx.metrics.dns_request("dropped");
                     return Ok(());
@@ -393,7 +418,83 @@ fn servfail(query: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use hickory_proto::{op::Query, rr::Name};
+
     use super::*;
+    use crate::{
+        proto::workload as pb,
+        state::{State, convert},
+    };
+
+    /// A service `big.default.svc.cluster.local` with `count` IPv4 VIPs.
+    fn state_with(count: u8) -> State {
+        let mut state = State::new();
+        let service = pb::Service {
+            name: "big".into(),
+            namespace: "default".into(),
+            hostname: "big.default.svc.cluster.local".into(),
+            addresses: (1..=count)
+                .map(|i| pb::NetworkAddress {
+                    network: String::new(),
+                    address: vec![10, 96, 1, i],
+                    length: None,
+                })
+                .collect(),
+            ports: vec![pb::Port {
+                service_port: 80,
+                target_port: 80,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        state.upsert_service(convert::service(service).unwrap());
+        state
+    }
+
+    fn query(name: &str, qtype: RecordType) -> Vec<u8> {
+        let mut message = Message::query();
+        message.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        message.to_vec().unwrap()
+    }
+
+    const ASKER: answer::Asker<'static> = answer::Asker {
+        namespace: "default",
+        network: "",
+    };
+
+    fn answers(verdict: &Verdict) -> (usize, bool) {
+        let Verdict::Answer(bytes) = verdict else {
+            panic!("not an answer: {verdict:?}");
+        };
+        let message = Message::from_vec(bytes).unwrap();
+        (message.answers.len(), message.metadata.truncation)
+    }
+
+    #[test]
+    fn a_large_answer_is_truncated_over_udp_and_whole_over_tcp() {
+        let state = state_with(60);
+        let q = query("big", RecordType::A);
+        assert_eq!(answers(&respond(&state, &q, ASKER, "cluster.local", true)), (0, true));
+        assert_eq!(answers(&respond(&state, &q, ASKER, "cluster.local", false)), (60, false));
+        let small = state_with(3);
+        assert_eq!(answers(&respond(&small, &q, ASKER, "cluster.local", true)), (3, false));
+    }
+
+    #[test]
+    fn other_types_names_and_garbage() {
+        let state = state_with(1);
+        let mx = query("big", RecordType::MX);
+        assert_eq!(respond(&state, &mx, ASKER, "cluster.local", true), Verdict::Forward);
+        let other = query("example.org", RecordType::A);
+        assert_eq!(respond(&state, &other, ASKER, "cluster.local", true), Verdict::Forward);
+        let mut garbage = query("big", RecordType::A);
+        garbage.truncate(14);
+        assert!(matches!(
+            respond(&state, &garbage, ASKER, "cluster.local", true),
+            Verdict::Formerr(_)
+        ));
+        assert_eq!(respond(&state, &[1, 2, 3], ASKER, "cluster.local", true), Verdict::Drop);
+    }
 
     #[test]
     fn header_replies_echo_the_id_and_set_the_code() {

@@ -9,6 +9,8 @@
 //!   benchmark (direct vs same-node vs cross-node HBONE).
 //! - `bench xds [SIZES]`: release build, then the control-plane scale benchmark.
 //! - `release`: setup, then the release build of mesh-node (what the image's build stage runs).
+//! - `fuzz [--seconds N] [TARGET…]`: cargo fuzz (libFuzzer, pinned nightly) on every target of
+//!   `fuzz/`, seeded from `fuzz/corpus/<target>`; `test` runs it for a few seconds each.
 //! - `image [--tag T]`: the container image from `Containerfile`, with buildah or podman.
 use std::{
     env,
@@ -24,6 +26,9 @@ use clap::{Parser, Subcommand};
 const PINNED_NIGHTLY_COMMIT_DATE: &str = "2026-05-19";
 const PINNED_NIGHTLY_NAME: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.10.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Seconds per fuzz target in `cargo xtask test` (a smoke run; `cargo xtask fuzz` runs longer).
+const FUZZ_SMOKE_SECONDS: u64 = 5;
 /// Commands the harness and mesh-node rely on, with the Debian package that provides each.
 const DEBIAN_TOOLS: [(&str, &str); 1] = [("ip", "iproute2")];
 
@@ -48,6 +53,13 @@ enum Cmd {
     Test,
     /// Set up and build mesh-node with optimisations (target/release/mesh-node).
     Release,
+    /// Fuzz the decoders (cargo fuzz on the pinned nightly), each target for --seconds.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: every one in fuzz/Cargo.toml).
+        targets: Vec<String>,
+    },
     /// Build the container image (Containerfile) with buildah or podman, whichever is present.
     Image {
         #[arg(long, default_value = "mesh-node:dev")]
@@ -92,6 +104,10 @@ fn main() -> Result<()> {
             let mut demo = Command::new(root.join("target/debug/mesh-demo"));
             demo.args(which);
             run(demo)?;
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            let toolchain = setup()?;
+            fuzz(&toolchain, seconds, &targets)?;
         }
         Cmd::Release => {
             let toolchain = setup()?;
@@ -153,6 +169,7 @@ fn main() -> Result<()> {
             test.env("MESH_REQUIRE_PRIVILEGED", "1")
                 .env("MESH_NODE_BIN", root.join("target/debug/mesh-node"));
             run(test)?;
+            fuzz(&toolchain, FUZZ_SMOKE_SECONDS, &[])?;
         }
     }
     Ok(())
@@ -171,6 +188,7 @@ fn setup() -> Result<String> {
     ensure_rust_src(&toolchain)?;
     ensure_bpf_linker()?;
     ensure_debian_tools()?;
+    ensure_cargo_fuzz()?;
     check_kustomize()?;
     eprintln!("xtask: set up (eBPF toolchain {toolchain}, bpf-linker {BPF_LINKER_VERSION})");
     Ok(toolchain)
@@ -267,6 +285,89 @@ fn ensure_debian_tools() -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive");
     run(install)
+}
+
+fn ensure_cargo_fuzz() -> Result<()> {
+    if env::var_os("MESH_SKIP_KUBECTL_CHECK").is_some() {
+        return Ok(()); // the image's build stage fuzzes nothing
+    }
+    let installed = output(command("cargo", &["fuzz", "--version"])).unwrap_or_default();
+    if installed.contains(CARGO_FUZZ_VERSION) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    run(command(
+        "cargo",
+        &[
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ],
+    ))
+}
+
+/// The targets of `fuzz/Cargo.toml` (its `[[bin]]` names).
+fn fuzz_targets(root: &Path) -> Result<Vec<String>> {
+    let manifest = std::fs::read_to_string(root.join("fuzz/Cargo.toml"))?;
+    Ok(manifest
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("name = \""))
+        .filter_map(|rest| rest.strip_suffix('"'))
+        .filter(|name| *name != "mesh-node-fuzz")
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Builds the fuzz targets and runs each for `seconds`, new inputs going to a scratch corpus
+/// (the repository's seeds are read, not grown). A crash fails the run; its input is kept in
+/// fuzz/artifacts/<target>/.
+fn fuzz(toolchain: &str, seconds: u64, only: &[String]) -> Result<()> {
+    let root = workspace_root();
+    let targets = if only.is_empty() {
+        fuzz_targets(&root)?
+    } else {
+        only.to_vec()
+    };
+    let fuzz_dir = root.join("fuzz");
+    let plus = format!("+{toolchain}");
+    let mut build = command("cargo", &[&plus, "fuzz", "build", "-O"]);
+    build
+        .current_dir(&fuzz_dir)
+        .env("MESH_EBPF_TOOLCHAIN", toolchain);
+    run(build)?;
+    let scratch = env::temp_dir().join(format!("mesh-fuzz-{}", std::process::id()));
+    for target in &targets {
+        let grown = scratch.join(target);
+        std::fs::create_dir_all(&grown)?;
+        let seeds = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&seeds)?;
+        let max_time = format!("-max_total_time={seconds}");
+        let mut fuzz_run = command("cargo", &[&plus, "fuzz", "run", "-O", target]);
+        fuzz_run
+            .arg(&grown)
+            .arg(&seeds)
+            .args(["--", &max_time, "-print_final_stats=1"])
+            .current_dir(&fuzz_dir)
+            .env("MESH_EBPF_TOOLCHAIN", toolchain);
+        let out = fuzz_run
+            .output()
+            .with_context(|| format!("run fuzz target {target}"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let executed = stderr
+            .lines()
+            .find_map(|line| line.strip_prefix("stat::number_of_executed_units:"))
+            .map_or("?", str::trim)
+            .to_owned();
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&scratch);
+            bail!("fuzz target {target} failed after {executed} runs:\n{stderr}");
+        }
+        eprintln!("xtask: fuzz {target}: {executed} runs in {seconds} s, no crash");
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
 }
 
 /// The manifest tests render deploy/ with `kubectl kustomize` (kustomize v5 syntax). Debian has

@@ -474,26 +474,44 @@ mod tests {
     fn a_large_answer_is_truncated_over_udp_and_whole_over_tcp() {
         let state = state_with(60);
         let q = query("big", RecordType::A);
-        assert_eq!(answers(&respond(&state, &q, ASKER, "cluster.local", true)), (0, true));
-        assert_eq!(answers(&respond(&state, &q, ASKER, "cluster.local", false)), (60, false));
+        assert_eq!(
+            answers(&respond(&state, &q, ASKER, "cluster.local", true)),
+            (0, true)
+        );
+        assert_eq!(
+            answers(&respond(&state, &q, ASKER, "cluster.local", false)),
+            (60, false)
+        );
         let small = state_with(3);
-        assert_eq!(answers(&respond(&small, &q, ASKER, "cluster.local", true)), (3, false));
+        assert_eq!(
+            answers(&respond(&small, &q, ASKER, "cluster.local", true)),
+            (3, false)
+        );
     }
 
     #[test]
     fn other_types_names_and_garbage() {
         let state = state_with(1);
         let mx = query("big", RecordType::MX);
-        assert_eq!(respond(&state, &mx, ASKER, "cluster.local", true), Verdict::Forward);
+        assert_eq!(
+            respond(&state, &mx, ASKER, "cluster.local", true),
+            Verdict::Forward
+        );
         let other = query("example.org", RecordType::A);
-        assert_eq!(respond(&state, &other, ASKER, "cluster.local", true), Verdict::Forward);
+        assert_eq!(
+            respond(&state, &other, ASKER, "cluster.local", true),
+            Verdict::Forward
+        );
         let mut garbage = query("big", RecordType::A);
         garbage.truncate(14);
         assert!(matches!(
             respond(&state, &garbage, ASKER, "cluster.local", true),
             Verdict::Formerr(_)
         ));
-        assert_eq!(respond(&state, &[1, 2, 3], ASKER, "cluster.local", true), Verdict::Drop);
+        assert_eq!(
+            respond(&state, &[1, 2, 3], ASKER, "cluster.local", true),
+            Verdict::Drop
+        );
     }
 
     #[test]

@@ -178,6 +178,7 @@ fn a_restarted_mesh_node_captures_again_through_the_same_pinned_links() {
     );
     first.stop().expect("stop first");
 
+    let programs_before = hook_program_ids(&first, "origin=attached");
     let second = MeshNode::start(&topo, "node1", &[]).expect("second mesh-node");
     let reused = hook_link_ids(&second, "origin=reused");
     assert_eq!(
@@ -186,12 +187,38 @@ fn a_restarted_mesh_node_captures_again_through_the_same_pinned_links() {
         "the restart must reuse the very same links:\n{}",
         second.log_text()
     );
+    // ... each now running the programs the new process loaded (an upgrade runs its own
+    // kernel code), swapped in without detaching.
+    let programs_after = hook_program_ids(&second, "origin=reused");
+    assert_eq!(programs_after.len(), programs_before.len());
+    for ((hook, before), (_, after)) in programs_before.iter().zip(&programs_after) {
+        assert_ne!(
+            before, after,
+            "{hook} still runs the first process's program"
+        );
+    }
     client_captured(&topo, server.addr, 100, 2);
     assert!(
         wait_for(|| captured_count(&second, server.addr) == 2),
         "{}",
         second.log_text()
     );
+}
+
+/// `(hook, program id)` pairs from mesh-node's "capture hook in place" lines with this origin.
+fn hook_program_ids(mesh: &MeshNode, origin: &str) -> Vec<(String, String)> {
+    mesh.log_lines_with(&["capture hook in place", origin])
+        .iter()
+        .map(|line| {
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(name))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            (field("hook="), field("program_id="))
+        })
+        .collect()
 }
 
 /// `(hook, link id)` pairs from mesh-node's "capture hook in place" lines with this origin.

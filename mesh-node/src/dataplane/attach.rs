@@ -9,6 +9,7 @@ use std::{
 
 use std::os::fd::AsFd;
 
+use super::sys;
 use aya::{
     Ebpf,
     programs::{
@@ -65,6 +66,12 @@ pub enum AttachError {
         netns: PathBuf,
         source: Box<ProgramError>,
     },
+    #[error("replace the program of the pinned {hook} link {path}: {io_error}")]
+    Update {
+        hook: &'static str,
+        path: PathBuf,
+        io_error: io::Error,
+    },
     #[error("open pinned link {path}: {source}")]
     Reuse {
         path: PathBuf,
@@ -116,6 +123,21 @@ pub fn attach_all(
                 path: pin_path.clone(),
                 source: Box::new(source),
             })?;
+            // The link stays (capture never pauses); its program becomes this build's, so an
+            // upgraded mesh-node runs its own kernel code, not its predecessor's.
+            let prog_fd = load_one(ebpf, program, hook, min_kernel)?;
+            let link_fd = sys::obj_get(&pin_path).map_err(|io_error| AttachError::Update {
+                hook,
+                path: pin_path.clone(),
+                io_error,
+            })?;
+            sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).map_err(|io_error| {
+                AttachError::Update {
+                    hook,
+                    path: pin_path.clone(),
+                    io_error,
+                }
+            })?;
             (FdLink::from(pinned), LinkOrigin::Reused)
         } else {
             let fd_link = attach_one(ebpf, &cgroup_file, cgroup, program, hook, min_kernel)?;
@@ -141,6 +163,38 @@ pub fn attach_all(
         });
     }
     Ok(links)
+}
+
+/// Loads (verifies) one of the cgroup programs and returns its descriptor.
+fn load_one(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    hook: &'static str,
+    min_kernel: &'static str,
+) -> Result<std::os::fd::OwnedFd, AttachError> {
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::MissingProgram { program })?;
+    let load_err = |source: ProgramError| AttachError::Load {
+        hook,
+        program,
+        min_kernel,
+        source: Box::new(source),
+    };
+    let fd = if program == program_names::SOCK_OPS {
+        let prog: &mut SockOps = prog.try_into().map_err(load_err)?;
+        prog.load().map_err(load_err)?;
+        prog.fd().map_err(load_err)?.as_fd().try_clone_to_owned()
+    } else {
+        let prog: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
+        prog.load().map_err(load_err)?;
+        prog.fd().map_err(load_err)?.as_fd().try_clone_to_owned()
+    };
+    fd.map_err(|io_error| AttachError::Update {
+        hook,
+        path: PathBuf::from(program),
+        io_error,
+    })
 }
 
 fn attach_one(
@@ -216,6 +270,31 @@ pub fn attach_netns(
             path: pin_path.to_owned(),
             source: Box::new(source),
         })?;
+        // As for the cgroup links: this build's program, swapped in place.
+        let update_err = |io_error| AttachError::Update {
+            hook,
+            path: pin_path.to_owned(),
+            io_error,
+        };
+        let prog: &mut SkLookup = ebpf
+            .program_mut(program)
+            .ok_or(AttachError::MissingProgram { program })?
+            .try_into()
+            .map_err(|source| AttachError::AttachNetns {
+                netns: netns_path.to_owned(),
+                source: Box::new(source),
+            })?;
+        let prog_fd = prog
+            .fd()
+            .map_err(|source| AttachError::AttachNetns {
+                netns: netns_path.to_owned(),
+                source: Box::new(source),
+            })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(update_err)?;
+        let link_fd = sys::obj_get(pin_path).map_err(update_err)?;
+        sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).map_err(update_err)?;
         (FdLink::from(pinned), LinkOrigin::Reused)
     } else {
         let attach_err = |source: ProgramError| AttachError::AttachNetns {

@@ -2,6 +2,7 @@
 //! programs, and gives typed access to the shared maps.
 mod attach;
 pub mod record;
+pub mod sys;
 
 use std::{
     fs, io,

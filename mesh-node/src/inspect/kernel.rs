@@ -1,12 +1,8 @@
 //! What `mesh-node bpf` asks the kernel directly: link attach points (which aya does not
 //! expose), feature probes, cgroup paths by id, and whether run statistics are on.
 use std::{
-    ffi::CString,
     fs, io,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
@@ -39,14 +35,6 @@ struct LinkInfoRaw {
     union: [u64; 8],
 }
 
-/// `union bpf_attr` for `BPF_OBJ_GET`.
-#[repr(C)]
-struct ObjGetAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
 /// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
 #[repr(C)]
 struct InfoByFdAttr {
@@ -55,7 +43,6 @@ struct InfoByFdAttr {
     info: u64,
 }
 
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 const BPF_LINK_TYPE_NETNS: u32 = 5;
@@ -70,28 +57,7 @@ pub struct LinkDescription {
 
 /// Opens the link pinned at `path` and asks the kernel what it is and where it is attached.
 pub fn pinned_link(path: &Path) -> io::Result<LinkDescription> {
-    let name = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    let attr = ObjGetAttr {
-        pathname: name.as_ptr() as u64,
-        bpf_fd: 0,
-        // Access flags apply to maps only; the kernel refuses them for links.
-        file_flags: 0,
-    };
-    // SAFETY: `attr` is a valid BPF_OBJ_GET argument of the size passed; `name` outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const attr,
-            size_of::<ObjGetAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = crate::dataplane::sys::obj_get(path)?;
     let mut info = LinkInfoRaw::default();
     let attr = InfoByFdAttr {
         bpf_fd: fd.as_raw_fd() as u32,

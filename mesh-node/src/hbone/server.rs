@@ -212,10 +212,17 @@ pub async fn serve_connection(
             None => Box::pin(std::future::pending()),
         };
     tokio::pin!(keepalive);
+    // A drain signal whose sender is gone never drains (it must not read as "start").
+    let draining = async move {
+        if drain.wait_for(|draining| *draining).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(draining);
     let mut goaway_sent = false;
     loop {
         tokio::select! {
-            _ = drain.wait_for(|draining| *draining), if !goaway_sent => {
+            () = &mut draining, if !goaway_sent => {
                 goaway_sent = true;
                 connection.graceful_shutdown();
                 tracing::info!(%peer, "HBONE connection draining: GOAWAY sent");

@@ -5,6 +5,10 @@ use std::{future::Future, os::fd::AsRawFd, path::Path, sync::Arc, time::Duration
 
 use anyhow::{Context, Result, bail};
 use mesh_node::{
+    hbone::{
+        H2Stream,
+        client::{ConnectHeaders, Connection},
+    },
     identity::{Identity, file_ca::FileCa},
     tls::{ALPN_H2, SpiffeServerVerifier, Tls},
 };
@@ -86,4 +90,24 @@ pub async fn server_certificate(
         .and_then(|chain| chain.first())
         .map(|leaf| leaf.clone().into_owned())
         .context("the server presented no certificate")
+}
+
+/// Opens a new HBONE connection to `peer` with `config` and one CONNECT tunnel to `authority`
+/// carrying `headers` (which a test may forge); the error is the failure as text.
+pub async fn tunnel(
+    config: Arc<ClientConfig>,
+    peer: std::net::SocketAddr,
+    authority: &str,
+    headers: &ConnectHeaders,
+) -> Result<H2Stream, String> {
+    let tcp = tokio::net::TcpStream::connect(peer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let connection = Connection::establish(tcp, peer, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    connection
+        .connect(authority, headers)
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -8,7 +8,7 @@ use mesh_node::xds::proto::security as pb;
 use mesh_tests::{
     MeshNode, PodSpec, Server, Topology,
     control_plane::{ControlPlane, eventually, pod_workload},
-    http_probe, podapp, privileged,
+    hbone_client, http_probe, podapp, privileged,
 };
 
 const PORT: u16 = 8080;
@@ -257,6 +257,69 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
     server.authorization_policies = vec!["default/only-bob".into()];
     mesh.push(|plane| plane.put_workload(server));
     assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["bob"]));
+}
+
+/// `source_ips` is decided on the address the kernel saw on the tunnel's TCP connection, never
+/// on the `forwarded` header, which any holder of a mesh certificate writes as it likes.
+#[test]
+fn a_forged_forwarded_address_does_not_pass_a_source_address_policy() {
+    if !privileged() {
+        return;
+    }
+    let mesh = Mesh::start();
+    let alice_ip = mesh.topo.pod("alice").ip;
+    mesh.gate(
+        pb::Action::Allow,
+        pb::Match {
+            source_ips: vec![mesh.cidr("alice")],
+            ..Default::default()
+        },
+    );
+    assert_eq!(mesh.who_reaches(&CLIENTS, PORT), names(&["alice"]));
+
+    // A peer holding alice's own certificate, from the outsider's address, claiming alice's.
+    let ca_dir = mesh.topo.ca_dir();
+    let alice_id = "spiffe://cluster.local/ns/frontend/sa/alice";
+    let server_id = "spiffe://cluster.local/ns/default/sa/server";
+    let hbone = SocketAddr::from((mesh.topo.pod("server").ip, 15008));
+    let authority = mesh.server(PORT).to_string();
+    let claiming = |claim: SocketAddr| mesh_node::hbone::client::ConnectHeaders {
+        client: Some(claim),
+        ..Default::default()
+    };
+    let open = |from: &str, claim: SocketAddr| {
+        let config = hbone_client::client_config(&ca_dir, alice_id, server_id).unwrap();
+        let headers = claiming(claim);
+        hbone_client::run_in(&mesh.topo.pod(from).netns_path(), || async {
+            hbone_client::tunnel(config, hbone, &authority, &headers)
+                .await
+                .map(|_| ())
+        })
+        .expect("client thread")
+    };
+    let forged = open("outsider", SocketAddr::from((alice_ip, 40000)));
+    assert!(
+        forged.as_ref().is_err_and(|e| e.contains("401")),
+        "a forged forwarded address passed: {forged:?}\n{}",
+        mesh.node1.log_text()
+    );
+    // From alice's own address the policy holds, whatever the header says.
+    let outsider = SocketAddr::from((mesh.topo.pod("outsider").ip, 40000));
+    let honest = open("alice", outsider);
+    assert!(
+        honest.is_ok(),
+        "from alice's address: {honest:?}\n{}",
+        mesh.node1.log_text()
+    );
+    let denied = mesh
+        .node1
+        .log_lines_with(&["connection denied by policy", "no ALLOW policy matched"]);
+    assert!(
+        denied
+            .iter()
+            .any(|line| line.contains(&mesh.topo.pod("outsider").ip.to_string())),
+        "the denial names the address the kernel saw: {denied:?}"
+    );
 }
 
 fn account(namespace: &str, name: &str) -> pb::ServiceAccountMatch {

@@ -3,10 +3,7 @@
 //! what a user sees: bytes that arrived, identities mesh-node reports, what crossed the wire.
 use std::{net::SocketAddr, time::Duration};
 
-use mesh_node::hbone::{
-    H2Stream,
-    client::{ConnectHeaders, Connection},
-};
+use mesh_node::hbone::{H2Stream, client::ConnectHeaders};
 use mesh_tests::{MeshNode, PodSpec, Topology, hbone_client, podapp, privileged, sniff, wait_for};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -125,14 +122,7 @@ async fn tunnel(
     peer: SocketAddr,
     authority: &str,
 ) -> Result<H2Stream, String> {
-    let tcp = TcpStream::connect(peer).await.map_err(|e| e.to_string())?;
-    let connection = Connection::establish(tcp, peer, config)
-        .await
-        .map_err(|e| e.to_string())?;
-    connection
-        .connect(authority, &ConnectHeaders::default())
-        .await
-        .map_err(|e| e.to_string())
+    hbone_client::tunnel(config, peer, authority, &ConnectHeaders::default()).await
 }
 
 /// Reads the echo server's greeting, sends `payload`, reads it back.

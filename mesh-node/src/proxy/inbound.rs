@@ -197,9 +197,6 @@ async fn open_tunnel_target(
             request.authority
         )));
     }
-    // The source node vouches for the application's address in `forwarded`; without it, the
-    // TCP peer is the best we know.
-    let source_addr = request.forwarded_for.unwrap_or(request.peer);
     // Through an east-west gateway the TCP peer is the gateway and the source's address is
     // another network's: the workload is described by what it proved (its identity) and what
     // it said (`baggage`), never looked up by address.
@@ -207,6 +204,7 @@ async fn open_tunnel_target(
         .forwarded_network
         .as_deref()
         .is_some_and(|network| network != ctx.node.network);
+    let source_addr = tunnel_source(request.peer, request.forwarded_for, via_gateway);
     let conn = Inbound {
         pod,
         source: Some(request.peer_identity.clone()),
@@ -223,6 +221,24 @@ async fn open_tunnel_target(
         service,
     };
     deliver(ctx, conn, source_addr, client).await
+}
+
+/// The client of a tunnel, as policy, the access log and the application see it. A direct
+/// tunnel's source is the address the kernel saw on its TCP connection (mesh-node and ztunnel
+/// open tunnels from inside the source pod's namespace, so it is the pod's IP): `forwarded` is
+/// written by whoever holds a mesh certificate and decides nothing, except that it supplies the
+/// client's port when it names that same address. Through a gateway the TCP peer is the
+/// gateway, and `forwarded` is the only claim there is (logged as such).
+fn tunnel_source(peer: SocketAddr, forwarded: Option<SocketAddr>, via_gateway: bool) -> SocketAddr {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    match forwarded {
+        Some(claim) if via_gateway => {
+            tracing::debug!(%peer, client = %claim, "tunnel through a gateway: client address as the source claims it");
+            claim
+        }
+        Some(claim) if claim.ip().to_canonical() == peer.ip() => claim,
+        _ => peer,
+    }
 }
 
 /// The port of `pod` that serves `port` of the service called `hostname`: its endpoint's own
@@ -416,4 +432,53 @@ fn open_report(
         addrs,
         "inbound",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tunnel_source;
+    use std::net::SocketAddr;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_direct_tunnel_is_from_the_address_the_kernel_saw() {
+        let peer = addr("10.0.1.5:40000");
+        // A forged claim changes nothing.
+        assert_eq!(
+            tunnel_source(peer, Some(addr("10.9.9.9:1234")), false),
+            peer
+        );
+        assert_eq!(tunnel_source(peer, None, false), peer);
+        // The same address: the claim adds the application's port.
+        assert_eq!(
+            tunnel_source(peer, Some(addr("10.0.1.5:5555")), false),
+            addr("10.0.1.5:5555")
+        );
+        // An IPv6 listener reports IPv4 peers mapped.
+        assert_eq!(
+            tunnel_source(
+                addr("[::ffff:10.0.1.5]:40000"),
+                Some(addr("10.0.1.5:5555")),
+                false
+            ),
+            addr("10.0.1.5:5555")
+        );
+        assert_eq!(
+            tunnel_source(addr("[::ffff:10.0.1.5]:40000"), None, false),
+            addr("10.0.1.5:40000")
+        );
+    }
+
+    #[test]
+    fn through_a_gateway_the_claim_is_all_there_is() {
+        let gateway = addr("192.168.10.1:40000");
+        assert_eq!(
+            tunnel_source(gateway, Some(addr("10.2.0.7:5555")), true),
+            addr("10.2.0.7:5555")
+        );
+        assert_eq!(tunnel_source(gateway, None, true), gateway);
+    }
 }

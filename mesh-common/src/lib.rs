@@ -13,6 +13,25 @@
 /// The same value ztunnel uses, so tools that know it (conntrack dumps, policy routing) keep working.
 pub const PROXY_MARK: u32 = 0x539;
 
+/// `SO_MARK` of the sockets mesh-node connects to an application with, from the client's
+/// address (original source). In the pod's namespace a routing rule sends this mark to
+/// [`DELIVERY_TABLE`], whose one route makes every address local: the application's replies
+/// (which inherit the mark, `tcp_fwmark_accept`) come back to mesh-node instead of leaving the
+/// pod. The capture hooks leave these sockets alone too.
+pub const DELIVERY_MARK: u32 = 0x53a;
+
+/// The policy-routing table of [`DELIVERY_MARK`] in each enrolled pod's namespace.
+pub const DELIVERY_TABLE: u32 = 0x53a;
+
+/// Priority of the rule selecting [`DELIVERY_TABLE`]: after the `local` table (0), before
+/// `main` (32766).
+pub const DELIVERY_RULE_PRIORITY: u32 = 32000;
+
+/// A socket mark of mesh-node's own: the capture hooks never redirect such a socket.
+pub const fn is_own_mark(mark: u32) -> bool {
+    mark == PROXY_MARK || mark == DELIVERY_MARK
+}
+
 /// Outbound capture listener, on loopback inside each enrolled pod's network namespace.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Inbound plaintext capture listener inside each enrolled pod's network namespace.
@@ -52,6 +71,9 @@ pub mod map_names {
     /// [`crate::OrigDst`] by network-namespace cookie: the resolver a pod addressed last, where
     /// mesh-node forwards the queries it does not answer.
     pub const DNS_UPSTREAM: &str = "MESH_DNS_UPSTREAM";
+    /// Connections mesh-node is opening to an application from its client's address, which
+    /// `sk_lookup` lets through to the application instead of steering them.
+    pub const DELIVERING: &str = "MESH_DELIVERING";
 }
 
 /// Names of the programs in the eBPF object (also the link file names under the pin directory).
@@ -84,6 +106,8 @@ pub const MAX_ENROLLED: u32 = 4096;
 pub const MAX_INBOUND: u32 = 2 * MAX_ENROLLED;
 /// Capacity of the LRU maps that remember original destinations.
 pub const MAX_TRACKED_CONNS: u32 = 65536;
+/// Deliveries from a client's address being connected at once (entries live for one connect).
+pub const MAX_DELIVERING: u32 = 8192;
 /// Size of [`map_names::EVENTS`] in bytes (a power of two, a multiple of the page size): 4096
 /// events of 64 bytes (plus the kernel's 8-byte record headers).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -286,6 +310,24 @@ impl InboundKey {
     }
 }
 
+/// Key of [`map_names::DELIVERING`]: a connection from `remote` to the application at
+/// `local`, as `sk_lookup` sees its SYN. Addresses as in [`InboundKey`] (IPv4 mapped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DeliveryKey {
+    /// The client's address (mesh-node's socket).
+    pub remote: InboundKey,
+    /// The application's address.
+    pub local: InboundKey,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Explicit padding (zero).
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DeliveryKey>() == 40);
+
 /// Key of [`map_names::CONN_ORIG`]: the client side of a captured connection as mesh-node sees it
 /// on accept. The source port is unique per network namespace while the connection lives.
 #[repr(C)]
@@ -328,8 +370,13 @@ pub enum FailMode {
 pub struct DataplaneConfig {
     /// A [`FailMode`] as `u32`.
     pub fail_mode: u32,
-    /// Zero.
-    pub _reserved: u32,
+    /// [`DataplaneConfig::ORIGINAL_SOURCE`], or zero. Read by `mesh-node bpf status`.
+    pub flags: u32,
+}
+
+impl DataplaneConfig {
+    /// Applications see their clients' addresses (mesh-node connects to them from there).
+    pub const ORIGINAL_SOURCE: u32 = 1 << 0;
 }
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 8);
 
@@ -393,13 +440,16 @@ mod pod {
     // and every bit pattern is a valid value.
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     mod impls {
-        use crate::{ConnKey, DataplaneConfig, EnrolledPod, InboundKey, OrigDst, TraceEvent};
+        use crate::{
+            ConnKey, DataplaneConfig, DeliveryKey, EnrolledPod, InboundKey, OrigDst, TraceEvent,
+        };
         unsafe impl aya::Pod for TraceEvent {}
         unsafe impl aya::Pod for InboundKey {}
         unsafe impl aya::Pod for EnrolledPod {}
         unsafe impl aya::Pod for OrigDst {}
         unsafe impl aya::Pod for ConnKey {}
         unsafe impl aya::Pod for DataplaneConfig {}
+        unsafe impl aya::Pod for DeliveryKey {}
     }
 }
 

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     Counter, DNS_PORT, DNS_PROXY_PORT, EnrolledPod, FAMILY_INET, FAMILY_INET6, OUTBOUND_PORT,
-    OrigDst, PROXY_MARK, TraceAction, TraceEvent, TraceHook, TraceReason,
+    OrigDst, TraceAction, TraceEvent, TraceHook, TraceReason,
 };
 
 use crate::{
@@ -132,7 +132,7 @@ fn capturable_netns(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(u64, u
     }
     // SAFETY: `sk` is always set for connect hooks; the verifier types it as a socket pointer.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if sk.is_null() || unsafe { (*sk).mark } == PROXY_MARK {
+    if sk.is_null() || mesh_common::is_own_mark(unsafe { (*sk).mark }) {
         return None;
     }
     // SAFETY: helper call with the program's own context.

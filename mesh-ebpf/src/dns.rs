@@ -26,8 +26,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    DNS_PORT, DNS_PROXY_PORT, EnrolledPod, FAMILY_INET, OrigDst, PROXY_MARK, TraceAction,
-    TraceReason,
+    DNS_PORT, DNS_PROXY_PORT, EnrolledPod, FAMILY_INET, OrigDst, TraceAction, TraceReason,
 };
 
 use crate::{
@@ -173,7 +172,7 @@ pub fn capture_udp6(ctx: &SockAddrContext, sa: &mut bpf_sock_addr) {
 pub fn dns_pod(ctx: &SockAddrContext, sa: &bpf_sock_addr, flag: u32) -> Option<(u64, u32)> {
     // SAFETY: `sk` is always set for these hooks; the verifier types it as a socket pointer.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if sk.is_null() || unsafe { (*sk).mark } == PROXY_MARK {
+    if sk.is_null() || mesh_common::is_own_mark(unsafe { (*sk).mark }) {
         return None;
     }
     // SAFETY: helper call with the program's own context.

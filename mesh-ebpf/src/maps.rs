@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    ConnKey, Counter, DataplaneConfig, EVENTS_BYTES, EnrolledPod, InboundKey, MAX_ENROLLED,
-    MAX_INBOUND, MAX_TRACKED_CONNS, OrigDst, TraceEvent,
+    ConnKey, Counter, DataplaneConfig, DeliveryKey, EVENTS_BYTES, EnrolledPod, InboundKey,
+    MAX_DELIVERING, MAX_ENROLLED, MAX_INBOUND, MAX_TRACKED_CONNS, OrigDst, TraceEvent,
 };
 
 /// Enrolled pods by network-namespace cookie. Written by mesh-node on (un)enrollment.
@@ -41,6 +41,13 @@ pub static CONFIG: Array<DataplaneConfig> = Array::pinned(1, 0);
 /// closes, so a stopped mesh-node leaves no stale redirect behind.
 #[map(name = "MESH_INBOUND")]
 pub static INBOUND: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND, 0);
+
+/// Connections mesh-node is opening to an application from its client's address: written
+/// just before the connect and removed once it is done, so that `sk_lookup` lets exactly
+/// those SYNs through to the application. LRU, so an entry mesh-node failed to remove cannot
+/// fill the map.
+#[map(name = "MESH_DELIVERING")]
+pub static DELIVERING: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_DELIVERING, 0);
 
 /// Every redirect decision for an enrolled pod, for `mesh-node bpf trace`. Written whether or
 /// not anyone reads: when the buffer is full new events are dropped (counted), which costs one

@@ -3,15 +3,17 @@
 //!
 //! Not steered: HBONE (15008, mesh-node's own listener); lookups made by programs rather than by
 //! packets; and connections that start inside the pod itself — loopback, and the pod dialling
-//! its own address (which is how mesh-node delivers to the application: for those the kernel
-//! reports the veth, not lo, so `remote == local` is what tells them apart). Minimum kernel: 5.9.
+//! its own address (for those the kernel reports the veth, not lo, so `remote == local` is what
+//! tells them apart); and mesh-node's own connections to the application from the client's
+//! address, which it announces in [`DELIVERING`] for the length of their connect. Minimum
+//! kernel: 5.9.
 use aya_ebpf::{bindings::sk_action, macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{
-    Counter, FAMILY_INET, FAMILY_INET6, HBONE_PORT, InboundKey, TraceAction, TraceEvent, TraceHook,
-    TraceReason,
+    Counter, DeliveryKey, FAMILY_INET, FAMILY_INET6, HBONE_PORT, InboundKey, TraceAction,
+    TraceEvent, TraceHook, TraceReason,
 };
 
-use crate::maps::{INBOUND, count, trace};
+use crate::maps::{DELIVERING, INBOUND, count, trace};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -37,7 +39,14 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         hook: TraceHook::Inbound as u8,
         ..TraceEvent::default()
     };
-    let key = match lookup.family {
+    // Written field by field: the key is what `sk_lookup` needs twice (who is being delivered
+    // to, and whether mesh-node announced this very connection).
+    let mut delivery = DeliveryKey {
+        remote_port: event.src_port,
+        local_port: event.dst_port,
+        ..DeliveryKey::default()
+    };
+    match lookup.family {
         AF_INET => {
             let remote = lookup.remote_ip4.to_ne_bytes();
             if lookup.remote_ip4 == lookup.local_ip4 || remote[0] == 127 {
@@ -46,7 +55,8 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
             event.family = FAMILY_INET;
             event.dst_ip[0] = lookup.local_ip4;
             event.src_ip[0] = lookup.remote_ip4;
-            InboundKey::v4(lookup.local_ip4)
+            delivery.local = InboundKey::v4(lookup.local_ip4);
+            delivery.remote = InboundKey::v4(lookup.remote_ip4);
         }
         AF_INET6 => {
             let (local, remote) = (lookup.local_ip6, lookup.remote_ip6);
@@ -57,10 +67,16 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
             event.family = FAMILY_INET6;
             event.dst_ip = local;
             event.src_ip = remote;
-            InboundKey::v6(local)
+            delivery.local = InboundKey::v6(local);
+            delivery.remote = InboundKey::v6(remote);
         }
         _ => return sk_action::SK_PASS,
-    };
+    }
+    // SAFETY: the value is read-only and only its presence matters.
+    if unsafe { DELIVERING.get(&delivery) }.is_some() {
+        return sk_action::SK_PASS;
+    }
+    let key = delivery.local;
     match INBOUND.redirect_sk_lookup(&ctx, key, 0) {
         Ok(()) => {
             count(Counter::InboundCaptured);

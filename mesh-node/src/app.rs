@@ -171,7 +171,12 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             ready_tx,
             mut xds_ready,
         } = start_endpoints(&config, certs.clone()).await?;
-        let dataplane = Arc::new(Dataplane::start(&config.bpffs_dir, &cgroup, config.fail_mode)?);
+        let dataplane = Arc::new(Dataplane::start(
+            &config.bpffs_dir,
+            &cgroup,
+            config.fail_mode,
+            config.settings.original_source,
+        )?);
         readiness.programs_attached();
         metrics.attach_dataplane(dataplane.clone());
         tracing::info!(
@@ -179,6 +184,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             cgroup = %cgroup.display(),
             pin_dir = %config.bpffs_dir.display(),
             fail_mode = ?config.fail_mode,
+            original_source = config.settings.original_source,
             open_files,
             "data plane loaded"
         );

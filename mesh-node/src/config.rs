@@ -131,6 +131,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Double HBONE's inner TLS resumes earlier sessions with the same identities.
     pub inner_tls_resumption: bool,
+    /// Applications see connections from their clients' addresses (else from their own).
+    pub original_source: bool,
 }
 
 impl Default for Settings {
@@ -139,6 +141,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             inner_tls_resumption: true,
+            original_source: true,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod pod;
 pub mod preflight;
 pub mod proto;
 pub mod proxy;
+pub mod source_routing;
 pub mod splice;
 pub mod state;
 pub mod telemetry;

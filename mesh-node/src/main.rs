@@ -263,6 +263,17 @@ struct RunArgs {
         value_name = "BOOL"
     )]
     inner_tls_resumption: bool,
+    /// Applications see connections from their clients' addresses (same-node and plaintext:
+    /// the client's; HBONE: the source pod's), as with a sidecar or ztunnel; false: from the
+    /// pod's own address. Needs policy routing in each pod's namespace (no iptables).
+    #[arg(
+        long,
+        env = "MESH_NODE_ORIGINAL_SOURCE",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    original_source: bool,
     /// Seconds open connections may finish after SIGTERM or `POST /drain` (listeners closed,
     /// HBONE connections told GOAWAY at once); what is left then is cut. Fits a 30 s grace period.
     #[arg(long, env = "MESH_NODE_DRAIN_TIMEOUT", default_value_t = 25)]
@@ -401,6 +412,7 @@ fn main() -> ExitCode {
                     connect_timeout: Duration::from_secs(args.connect_timeout.max(1)),
                     handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
                     inner_tls_resumption: args.inner_tls_resumption,
+                    original_source: args.original_source,
                 },
                 endpoints: admin::Addresses {
                     admin: args.admin_address,

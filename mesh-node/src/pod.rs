@@ -45,6 +45,25 @@ pub struct Pod {
     pub netns: NetNs,
     pub netns_cookie: u64,
     pub id: u32,
+    /// The families for which mesh-node connects to the application from the client's
+    /// address (see `source_routing`); none when the mode is off or could not be set up.
+    pub original_source: OriginalSource,
+}
+
+/// Which address families of a pod deliver from the client's address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginalSource {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl OriginalSource {
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        match ip.to_canonical() {
+            IpAddr::V4(_) => self.ipv4,
+            IpAddr::V6(_) => self.ipv6,
+        }
+    }
 }
 
 impl Pod {

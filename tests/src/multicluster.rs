@@ -174,8 +174,7 @@ impl MultiCluster {
     }
 
     /// Which server pod answered each connection of a run, in order: the echo server reports
-    /// the address it was called from, and a node delivers from inside the destination pod,
-    /// from its own address. Fails on any failed connection.
+    /// its own address on each connection. Fails on any failed connection.
     pub fn served_by(&self, run: &PodRun) -> Result<Vec<&'static str>> {
         anyhow::ensure!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
         run.ok
@@ -185,9 +184,9 @@ impl MultiCluster {
                     .nodes
                     .iter()
                     .flat_map(|node| &node.pods)
-                    .find(|pod| std::net::IpAddr::V4(pod.ip) == conn.server_saw.ip())
+                    .find(|pod| std::net::IpAddr::V4(pod.ip) == conn.server_local.ip())
                     .map(|pod| pod.name)
-                    .ok_or_else(|| anyhow::anyhow!("answered from {}", conn.server_saw))
+                    .ok_or_else(|| anyhow::anyhow!("answered from {}", conn.server_local))
             })
             .collect()
     }

@@ -225,6 +225,8 @@ pub struct ConnResult {
     pub peer: SocketAddr,
     /// The client address the server reported for this connection.
     pub server_saw: SocketAddr,
+    /// The server's own address on this connection (which pod answered).
+    pub server_local: SocketAddr,
     /// Bytes sent, echoed back and verified.
     pub bytes: usize,
 }
@@ -301,6 +303,7 @@ fn parse_ok(rest: &str) -> Result<ConnResult> {
         local: field("local")?.parse()?,
         peer: field("peer")?.parse()?,
         server_saw: field("server_saw")?.parse()?,
+        server_local: field("server_local")?.parse()?,
         bytes: field("bytes")?.parse()?,
     })
 }

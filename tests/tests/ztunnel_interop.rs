@@ -208,9 +208,10 @@ fn ztunnel_reaches_mesh_node_through_a_mesh_node_gateway() {
         let mut reader = BufReader::new(socks);
         let mut greeting = String::new();
         reader.read_line(&mut greeting).await?;
+        // The server's own address: which pod answered.
         let server_saw: SocketAddr = greeting
-            .trim()
-            .strip_prefix("peer=")
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("local="))
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("greeting {greeting:?}"))?;
         let mut socks = reader.into_inner();

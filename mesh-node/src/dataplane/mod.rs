@@ -17,7 +17,8 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockHash},
 };
 use mesh_common::{
-    ConnKey, Counter, DataplaneConfig, EnrolledPod, FailMode, InboundKey, OrigDst, map_names,
+    ConnKey, Counter, DataplaneConfig, DeliveryKey, EnrolledPod, FailMode, InboundKey, OrigDst,
+    map_names,
 };
 
 /// The cgroup programs: `(program, hook, minimum kernel)`.
@@ -66,6 +67,7 @@ pub struct Dataplane {
     enrolled: Mutex<HashMap<MapData, u64, EnrolledPod>>,
     conn_orig: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     dns_upstream: HashMap<MapData, u64, OrigDst>,
+    delivering: Mutex<HashMap<MapData, DeliveryKey, u8>>,
     inbound: Mutex<HashOfSockets>,
     counters: PerCpuArray<MapData, u64>,
     netns_links_dir: PathBuf,
@@ -77,11 +79,13 @@ type HashOfSockets = SockHash<MapData, InboundKey>;
 
 impl Dataplane {
     /// Loads the programs with their maps pinned under `pin_dir`, attaches them to `cgroup`
-    /// (reusing links pinned by an earlier run) and records `fail_mode` for the kernel.
+    /// (reusing links pinned by an earlier run) and records `fail_mode` (and whether
+    /// applications see their clients' addresses, for `mesh-node bpf status`) for the kernel.
     pub fn start(
         pin_dir: &Path,
         cgroup: &Path,
         fail_mode: FailMode,
+        original_source: bool,
     ) -> Result<Self, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoPrograms);
@@ -102,7 +106,11 @@ impl Dataplane {
         let mut config: Array<MapData, DataplaneConfig> = take_map(&mut ebpf, map_names::CONFIG)?;
         let value = DataplaneConfig {
             fail_mode: fail_mode as u32,
-            _reserved: 0,
+            flags: if original_source {
+                DataplaneConfig::ORIGINAL_SOURCE
+            } else {
+                0
+            },
         };
         config
             .set(0, value, 0)
@@ -123,6 +131,7 @@ impl Dataplane {
             enrolled: Mutex::new(take_map(&mut ebpf, map_names::ENROLLED)?),
             conn_orig: Mutex::new(take_map(&mut ebpf, map_names::CONN_ORIG)?),
             dns_upstream: take_map(&mut ebpf, map_names::DNS_UPSTREAM)?,
+            delivering: Mutex::new(take_map(&mut ebpf, map_names::DELIVERING)?),
             inbound: Mutex::new(take_map(&mut ebpf, map_names::INBOUND)?),
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
             netns_links_dir,
@@ -270,6 +279,27 @@ impl Dataplane {
         Some(original_destination(&orig))
     }
 
+    /// Lets the SYN of a connection from `client` to the application at `app` through to the
+    /// application (not steered to mesh-node's plaintext listener), until
+    /// [`Self::end_delivery`].
+    pub fn begin_delivery(
+        &self,
+        client: SocketAddr,
+        app: SocketAddr,
+    ) -> Result<(), DataplaneError> {
+        lock(&self.delivering)
+            .insert(delivery_key(client, app), 1, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: map_names::DELIVERING,
+                source,
+            })
+    }
+
+    /// The connect is over: later packets of the connection match its socket, not a listener.
+    pub fn end_delivery(&self, client: SocketAddr, app: SocketAddr) {
+        let _ = lock(&self.delivering).remove(&delivery_key(client, app));
+    }
+
     /// Sums a kernel counter over all CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters
@@ -308,6 +338,17 @@ fn inbound_key(ip: IpAddr) -> InboundKey {
         IpAddr::V6(v6) => v6.octets(),
     };
     InboundKey::from_octets(octets)
+}
+
+/// The key `sk_lookup` builds from the SYN of a connection from `client` to `app`.
+pub fn delivery_key(client: SocketAddr, app: SocketAddr) -> DeliveryKey {
+    DeliveryKey {
+        remote: inbound_key(client.ip()),
+        local: inbound_key(app.ip()),
+        remote_port: client.port(),
+        local_port: app.port(),
+        _pad: 0,
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>

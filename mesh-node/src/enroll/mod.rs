@@ -29,7 +29,9 @@ use crate::{
     dns::{self, DnsSettings},
     identity::Identity,
     netns::{self, NetNs, NetNsError},
+    pod::OriginalSource,
     proxy::{self, ProxyContext},
+    source_routing,
 };
 
 pub use crate::pod::{Pod, PodSpec};
@@ -150,6 +152,7 @@ impl Enroller {
                 io_error,
             }
         })?;
+        let original_source = self.original_source(&key, &spec, &netns);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let identity = Identity::new(&self.trust_domain, &spec.namespace, &spec.service_account);
         let pod = Arc::new(Pod {
@@ -158,6 +161,7 @@ impl Enroller {
             netns,
             netns_cookie,
             id,
+            original_source,
         });
 
         let mut tasks = Vec::with_capacity(listeners.len());
@@ -247,6 +251,8 @@ impl Enroller {
             netns_cookie,
             inbound_link_id = link_id,
             inbound_link = %origin,
+            original_source_ipv4 = original_source.ipv4,
+            original_source_ipv6 = original_source.ipv6,
             "pod enrolled"
         );
         self.lock().insert(
@@ -257,6 +263,28 @@ impl Enroller {
             },
         );
         Ok(pod)
+    }
+
+    /// Sets up the pod's namespace so that mesh-node can connect to its applications from their
+    /// clients' addresses, when that mode is on. A namespace where that fails still enrolls:
+    /// its applications see connections from the pod's own address, as with the mode off.
+    fn original_source(&self, key: &str, spec: &PodSpec, netns: &NetNs) -> OriginalSource {
+        if !self.ctx.settings.original_source {
+            return OriginalSource::default();
+        }
+        let has = |v4: bool| spec.ips.iter().any(|ip| ip.to_canonical().is_ipv4() == v4);
+        let wanted = OriginalSource {
+            ipv4: has(true),
+            ipv6: has(false),
+        };
+        source_routing::install(netns, key, wanted).unwrap_or_else(|error| {
+            tracing::warn!(
+                pod = key,
+                error = %crate::error_chain(&error),
+                "cannot keep clients' addresses for this pod; its applications see connections from its own address"
+            );
+            OriginalSource::default()
+        })
     }
 
     /// Stops capture for the pod, then closes its listeners; connections already accepted go on

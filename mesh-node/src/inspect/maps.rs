@@ -45,7 +45,11 @@ pub fn maps(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), Insp
                 Some(pinned.conn_orig()?.len()),
                 "destinations awaiting accept",
             ),
-            map_names::CONFIG => (Some(1), "fail mode"),
+            map_names::CONFIG => (Some(1), "fail mode, original source"),
+            map_names::DELIVERING => (
+                Some(pinned.delivering()?),
+                "deliveries from a client's address mid-connect",
+            ),
             map_names::COUNTERS => (Some(pinned.counters()?.len()), "per-CPU decision counters"),
             _ => (None, "trace events"),
         };
@@ -214,9 +218,16 @@ pub fn dump(
             } else {
                 "open"
             };
-            let value = serde_json::json!({ "fail_mode": fail_mode });
+            let original_source = super::status::original_source(&config);
+            let value = serde_json::json!({
+                "fail_mode": fail_mode,
+                "original_source": original_source,
+            });
             emit(out, output, &value, || {
-                fields(&[("fail mode", fail_mode.to_owned())])
+                fields(&[
+                    ("fail mode", fail_mode.to_owned()),
+                    ("original source", original_source.to_owned()),
+                ])
             })
         }
         map_names::COUNTERS => {

@@ -8,7 +8,9 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf, SockHash};
-use mesh_common::{ConnKey, Counter, DataplaneConfig, EnrolledPod, InboundKey, OrigDst, map_names};
+use mesh_common::{
+    ConnKey, Counter, DataplaneConfig, DeliveryKey, EnrolledPod, InboundKey, OrigDst, map_names,
+};
 
 use super::InspectError;
 use crate::dataplane::{inbound_key_ip, record::PodRecord};
@@ -21,11 +23,12 @@ pub struct PinnedLinks {
 }
 
 /// Every map the programs pin, in the order `bpf maps` lists them.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     map_names::ENROLLED,
     map_names::INBOUND,
     map_names::SOCK_ORIG,
     map_names::CONN_ORIG,
+    map_names::DELIVERING,
     map_names::CONFIG,
     map_names::COUNTERS,
     map_names::EVENTS,
@@ -106,6 +109,16 @@ impl Pinned {
     pub fn conn_orig(&self) -> Result<Vec<(ConnKey, OrigDst)>, InspectError> {
         let map: HashMap<MapData, ConnKey, OrigDst> = self.typed(map_names::CONN_ORIG)?;
         entries(map_names::CONN_ORIG, map.iter())
+    }
+
+    /// How many deliveries from a client's address are mid-connect. A pin directory from
+    /// before the map existed has none.
+    pub fn delivering(&self) -> Result<usize, InspectError> {
+        if !self.dir.join(map_names::DELIVERING).exists() {
+            return Ok(0);
+        }
+        let map: HashMap<MapData, DeliveryKey, u8> = self.typed(map_names::DELIVERING)?;
+        Ok(map.keys().filter(Result::is_ok).count())
     }
 
     pub fn config(&self) -> Result<DataplaneConfig, InspectError> {

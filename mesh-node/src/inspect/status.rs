@@ -1,4 +1,5 @@
-//! `mesh-node bpf status`: kernel, features, hooks and their attach points, fail mode, counters.
+//! `mesh-node bpf status`: kernel, features, hooks and their attach points, fail mode, original
+//! source, counters.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -22,6 +23,8 @@ struct Status {
     kernel: String,
     pin_dir: PathBuf,
     fail_mode: &'static str,
+    /// `on`: applications see their clients' addresses; `off`: their own pod's.
+    original_source: &'static str,
     enrolled_pods: usize,
     inbound_listeners: usize,
     run_stats_enabled: bool,
@@ -125,6 +128,7 @@ pub fn status(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), In
         } else {
             "open"
         },
+        original_source: original_source(&config),
         enrolled_pods: enrolled.len(),
         inbound_listeners: pinned.inbound()?.len(),
         run_stats_enabled: stats,
@@ -137,6 +141,15 @@ pub fn status(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), In
             .collect(),
     };
     emit(out, output, &status, || render_status(&status))
+}
+
+/// The original-source mode the running (or last) mesh-node recorded.
+pub(super) fn original_source(config: &mesh_common::DataplaneConfig) -> &'static str {
+    if config.flags & mesh_common::DataplaneConfig::ORIGINAL_SOURCE != 0 {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 fn hook_status(
@@ -202,6 +215,18 @@ fn render_status(status: &Status) -> String {
             format!(
                 "{} (while mesh-node is not serving a pod)",
                 status.fail_mode
+            ),
+        ),
+        (
+            "original source",
+            format!(
+                "{} (applications see {})",
+                status.original_source,
+                if status.original_source == "on" {
+                    "their clients' addresses"
+                } else {
+                    "connections from their own pod's address"
+                }
             ),
         ),
         ("enrolled pods", status.enrolled_pods.to_string()),

@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     ProxyContext,
     authorize::{Inbound, Revocation},
-    connect_from_pod,
+    connect_as_client, connect_from_pod,
     failure::Failure,
 };
 use crate::{
@@ -350,9 +350,23 @@ pub async fn deliver(
         // the decision or will recheck this connection.
         (ctx.live.register(conn), report)
     };
-    // The socket is made in the destination pod and connects to the pod's own address:
-    // sk_lookup lets `remote == local` through to the application's listener.
-    match connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await {
+    // The socket is made in the destination pod, from the client's address where the pod
+    // allows it, else from the pod's own (sk_lookup lets `remote == local` through to the
+    // application's listener).
+    let connected = match app_source(&pod, src, dst, client) {
+        Some(from) => {
+            connect_as_client(
+                &pod.netns,
+                from,
+                dst,
+                ctx.settings.connect_timeout,
+                ctx.original_dsts.as_ref(),
+            )
+            .await
+        }
+        None => connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await,
+    };
+    match connected {
         Ok(stream) => {
             // The application is reset unless the connection ends cleanly (see `ending`).
             crate::ending::arm(&stream);
@@ -372,6 +386,31 @@ pub async fn deliver(
             Err(failure)
         }
     }
+}
+
+/// The address the application sees its connection come from: the client's (`src`) when the
+/// pod keeps clients' addresses for its family. A same-node or tunnelled client keeps its
+/// port where it is free; a captured plaintext client's own connection holds that very
+/// address pair in this namespace, so its delivery gets another port. A client at the pod's
+/// own address (a pod calling itself through a service) is delivered from there, as today.
+fn app_source(
+    pod: &Pod,
+    src: SocketAddr,
+    dst: SocketAddr,
+    client: Client<'_>,
+) -> Option<SocketAddr> {
+    let src = SocketAddr::new(src.ip().to_canonical(), src.port());
+    if !pod.original_source.covers(src.ip())
+        || src.is_ipv4() != dst.ip().to_canonical().is_ipv4()
+        || pod.owns(src.ip())
+        || src.ip().is_unspecified()
+    {
+        return None;
+    }
+    Some(match client {
+        Client::Plain => SocketAddr::new(src.ip(), 0),
+        Client::LocalPod(_) | Client::Tunnel { .. } => src,
+    })
 }
 
 /// The destination side's report of `conn`: the local pod, and what is known of the client —

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-pub use upstream::{connect, connect_from_pod};
+pub use upstream::{connect, connect_as_client, connect_from_pod};
 
 use self::authorize::Live;
 
@@ -58,6 +58,14 @@ pub trait OriginalDestinations: Send + Sync {
     fn dns_upstream(&self, _netns_cookie: u64) -> Option<SocketAddr> {
         None
     }
+    /// Lets mesh-node's connect from `client` (an address not the pod's) to the application at
+    /// `app` reach the application rather than the capture; `false` when it cannot (then
+    /// mesh-node connects from the pod's own address).
+    fn begin_delivery(&self, _client: SocketAddr, _app: SocketAddr) -> bool {
+        false
+    }
+    /// The connect from `client` to `app` is over.
+    fn end_delivery(&self, _client: SocketAddr, _app: SocketAddr) {}
 }
 
 impl OriginalDestinations for Dataplane {
@@ -66,6 +74,18 @@ impl OriginalDestinations for Dataplane {
     }
     fn dns_upstream(&self, netns_cookie: u64) -> Option<SocketAddr> {
         Dataplane::dns_upstream(self, netns_cookie)
+    }
+    fn begin_delivery(&self, client: SocketAddr, app: SocketAddr) -> bool {
+        match Dataplane::begin_delivery(self, client, app) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%client, %app, %error, "cannot connect from the client's address; connecting from the pod's");
+                false
+            }
+        }
+    }
+    fn end_delivery(&self, client: SocketAddr, app: SocketAddr) {
+        Dataplane::end_delivery(self, client, app);
     }
 }
 

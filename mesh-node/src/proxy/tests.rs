@@ -54,6 +54,7 @@ fn pod(name: &str, ip: &str) -> Arc<Pod> {
         netns: NetNs::open(&spec.netns).unwrap(),
         spec,
         netns_cookie: 1,
+        original_source: Default::default(),
         id: 1,
     })
 }

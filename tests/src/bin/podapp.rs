@@ -1,11 +1,13 @@
 //! The application inside test pods.
 //!
 //! `podapp serve ADDR`: echo server. For each connection it first sends one line
-//! `peer=<client address as the server sees it>\n`, then echoes every byte until EOF.
+//! `peer=<client address as the server sees it> local=<its own address>\n`, then echoes every
+//! byte until EOF.
 //!
 //! `podapp connect ADDR BYTES CONNS [HOLD_MS]`: opens CONNS connections in parallel; on each,
 //! reads the server's line, waits HOLD_MS (default 0), sends BYTES of a fixed pattern, half-closes, and checks the echo is identical.
-//! Prints `ok local=… peer=… server_saw=… bytes=…` or `error conn=N …` per connection.
+//! Prints `ok local=… peer=… server_saw=… server_local=… bytes=…` or `error conn=N …` per
+//! connection.
 //!
 //! For how connections end (all streams are the fixed pattern, checked by the reader):
 //! - `podapp source ADDR BYTES END`: server; sends BYTES to each client, then `fin` (half-close,
@@ -84,7 +86,8 @@ fn serve(addr: &str) -> Result<bool, String> {
 
 fn echo(mut stream: TcpStream) -> std::io::Result<()> {
     let peer = stream.peer_addr()?;
-    stream.write_all(format!("peer={peer}\n").as_bytes())?;
+    let local = stream.local_addr()?;
+    stream.write_all(format!("peer={peer} local={local}\n").as_bytes())?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = stream.read(&mut buf)?;
@@ -143,11 +146,13 @@ fn one_connection(addr: SocketAddr, bytes: usize, hold: Duration) -> Result<Stri
     reader
         .read_line(&mut line)
         .map_err(|e| format!("read server line: {e}"))?;
-    let server_saw = line
-        .trim()
-        .strip_prefix("peer=")
-        .ok_or(format!("bad server line {line:?}"))?
-        .to_owned();
+    let said = |name: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+            .map(str::to_owned)
+            .ok_or(format!("bad server line {line:?}"))
+    };
+    let (server_saw, server_local) = (said("peer=")?, said("local=")?);
     // Connected, and the server has spoken: keep the connection open this long before the
     // transfer, so a test can change the mesh under it.
     thread::sleep(hold);
@@ -188,6 +193,6 @@ fn one_connection(addr: SocketAddr, bytes: usize, hold: Duration) -> Result<Stri
         return Err(format!("echo returned {received} of {bytes} bytes"));
     }
     Ok(format!(
-        "local={local} peer={peer} server_saw={server_saw} bytes={bytes}"
+        "local={local} peer={peer} server_saw={server_saw} server_local={server_local} bytes={bytes}"
     ))
 }

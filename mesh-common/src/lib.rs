@@ -159,6 +159,10 @@ impl EnrolledPod {
     pub const LISTENER_DNS4: u32 = 1 << 5;
     /// [::1]:15053 (UDP and TCP) is open: DNS to IPv6 resolvers is captured.
     pub const LISTENER_DNS6: u32 = 1 << 6;
+    /// mesh-node connects to this pod's applications from IPv4 clients' addresses.
+    pub const ORIGINAL_SOURCE4: u32 = 1 << 7;
+    /// mesh-node connects to this pod's applications from IPv6 clients' addresses.
+    pub const ORIGINAL_SOURCE6: u32 = 1 << 8;
     /// A text field was longer than its capacity and was cut.
     pub const TRUNCATED: u32 = 1 << 31;
 

@@ -391,12 +391,26 @@ fn run_gateway(
             open_files,
             "east-west gateway listening"
         );
-        let accepting = tokio::spawn(crate::gateway::serve(listener, identity, ctx.clone()));
+        let accepting = tokio::spawn(crate::gateway::serve(
+            listener,
+            identity.clone(),
+            ctx.clone(),
+        ));
         let shutdown = wait_for_shutdown();
         tokio::pin!(shutdown);
         tokio::select! {
             result = &mut shutdown => return result,
             _ = xds_ready.wait_for(|status| status.synced) => {}
+        }
+        // Its one certificate is what it serves with: ready once that is in hand (or its
+        // first fetch failed, which readiness then names).
+        if let Some(certs) = ctx.certs.clone() {
+            tokio::select! {
+                result = &mut shutdown => return result,
+                got = certs.get(&identity) => if let Err(error) = got {
+                    tracing::warn!(%identity, %error, "the gateway has no certificate yet");
+                }
+            }
         }
         tracing::info!("mesh-node is ready");
         tokio::select! {

@@ -140,6 +140,12 @@ fn applications_see_their_clients_address_on_every_path_and_replies_come_back_in
     // The mode is on, and nothing was left announced to sk_lookup.
     let status = bpf_json(&topo, "node2", &["status"]);
     assert_eq!(status["original_source"], "on", "{status}");
+    let pods = bpf_json(&topo, "node2", &["pods"]);
+    assert_eq!(
+        pods[0]["original_source"],
+        serde_json::json!(["ipv4"]),
+        "{pods}"
+    );
     let maps = bpf_json(&topo, "node2", &["maps"]);
     let delivering = maps
         .as_array()
@@ -181,5 +187,7 @@ fn the_clients_address_survives_a_restart_and_the_flag_turns_it_off() {
     assert_eq!(saw(server.addr), std::net::IpAddr::V4(server_ip));
     let status = bpf_json(&topo, "node2", &["status"]);
     assert_eq!(status["original_source"], "off", "{status}");
+    let pods = bpf_json(&topo, "node2", &["pods"]);
+    assert_eq!(pods[0]["original_source"], serde_json::json!([]), "{pods}");
     drop(mesh2);
 }

@@ -13,7 +13,7 @@ pub struct PodRecord {
     pub name: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
-    /// The `EnrolledPod::LISTENER_*` bits.
+    /// The `EnrolledPod::LISTENER_*` and `ORIGINAL_SOURCE*` bits.
     pub listeners: u32,
     /// A name was longer than the record holds and was cut.
     pub truncated: bool,

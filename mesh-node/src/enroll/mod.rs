@@ -233,7 +233,7 @@ impl Enroller {
             name: pod.spec.name.clone(),
             service_account: pod.spec.service_account.clone(),
             ips: pod.spec.ips.clone(),
-            listeners: listener_bits,
+            listeners: listener_bits | original_source_bits(pod.original_source),
             truncated: false,
         };
         self.dataplane
@@ -350,6 +350,13 @@ impl Enroller {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The record's bits for the families the pod delivers from clients' addresses.
+fn original_source_bits(families: OriginalSource) -> u32 {
+    let bit = |on: bool, bit: u32| if on { bit } else { 0 };
+    bit(families.ipv4, EnrolledPod::ORIGINAL_SOURCE4)
+        | bit(families.ipv6, EnrolledPod::ORIGINAL_SOURCE6)
 }
 
 /// The `EnrolledPod::LISTENER_*` bit of a listener.

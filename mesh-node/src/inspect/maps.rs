@@ -11,7 +11,7 @@ use super::{
     table::{Table, fields},
     trace,
 };
-use crate::dataplane::{kernel_ip as addr, record::PodRecord};
+use crate::dataplane::{inbound_key_ip, kernel_ip as addr, record::PodRecord};
 
 #[derive(Serialize)]
 struct MapView {
@@ -47,7 +47,7 @@ pub fn maps(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), Insp
             ),
             map_names::CONFIG => (Some(1), "fail mode, original source"),
             map_names::DELIVERING => (
-                Some(pinned.delivering()?),
+                Some(pinned.delivering()?.len()),
                 "deliveries from a client's address mid-connect",
             ),
             map_names::COUNTERS => (Some(pinned.counters()?.len()), "per-CPU decision counters"),
@@ -254,6 +254,28 @@ pub fn dump(
                         e.total.to_string(),
                         join(&e.per_cpu),
                     ]);
+                }
+                table.to_string()
+            })
+        }
+        map_names::DELIVERING => {
+            #[derive(Serialize)]
+            struct Entry {
+                client: SocketAddr,
+                application: SocketAddr,
+            }
+            let entries: Vec<Entry> = pinned
+                .delivering()?
+                .iter()
+                .map(|key| Entry {
+                    client: SocketAddr::new(inbound_key_ip(&key.remote), key.remote_port),
+                    application: SocketAddr::new(inbound_key_ip(&key.local), key.local_port),
+                })
+                .collect();
+            emit(out, output, &entries, || {
+                let mut table = Table::new(&["CLIENT", "APPLICATION"]);
+                for e in &entries {
+                    table.row(vec![e.client.to_string(), e.application.to_string()]);
                 }
                 table.to_string()
             })

@@ -111,14 +111,14 @@ impl Pinned {
         entries(map_names::CONN_ORIG, map.iter())
     }
 
-    /// How many deliveries from a client's address are mid-connect. A pin directory from
-    /// before the map existed has none.
-    pub fn delivering(&self) -> Result<usize, InspectError> {
+    /// Deliveries from a client's address that are mid-connect. A pin directory from before
+    /// the map existed has none.
+    pub fn delivering(&self) -> Result<Vec<DeliveryKey>, InspectError> {
         if !self.dir.join(map_names::DELIVERING).exists() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let map: HashMap<MapData, DeliveryKey, u8> = self.typed(map_names::DELIVERING)?;
-        Ok(map.keys().filter(Result::is_ok).count())
+        Ok(map.keys().filter_map(Result::ok).collect())
     }
 
     pub fn config(&self) -> Result<DataplaneConfig, InspectError> {

@@ -17,6 +17,9 @@ struct PodView {
     listeners: Vec<&'static str>,
     /// Inbound capture: the sk_lookup link is pinned and every address has a live listener.
     inbound_capture: &'static str,
+    /// The families whose clients the pod's applications see by their own address (`ipv4`,
+    /// `ipv6`); empty: they see connections from the pod's own address.
+    original_source: Vec<&'static str>,
     truncated: bool,
 }
 
@@ -56,11 +59,20 @@ pub fn pods(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), Insp
                     (true, false) => "not serving",
                     (false, _) => "no link",
                 },
+                original_source: [
+                    (EnrolledPod::ORIGINAL_SOURCE4, "ipv4"),
+                    (EnrolledPod::ORIGINAL_SOURCE6, "ipv6"),
+                ]
+                .into_iter()
+                .filter(|(bit, _)| pod.listeners & bit != 0)
+                .map(|(_, family)| family)
+                .collect(),
                 truncated: pod.truncated,
             }
         })
         .collect();
     emit(out, output, &views, || {
+        // Original source is in the JSON only: the table stays within 80 columns.
         let mut table = Table::new(&["POD", "IPS", "SERVICE ACCOUNT", "LISTENERS", "INBOUND"]);
         for view in &views {
             let ports: Vec<&str> = view

@@ -475,8 +475,82 @@ fn open_report(
 
 #[cfg(test)]
 mod tests {
-    use super::tunnel_source;
+    use super::{Client, app_source, tunnel_source};
+    use crate::{
+        hbone::Baggage,
+        identity::Identity,
+        netns::NetNs,
+        pod::{OriginalSource, Pod, PodSpec},
+    };
     use std::net::SocketAddr;
+
+    fn pod(original_source: OriginalSource) -> Pod {
+        let spec = PodSpec {
+            name: "server".into(),
+            namespace: "default".into(),
+            service_account: "server".into(),
+            netns: "/proc/self/ns/net".into(),
+            ips: vec!["10.0.2.9".parse().unwrap(), "fd00::9".parse().unwrap()],
+            dns_capture: false,
+        };
+        Pod {
+            identity: Identity::new("cluster.local", "default", "server"),
+            netns: NetNs::open(&spec.netns).unwrap(),
+            spec,
+            netns_cookie: 1,
+            id: 1,
+            original_source,
+        }
+    }
+
+    #[test]
+    fn the_application_sees_the_client_where_the_pod_allows_it() {
+        let v4_only = pod(OriginalSource {
+            ipv4: true,
+            ipv6: false,
+        });
+        let app = addr("10.0.2.9:8080");
+        let client = addr("10.0.1.5:40000");
+        let baggage = Baggage::default();
+        let tunnel = Client::Tunnel {
+            baggage: &baggage,
+            via_gateway: false,
+            service: None,
+        };
+        // Same node and tunnels keep the port; plaintext cannot (its own connection holds it).
+        assert_eq!(
+            app_source(&v4_only, client, app, Client::LocalPod(&v4_only)),
+            Some(client)
+        );
+        assert_eq!(app_source(&v4_only, client, app, tunnel), Some(client));
+        assert_eq!(
+            app_source(&v4_only, client, app, Client::Plain),
+            Some(addr("10.0.1.5:0"))
+        );
+        // Mapped clients count as IPv4.
+        assert_eq!(
+            app_source(
+                &v4_only,
+                addr("[::ffff:10.0.1.5]:40000"),
+                app,
+                Client::Plain
+            ),
+            Some(addr("10.0.1.5:0"))
+        );
+        // The pod calling itself, a family the pod cannot route, a family mismatch, the mode off.
+        assert_eq!(
+            app_source(&v4_only, addr("10.0.2.9:40000"), app, Client::Plain),
+            None
+        );
+        let v6_app = addr("[fd00::9]:8080");
+        assert_eq!(
+            app_source(&v4_only, addr("[fd00::5]:40000"), v6_app, Client::Plain),
+            None
+        );
+        assert_eq!(app_source(&v4_only, client, v6_app, Client::Plain), None);
+        let off = pod(OriginalSource::default());
+        assert_eq!(app_source(&off, client, app, Client::Plain), None);
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -85,11 +85,11 @@ fn cross_node_connections_are_captured_and_bytes_arrive_intact() {
     let server = start_server(&topo);
     // No workloads are known (no state file), so node1 passes connections through as plain TCP;
     // node2 captures them on their way into its enrolled server pod (sk_lookup → 15006) and
-    // delivers them from inside the pod, so the server sees its own address.
-    let server_ip = topo.pod("server").ip;
+    // delivers them from inside the pod, from the client's address (original source).
+    let client_ip = topo.pod("client").ip;
     let run = |bytes, conns| {
         let run = topo.connect_from("client", server.addr, bytes, conns);
-        assert_captured(&run, server_ip, server.addr);
+        assert_captured(&run, client_ip, server.addr);
         run
     };
 

@@ -73,6 +73,18 @@ impl Pod {
         self.spec.ips.iter().any(|own| own.to_canonical() == ip)
     }
 
+    /// Its address of `dst`'s family (what a connection to `dst` leaves with), else its
+    /// primary one.
+    pub fn ip_for(&self, dst: IpAddr) -> IpAddr {
+        let v4 = dst.to_canonical().is_ipv4();
+        self.spec
+            .ips
+            .iter()
+            .map(|ip| ip.to_canonical())
+            .find(|ip| ip.is_ipv4() == v4)
+            .unwrap_or_else(|| self.primary_ip())
+    }
+
     /// The address its connections leave with (a pod is enrolled only once it has one).
     pub fn primary_ip(&self) -> IpAddr {
         self.spec

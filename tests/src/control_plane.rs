@@ -338,7 +338,14 @@ pub fn pod_workload(topo: &Topology, pod: &str, node: &str) -> workload::Workloa
         name: p.name.into(),
         namespace: p.namespace.into(),
         service_account: p.name.into(),
-        addresses: vec![p.ip.octets().to_vec()],
+        addresses: p
+            .ips()
+            .iter()
+            .map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+            })
+            .collect(),
         node: node.into(),
         cluster_id: "cluster1".into(),
         tunnel_protocol: protocol as i32,

@@ -2,11 +2,13 @@
 //!
 //! Addressing: node `i` (1-based) owns pod subnet 198.18.i.0/24 (RFC 2544 test range) and has
 //! 198.19.0.i on the node-to-node link; pod `j` on node `i` is 198.18.i.(10+j) behind its own
-//! veth, with the node answering as 198.18.i.1. Every interface is created directly inside the
-//! namespaces it belongs to, so the machine's own network is never touched.
+//! veth, with the node answering as 198.18.i.1. A dual-stack topology adds IPv6 beside every
+//! address: pods fd00:18:i::(10+j), their node fd00:18:i::1, the link fd00:19::i. Every
+//! interface is created directly inside the namespaces it belongs to, so the machine's own
+//! network is never touched.
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -91,6 +93,8 @@ pub struct Pod {
     pub namespace: &'static str,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack topology.
+    pub ip6: Option<Ipv6Addr>,
     pub cgroup: PathBuf,
     pub enrolled: bool,
     pub dns_capture: bool,
@@ -100,6 +104,24 @@ impl Pod {
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.netns)
     }
+
+    /// Its addresses: IPv4, then IPv6 when it has one.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.ip))
+            .chain(self.ip6.map(IpAddr::V6))
+            .collect()
+    }
+
+    /// Its IPv6 address; panics in a topology without IPv6.
+    pub fn ipv6(&self) -> Ipv6Addr {
+        self.ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address", self.name))
+    }
+}
+
+/// Pod `j` (0-based) of node `i` (1-based) in a dual-stack topology.
+pub fn pod_ipv6(node: u8, j: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x18, u16::from(node), 0, 0, 0, 0, 0x10 + u16::from(j))
 }
 
 /// The built topology; dropping it removes everything it made.
@@ -110,6 +132,8 @@ pub struct Topology {
     pub workdir: PathBuf,
     cgroup_root: PathBuf,
     namespaces: Vec<String>,
+    /// Pods and node links have IPv6 addresses too.
+    pub dual_stack: bool,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -135,11 +159,35 @@ impl Topology {
         Self::build_routed(specs, |_, _| true)
     }
 
+    /// [`Topology::two_nodes`], every pod and node link with an IPv6 address beside its IPv4.
+    pub fn two_nodes_dual_stack(node1: Vec<PodSpec>, node2: Vec<PodSpec>) -> Self {
+        let specs = [
+            NodeSpec {
+                name: "node1",
+                pods: node1,
+            },
+            NodeSpec {
+                name: "node2",
+                pods: node2,
+            },
+        ];
+        Self::build_with(&specs, &|_, _| true, true)
+            .unwrap_or_else(|error| panic!("build the dual-stack topology: {error:#}"))
+    }
+
     /// As [`Topology::build`], every node on one shared segment (a bridge in a namespace of
     /// its own when there are more than two), where node `a` routes to the pods of node `b`
     /// only when `routes(a, b)`: clusters whose pods can reach each other only through a
     /// gateway node are built this way.
     pub fn build_routed(specs: &[NodeSpec], routes: impl Fn(&str, &str) -> bool) -> Result<Self> {
+        Self::build_with(specs, &routes, false)
+    }
+
+    fn build_with(
+        specs: &[NodeSpec],
+        routes: &dyn Fn(&str, &str) -> bool,
+        dual_stack: bool,
+    ) -> Result<Self> {
         sweep_leftovers();
         let id = format!(
             "{}x{}",
@@ -154,6 +202,7 @@ impl Topology {
             workdir,
             cgroup_root,
             namespaces: Vec::new(),
+            dual_stack,
         };
         // From here on, Drop cleans up whatever was made, also on error.
         fs::create_dir_all(&topo.workdir)?;
@@ -162,7 +211,7 @@ impl Topology {
             let node = topo.build_node(index as u8 + 1, spec)?;
             topo.nodes.push(node);
         }
-        topo.link_nodes(&routes)?;
+        topo.link_nodes(routes)?;
         for node in &topo.nodes {
             write_pods_file(node)?;
         }
@@ -195,9 +244,10 @@ impl Topology {
             for pod in &node.pods {
                 let sa = override_sa(pod.name).unwrap_or(pod.name);
                 let protocol = if pod.enrolled { "HBONE" } else { "NONE" };
+                let addresses = join(&pod.ips());
                 yaml.push_str(&format!(
-                    "  - name: {}\n    namespace: {}\n    serviceAccount: {sa}\n    addresses: [{}]\n    node: {}\n    tunnelProtocol: {protocol}\n",
-                    pod.name, pod.namespace, pod.ip, node.name
+                    "  - name: {}\n    namespace: {}\n    serviceAccount: {sa}\n    addresses: [{addresses}]\n    node: {}\n    tunnelProtocol: {protocol}\n",
+                    pod.name, pod.namespace, node.name
                 ));
             }
         }
@@ -250,6 +300,9 @@ impl Topology {
         // Pods think their /24 is on-link: the node answers ARP for its other pods, so that
         // pods on one node reach each other without the mesh (as a waypoint pod is reached).
         sysctl(&netns, "net.ipv4.conf.all.proxy_arp=1")?;
+        if self.dual_stack {
+            sysctl(&netns, "net.ipv6.conf.all.forwarding=1")?;
+        }
         let cgroup = self.cgroup_root.join(spec.name);
         fs::create_dir_all(&cgroup)?;
         let bpffs =
@@ -302,6 +355,19 @@ impl Topology {
                 "via",
                 &gateway.to_string(),
             ])?;
+            let ip6 = self.dual_stack.then(|| pod_ipv6(index, j as u8));
+            if let Some(ip6) = ip6 {
+                // A /128 each side, no duplicate-address wait: the pod reaches everything
+                // through its node, as over IPv4.
+                let gateway6 = Ipv6Addr::new(0xfd00, 0x18, u16::from(index), 0, 0, 0, 0, 1);
+                let (gw, addr) = (format!("{gateway6}/128"), format!("{ip6}/128"));
+                ip(&["-n", &netns, "-6", "addr", "add", &gw, "dev", &host_if, "nodad"])?;
+                ip(&["-n", &netns, "-6", "route", "add", &addr, "dev", &host_if])?;
+                ip(&["-n", &pod_ns, "-6", "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+                let gw = gateway6.to_string();
+                ip(&["-n", &pod_ns, "-6", "route", "add", &gw, "dev", "eth0"])?;
+                ip(&["-n", &pod_ns, "-6", "route", "add", "default", "via", &gw])?;
+            }
             let pod_cgroup = cgroup.join(pod.name);
             fs::create_dir_all(&pod_cgroup)?;
             pods.push(Pod {
@@ -309,6 +375,7 @@ impl Topology {
                 namespace: pod.namespace,
                 netns: pod_ns,
                 ip: ip_addr,
+                ip6,
                 cgroup: pod_cgroup,
                 enrolled: pod.enrolled,
                 dns_capture: pod.dns_capture,
@@ -374,6 +441,10 @@ impl Topology {
                 "dev",
                 "n0",
             ])?;
+            if self.dual_stack {
+                let link = format!("fd00:19::{}/64", i + 1);
+                ip(&["-n", ns, "-6", "addr", "add", &link, "dev", "n0", "nodad"])?;
+            }
             ip(&["-n", ns, "link", "set", "n0", "up"])?;
             for (j, other) in self.nodes.iter().enumerate() {
                 if i == j || !routes(node.name, other.name) {
@@ -388,6 +459,18 @@ impl Topology {
                     "via",
                     &format!("198.19.0.{}", j + 1),
                 ])?;
+                if self.dual_stack {
+                    ip(&[
+                        "-n",
+                        ns,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:18:{:x}::/64", j + 1),
+                        "via",
+                        &format!("fd00:19::{}", j + 1),
+                    ])?;
+                }
             }
         }
         Ok(())
@@ -427,13 +510,20 @@ fn write_pods_file(node: &Node) -> Result<()> {
             pod.namespace,
             pod.name,
             pod.netns_path().display(),
-            pod.ip
+            join(&pod.ips())
         ));
         if !pod.dns_capture {
             yaml.push_str("    dnsCapture: false\n");
         }
     }
     fs::write(&node.pods_file, yaml).with_context(|| format!("write {}", node.pods_file.display()))
+}
+
+fn join(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(|ip| format!("\"{ip}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Runs `ip ARGS`, failing with its stderr.

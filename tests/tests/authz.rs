@@ -2,6 +2,8 @@
 //! clients reach `server`, over every path into it — HBONE from another node (identity
 //! known), the same-node shortcut, and captured plaintext (no identity) — and a policy pushed
 //! while connections are open closes the ones it denies. Assertions are on what clients see.
+//! The policy scenario runs twice: over IPv4, and over IPv6 in a dual-stack topology (IPv6
+//! addresses and `/128` CIDRs).
 use std::{net::SocketAddr, thread, time::Duration};
 
 use mesh_node::xds::proto::security as pb;
@@ -22,21 +24,30 @@ struct Mesh {
     node1: MeshNode,
     _node2: MeshNode,
     _servers: Vec<Server>,
+    /// Clients call the server's IPv6 address (a dual-stack topology).
+    ipv6: bool,
 }
 
 impl Mesh {
     fn start() -> Self {
-        let topo = Topology::two_nodes(
-            vec![
-                PodSpec::enrolled("server"),
-                PodSpec::enrolled("neighbor").in_namespace("frontend"),
-            ],
-            vec![
-                PodSpec::enrolled("alice").in_namespace("frontend"),
-                PodSpec::enrolled("bob").in_namespace("backend"),
-                PodSpec::plain("outsider"),
-            ],
-        );
+        Self::start_with(false)
+    }
+
+    fn start_with(ipv6: bool) -> Self {
+        let node1 = vec![
+            PodSpec::enrolled("server"),
+            PodSpec::enrolled("neighbor").in_namespace("frontend"),
+        ];
+        let node2 = vec![
+            PodSpec::enrolled("alice").in_namespace("frontend"),
+            PodSpec::enrolled("bob").in_namespace("backend"),
+            PodSpec::plain("outsider"),
+        ];
+        let topo = if ipv6 {
+            Topology::two_nodes_dual_stack(node1, node2)
+        } else {
+            Topology::two_nodes(node1, node2)
+        };
         let plane = ControlPlane::on_node1(&topo);
         plane.put_pods(
             &topo,
@@ -48,7 +59,16 @@ impl Mesh {
                 ("outsider", "node2"),
             ],
         );
-        let servers = vec![topo.serve("server", PORT), topo.serve("server", OTHER_PORT)];
+        let serve = |port| {
+            if ipv6 {
+                let pod = topo.pod("server");
+                let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+                Server::start(&pod.netns_path(), &pod.cgroup, any).expect("echo server")
+            } else {
+                topo.serve("server", port)
+            }
+        };
+        let servers = vec![serve(PORT), serve(OTHER_PORT)];
         let node1 = plane.start_mesh_node(&topo, "node1");
         let node2 = plane.start_mesh_node(&topo, "node2");
         Self {
@@ -57,11 +77,17 @@ impl Mesh {
             node1,
             _node2: node2,
             _servers: servers,
+            ipv6,
         }
     }
 
     fn server(&self, port: u16) -> SocketAddr {
-        SocketAddr::from((self.topo.pod("server").ip, port))
+        let server = self.topo.pod("server");
+        if self.ipv6 {
+            SocketAddr::from((server.ipv6(), port))
+        } else {
+            SocketAddr::from((server.ip, port))
+        }
     }
 
     /// Whether one connection from `pod` to the server's `port` completes its echo.
@@ -96,9 +122,17 @@ impl Mesh {
     }
 
     fn cidr(&self, pod: &str) -> pb::Address {
-        pb::Address {
-            address: self.topo.pod(pod).ip.octets().to_vec(),
-            length: 32,
+        let pod = self.topo.pod(pod);
+        if self.ipv6 {
+            pb::Address {
+                address: pod.ipv6().octets().to_vec(),
+                length: 128,
+            }
+        } else {
+            pb::Address {
+                address: pod.ip.octets().to_vec(),
+                length: 32,
+            }
         }
     }
 }
@@ -147,7 +181,20 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
     if !privileged() {
         return;
     }
-    let mesh = Mesh::start();
+    decide_by_principal_namespace_source_address_and_port(Mesh::start());
+}
+
+/// The same scenario with every client calling the server's IPv6 address: HBONE, same-node
+/// and plaintext over IPv6, and source CIDRs of IPv6 `/128`s.
+#[test]
+fn policies_decide_over_ipv6_as_over_ipv4() {
+    if !privileged() {
+        return;
+    }
+    decide_by_principal_namespace_source_address_and_port(Mesh::start_with(true));
+}
+
+fn decide_by_principal_namespace_source_address_and_port(mesh: Mesh) {
     assert_eq!(
         mesh.who_reaches(&CLIENTS, PORT),
         names(&CLIENTS),
@@ -214,7 +261,7 @@ fn policies_decide_by_principal_namespace_source_address_and_port() {
     assert_reset(&mesh, "neighbor");
     assert_reset(&mesh, "outsider");
 
-    // ALLOW by source address: alice's address (carried by her node in `forwarded`) and the
+    // ALLOW by source address: alice's address (the one the kernel saw on her tunnel) and the
     // plaintext outsider's.
     let (alice, outsider) = (mesh.cidr("alice"), mesh.cidr("outsider"));
     mesh.gate(

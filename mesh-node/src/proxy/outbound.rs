@@ -58,7 +58,7 @@ pub(super) fn route(
     dst: SocketAddr,
 ) -> Route<Arc<Pod>> {
     let source = Source {
-        ip: pod.primary_ip(),
+        ip: pod.ip_for(dst.ip()),
         namespace: &pod.spec.namespace,
         identity: &pod.identity,
     };
@@ -84,7 +84,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
     tracing::debug!(original_dst = %original, "outbound connection captured");
     let _ = client.set_nodelay(true);
     // The application's own address, as the destination will know it.
-    let app_addr = SocketAddr::new(pod.primary_ip(), peer.port());
+    let app_addr = SocketAddr::new(pod.ip_for(original.ip()), peer.port());
     // The route and what the report says of it come from one read of the state: a push
     // cannot land between them.
     let (route, draft, source) = {

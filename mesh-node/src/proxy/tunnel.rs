@@ -85,7 +85,7 @@ pub(super) async fn pooled_stream(
         .map(|certs| certs.tls())
         .ok_or_else(|| Failure::Tunnel("no certificate source configured".into()))?;
     let key = PoolKey::new(
-        pod.primary_ip(),
+        pod.ip_for(addr.ip()),
         pod.identity.clone(),
         expected.to_vec(),
         addr,

@@ -1,0 +1,167 @@
+//! IPv6 and dual stack: pods with an IPv4 and an IPv6 address, nodes linked over both. Every
+//! path carries IPv6 as it carries IPv4 — outbound capture (`connect6`) with the original
+//! destination restored, HBONE between nodes over IPv6, same-node, plaintext captured inbound
+//! by `sk_lookup` — and the application sees its client's IPv6 address.
+use std::net::{IpAddr, SocketAddr};
+
+use mesh_tests::{MeshNode, PodSpec, Server, Topology, podapp, privileged, wait_for};
+
+const PORT: u16 = 8080;
+
+/// node1: `client`, `neighbor` (enrolled), `outsider` (not); node2: `server` (enrolled),
+/// `legacy` (not enrolled, not in the mesh).
+fn topology() -> Topology {
+    Topology::two_nodes_dual_stack(
+        vec![
+            PodSpec::enrolled("client"),
+            PodSpec::enrolled("neighbor"),
+            PodSpec::plain("outsider"),
+        ],
+        vec![PodSpec::enrolled("server"), PodSpec::plain("legacy")],
+    )
+}
+
+/// An echo server on every address of `pod` (`[::]`, both families).
+fn serve_all(topo: &Topology, pod: &str) -> Server {
+    let pod = topo.pod(pod);
+    Server::start(
+        &pod.netns_path(),
+        &pod.cgroup,
+        SocketAddr::new("::".parse().unwrap(), PORT),
+    )
+    .expect("start echo server")
+}
+
+fn v6(topo: &Topology, pod: &str) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(topo.pod(pod).ipv6()), PORT)
+}
+
+fn all_ok(run: &podapp::PodRun, conns: usize, bytes: usize) {
+    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
+    assert_eq!(run.ok.len(), conns);
+    for conn in &run.ok {
+        assert_eq!(conn.bytes, bytes, "{conn:?}");
+    }
+}
+
+fn closed(mesh: &MeshNode, needles: &[&str]) -> usize {
+    mesh.log_lines_with(needles).len()
+}
+
+#[test]
+fn every_path_carries_ipv6_and_the_application_sees_the_clients_ipv6_address() {
+    if !privileged() {
+        return;
+    }
+    let topo = topology();
+    let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
+    let mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
+    let _neighbor = serve_all(&topo, "neighbor");
+    let _server = serve_all(&topo, "server");
+    let _legacy = serve_all(&topo, "legacy");
+    let client6 = IpAddr::V6(topo.pod("client").ipv6());
+
+    // Control: outside the mesh, IPv6 goes straight through (the harness's IPv6 works).
+    let direct = topo.connect_from("outsider", v6(&topo, "legacy"), 64 * 1024, 1);
+    all_ok(&direct, 1, 64 * 1024);
+    assert_eq!(direct.ok[0].server_saw, direct.ok[0].local);
+
+    // Same node over IPv6: captured by connect6, delivered from the client's address.
+    let target = v6(&topo, "neighbor");
+    let run = topo.connect_from("client", target, 4 << 20, 2);
+    all_ok(&run, 2, 4 << 20);
+    for conn in &run.ok {
+        assert_eq!(conn.peer, target, "getpeername() shows the IPv6 destination");
+        assert_eq!(conn.server_saw.ip(), client6, "{conn:?}");
+        assert_eq!(conn.server_saw.port(), conn.local.port(), "{conn:?}");
+    }
+    assert!(
+        wait_for(|| closed(
+            &mesh1,
+            &[
+                "outbound connection closed",
+                "route=local",
+                &format!("dst={target}")
+            ]
+        ) == 2),
+        "{}",
+        mesh1.log_text()
+    );
+
+    // Node to node over IPv6: an HBONE tunnel to [server]:15008.
+    let target = v6(&topo, "server");
+    let run = topo.connect_from("client", target, 4 << 20, 2);
+    all_ok(&run, 2, 4 << 20);
+    for conn in &run.ok {
+        assert_eq!(conn.peer, target);
+        assert_eq!(conn.server_saw.ip(), client6, "{conn:?}");
+    }
+    assert!(
+        wait_for(|| closed(
+            &mesh1,
+            &[
+                "outbound connection closed",
+                "route=hbone",
+                &format!("dst={target}")
+            ]
+        ) == 2),
+        "{}",
+        mesh1.log_text()
+    );
+
+    // The tunnel itself ran over IPv6, between the pods' IPv6 addresses; the destination's
+    // access log names the client by its IPv6 address.
+    let server_hbone = format!("peer=[{}]:15008", topo.pod("server").ipv6());
+    assert!(
+        !mesh1
+            .log_lines_with(&["HBONE connection established", &server_hbone])
+            .is_empty(),
+        "{}",
+        mesh1.log_text()
+    );
+    assert!(
+        wait_for(|| !mesh2
+            .log_lines_with(&["HBONE tunnel closed", &format!("src=[{client6}]:")])
+            .is_empty()),
+        "{}",
+        mesh2.log_text()
+    );
+
+    // An IPv6 socket calling an IPv4 address (v4-mapped): captured by connect6, carried as
+    // IPv4, and getpeername() answers in the form the application used.
+    let mapped = SocketAddr::new(
+        IpAddr::V6(topo.pod("server").ip.to_ipv6_mapped()),
+        PORT,
+    );
+    let run = topo.connect_from("client", mapped, 1 << 20, 1);
+    all_ok(&run, 1, 1 << 20);
+    assert_eq!(run.ok[0].peer, mapped, "{:?}", run.ok[0]);
+    // (The server listens on [::], so it sees IPv4 clients mapped too.)
+    assert_eq!(
+        run.ok[0].server_saw.ip().to_canonical(),
+        IpAddr::V4(topo.pod("client").ip),
+        "{:?}",
+        run.ok[0]
+    );
+
+    // Plaintext over IPv6 into an enrolled pod: captured by sk_lookup, delivered from the
+    // outsider's address.
+    let run = topo.connect_from("outsider", target, 1 << 20, 2);
+    all_ok(&run, 2, 1 << 20);
+    let outsider6 = IpAddr::V6(topo.pod("outsider").ipv6());
+    for conn in &run.ok {
+        assert_eq!(conn.server_saw.ip(), outsider6, "{conn:?}");
+    }
+    assert!(
+        wait_for(|| closed(
+            &mesh2,
+            &[
+                "inbound plaintext connection closed",
+                &format!("dst={target}")
+            ]
+        ) == 2),
+        "{}",
+        mesh2.log_text()
+    );
+    drop((mesh1, mesh2));
+}

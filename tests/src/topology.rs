@@ -121,7 +121,16 @@ impl Pod {
 
 /// Pod `j` (0-based) of node `i` (1-based) in a dual-stack topology.
 pub fn pod_ipv6(node: u8, j: u8) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x18, u16::from(node), 0, 0, 0, 0, 0x10 + u16::from(j))
+    Ipv6Addr::new(
+        0xfd00,
+        0x18,
+        u16::from(node),
+        0,
+        0,
+        0,
+        0,
+        0x10 + u16::from(j),
+    )
 }
 
 /// The built topology; dropping it removes everything it made.
@@ -361,9 +370,13 @@ impl Topology {
                 // through its node, as over IPv4.
                 let gateway6 = Ipv6Addr::new(0xfd00, 0x18, u16::from(index), 0, 0, 0, 0, 1);
                 let (gw, addr) = (format!("{gateway6}/128"), format!("{ip6}/128"));
-                ip(&["-n", &netns, "-6", "addr", "add", &gw, "dev", &host_if, "nodad"])?;
+                ip(&[
+                    "-n", &netns, "-6", "addr", "add", &gw, "dev", &host_if, "nodad",
+                ])?;
                 ip(&["-n", &netns, "-6", "route", "add", &addr, "dev", &host_if])?;
-                ip(&["-n", &pod_ns, "-6", "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+                ip(&[
+                    "-n", &pod_ns, "-6", "addr", "add", &addr, "dev", "eth0", "nodad",
+                ])?;
                 let gw = gateway6.to_string();
                 ip(&["-n", &pod_ns, "-6", "route", "add", &gw, "dev", "eth0"])?;
                 ip(&["-n", &pod_ns, "-6", "route", "add", "default", "via", &gw])?;

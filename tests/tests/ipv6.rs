@@ -1,10 +1,16 @@
 //! IPv6 and dual stack: pods with an IPv4 and an IPv6 address, nodes linked over both. Every
 //! path carries IPv6 as it carries IPv4 — outbound capture (`connect6`) with the original
 //! destination restored, HBONE between nodes over IPv6, same-node, plaintext captured inbound
-//! by `sk_lookup` — and the application sees its client's IPv6 address.
+//! by `sk_lookup` — and the application sees its client's IPv6 address. A service with a VIP
+//! of each family reaches its dual-stack endpoint in the family the client used.
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_tests::{MeshNode, PodSpec, Server, Topology, podapp, privileged, wait_for};
+use mesh_node::xds::proto::workload as pb;
+use mesh_tests::{
+    MeshNode, PodSpec, Server, Topology,
+    control_plane::{ControlPlane, eventually, pod_workload},
+    podapp, privileged, wait_for,
+};
 
 const PORT: u16 = 8080;
 
@@ -71,7 +77,10 @@ fn every_path_carries_ipv6_and_the_application_sees_the_clients_ipv6_address() {
     let run = topo.connect_from("client", target, 4 << 20, 2);
     all_ok(&run, 2, 4 << 20);
     for conn in &run.ok {
-        assert_eq!(conn.peer, target, "getpeername() shows the IPv6 destination");
+        assert_eq!(
+            conn.peer, target,
+            "getpeername() shows the IPv6 destination"
+        );
         assert_eq!(conn.server_saw.ip(), client6, "{conn:?}");
         assert_eq!(conn.server_saw.port(), conn.local.port(), "{conn:?}");
     }
@@ -129,10 +138,7 @@ fn every_path_carries_ipv6_and_the_application_sees_the_clients_ipv6_address() {
 
     // An IPv6 socket calling an IPv4 address (v4-mapped): captured by connect6, carried as
     // IPv4, and getpeername() answers in the form the application used.
-    let mapped = SocketAddr::new(
-        IpAddr::V6(topo.pod("server").ip.to_ipv6_mapped()),
-        PORT,
-    );
+    let mapped = SocketAddr::new(IpAddr::V6(topo.pod("server").ip.to_ipv6_mapped()), PORT);
     let run = topo.connect_from("client", mapped, 1 << 20, 1);
     all_ok(&run, 1, 1 << 20);
     assert_eq!(run.ok[0].peer, mapped, "{:?}", run.ok[0]);
@@ -164,4 +170,104 @@ fn every_path_carries_ipv6_and_the_application_sees_the_clients_ipv6_address() {
         mesh2.log_text()
     );
     drop((mesh1, mesh2));
+}
+
+const ECHO: &str = "echo.default.svc.cluster.local";
+const VIP4: [u8; 4] = [10, 96, 0, 10];
+const VIP6: &str = "fd00:96::10";
+
+#[test]
+fn a_service_with_a_vip_of_each_family_is_reached_in_the_family_the_client_used() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::two_nodes_dual_stack(
+        vec![PodSpec::enrolled("client")],
+        vec![PodSpec::enrolled("server")],
+    );
+    let plane = ControlPlane::on_node1(&topo);
+    plane.put_workload(pod_workload(&topo, "client", "node1"));
+    let mut server = pod_workload(&topo, "server", "node2");
+    server.services.insert(
+        format!("default/{ECHO}"),
+        pb::PortList {
+            ports: vec![pb::Port {
+                service_port: 80,
+                target_port: u32::from(PORT),
+                ..Default::default()
+            }],
+        },
+    );
+    plane.put_workload(server);
+    let vip6: std::net::Ipv6Addr = VIP6.parse().unwrap();
+    plane.put_service(pb::Service {
+        name: "echo".into(),
+        namespace: "default".into(),
+        hostname: ECHO.into(),
+        addresses: [VIP4.to_vec(), vip6.octets().to_vec()]
+            .into_iter()
+            .map(|address| pb::NetworkAddress {
+                network: String::new(),
+                address,
+                length: None,
+            })
+            .collect(),
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: u32::from(PORT),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let mesh1 = plane.start_mesh_node(&topo, "node1");
+    let _mesh2 = plane.start_mesh_node(&topo, "node2");
+    let _server = serve_all(&topo, "server");
+
+    let client = topo.pod("client");
+    let server = topo.pod("server");
+    for (vip, family, endpoint, client_ip) in [
+        (
+            SocketAddr::new(IpAddr::V6(vip6), 80),
+            "IPv6",
+            SocketAddr::new(IpAddr::V6(server.ipv6()), PORT),
+            IpAddr::V6(client.ipv6()),
+        ),
+        (
+            SocketAddr::new(IpAddr::from(VIP4), 80),
+            "IPv4",
+            SocketAddr::new(IpAddr::V4(server.ip), PORT),
+            IpAddr::V4(client.ip),
+        ),
+    ] {
+        let run = topo.connect_from("client", vip, 256 * 1024, 2);
+        all_ok(&run, 2, 256 * 1024);
+        for conn in &run.ok {
+            assert_eq!(conn.peer, vip, "{family}: getpeername() shows the VIP");
+            assert_eq!(
+                conn.server_local.ip().to_canonical(),
+                endpoint.ip(),
+                "{family}: {conn:?}"
+            );
+            assert_eq!(
+                conn.server_saw.ip().to_canonical(),
+                client_ip,
+                "{family}: {conn:?}"
+            );
+        }
+        eventually(
+            &format!("{family}: node1 logs the tunnel to {endpoint}"),
+            || {
+                closed(
+                    &mesh1,
+                    &[
+                        "outbound connection closed",
+                        "route=hbone",
+                        &format!("original_dst={vip}"),
+                        &format!("dst={endpoint}"),
+                    ],
+                ) == 2
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh1.log_text()));
+    }
 }

@@ -123,9 +123,10 @@ pub fn decide<P>(
                 }
                 Ok(Choice::Endpoint(lb::Endpoint {
                     workload,
-                    ip: Some(ip),
+                    ip: Some(first),
                     port,
                 })) => {
+                    let ip = workload.address_for(dst.ip()).unwrap_or(first);
                     let addr = SocketAddr::new(ip, port);
                     match local(ip) {
                         Some(pod) => Route::Local { pod, dst: addr },
@@ -223,7 +224,10 @@ fn via_waypoint<P>(
     let (workload, ip, sans) = match resolve(state, gateway) {
         Some(Resolved::Service(service)) => {
             match lb::pick_hbone_endpoint(state, &service, origin, random) {
-                Some((workload, ip)) => (workload, ip, service.subject_alt_names.clone()),
+                Some((workload, first)) => {
+                    let ip = workload.address_for(dst.ip()).unwrap_or(first);
+                    (workload, ip, service.subject_alt_names.clone())
+                }
                 None => {
                     return Route::Refused(format!(
                         "waypoint {} has no healthy endpoint on network {:?}",
@@ -234,7 +238,7 @@ fn via_waypoint<P>(
             }
         }
         Some(Resolved::Workload(workload)) => {
-            let Some(ip) = workload.addresses.first().copied() else {
+            let Some(ip) = workload.address_for(dst.ip()) else {
                 return Route::Refused(format!("waypoint {} has no address", workload.uid));
             };
             (workload, ip, Vec::new())

@@ -122,6 +122,21 @@ impl Workload {
     pub fn identity(&self) -> Identity {
         Identity::new(&self.trust_domain, &self.namespace, &self.service_account)
     }
+
+    /// The address to reach it at for a connection to `dst`: `dst` itself when it is one of
+    /// its addresses, else its first of `dst`'s family, else its first (as ztunnel: a
+    /// dual-stack endpoint is called in the family the application used).
+    pub fn address_for(&self, dst: IpAddr) -> Option<IpAddr> {
+        let dst = dst.to_canonical();
+        if self.addresses.contains(&dst) {
+            return Some(dst);
+        }
+        self.addresses
+            .iter()
+            .find(|ip| ip.is_ipv6() == dst.is_ipv6())
+            .or(self.addresses.first())
+            .copied()
+    }
 }
 
 /// A service port and the port its endpoints listen on (0: same as the service port).

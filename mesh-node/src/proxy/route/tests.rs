@@ -358,3 +358,36 @@ fn a_local_endpoint_is_delivered_here_and_string_sans_are_expected() {
             .contains(&Identity::new("cluster.local", "default", "server").into())
     );
 }
+
+/// A dual-stack endpoint is called in the family the application used: a service's IPv6 VIP
+/// reaches the endpoint's IPv6 address, its IPv4 VIP the IPv4 one (as ztunnel).
+#[test]
+fn a_dual_stack_endpoint_is_reached_in_the_family_of_the_vip() {
+    const SERVER6: &str = "fd00::2:5";
+    let state = mesh(
+        |w| w.addresses.push(bytes(SERVER6)),
+        |s| {
+            s.addresses.push(pb::NetworkAddress {
+                network: String::new(),
+                address: bytes("fd00:96::10"),
+                length: None,
+            })
+        },
+    );
+    let v6 = tunnel(route_from(
+        &state,
+        "fd00::1:2",
+        &client_identity(),
+        "default",
+        "[fd00:96::10]:80",
+        &[],
+    ));
+    assert_eq!(v6.peer, addr("[fd00::2:5]:15008"));
+    assert_eq!(v6.authority, addr("[fd00::2:5]:8080"));
+    let v4 = tunnel(route(&state, "10.96.0.10:80"));
+    assert_eq!(v4.peer, addr("10.0.2.5:15008"));
+    assert_eq!(v4.authority, addr("10.0.2.5:8080"));
+    // A workload called by one of its addresses is called there.
+    let direct = tunnel(route(&state, "[fd00::2:5]:8080"));
+    assert_eq!(direct.peer, addr("[fd00::2:5]:15008"));
+}

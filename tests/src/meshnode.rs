@@ -287,3 +287,26 @@ pub fn enter_netns_at_exec(cmd: &mut Command, netns: &File) {
         });
     }
 }
+
+/// `mesh-node bpf ARGS --output json` on the pins of `node`, parsed; panics on failure.
+pub fn bpf_json(topo: &Topology, node: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(binary())
+        .arg("bpf")
+        .arg("--bpffs")
+        .arg(&topo.node(node).bpffs)
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .expect("run mesh-node bpf");
+    assert!(
+        out.status.success(),
+        "mesh-node bpf {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|error| {
+        panic!(
+            "mesh-node bpf {args:?}: not JSON ({error}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

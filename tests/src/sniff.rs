@@ -14,9 +14,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-/// One captured TCP/IPv4 segment.
+/// One captured TCP segment, over IPv4 or IPv6.
 #[derive(Debug, Clone)]
 pub struct Segment {
+    pub ipv6: bool,
     pub src_port: u16,
     pub dst_port: u16,
     pub payload: Vec<u8>,
@@ -136,23 +137,33 @@ fn open_socket(ns: &File, interface: &std::ffi::CStr) -> Result<i32, String> {
     }
 }
 
-/// Ethernet → IPv4 → TCP; anything else is skipped.
+/// Ethernet → IPv4 or IPv6 (no extension headers) → TCP; anything else is skipped.
 fn parse(frame: &[u8]) -> Option<Segment> {
-    if frame.len() < 14 || frame[12..14] != [0x08, 0x00] {
-        return None;
-    }
-    let ip = &frame[14..];
-    if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 6 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
-    let tcp = ip.get(ihl..total)?;
+    let ip = frame.get(14..)?;
+    let (ipv6, tcp) = match frame.get(12..14)? {
+        [0x08, 0x00] => {
+            if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 6 {
+                return None;
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+            (false, ip.get(ihl..total)?)
+        }
+        [0x86, 0xdd] => {
+            if ip.len() < 40 || ip[0] >> 4 != 6 || ip[6] != 6 {
+                return None;
+            }
+            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            (true, ip.get(40..(40 + payload).min(ip.len()))?)
+        }
+        _ => return None,
+    };
     if tcp.len() < 20 {
         return None;
     }
     let offset = usize::from(tcp[12] >> 4) * 4;
     Some(Segment {
+        ipv6,
         src_port: u16::from_be_bytes([tcp[0], tcp[1]]),
         dst_port: u16::from_be_bytes([tcp[2], tcp[3]]),
         payload: tcp.get(offset..)?.to_vec(),

@@ -42,15 +42,7 @@ fn bpf(topo: &Topology, node: &str, args: &[&str]) -> Output {
 }
 
 fn bpf_json(topo: &Topology, node: &str, args: &[&str]) -> Value {
-    let mut args = args.to_vec();
-    args.extend(["--output", "json"]);
-    let out = bpf(topo, node, &args);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|error| {
-        panic!(
-            "mesh-node bpf {args:?}: not JSON ({error}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    meshnode::bpf_json(topo, node, args)
 }
 
 fn bpf_table(topo: &Topology, node: &str, args: &[&str]) -> String {

@@ -9,7 +9,8 @@ use mesh_node::xds::proto::workload as pb;
 use mesh_tests::{
     MeshNode, PodSpec, Server, Topology,
     control_plane::{ControlPlane, eventually, pod_workload},
-    podapp, privileged, wait_for,
+    meshnode::bpf_json,
+    podapp, privileged, sniff, wait_for,
 };
 
 const PORT: u16 = 8080;
@@ -67,10 +68,31 @@ fn every_path_carries_ipv6_and_the_application_sees_the_clients_ipv6_address() {
     let _legacy = serve_all(&topo, "legacy");
     let client6 = IpAddr::V6(topo.pod("client").ipv6());
 
-    // Control: outside the mesh, IPv6 goes straight through (the harness's IPv6 works).
+    // Control: outside the mesh, IPv6 goes straight through (the harness's IPv6 works), in
+    // cleartext on the link.
+    let sniffer = sniff::Sniffer::start(&topo.node("node1").netns, "n0").expect("capture n0");
     let direct = topo.connect_from("outsider", v6(&topo, "legacy"), 64 * 1024, 1);
     all_ok(&direct, 1, 64 * 1024);
     assert_eq!(direct.ok[0].server_saw, direct.ok[0].local);
+
+    // An enrolled client calling a workload outside the mesh: captured by connect6 and passed
+    // through as plain TCP, from the client's own IPv6 address.
+    let run = topo.connect_from("client", v6(&topo, "legacy"), 64 * 1024, 1);
+    all_ok(&run, 1, 64 * 1024);
+    assert_eq!(run.ok[0].peer, v6(&topo, "legacy"));
+    assert_eq!(run.ok[0].server_saw.ip(), client6, "{:?}", run.ok[0]);
+    assert!(
+        wait_for(|| closed(
+            &mesh1,
+            &[
+                "outbound connection closed",
+                "route=passthrough",
+                &format!("dst={}", v6(&topo, "legacy"))
+            ]
+        ) == 1),
+        "{}",
+        mesh1.log_text()
+    );
 
     // Same node over IPv6: captured by connect6, delivered from the client's address.
     let target = v6(&topo, "neighbor");
@@ -117,6 +139,25 @@ fn every_path_carries_ipv6_and_the_application_sees_the_clients_ipv6_address() {
         "{}",
         mesh1.log_text()
     );
+
+    // On the link: the tunnelled bytes crossed as IPv6 on 15008, encrypted; the control's
+    // plaintext is visible, so the capture would have seen cleartext.
+    let segments = sniffer.stop();
+    let hbone6: usize = segments
+        .iter()
+        .filter(|s| s.ipv6 && (s.dst_port == 15008 || s.src_port == 15008))
+        .map(|s| s.payload.len())
+        .sum();
+    assert!(hbone6 > 8 << 20, "only {hbone6} IPv6 bytes on 15008");
+    let marker = podapp::pattern_bytes(1000, 64);
+    let cleartext = |port: u16| {
+        segments
+            .iter()
+            .filter(|s| s.ipv6 && (s.dst_port == port || s.src_port == port))
+            .any(|s| s.payload.windows(marker.len()).any(|w| w == marker))
+    };
+    assert!(cleartext(PORT), "control: IPv6 plaintext must be visible");
+    assert!(!cleartext(15008), "cleartext inside the IPv6 tunnel");
 
     // The tunnel itself ran over IPv6, between the pods' IPv6 addresses; the destination's
     // access log names the client by its IPv6 address.
@@ -168,6 +209,24 @@ fn every_path_carries_ipv6_and_the_application_sees_the_clients_ipv6_address() {
         ) == 2),
         "{}",
         mesh2.log_text()
+    );
+
+    // mesh-node bpf: both addresses of the pod, inbound capture registered for each, and
+    // original source for both families.
+    let pods = bpf_json(&topo, "node2", &["pods"]);
+    let server = &pods[0];
+    let ips: Vec<String> = topo
+        .pod("server")
+        .ips()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(server["ips"], serde_json::json!(ips), "{pods}");
+    assert_eq!(server["inbound_capture"], "on", "{pods}");
+    assert_eq!(
+        server["original_source"],
+        serde_json::json!(["ipv4", "ipv6"]),
+        "{pods}"
     );
     drop((mesh1, mesh2));
 }

@@ -11,7 +11,7 @@ use mesh_tests::{
     kubelet::{CgroupDriver, Sandbox, pod_object},
     meshnode, podapp, privileged, wait_for,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PORT: u16 = 8080;
 const LABEL: &str = "istio.io/dataplane-mode";
@@ -31,18 +31,7 @@ fn api_server(topo: &Topology) -> (KubeApi, PathBuf) {
 
 /// `namespace/name` of every pod `mesh-node bpf pods` lists for `node` (read from the pins).
 fn pinned_pods(topo: &Topology, node: &str) -> Vec<String> {
-    let out = Command::new(meshnode::binary())
-        .args(["bpf", "--bpffs"])
-        .arg(&topo.node(node).bpffs)
-        .args(["pods", "--output", "json"])
-        .output()
-        .expect("run mesh-node bpf pods");
-    assert!(
-        out.status.success(),
-        "mesh-node bpf pods: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: Value = serde_json::from_slice(&out.stdout).expect("bpf pods JSON");
+    let list = meshnode::bpf_json(topo, node, &["pods"]);
     let mut pods: Vec<String> = list
         .as_array()
         .expect("a list")

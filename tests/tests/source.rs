@@ -5,8 +5,7 @@
 //! restart and is shown by `mesh-node bpf status`.
 use std::{net::SocketAddr, path::Path, process::Command};
 
-use mesh_tests::{MeshNode, PodSpec, Topology, meshnode, podapp, privileged, wait_for};
-use serde_json::Value;
+use mesh_tests::{MeshNode, PodSpec, Topology, meshnode::bpf_json, podapp, privileged, wait_for};
 
 const PORT: u16 = 8080;
 const BIG: usize = 16 << 20;
@@ -29,23 +28,6 @@ fn all_ok(run: &podapp::PodRun, conns: usize, bytes: usize) {
     for conn in &run.ok {
         assert_eq!(conn.bytes, bytes, "{conn:?}");
     }
-}
-
-fn bpf_json(topo: &Topology, node: &str, args: &[&str]) -> Value {
-    let out = Command::new(meshnode::binary())
-        .arg("bpf")
-        .arg("--bpffs")
-        .arg(&topo.node(node).bpffs)
-        .args(args)
-        .args(["--output", "json"])
-        .output()
-        .expect("run mesh-node bpf");
-    assert!(
-        out.status.success(),
-        "mesh-node bpf {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 /// The rules of the pod namespace at `netns` that select mesh-node's delivery table.

@@ -532,9 +532,14 @@ fn write_pods_file(node: &Node) -> Result<()> {
     fs::write(&node.pods_file, yaml).with_context(|| format!("write {}", node.pods_file.display()))
 }
 
+/// Addresses as a YAML flow list: IPv4 bare (as tests that edit these files expect), IPv6
+/// quoted.
 fn join(ips: &[IpAddr]) -> String {
     ips.iter()
-        .map(|ip| format!("\"{ip}\""))
+        .map(|ip| match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"{v6}\""),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

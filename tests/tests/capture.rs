@@ -1,7 +1,12 @@
 //! Outbound capture on a real kernel: two nodes, pods in network namespaces, one mesh-node per
 //! node. Each test asserts on what a user sees: bytes that arrived, the peer the application
-//! sees, who the server saw connecting, and mesh-node's own account of the connection.
-use std::{net::SocketAddr, time::Duration};
+//! sees, who the server saw connecting, and mesh-node's own account of the connection. The
+//! capture scenarios run over IPv4 and, in a dual-stack topology, over IPv6 (`connect6`,
+//! `sk_lookup` for IPv6).
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use mesh_tests::{MeshNode, PodSpec, Server, Topology, podapp, privileged, wait_for};
 
@@ -19,6 +24,41 @@ fn start_server(topo: &Topology) -> Server {
     topo.serve("server", SERVER_PORT)
 }
 
+/// The same pods with IPv6 beside IPv4; the server listens on both families and clients call
+/// its IPv6 address.
+fn dual_stack() -> (Topology, Server) {
+    let topo = Topology::two_nodes_dual_stack(
+        vec![PodSpec::enrolled("client"), PodSpec::plain("bystander")],
+        vec![PodSpec::enrolled("server")],
+    );
+    let pod = topo.pod("server");
+    let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), SERVER_PORT);
+    let mut server = Server::start(&pod.netns_path(), &pod.cgroup, any).expect("echo server");
+    server.addr = SocketAddr::new(IpAddr::V6(pod.ipv6()), SERVER_PORT);
+    (topo, server)
+}
+
+/// The topology and server of a scenario, in the family asked for.
+fn scenario(ipv6: bool) -> (Topology, Server) {
+    if ipv6 {
+        dual_stack()
+    } else {
+        let topo = two_nodes();
+        let server = start_server(&topo);
+        (topo, server)
+    }
+}
+
+/// `pod`'s address of `target`'s family.
+fn ip_like(topo: &Topology, pod: &str, target: SocketAddr) -> IpAddr {
+    let pod = topo.pod(pod);
+    if target.is_ipv6() {
+        IpAddr::V6(pod.ipv6())
+    } else {
+        IpAddr::V4(pod.ip)
+    }
+}
+
 /// Captured connections to `target` that have ended (one access line each).
 fn captured_count(mesh: &MeshNode, target: SocketAddr) -> usize {
     mesh.log_lines_with(&[
@@ -30,7 +70,7 @@ fn captured_count(mesh: &MeshNode, target: SocketAddr) -> usize {
 
 /// Asserts that every connection went through mesh-node: the application still believes it talks
 /// to `target`, while the server saw a different socket (mesh-node's) from `source_ip`.
-fn assert_captured(run: &podapp::PodRun, source_ip: std::net::Ipv4Addr, target: SocketAddr) {
+fn assert_captured(run: &podapp::PodRun, source_ip: IpAddr, target: SocketAddr) {
     assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
     for conn in &run.ok {
         assert_eq!(
@@ -58,7 +98,7 @@ fn client_captured(
     conns: usize,
 ) -> podapp::PodRun {
     let run = topo.connect_from("client", target, bytes, conns);
-    assert_captured(&run, topo.pod("client").ip, target);
+    assert_captured(&run, ip_like(topo, "client", target), target);
     run
 }
 
@@ -79,14 +119,25 @@ fn cross_node_connections_are_captured_and_bytes_arrive_intact() {
     if !privileged() {
         return;
     }
-    let topo = two_nodes();
+    cross_node_captured(false);
+}
+
+#[test]
+fn cross_node_connections_over_ipv6_are_captured_and_bytes_arrive_intact() {
+    if !privileged() {
+        return;
+    }
+    cross_node_captured(true);
+}
+
+fn cross_node_captured(ipv6: bool) {
+    let (topo, server) = scenario(ipv6);
     let mesh1 = MeshNode::start(&topo, "node1", &[]).expect("mesh-node node1");
     let mesh2 = MeshNode::start(&topo, "node2", &[]).expect("mesh-node node2");
-    let server = start_server(&topo);
     // No workloads are known (no state file), so node1 passes connections through as plain TCP;
     // node2 captures them on their way into its enrolled server pod (sk_lookup → 15006) and
     // delivers them from inside the pod, from the client's address (original source).
-    let client_ip = topo.pod("client").ip;
+    let client_ip = ip_like(&topo, "client", server.addr);
     let run = |bytes, conns| {
         let run = topo.connect_from("client", server.addr, bytes, conns);
         assert_captured(&run, client_ip, server.addr);
@@ -133,9 +184,20 @@ fn non_enrolled_pods_and_the_host_namespace_are_not_captured() {
     if !privileged() {
         return;
     }
-    let topo = two_nodes();
+    not_captured(false);
+}
+
+#[test]
+fn non_enrolled_pods_and_the_host_namespace_are_not_captured_over_ipv6() {
+    if !privileged() {
+        return;
+    }
+    not_captured(true);
+}
+
+fn not_captured(ipv6: bool) {
+    let (topo, server) = scenario(ipv6);
     let mesh1 = MeshNode::start(&topo, "node1", &[]).expect("mesh-node node1");
-    let server = start_server(&topo);
 
     // A pod on the same node, inside the hooked cgroup, but not enrolled.
     assert_direct(
@@ -240,8 +302,19 @@ fn a_stopped_mesh_node_fails_open_or_closed_as_configured() {
     if !privileged() {
         return;
     }
-    let topo = two_nodes();
-    let server = start_server(&topo);
+    fails_as_configured(false);
+}
+
+#[test]
+fn a_stopped_mesh_node_fails_open_or_closed_over_ipv6_too() {
+    if !privileged() {
+        return;
+    }
+    fails_as_configured(true);
+}
+
+fn fails_as_configured(ipv6: bool) {
+    let (topo, server) = scenario(ipv6);
 
     let mut open =
         MeshNode::start(&topo, "node1", &["--fail-mode", "open"]).expect("mesh-node fail-open");

@@ -290,17 +290,44 @@ fn many_tunnels_share_few_connections_and_big_transfers_half_close_intact() {
     if !privileged() {
         return;
     }
-    let topo = topology();
+    tunnels_pooled_and_intact(false);
+}
+
+/// The same over IPv6: tunnels to the server's IPv6 address share IPv6 HBONE connections.
+#[test]
+fn over_ipv6_many_tunnels_share_few_connections_and_big_transfers_half_close_intact() {
+    if !privileged() {
+        return;
+    }
+    tunnels_pooled_and_intact(true);
+}
+
+fn tunnels_pooled_and_intact(ipv6: bool) {
+    let topo = if ipv6 {
+        Topology::two_nodes_dual_stack(
+            vec![PodSpec::enrolled("client")],
+            vec![PodSpec::enrolled("server")],
+        )
+    } else {
+        topology()
+    };
     let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
     let _mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
-    let server = topo.serve("server", PORT);
+    let server = if ipv6 {
+        let pod = topo.pod("server");
+        let addr = SocketAddr::new(std::net::IpAddr::V6(pod.ipv6()), PORT);
+        mesh_tests::Server::start(&pod.netns_path(), &pod.cgroup, addr).expect("echo server")
+    } else {
+        topo.serve("server", PORT)
+    };
 
     all_ok(
         &topo.connect_from("client", server.addr, 16 * 1024, 256),
         256,
     );
+    let peer = format!("peer={}", SocketAddr::new(server.addr.ip(), 15008));
     let connections = mesh1
-        .log_lines_with(&["HBONE connection established"])
+        .log_lines_with(&["HBONE connection established", &peer])
         .len();
     assert!(
         (1..=6).contains(&connections),

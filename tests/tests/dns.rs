@@ -292,3 +292,50 @@ fn mesh_names_are_answered_from_the_state_and_other_names_forwarded() {
     let direct = resolve(&topo, "client", upstream, ECHO, "A", "connected");
     assert_eq!(direct.rcode, "NXDOMAIN", "the real resolver answered");
 }
+
+/// A resolver with a native IPv6 address (a dual-stack cluster's kube-dns): queries to it are
+/// captured into the pod's DNS proxy on `[::1]:15053` over UDP (connected and not) and TCP,
+/// mesh names answered, the rest forwarded from the pod's own IPv6 address.
+#[test]
+fn a_resolver_with_an_ipv6_address_is_captured_too() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::two_nodes_dual_stack(
+        vec![PodSpec::enrolled("client")],
+        vec![PodSpec::enrolled("server")],
+    );
+    write_state(&topo);
+    let resolver = DnsServer::start(
+        &topo.node("node1").netns_path(),
+        "fd00:19::1".parse().expect("node1's IPv6 link address"),
+    )
+    .expect("DNS server");
+    resolver.add("www.example.org", &ips(&["2001:db8::80"]));
+    let upstream = resolver.addr;
+    let _mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("node1");
+    for mode in ["connected", "unconnected", "tcp"] {
+        let aaaa = resolve(&topo, "client", upstream, ECHO, "AAAA", mode);
+        assert_eq!(
+            (aaaa.rcode.as_str(), aaaa.ips.clone()),
+            ("NOERROR", ips(&[VIP6])),
+            "{mode}: {aaaa:?}"
+        );
+        assert_eq!((aaaa.from, aaaa.peer), (upstream, upstream), "{mode}");
+        let a = resolve(&topo, "client", upstream, ECHO, "A", mode);
+        assert_eq!(a.ips, ips(&[VIP4]), "{mode}: {a:?}");
+    }
+    assert!(resolver.seen_for(ECHO).is_empty(), "{:?}", resolver.seen());
+    let www = resolve(
+        &topo,
+        "client",
+        upstream,
+        "www.example.org",
+        "AAAA",
+        "connected",
+    );
+    assert_eq!(www.ips, ips(&["2001:db8::80"]), "{www:?}");
+    let seen = resolver.seen_for("www.example.org");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].from.ip(), IpAddr::V6(topo.pod("client").ipv6()));
+}

@@ -38,6 +38,8 @@ pub struct PodSpec {
     pub namespace: &'static str,
     /// Its DNS queries go to mesh-node (pods file `dnsCapture`; default true).
     pub dns_capture: bool,
+    /// In a dual-stack topology: IPv6 only (no IPv4 address on its interface or in the files).
+    pub ipv6_only: bool,
 }
 
 impl PodSpec {
@@ -47,6 +49,7 @@ impl PodSpec {
             enrolled: true,
             namespace: "default",
             dns_capture: true,
+            ipv6_only: false,
         }
     }
     pub fn plain(name: &'static str) -> Self {
@@ -55,6 +58,14 @@ impl PodSpec {
             enrolled: false,
             namespace: "default",
             dns_capture: true,
+            ipv6_only: false,
+        }
+    }
+    /// An IPv6-only pod (in a dual-stack topology).
+    pub fn ipv6_only(self) -> Self {
+        Self {
+            ipv6_only: true,
+            ..self
         }
     }
     pub fn in_namespace(self, namespace: &'static str) -> Self {
@@ -98,6 +109,8 @@ pub struct Pod {
     pub cgroup: PathBuf,
     pub enrolled: bool,
     pub dns_capture: bool,
+    /// It has no IPv4 address (`ip` is only reserved for it).
+    pub ipv6_only: bool,
 }
 
 impl Pod {
@@ -105,9 +118,10 @@ impl Pod {
         PathBuf::from("/run/netns").join(&self.netns)
     }
 
-    /// Its addresses: IPv4, then IPv6 when it has one.
+    /// Its addresses: IPv4 (unless IPv6-only), then IPv6 when it has one.
     pub fn ips(&self) -> Vec<IpAddr> {
         std::iter::once(IpAddr::V4(self.ip))
+            .filter(|_| !self.ipv6_only)
             .chain(self.ip6.map(IpAddr::V6))
             .collect()
     }
@@ -345,25 +359,30 @@ impl Topology {
                 "dev",
                 &host_if,
             ])?;
-            ip(&[
-                "-n",
-                &pod_ns,
-                "addr",
-                "add",
-                &format!("{ip_addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            let ipv4 = !(pod.ipv6_only && self.dual_stack);
+            if ipv4 {
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "addr",
+                    "add",
+                    &format!("{ip_addr}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+            }
             ip(&["-n", &pod_ns, "link", "set", "eth0", "up"])?;
-            ip(&[
-                "-n",
-                &pod_ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &gateway.to_string(),
-            ])?;
+            if ipv4 {
+                ip(&[
+                    "-n",
+                    &pod_ns,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gateway.to_string(),
+                ])?;
+            }
             let ip6 = self.dual_stack.then(|| pod_ipv6(index, j as u8));
             if let Some(ip6) = ip6 {
                 // A /128 each side, no duplicate-address wait: the pod reaches everything
@@ -392,6 +411,7 @@ impl Topology {
                 cgroup: pod_cgroup,
                 enrolled: pod.enrolled,
                 dns_capture: pod.dns_capture,
+                ipv6_only: pod.ipv6_only,
             });
         }
         let pods_file = self.workdir.join(format!("{}-pods.yaml", spec.name));

@@ -330,3 +330,49 @@ fn a_service_with_a_vip_of_each_family_is_reached_in_the_family_the_client_used(
         .unwrap_or_else(|e| panic!("{e}\n{}", mesh1.log_text()));
     }
 }
+
+/// Pods with only an IPv6 address, calling and called: enrolled with it alone, tunnelled over
+/// IPv6 both ways, each side seeing the other by that address.
+#[test]
+fn an_ipv6_only_pod_is_enrolled_and_carried() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::two_nodes_dual_stack(
+        vec![PodSpec::enrolled("client").ipv6_only()],
+        vec![
+            PodSpec::enrolled("server"),
+            PodSpec::enrolled("server6").ipv6_only(),
+        ],
+    );
+    let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
+    let _mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
+    let _server = serve_all(&topo, "server");
+    let _server6 = serve_all(&topo, "server6");
+    let client6 = IpAddr::V6(topo.pod("client").ipv6());
+
+    let run = topo.connect_from("client", v6(&topo, "server"), 1 << 20, 2);
+    all_ok(&run, 2, 1 << 20);
+    for conn in &run.ok {
+        assert_eq!(conn.server_saw.ip(), client6, "{conn:?}");
+    }
+    let run = topo.connect_from("client", v6(&topo, "server6"), 1 << 20, 1);
+    all_ok(&run, 1, 1 << 20);
+    assert_eq!(run.ok[0].server_saw.ip(), client6, "{:?}", run.ok[0]);
+    assert!(
+        wait_for(|| closed(&mesh1, &["outbound connection closed", "route=hbone"]) == 3),
+        "{}",
+        mesh1.log_text()
+    );
+    let pods = bpf_json(&topo, "node1", &["pods"]);
+    assert_eq!(
+        pods[0]["ips"],
+        serde_json::json!([client6.to_string()]),
+        "{pods}"
+    );
+    assert_eq!(
+        pods[0]["original_source"],
+        serde_json::json!(["ipv6"]),
+        "{pods}"
+    );
+}

@@ -82,11 +82,16 @@ impl Mesh {
     }
 
     fn server(&self, port: u16) -> SocketAddr {
-        let server = self.topo.pod("server");
+        SocketAddr::new(self.ip("server"), port)
+    }
+
+    /// `pod`'s address in the family the clients call in.
+    fn ip(&self, pod: &str) -> std::net::IpAddr {
+        let pod = self.topo.pod(pod);
         if self.ipv6 {
-            SocketAddr::from((server.ipv6(), port))
+            pod.ipv6().into()
         } else {
-            SocketAddr::from((server.ip, port))
+            pod.ip.into()
         }
     }
 
@@ -313,8 +318,19 @@ fn a_forged_forwarded_address_does_not_pass_a_source_address_policy() {
     if !privileged() {
         return;
     }
-    let mesh = Mesh::start();
-    let alice_ip = mesh.topo.pod("alice").ip;
+    forged_forwarded_changes_nothing(Mesh::start());
+}
+
+#[test]
+fn over_ipv6_a_forged_forwarded_address_does_not_pass_a_source_address_policy() {
+    if !privileged() {
+        return;
+    }
+    forged_forwarded_changes_nothing(Mesh::start_with(true));
+}
+
+fn forged_forwarded_changes_nothing(mesh: Mesh) {
+    let alice_ip = mesh.ip("alice");
     mesh.gate(
         pb::Action::Allow,
         pb::Match {
@@ -328,7 +344,7 @@ fn a_forged_forwarded_address_does_not_pass_a_source_address_policy() {
     let ca_dir = mesh.topo.ca_dir();
     let alice_id = "spiffe://cluster.local/ns/frontend/sa/alice";
     let server_id = "spiffe://cluster.local/ns/default/sa/server";
-    let hbone = SocketAddr::from((mesh.topo.pod("server").ip, 15008));
+    let hbone = SocketAddr::new(mesh.ip("server"), 15008);
     let authority = mesh.server(PORT).to_string();
     let claiming = |claim: SocketAddr| mesh_node::hbone::client::ConnectHeaders {
         client: Some(claim),
@@ -344,14 +360,14 @@ fn a_forged_forwarded_address_does_not_pass_a_source_address_policy() {
         })
         .expect("client thread")
     };
-    let forged = open("outsider", SocketAddr::from((alice_ip, 40000)));
+    let forged = open("outsider", SocketAddr::new(alice_ip, 40000));
     assert!(
         forged.as_ref().is_err_and(|e| e.contains("401")),
         "a forged forwarded address passed: {forged:?}\n{}",
         mesh.node1.log_text()
     );
     // From alice's own address the policy holds, whatever the header says.
-    let outsider = SocketAddr::from((mesh.topo.pod("outsider").ip, 40000));
+    let outsider = SocketAddr::new(mesh.ip("outsider"), 40000);
     let honest = open("alice", outsider);
     assert!(
         honest.is_ok(),
@@ -364,7 +380,7 @@ fn a_forged_forwarded_address_does_not_pass_a_source_address_policy() {
     assert!(
         denied
             .iter()
-            .any(|line| line.contains(&mesh.topo.pod("outsider").ip.to_string())),
+            .any(|line| line.contains(&mesh.ip("outsider").to_string())),
         "the denial names the address the kernel saw: {denied:?}"
     );
 }
@@ -384,8 +400,18 @@ fn service_account_policies_match_the_callers_verified_account_on_every_path() {
     if !privileged() {
         return;
     }
-    let mesh = Mesh::start();
+    service_accounts_decide(Mesh::start());
+}
 
+#[test]
+fn over_ipv6_service_account_policies_match_the_callers_verified_account() {
+    if !privileged() {
+        return;
+    }
+    service_accounts_decide(Mesh::start_with(true));
+}
+
+fn service_accounts_decide(mesh: Mesh) {
     // DENY alice's account: alice (HBONE from node2) is refused, everyone else passes.
     mesh.gate(
         pb::Action::Deny,
@@ -443,7 +469,18 @@ fn a_policy_pushed_mid_connection_closes_the_connections_it_denies() {
     if !privileged() {
         return;
     }
-    let mesh = Mesh::start();
+    pushed_policy_closes_denied(Mesh::start());
+}
+
+#[test]
+fn over_ipv6_a_policy_pushed_mid_connection_closes_the_connections_it_denies() {
+    if !privileged() {
+        return;
+    }
+    pushed_policy_closes_denied(Mesh::start_with(true));
+}
+
+fn pushed_policy_closes_denied(mesh: Mesh) {
     let hold = Duration::from_secs(6);
     let per_client = [("alice", 4), ("bob", 4), ("neighbor", 2), ("outsider", 2)];
     let held: Vec<_> = per_client

@@ -151,8 +151,41 @@ fn identities_are_verified_both_ways_and_bad_connects_get_400() {
     if !privileged() {
         return;
     }
-    let topo = topology();
-    let server = topo.serve("server", PORT);
+    identities_verified(false);
+}
+
+#[test]
+fn over_ipv6_identities_are_verified_both_ways_and_bad_connects_get_400() {
+    if !privileged() {
+        return;
+    }
+    identities_verified(true);
+}
+
+/// [`topology`], dual-stack when `ipv6` (the server then listens on, and is called at, its
+/// IPv6 address).
+fn topology_in(ipv6: bool) -> (Topology, mesh_tests::Server) {
+    if !ipv6 {
+        let topo = topology();
+        let server = topo.serve("server", PORT);
+        return (topo, server);
+    }
+    let topo = Topology::two_nodes_dual_stack(
+        vec![
+            PodSpec::enrolled("client"),
+            PodSpec::enrolled("neighbor"),
+            PodSpec::plain("outsider"),
+        ],
+        vec![PodSpec::enrolled("server"), PodSpec::plain("legacy")],
+    );
+    let pod = topo.pod("server");
+    let addr = SocketAddr::new(std::net::IpAddr::V6(pod.ipv6()), PORT);
+    let server = mesh_tests::Server::start(&pod.netns_path(), &pod.cgroup, addr).expect("server");
+    (topo, server)
+}
+
+fn identities_verified(ipv6: bool) {
+    let (topo, server) = topology_in(ipv6);
     // node1 believes the server runs as "impostor": its real certificate must be refused.
     let wrong_state = topo.workdir.join("wrong-state.yaml");
     topo.write_state_file(&wrong_state, |pod| (pod == "server").then_some("impostor"))
@@ -196,8 +229,14 @@ fn identities_are_verified_both_ways_and_bad_connects_get_400() {
         )
         .unwrap();
         let good = hbone_client::client_config(&ca_dir, CLIENT_ID, SERVER_ID).unwrap();
-        let not_local = topo.pod("client").ip.to_string() + ":8080";
-        let hbone_port = format!("{}:15008", server.addr.ip());
+        let client = topo.pod("client");
+        let client_ip: std::net::IpAddr = if ipv6 {
+            client.ipv6().into()
+        } else {
+            client.ip.into()
+        };
+        let not_local = SocketAddr::new(client_ip, 8080).to_string();
+        let hbone_port = SocketAddr::new(server.addr.ip(), 15008).to_string();
         let mut ok = tunnel(good.clone(), peer, &authority)
             .await
             .expect("good tunnel");
@@ -303,23 +342,9 @@ fn over_ipv6_many_tunnels_share_few_connections_and_big_transfers_half_close_int
 }
 
 fn tunnels_pooled_and_intact(ipv6: bool) {
-    let topo = if ipv6 {
-        Topology::two_nodes_dual_stack(
-            vec![PodSpec::enrolled("client")],
-            vec![PodSpec::enrolled("server")],
-        )
-    } else {
-        topology()
-    };
+    let (topo, server) = topology_in(ipv6);
     let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
     let _mesh2 = MeshNode::start_hbone(&topo, "node2", &[]).expect("mesh-node node2");
-    let server = if ipv6 {
-        let pod = topo.pod("server");
-        let addr = SocketAddr::new(std::net::IpAddr::V6(pod.ipv6()), PORT);
-        mesh_tests::Server::start(&pod.netns_path(), &pod.cgroup, addr).expect("echo server")
-    } else {
-        topo.serve("server", PORT)
-    };
 
     all_ok(
         &topo.connect_from("client", server.addr, 16 * 1024, 256),

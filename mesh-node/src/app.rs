@@ -212,7 +212,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
         });
         let enroller = Arc::new(
             Enroller::new(ctx.clone(), dataplane.clone(), &config.trust_domain)
-                .with_dns(config.dns.clone()),
+                .with_dns(config.dns.clone())
+                .with_host_proc(&config.host_proc),
         );
         let _ = admin.enroller.set(enroller.clone());
         let shutdown = wait_for_shutdown();

@@ -13,6 +13,10 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh-node";
 pub struct RunConfig {
     /// Static enrollment file (YAML). `None`: no pods until another source adds them.
     pub pods_file: Option<PathBuf>,
+    /// The host's `/proc` (`--host-proc`): where pods' namespaces are found in Kubernetes, and
+    /// where a pod namespace's sysctl is written when mesh-node's own `/proc/sys` is read-only
+    /// (a container's).
+    pub host_proc: PathBuf,
     /// cgroup v2 directory the connect/sock_ops hooks attach to. `None`: the root of the cgroup2
     /// mount found in /proc/self/mounts.
     pub cgroup: Option<PathBuf>,
@@ -100,6 +104,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         Self {
             pods_file: None,
+            host_proc: PathBuf::from("/proc"),
             cgroup: None,
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
             fail_mode: FailMode::Open,

@@ -139,7 +139,8 @@ struct RunArgs {
     /// kubeconfig for --kubernetes; default: the pod's service account (or KUBECONFIG).
     #[arg(long, env = "MESH_NODE_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// The host's /proc, where --kubernetes finds pods' network namespaces.
+    /// The host's /proc, where --kubernetes finds pods' network namespaces (and where a pod
+    /// namespace's sysctl is written when mesh-node's own /proc/sys is read-only).
     #[arg(long, env = "MESH_NODE_HOST_PROC", default_value = "/proc")]
     host_proc: PathBuf,
     /// The label (on namespaces and pods) that enables the mesh.
@@ -381,6 +382,7 @@ fn main() -> ExitCode {
             });
             let config = RunConfig {
                 pods_file: args.pods,
+                host_proc: args.host_proc.clone(),
                 drain_timeout: Duration::from_secs(args.drain_timeout),
                 kubernetes,
                 dns: args.dns_capture.then(|| DnsSettings {

@@ -12,7 +12,7 @@
 //! What is installed stays when the pod is un-enrolled: connections delivered from a client's
 //! address may outlive the enrollment and still need it, it affects marked sockets only, and a
 //! later enrollment finds it in place.
-use std::{fs, io};
+use std::{fs, io, path::Path};
 
 use mesh_common::{DELIVERY_MARK, DELIVERY_RULE_PRIORITY, DELIVERY_TABLE};
 use netlink_packet_core::{
@@ -42,18 +42,32 @@ pub enum SourceRoutingError {
     },
 }
 
+/// The sysctl, relative to a procfs mount.
+const FWMARK_ACCEPT: &str = "sys/net/ipv4/tcp_fwmark_accept";
+
 /// Installs the mark's rule and table in `netns` for the families in `families` (and turns on
 /// `tcp_fwmark_accept`). Idempotent. A family the namespace cannot route (IPv6 disabled) is
 /// left out of the answer with a warning; failing IPv4 is an error.
+///
+/// The sysctl is written through `/proc`, or, where that is read-only (a container's, whose
+/// runtime remounts `/proc/sys` read-only), through the host's procfs at `host_proc`: either
+/// way `/proc/sys/net` resolves to the namespace of the thread writing it.
 pub fn install(
     netns: &NetNs,
     pod: &str,
     families: OriginalSource,
+    host_proc: &Path,
 ) -> Result<OriginalSource, SourceRoutingError> {
     netns.run(|| {
         let io = |what| move |io_error| SourceRoutingError::Io { what, io_error };
-        fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")
-            .map_err(io("set net.ipv4.tcp_fwmark_accept"))?;
+        let own = fs::write(Path::new("/proc").join(FWMARK_ACCEPT), "1");
+        match own {
+            Err(_) if host_proc != Path::new("/proc") => {
+                fs::write(host_proc.join(FWMARK_ACCEPT), "1")
+            }
+            other => other,
+        }
+        .map_err(io("set net.ipv4.tcp_fwmark_accept"))?;
         let mut socket = Netlink::open().map_err(io("open a route netlink socket"))?;
         let mut done = OriginalSource::default();
         if families.ipv4 {

@@ -98,7 +98,46 @@ impl MeshNode {
         Ok(gateway)
     }
 
+    /// Starts mesh-node with HBONE on as it runs in a container: its own `/proc/sys` read-only
+    /// (in a mount namespace of its own), and, when `host_proc` is given, a procfs of its own
+    /// mounted there, writable, and passed as `--host-proc`.
+    pub fn start_hbone_with_read_only_proc_sys(
+        topo: &Topology,
+        node: &str,
+        host_proc: Option<&Path>,
+    ) -> Result<Self> {
+        let n: &Node = topo.node(node);
+        let mut base = vec![
+            "--pods".to_owned(),
+            n.pods_file.display().to_string(),
+            "--cgroup".to_owned(),
+            n.cgroup.display().to_string(),
+            "--bpffs".to_owned(),
+            n.bpffs.display().to_string(),
+        ];
+        base.extend(topo.hbone_args());
+        if let Some(dir) = host_proc {
+            fs::create_dir_all(dir)?;
+            base.extend(["--host-proc".to_owned(), dir.display().to_string()]);
+        }
+        let mut mesh = Self::spawn_with(topo, node, &base, &[], |cmd| {
+            read_only_proc_sys_at_exec(cmd, host_proc)
+        })?;
+        mesh.wait_ready()?;
+        Ok(mesh)
+    }
+
     fn spawn_in(topo: &Topology, node: &str, base: &[String], extra: &[&str]) -> Result<Self> {
+        Self::spawn_with(topo, node, base, extra, |_| Ok(()))
+    }
+
+    fn spawn_with(
+        topo: &Topology,
+        node: &str,
+        base: &[String],
+        extra: &[&str],
+        prepare: impl FnOnce(&mut Command) -> Result<()>,
+    ) -> Result<Self> {
         let node: &Node = topo.node(node);
         let bin = binary();
         if !bin.exists() {
@@ -136,6 +175,7 @@ impl MeshNode {
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
         enter_netns_at_exec(&mut cmd, &netns);
+        prepare(&mut cmd)?;
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
@@ -286,6 +326,58 @@ pub fn enter_netns_at_exec(cmd: &mut Command, netns: &File) {
             Ok(())
         });
     }
+}
+
+/// Makes `cmd`'s process run in a mount namespace of its own where `/proc/sys` is read-only,
+/// as a container runtime leaves it, with a fresh (writable) procfs at `host_proc` if given.
+fn read_only_proc_sys_at_exec(cmd: &mut Command, host_proc: Option<&Path>) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = host_proc
+        .map(|dir| std::ffi::CString::new(dir.as_os_str().as_bytes()))
+        .transpose()?;
+    // SAFETY: only async-signal-safe calls (unshare, mount) between fork and exec, on
+    // NUL-terminated strings that live in the closure.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            let null = std::ptr::null();
+            let sys = c"/proc/sys".as_ptr();
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(sys, sys, null, libc::MS_BIND, std::ptr::null()))?;
+            check(libc::mount(
+                null,
+                sys,
+                null,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            ))?;
+            if let Some(target) = &target {
+                let proc = c"proc".as_ptr();
+                check(libc::mount(
+                    proc,
+                    target.as_ptr(),
+                    proc,
+                    0,
+                    std::ptr::null(),
+                ))?;
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// `mesh-node bpf ARGS --output json` on the pins of `node`, parsed; panics on failure.

@@ -173,3 +173,47 @@ fn the_clients_address_survives_a_restart_and_the_flag_turns_it_off() {
     assert_eq!(pods[0]["original_source"], serde_json::json!([]), "{pods}");
     drop(mesh2);
 }
+
+/// In a container `/proc/sys` is read-only: the pod's sysctl is then written through the
+/// host's procfs (`--host-proc`, writable in the DaemonSet). Without one, the pod is enrolled
+/// all the same, its applications seeing their own pod's address, with a warning.
+#[test]
+fn in_a_container_the_sysctl_goes_through_the_host_proc() {
+    if !privileged() {
+        return;
+    }
+    let topo = topology();
+    let _mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("mesh-node node1");
+    let server = topo.serve("server", PORT);
+    let (client_ip, server_ip) = (topo.pod("client").ip, topo.pod("server").ip);
+    let saw = || {
+        let run = topo.connect_from("client", server.addr, 64 * 1024, 1);
+        all_ok(&run, 1, 64 * 1024);
+        run.ok[0].server_saw.ip()
+    };
+
+    let mut mesh2 = MeshNode::start_hbone_with_read_only_proc_sys(&topo, "node2", None)
+        .expect("mesh-node with a read-only /proc/sys");
+    assert!(
+        !mesh2
+            .log_lines_with(&[
+                "cannot keep clients' addresses for this pod",
+                "tcp_fwmark_accept"
+            ])
+            .is_empty(),
+        "{}",
+        mesh2.log_text()
+    );
+    assert_eq!(saw(), std::net::IpAddr::V4(server_ip));
+    mesh2.stop().expect("stop");
+
+    let host_proc = topo.workdir.join("host-proc");
+    let mesh2 = MeshNode::start_hbone_with_read_only_proc_sys(&topo, "node2", Some(&host_proc))
+        .expect("mesh-node with a host procfs");
+    assert_eq!(
+        saw(),
+        std::net::IpAddr::V4(client_ip),
+        "{}",
+        mesh2.log_text()
+    );
+}

@@ -77,6 +77,8 @@ pub struct Enroller {
     runtime: tokio::runtime::Handle,
     /// `Some`: pods' DNS queries are captured and answered (unless a pod opts out).
     dns: Option<DnsSettings>,
+    /// The host's `/proc` (see [`Enroller::with_host_proc`]).
+    host_proc: std::path::PathBuf,
 }
 
 /// Which accept loop serves a listener.
@@ -93,12 +95,19 @@ impl Enroller {
         Self {
             runtime: tokio::runtime::Handle::current(),
             dns: None,
+            host_proc: "/proc".into(),
             ctx,
             dataplane,
             trust_domain: trust_domain.to_owned(),
             pods: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
         }
+    }
+
+    /// The host's `/proc`, for pods' sysctls when mesh-node's own `/proc/sys` is read-only.
+    pub fn with_host_proc(mut self, host_proc: &std::path::Path) -> Self {
+        self.host_proc = host_proc.to_owned();
+        self
     }
 
     /// Captures enrolled pods' DNS queries and answers them with `settings` (see [`dns`]).
@@ -277,7 +286,7 @@ impl Enroller {
             ipv4: has(true),
             ipv6: has(false),
         };
-        source_routing::install(netns, key, wanted).unwrap_or_else(|error| {
+        source_routing::install(netns, key, wanted, &self.host_proc).unwrap_or_else(|error| {
             tracing::warn!(
                 pod = key,
                 error = %crate::error_chain(&error),

@@ -106,8 +106,9 @@ pub const MAX_ENROLLED: u32 = 4096;
 pub const MAX_INBOUND: u32 = 2 * MAX_ENROLLED;
 /// Capacity of the LRU maps that remember original destinations.
 pub const MAX_TRACKED_CONNS: u32 = 65536;
-/// Deliveries from a client's address being connected at once (entries live for one connect).
-pub const MAX_DELIVERING: u32 = 8192;
+/// Connections from a client's address into pods tracked at once (an entry lives as long as
+/// its connection; LRU beyond that, which only an entry's late handshake ACK would miss).
+pub const MAX_DELIVERING: u32 = MAX_TRACKED_CONNS;
 /// Size of [`map_names::EVENTS`] in bytes (a power of two, a multiple of the page size): 4096
 /// events of 64 bytes (plus the kernel's 8-byte record headers).
 pub const EVENTS_BYTES: u32 = 256 * 1024;

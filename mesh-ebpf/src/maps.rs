@@ -42,10 +42,11 @@ pub static CONFIG: Array<DataplaneConfig> = Array::pinned(1, 0);
 #[map(name = "MESH_INBOUND")]
 pub static INBOUND: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND, 0);
 
-/// Connections mesh-node is opening to an application from its client's address: written
-/// just before the connect and removed once it is done, so that `sk_lookup` lets exactly
-/// those SYNs through to the application. LRU, so an entry mesh-node failed to remove cannot
-/// fill the map.
+/// Connections mesh-node made to an application from its client's address: written just
+/// before the connect and removed when the connection ends, so that `sk_lookup` lets exactly
+/// their handshake through to the application (the SYN, and the ACK of a SYN-cookie handshake,
+/// which the listener looks up again). LRU, so an entry mesh-node failed to remove cannot fill
+/// the map.
 #[map(name = "MESH_DELIVERING")]
 pub static DELIVERING: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_DELIVERING, 0);
 

@@ -10,7 +10,7 @@ use mesh_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    ProxyContext,
+    Announced, ProxyContext,
     authorize::{Inbound, Revocation},
     connect_as_client, connect_from_pod,
     failure::Failure,
@@ -127,6 +127,7 @@ impl TunnelHandler for PodTarget {
                 stream: mut upstream,
                 revocation,
                 report,
+                announced: _announced,
             } = match open_tunnel_target(&ctx, pod.clone(), &request).await {
                 Ok(delivered) => delivered,
                 Err(failure) => return responder.refuse(failure.refusal()),
@@ -314,6 +315,8 @@ pub struct Delivered {
     pub revocation: Revocation,
     /// The destination side's report, to close when the connection ends.
     pub report: Report,
+    /// Held for the connection's life when it comes from the client's address.
+    pub announced: Option<Announced>,
 }
 
 /// Authorizes `conn` and connects to the application at its destination. Every path into a
@@ -360,20 +363,23 @@ pub async fn deliver(
                 from,
                 dst,
                 ctx.settings.connect_timeout,
-                ctx.original_dsts.as_ref(),
+                &ctx.original_dsts,
             )
             .await
         }
-        None => connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout).await,
+        None => connect_from_pod(&pod.netns, dst, ctx.settings.connect_timeout)
+            .await
+            .map(|stream| (stream, None)),
     };
     match connected {
-        Ok(stream) => {
+        Ok((stream, announced)) => {
             // The application is reset unless the connection ends cleanly (see `ending`).
             crate::ending::arm(&stream);
             Ok(Delivered {
                 stream,
                 revocation,
                 report,
+                announced,
             })
         }
         Err(source) => {

@@ -64,6 +64,7 @@ async fn handle(mut client: TcpStream, pod: Arc<Pod>, ctx: Arc<ProxyContext>) {
         stream: mut upstream,
         revocation,
         report,
+        announced: _announced,
     }) = inbound::deliver(&ctx, conn, peer, inbound::Client::Plain).await
     else {
         return;

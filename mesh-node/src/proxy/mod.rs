@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-pub use upstream::{connect, connect_as_client, connect_from_pod};
+pub use upstream::{Announced, connect, connect_as_client, connect_from_pod};
 
 use self::authorize::Live;
 

@@ -115,6 +115,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, pod: Arc<Pod>, ctx: Arc<Pro
                     stream,
                     revocation,
                     report: inbound_report,
+                    announced: _announced,
                 }) => {
                     let revoked = Some(Box::pin(revocation.wait()) as Revoked);
                     return relay(

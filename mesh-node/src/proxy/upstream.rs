@@ -2,7 +2,7 @@
 //! leave with the pod's address and the capture hooks leave them alone; connections to a pod's
 //! application from its client's address; and, for the gateway, plain ones from mesh-node's
 //! own namespace. Every one has a connect deadline and NODELAY.
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_common::{DELIVERY_MARK, PROXY_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -27,16 +27,18 @@ pub async fn connect_from_pod(
 /// Connects to the application at `dst` inside `netns` from `client` (the client's address;
 /// its port when free there, else any), so that the application sees its real client. The
 /// socket is bound with `IP_TRANSPARENT` and carries [`DELIVERY_MARK`] (the pod's policy
-/// routing brings the replies back, see `source_routing`), and its SYN is announced to the
-/// kernel for the length of the connect so that `sk_lookup` lets it through to the
-/// application. Where any of that is refused, it connects from the pod's own address.
+/// routing brings the replies back, see `source_routing`), and the connection is announced to
+/// the kernel so that `sk_lookup` lets its packets through to the application: the SYN, and an
+/// ACK the listener must look up again (a SYN-cookie handshake, when its queue overflowed).
+/// The announcement lasts as long as the returned [`Announced`] (keep it for the connection's
+/// life). Where any of that is refused, it connects from the pod's own address.
 pub async fn connect_as_client(
     netns: &NetNs,
     client: SocketAddr,
     dst: SocketAddr,
     timeout: Duration,
-    kernel: &dyn OriginalDestinations,
-) -> io::Result<TcpStream> {
+    kernel: &Arc<dyn OriginalDestinations>,
+) -> io::Result<(TcpStream, Option<Announced>)> {
     let bound = netns
         .run(|| new_transparent_socket(client, dst))
         .map_err(io::Error::other)?;
@@ -44,25 +46,31 @@ pub async fn connect_as_client(
         Ok(bound) => bound,
         Err(error) => {
             tracing::debug!(%client, app = %dst, %error, "cannot bind the client's address; connecting from the pod's");
-            return connect_from_pod(netns, dst, timeout).await;
+            return Ok((connect_from_pod(netns, dst, timeout).await?, None));
         }
     };
     if !kernel.begin_delivery(from, dst) {
-        return connect_from_pod(netns, dst, timeout).await;
+        return Ok((connect_from_pod(netns, dst, timeout).await?, None));
     }
-    // Ended however the connect ends, also when the connection is dropped mid-connect.
-    let _announced = Announced { kernel, from, dst };
+    // Withdrawn however this ends: a failed or cancelled connect, or the connection's end.
+    let announced = Announced {
+        kernel: kernel.clone(),
+        from,
+        dst,
+    };
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-    connect_within(socket, dst, timeout).await
+    let stream = connect_within(socket, dst, timeout).await?;
+    Ok((stream, Some(announced)))
 }
 
-struct Announced<'a> {
-    kernel: &'a dyn OriginalDestinations,
+/// A connection from a client's address announced to `sk_lookup`; withdrawn when dropped.
+pub struct Announced {
+    kernel: Arc<dyn OriginalDestinations>,
     from: SocketAddr,
     dst: SocketAddr,
 }
 
-impl Drop for Announced<'_> {
+impl Drop for Announced {
     fn drop(&mut self) {
         self.kernel.end_delivery(self.from, self.dst);
     }
@@ -97,6 +105,11 @@ fn new_marked_socket(dst: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Random ports tried for a client's address before giving up on it.
+const PORT_TRIES: usize = 8;
+/// Linux's default ephemeral range.
+const EPHEMERAL_PORTS: std::ops::Range<u16> = 32768..61000;
+
 /// A socket bound to `client` (not an address of this namespace) for a connection to `dst`,
 /// and the address it got.
 fn new_transparent_socket(client: SocketAddr, dst: SocketAddr) -> io::Result<(Socket, SocketAddr)> {
@@ -107,13 +120,29 @@ fn new_transparent_socket(client: SocketAddr, dst: SocketAddr) -> io::Result<(So
         SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
     }
     socket.set_nonblocking(true)?;
-    match socket.bind(&client.into()) {
-        // The client's port is taken here (another delivery from the same client address):
-        // keep the address, let the kernel choose the port.
-        Err(error) if error.kind() == io::ErrorKind::AddrInUse && client.port() != 0 => {
-            socket.bind(&SocketAddr::new(client.ip(), 0).into())?
+    // The client's own port first (same-node and tunnelled clients), then a few random ones:
+    // each try is one lookup, where `bind(port 0)` would scan the whole range, which a busy
+    // client's TIME_WAIT connections can fill (one client at thousands of connections a
+    // second). If none is free the caller connects from the pod's own address.
+    let tries = std::iter::once(client.port())
+        .filter(|port| *port != 0)
+        .chain((0..PORT_TRIES).map(|_| fastrand::u16(EPHEMERAL_PORTS)));
+    let mut bound = false;
+    for port in tries {
+        match socket.bind(&SocketAddr::new(client.ip(), port).into()) {
+            Ok(()) => {
+                bound = true;
+                break;
+            }
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse => {}
+            Err(error) => return Err(error),
         }
-        result => result?,
+    }
+    if !bound {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "no free port for the client's address",
+        ));
     }
     let from = socket
         .local_addr()?

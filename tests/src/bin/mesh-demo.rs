@@ -91,8 +91,9 @@ fn multicluster_demo() -> Result<()> {
         );
         if let Some(conn) = run.ok.first() {
             println!(
-                "    the server saw its caller at {} (the client pod's getsockname() is {})",
-                conn.server_saw, conn.local
+                "    the server saw its caller at {} (the client pod's address, and the port of the client's own socket, {})",
+                conn.server_saw,
+                conn.local.port()
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -261,7 +262,7 @@ fn single_cluster_demo() -> Result<()> {
     );
     println!("  what the server application saw:");
     println!(
-        "    a connection from {}   (the client's own address and port: mesh-node on node2 connects to it from there)",
+        "    a connection from {}   (the client pod's address and its socket's port: mesh-node on node2 connects from there)",
         conn.server_saw
     );
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -288,7 +289,7 @@ fn single_cluster_demo() -> Result<()> {
         &["HBONE connection accepted", "HBONE tunnel"],
     );
     let carried = conn.peer == server.addr
-        && conn.server_saw.ip() == conn.local.ip()
+        && conn.server_saw == SocketAddr::new(client.ip.into(), conn.local.port())
         && conn.bytes == PAYLOAD;
     let tunnelled = !mesh1
         .log_lines_with(&["outbound connection closed", "route=hbone"])

@@ -51,16 +51,7 @@ impl MeshNode {
 
     /// Starts mesh-node without waiting (for tests of start-up failures).
     pub fn spawn(topo: &Topology, node: &str, extra: &[&str]) -> Result<Self> {
-        let n: &Node = topo.node(node);
-        let base = [
-            "--pods".to_owned(),
-            n.pods_file.display().to_string(),
-            "--cgroup".to_owned(),
-            n.cgroup.display().to_string(),
-            "--bpffs".to_owned(),
-            n.bpffs.display().to_string(),
-        ];
-        Self::spawn_in(topo, node, &base, extra)
+        Self::spawn_in(topo, node, &node_args(topo.node(node)), extra)
     }
 
     /// Starts mesh-node for `node` enrolling pods from the Kubernetes API in `kubeconfig`
@@ -106,15 +97,7 @@ impl MeshNode {
         node: &str,
         host_proc: Option<&Path>,
     ) -> Result<Self> {
-        let n: &Node = topo.node(node);
-        let mut base = vec![
-            "--pods".to_owned(),
-            n.pods_file.display().to_string(),
-            "--cgroup".to_owned(),
-            n.cgroup.display().to_string(),
-            "--bpffs".to_owned(),
-            n.bpffs.display().to_string(),
-        ];
+        let mut base = node_args(topo.node(node));
         base.extend(topo.hbone_args());
         if let Some(dir) = host_proc {
             fs::create_dir_all(dir)?;
@@ -326,6 +309,18 @@ pub fn enter_netns_at_exec(cmd: &mut Command, netns: &File) {
             Ok(())
         });
     }
+}
+
+/// The arguments every node's mesh-node runs with: its pods file, cgroup and pin directory.
+fn node_args(n: &Node) -> Vec<String> {
+    vec![
+        "--pods".to_owned(),
+        n.pods_file.display().to_string(),
+        "--cgroup".to_owned(),
+        n.cgroup.display().to_string(),
+        "--bpffs".to_owned(),
+        n.bpffs.display().to_string(),
+    ]
 }
 
 /// Makes `cmd`'s process run in a mount namespace of its own where `/proc/sys` is read-only,

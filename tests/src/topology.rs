@@ -161,21 +161,25 @@ pub struct Topology {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+fn two_node_specs(node1: Vec<PodSpec>, node2: Vec<PodSpec>) -> [NodeSpec; 2] {
+    [
+        NodeSpec {
+            name: "node1",
+            pods: node1,
+        },
+        NodeSpec {
+            name: "node2",
+            pods: node2,
+        },
+    ]
+}
+
 impl Topology {
     /// The scenarios' usual cluster: `node1` and `node2`, linked, with these pods; panics (a
     /// test set-up failure) with the reason if it cannot be built.
     pub fn two_nodes(node1: Vec<PodSpec>, node2: Vec<PodSpec>) -> Self {
-        Self::build(&[
-            NodeSpec {
-                name: "node1",
-                pods: node1,
-            },
-            NodeSpec {
-                name: "node2",
-                pods: node2,
-            },
-        ])
-        .unwrap_or_else(|error| panic!("build the two-node topology: {error:#}"))
+        Self::build(&two_node_specs(node1, node2))
+            .unwrap_or_else(|error| panic!("build the two-node topology: {error:#}"))
     }
 
     pub fn build(specs: &[NodeSpec]) -> Result<Self> {
@@ -184,17 +188,7 @@ impl Topology {
 
     /// [`Topology::two_nodes`], every pod and node link with an IPv6 address beside its IPv4.
     pub fn two_nodes_dual_stack(node1: Vec<PodSpec>, node2: Vec<PodSpec>) -> Self {
-        let specs = [
-            NodeSpec {
-                name: "node1",
-                pods: node1,
-            },
-            NodeSpec {
-                name: "node2",
-                pods: node2,
-            },
-        ];
-        Self::build_with(&specs, &|_, _| true, true)
+        Self::build_with(&two_node_specs(node1, node2), &|_, _| true, true)
             .unwrap_or_else(|error| panic!("build the dual-stack topology: {error:#}"))
     }
 

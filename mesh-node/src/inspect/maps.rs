@@ -48,7 +48,7 @@ pub fn maps(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), Insp
             map_names::CONFIG => (Some(1), "fail mode, original source"),
             map_names::DELIVERING => (
                 Some(pinned.delivering()?.len()),
-                "deliveries from a client's address mid-connect",
+                "connections from a client's address into pods",
             ),
             map_names::COUNTERS => (Some(pinned.counters()?.len()), "per-CPU decision counters"),
             _ => (None, "trace events"),

@@ -111,7 +111,7 @@ impl Pinned {
         entries(map_names::CONN_ORIG, map.iter())
     }
 
-    /// Deliveries from a client's address that are mid-connect. A pin directory from before
+    /// Connections into pods from a client's address (announced to `sk_lookup`). A pin directory from before
     /// the map existed has none.
     pub fn delivering(&self) -> Result<Vec<DeliveryKey>, InspectError> {
         if !self.dir.join(map_names::DELIVERING).exists() {

@@ -111,8 +111,8 @@ impl Pinned {
         entries(map_names::CONN_ORIG, map.iter())
     }
 
-    /// Connections into pods from a client's address (announced to `sk_lookup`). A pin directory from before
-    /// the map existed has none.
+    /// Connections into pods from a client's address (announced to `sk_lookup`). A pin
+    /// directory from before the map existed has none.
     pub fn delivering(&self) -> Result<Vec<DeliveryKey>, InspectError> {
         if !self.dir.join(map_names::DELIVERING).exists() {
             return Ok(Vec::new());

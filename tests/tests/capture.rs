@@ -403,3 +403,101 @@ fn bad_input_gets_one_clear_line_and_the_rest_keeps_working() {
     client_captured(&topo, server.addr, 1000, 1);
     drop(squatter);
 }
+
+/// A pin directory left by a release whose map layout differs (here `MESH_ENROLLED` with the
+/// 200-byte values of an older record): mesh-node replaces that map, says so, and captures as
+/// usual — no manual `rm` of the pins.
+#[test]
+fn a_pin_directory_from_an_incompatible_release_is_upgraded_in_place() {
+    if !privileged() {
+        return;
+    }
+    let topo = two_nodes();
+    let server = start_server(&topo);
+    let bpffs = &topo.node("node1").bpffs;
+    std::fs::create_dir_all(bpffs).expect("pin directory");
+    pin_hash_map(&bpffs.join("MESH_ENROLLED"), 8, 200, 4096);
+
+    let mesh = MeshNode::start(&topo, "node1", &[]).expect("mesh-node over old pins");
+    assert!(
+        !mesh
+            .log_lines_with(&[
+                "pinned map from an incompatible release replaced",
+                "map=MESH_ENROLLED"
+            ])
+            .is_empty(),
+        "{}",
+        mesh.log_text()
+    );
+    client_captured(&topo, server.addr, 4096, 2);
+    let maps = mesh_tests::meshnode::bpf_json(&topo, "node1", &["maps"]);
+    let enrolled = maps
+        .as_array()
+        .expect("maps")
+        .iter()
+        .find(|m| m["name"] == "MESH_ENROLLED")
+        .expect("MESH_ENROLLED");
+    assert_eq!(enrolled["value_size"], 304, "{enrolled}");
+    assert_eq!(enrolled["entries"], 1, "{enrolled}");
+}
+
+/// Creates a BPF hash map of the given layout and pins it at `path` (`bpf(2)` directly).
+fn pin_hash_map(path: &std::path::Path, key_size: u32, value_size: u32, max_entries: u32) {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let create = MapCreate {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: a valid BPF_MAP_CREATE argument of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &raw const create,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(path.display().to_string()).expect("path");
+    let pin = ObjPin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a valid BPF_OBJ_PIN argument; `name` outlives the call; `fd` is ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &raw const pin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    assert!(
+        rc == 0,
+        "pin {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: closing the descriptor created above; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}

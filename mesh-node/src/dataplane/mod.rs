@@ -57,6 +57,10 @@ pub enum DataplaneError {
     Map { map: &'static str, source: MapError },
     #[error(transparent)]
     Attach(#[from] Box<attach::AttachError>),
+    #[error("parse the eBPF object: {0}")]
+    ParseObject(String),
+    #[error("remove incompatible pinned map {path}: {io_error}")]
+    ReplacePin { path: PathBuf, io_error: io::Error },
     #[error("remove pinned link {path}: {io_error}")]
     Unpin { path: PathBuf, io_error: io::Error },
 }
@@ -95,6 +99,7 @@ impl Dataplane {
             path: links_dir.clone(),
             io_error,
         })?;
+        replace_incompatible_pins(pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
@@ -338,6 +343,39 @@ fn inbound_key(ip: IpAddr) -> InboundKey {
         IpAddr::V6(v6) => v6.octets(),
     };
     InboundKey::from_octets(octets)
+}
+
+/// Unpins every map under `pin_dir` whose layout (key size, value size, capacity) is not the
+/// one this build's programs use — a pin directory left by an older release across a layout
+/// change — so that the loader creates it anew instead of handing the programs a map they
+/// would misread. Its entries are lost: enrolled pods are enrolled again at start, and
+/// captured connections in flight lose their original destination. Programs still attached
+/// keep the old map until their links are given this build's programs.
+fn replace_incompatible_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|error| DataplaneError::ParseObject(error.to_string()))?;
+    for (name, map) in &object.maps {
+        let path = pin_dir.join(name);
+        let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let wanted = (map.key_size(), map.value_size(), map.max_entries());
+        let found = (pinned.key_size(), pinned.value_size(), pinned.max_entries());
+        if wanted == found {
+            continue;
+        }
+        tracing::warn!(
+            map = %name,
+            pinned_key_value_capacity = ?found,
+            this_build = ?wanted,
+            "pinned map from an incompatible release replaced; its entries are lost"
+        );
+        fs::remove_file(&path).map_err(|io_error| DataplaneError::ReplacePin {
+            path: path.clone(),
+            io_error,
+        })?;
+    }
+    Ok(())
 }
 
 /// The key `sk_lookup` builds from the SYN of a connection from `client` to `app`.

@@ -242,6 +242,14 @@ fn a_restarted_mesh_node_captures_again_through_the_same_pinned_links() {
 
     let programs_before = hook_program_ids(&first, "origin=attached");
     let second = MeshNode::start(&topo, "node1", &[]).expect("second mesh-node");
+    // Its maps have this build's layout: all kept, none replaced.
+    assert!(
+        second
+            .log_lines_with(&["incompatible release replaced"])
+            .is_empty(),
+        "{}",
+        second.log_text()
+    );
     let reused = hook_link_ids(&second, "origin=reused");
     assert_eq!(
         reused,

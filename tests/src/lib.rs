@@ -53,6 +53,12 @@ impl Topology {
         .expect("start echo server")
     }
 
+    /// Starts the echo server in pod `pod` on `addr` (`[::]:port` for both families).
+    pub fn serve_at(&self, pod: &str, addr: std::net::SocketAddr) -> Server {
+        let pod = self.pod(pod);
+        Server::start(&pod.netns_path(), &pod.cgroup, addr).expect("start echo server")
+    }
+
     /// Runs `podapp connect` in pod `pod`: `conns` parallel connections of `bytes` each.
     pub fn connect_from(
         &self,

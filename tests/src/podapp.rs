@@ -231,6 +231,15 @@ pub struct ConnResult {
     pub bytes: usize,
 }
 
+/// Asserts that every one of `conns` connections of `run` completed, each echoing `bytes`.
+pub fn assert_all_ok(run: &PodRun, conns: usize, bytes: usize) {
+    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
+    assert_eq!(run.ok.len(), conns);
+    for conn in &run.ok {
+        assert_eq!(conn.bytes, bytes, "{conn:?}");
+    }
+}
+
 /// The outcome of one `podapp connect` run.
 #[derive(Debug)]
 pub struct PodRun {

@@ -61,9 +61,10 @@ impl Mesh {
         );
         let serve = |port| {
             if ipv6 {
-                let pod = topo.pod("server");
-                let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
-                Server::start(&pod.netns_path(), &pod.cgroup, any).expect("echo server")
+                topo.serve_at(
+                    "server",
+                    SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port),
+                )
             } else {
                 topo.serve("server", port)
             }

@@ -31,10 +31,9 @@ fn dual_stack() -> (Topology, Server) {
         vec![PodSpec::enrolled("client"), PodSpec::plain("bystander")],
         vec![PodSpec::enrolled("server")],
     );
-    let pod = topo.pod("server");
     let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), SERVER_PORT);
-    let mut server = Server::start(&pod.netns_path(), &pod.cgroup, any).expect("echo server");
-    server.addr = SocketAddr::new(IpAddr::V6(pod.ipv6()), SERVER_PORT);
+    let mut server = topo.serve_at("server", any);
+    server.addr = SocketAddr::new(IpAddr::V6(topo.pod("server").ipv6()), SERVER_PORT);
     (topo, server)
 }
 

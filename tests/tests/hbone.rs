@@ -178,9 +178,8 @@ fn topology_in(ipv6: bool) -> (Topology, mesh_tests::Server) {
         ],
         vec![PodSpec::enrolled("server"), PodSpec::plain("legacy")],
     );
-    let pod = topo.pod("server");
-    let addr = SocketAddr::new(std::net::IpAddr::V6(pod.ipv6()), PORT);
-    let server = mesh_tests::Server::start(&pod.netns_path(), &pod.cgroup, addr).expect("server");
+    let addr = SocketAddr::new(std::net::IpAddr::V6(topo.pod("server").ipv6()), PORT);
+    let server = topo.serve_at("server", addr);
     (topo, server)
 }
 

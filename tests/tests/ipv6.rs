@@ -30,26 +30,14 @@ fn topology() -> Topology {
 
 /// An echo server on every address of `pod` (`[::]`, both families).
 fn serve_all(topo: &Topology, pod: &str) -> Server {
-    let pod = topo.pod(pod);
-    Server::start(
-        &pod.netns_path(),
-        &pod.cgroup,
-        SocketAddr::new("::".parse().unwrap(), PORT),
-    )
-    .expect("start echo server")
+    topo.serve_at(pod, SocketAddr::new("::".parse().unwrap(), PORT))
 }
 
 fn v6(topo: &Topology, pod: &str) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(topo.pod(pod).ipv6()), PORT)
 }
 
-fn all_ok(run: &podapp::PodRun, conns: usize, bytes: usize) {
-    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
-    assert_eq!(run.ok.len(), conns);
-    for conn in &run.ok {
-        assert_eq!(conn.bytes, bytes, "{conn:?}");
-    }
-}
+use podapp::assert_all_ok as all_ok;
 
 fn closed(mesh: &MeshNode, needles: &[&str]) -> usize {
     mesh.log_lines_with(needles).len()

@@ -22,13 +22,7 @@ fn topology() -> Topology {
     )
 }
 
-fn all_ok(run: &podapp::PodRun, conns: usize, bytes: usize) {
-    assert!(run.errors.is_empty(), "connection errors: {:?}", run.errors);
-    assert_eq!(run.ok.len(), conns);
-    for conn in &run.ok {
-        assert_eq!(conn.bytes, bytes, "{conn:?}");
-    }
-}
+use podapp::assert_all_ok as all_ok;
 
 /// The rules of the pod namespace at `netns` that select mesh-node's delivery table.
 fn delivery_rules(netns: &Path) -> usize {

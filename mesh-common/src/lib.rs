@@ -71,8 +71,9 @@ pub mod map_names {
     /// [`crate::OrigDst`] by network-namespace cookie: the resolver a pod addressed last, where
     /// mesh-node forwards the queries it does not answer.
     pub const DNS_UPSTREAM: &str = "MESH_DNS_UPSTREAM";
-    /// Connections mesh-node is opening to an application from its client's address, which
-    /// `sk_lookup` lets through to the application instead of steering them.
+    /// Connections mesh-node made to an application from its client's address, for as long as
+    /// they live; `sk_lookup` lets their handshake through to the application instead of
+    /// steering it.
     pub const DELIVERING: &str = "MESH_DELIVERING";
 }
 

@@ -4,8 +4,12 @@
 //! One multi-threaded runtime carries the data path; control-plane work (xDS, certificate
 //! fetches) runs on a single-threaded runtime of its own.
 use std::{
+    os::fd::OwnedFd,
     path::PathBuf,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -19,6 +23,7 @@ use crate::{
         kubernetes::{self, KubeError},
         static_file,
     },
+    handover::{self, Inherited, Predecessor, SocketKind},
     identity::{
         CertSource, Identity,
         file_ca::{FileCa, FileCaError},
@@ -160,6 +165,8 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     let cgroup: PathBuf = config.cgroup.clone().unwrap_or_else(|| mount.clone());
     preflight::check_cgroup(&cgroup, &mount)?;
     preflight::ensure_bpffs()?;
+    let handover_name = handover::Name::new("node", &config.bpffs_dir);
+    let (predecessor, mut inherited) = take_over(&handover_name);
 
     let runtime = data_runtime(config.worker_threads)?;
 
@@ -170,7 +177,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             metrics,
             ready_tx,
             mut xds_ready,
-        } = start_endpoints(&config, certs.clone()).await?;
+        } = start_endpoints(&config, certs.clone(), &mut inherited).await?;
         let dataplane = Arc::new(Dataplane::start(
             &config.bpffs_dir,
             &cgroup,
@@ -210,11 +217,13 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
                 }
             }
         });
-        let enroller = Arc::new(
-            Enroller::new(ctx.clone(), dataplane.clone(), &config.trust_domain)
-                .with_dns(config.dns.clone())
-                .with_host_proc(&config.host_proc),
-        );
+        let mut enroller = Enroller::new(ctx.clone(), dataplane.clone(), &config.trust_domain)
+            .with_dns(config.dns.clone())
+            .with_host_proc(&config.host_proc);
+        if predecessor.is_some() {
+            enroller = enroller.with_inherited(inherited);
+        }
+        let enroller = Arc::new(enroller);
         let _ = admin.enroller.set(enroller.clone());
         let shutdown = wait_for_shutdown();
         tokio::pin!(shutdown);
@@ -260,18 +269,55 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             result = &mut shutdown => return result,
             _ = xds_ready.wait_for(|status| status.synced) => {}
         }
+        if let Some(predecessor) = predecessor {
+            tokio::select! {
+                result = &mut shutdown => return result,
+                () = fully_ready(&readiness) => {}
+            }
+            enroller.start_accepting();
+            succeed(predecessor).await;
+            let untaken = enroller.discard_inherited();
+            if untaken > 0 {
+                tracing::info!(namespaces = untaken, "closed the handed-over sockets of pods not enrolled here");
+            }
+        }
         tracing::info!(enrolled, failed = total - enrolled, "mesh-node is ready");
         // Certificates for the enrolled pods may still be on their way; /healthz/ready waits.
         let missing = readiness.missing();
         if !missing.is_empty() {
             tracing::info!(waiting_for = ?missing, "readiness endpoint still waiting");
         }
+        let successor = Arc::new(AtomicU32::new(0));
+        let sockets = enroller.clone();
+        serve_successor(
+            handover_name,
+            Handing {
+                admin: admin.clone(),
+                ctx: ctx.clone(),
+                listeners: Box::new(move || sockets.handover_sockets()),
+                successor: successor.clone(),
+            },
+        );
 
-        tokio::select! {
-            result = &mut shutdown => result?,
-            () = ctx.drain.started() => {}
+        let by_signal = tokio::select! {
+            result = &mut shutdown => { result?; true }
+            () = ctx.drain.started() => false,
+        };
+        let signalled = drain(
+            &ctx,
+            &readiness,
+            config.drain_timeout,
+            || enroller.stop_accepting(),
+            "pods",
+            by_signal,
+        )
+        .await;
+        if successor.load(Ordering::Relaxed) != 0 && config.kubernetes.is_some() && !signalled {
+            // A container that exits by itself is restarted by the kubelet, and would take the
+            // node back from its successor: it ends when its pod is deleted.
+            tracing::info!("handed over and drained: waiting for SIGTERM as the pod is deleted");
+            wait_for_shutdown().await?;
         }
-        drain(&ctx, &readiness, config.drain_timeout, || enroller.stop_accepting(), "pods").await;
         tracing::info!(
             fail_mode = ?config.fail_mode,
             "shutting down; capture hooks stay pinned and apply the fail mode until mesh-node returns"
@@ -280,18 +326,119 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     })
 }
 
+/// Takes the listening sockets of the mesh-node running here, if one is (see [`handover`]).
+/// One that cannot be taken over is left alone: this process then binds its own, which fails
+/// on the ports the other still holds.
+fn take_over(name: &handover::Name) -> (Option<Predecessor>, Inherited) {
+    match handover::take_over(name) {
+        Ok(Some((predecessor, inherited))) => {
+            tracing::info!(
+                predecessor = predecessor.pid,
+                sockets = predecessor.count,
+                "a mesh-node runs here: took over its listening sockets; it serves them until this one is ready"
+            );
+            (Some(predecessor), inherited)
+        }
+        Ok(None) => (None, Inherited::default()),
+        Err(error) => {
+            tracing::warn!(error = %crate::error_chain(&error), "cannot take over from the mesh-node running here; starting on my own");
+            (None, Inherited::default())
+        }
+    }
+}
+
+/// Waits until readiness has nothing left to wait for.
+async fn fully_ready(readiness: &Readiness) {
+    let mut last = Vec::new();
+    loop {
+        let missing = readiness.missing();
+        if missing.is_empty() {
+            return;
+        }
+        if missing != last {
+            tracing::info!(waiting_for = ?missing, "the predecessor serves until this mesh-node is ready");
+            last = missing;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Now accepting on the handed-over sockets: tells the predecessor to stop and drain.
+async fn succeed(predecessor: Predecessor) {
+    let pid = predecessor.pid;
+    match tokio::task::spawn_blocking(move || predecessor.drain()).await {
+        Ok(Ok(open)) => tracing::info!(
+            predecessor = pid,
+            open,
+            "took over: the predecessor accepts no more and drains its open connections"
+        ),
+        Ok(Err(error)) => {
+            tracing::warn!(predecessor = pid, error = %crate::error_chain(&error), "the predecessor did not confirm its drain")
+        }
+        Err(error) => tracing::warn!(predecessor = pid, %error, "hand-over task failed"),
+    }
+}
+
+/// Serves a successor's hand-over from now on.
+fn serve_successor(name: handover::Name, handing: Handing) {
+    if let Err(error) = handover::serve(name, Arc::new(handing)) {
+        tracing::warn!(
+            error = %crate::error_chain(&error),
+            "no successor can take over from this mesh-node: an upgrade will restart it instead"
+        );
+    }
+}
+
+/// What this process hands a successor: the admin endpoints and `listeners`.
+struct Handing {
+    admin: Arc<Admin>,
+    ctx: Arc<ProxyContext>,
+    listeners: Box<dyn Fn() -> Vec<(SocketKind, OwnedFd)> + Send + Sync>,
+    /// The successor's pid, once it has taken over.
+    successor: Arc<AtomicU32>,
+}
+
+impl handover::Provider for Handing {
+    fn sockets(&self) -> Vec<(SocketKind, OwnedFd)> {
+        let mut sockets = self.admin.handover_sockets();
+        sockets.extend((self.listeners)());
+        sockets
+    }
+
+    fn refusal(&self) -> Option<String> {
+        self.ctx
+            .drain
+            .is_draining()
+            .then(|| "it is draining".to_owned())
+    }
+
+    fn pause_endpoints(&self, paused: bool) {
+        self.admin.pause(paused);
+    }
+
+    fn drain(&self, successor: u32) -> i64 {
+        self.successor.store(successor, Ordering::Relaxed);
+        tracing::info!(successor, "the successor is ready and accepting: draining");
+        self.ctx.drain.start();
+        self.ctx.metrics.open_connections()
+    }
+}
+
 /// Drains before exit: not ready; listeners closed (`stop_listening`, which says how many
 /// `what` stopped); every HBONE connection told GOAWAY (`ctx.drain`); then open connections
-/// may finish until `timeout` (a second SIGTERM or SIGINT ends the wait). What is still open
-/// then is cut when the process exits — reset, not closed: a clean end would tell an
-/// application a cut stream was complete.
+/// may finish until `timeout`. A second SIGTERM or SIGINT ends the wait: the second counting
+/// the one that started the drain (`by_signal`), so that the SIGTERM a pod's deletion sends
+/// after a hand-over or `POST /drain` does not cut it short. What is still open then is cut
+/// when the process exits — reset, not closed: a clean end would tell an application a cut
+/// stream was complete. Returns whether a signal arrived during the drain.
 async fn drain(
     ctx: &ProxyContext,
     readiness: &Readiness,
     timeout: Duration,
     stop_listening: impl FnOnce() -> usize,
     what: &str,
-) {
+    by_signal: bool,
+) -> bool {
     ctx.drain.start();
     readiness.draining();
     let stopped = stop_listening();
@@ -307,10 +454,21 @@ async fn drain(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
+    let signalled = std::sync::atomic::AtomicBool::new(false);
+    let cut = async {
+        if !by_signal {
+            let _ = wait_for_shutdown().await;
+            signalled.store(true, Ordering::Relaxed);
+            tracing::info!(
+                "signal received while draining: the process exits once drained; a second one cuts the drain short"
+            );
+        }
+        let _ = wait_for_shutdown().await;
+    };
     tokio::select! {
         () = settled => {}
         _ = tokio::time::sleep(timeout) => {}
-        _ = wait_for_shutdown() => tracing::warn!("second signal: drain cut short"),
+        () = cut => tracing::warn!("second signal: drain cut short"),
     }
     let left = ctx.metrics.open_connections().max(0);
     if left == 0 {
@@ -326,6 +484,7 @@ async fn drain(
             "drain deadline reached: cutting the connections still open (applications see a reset)"
         );
     }
+    signalled.load(Ordering::Relaxed)
 }
 
 /// `mesh-node run --mode gateway`: the admin endpoints, the mesh state and the gateway's own
@@ -350,6 +509,8 @@ fn run_gateway(
         &gateway.service_account,
     );
     let open_files = preflight::raise_open_file_limit();
+    let handover_name = handover::Name::new("gateway", &config.bpffs_dir);
+    let (predecessor, mut inherited) = take_over(&handover_name);
     let runtime = data_runtime(config.worker_threads)?;
     runtime.block_on(async move {
         let Endpoints {
@@ -358,7 +519,7 @@ fn run_gateway(
             metrics,
             ready_tx,
             mut xds_ready,
-        } = start_endpoints(&config, Some(certs.clone())).await?;
+        } = start_endpoints(&config, Some(certs.clone()), &mut inherited).await?;
         // Nothing to attach and nobody to enroll: readiness waits for the state and the
         // gateway's certificate only.
         readiness.programs_attached();
@@ -379,12 +540,31 @@ fn run_gateway(
             config.xds.clone().zip(xds_endpoint),
             ready_tx,
         );
-        let listener = tokio::net::TcpListener::bind(gateway.listen)
-            .await
-            .map_err(|source| RunError::GatewayListen {
-                addr: gateway.listen,
-                source,
-            })?;
+        let listen_err = |source| RunError::GatewayListen {
+            addr: gateway.listen,
+            source,
+        };
+        let handed = inherited
+            .take_gateway()
+            .map(std::net::TcpListener::from)
+            .filter(|listener| {
+                listener
+                    .local_addr()
+                    .is_ok_and(|addr| addr == gateway.listen)
+            });
+        let listener = match handed {
+            Some(listener) => {
+                listener.set_nonblocking(true).map_err(listen_err)?;
+                tokio::net::TcpListener::from_std(listener).map_err(listen_err)?
+            }
+            None => tokio::net::TcpListener::bind(gateway.listen)
+                .await
+                .map_err(listen_err)?,
+        };
+        let kept = socket2::SockRef::from(&listener)
+            .try_clone()
+            .map_err(listen_err)?;
+        let kept = Arc::new(Mutex::new(Some(OwnedFd::from(kept))));
         tracing::info!(
             listen = %gateway.listen,
             %identity,
@@ -392,10 +572,11 @@ fn run_gateway(
             open_files,
             "east-west gateway listening"
         );
-        let accepting = tokio::spawn(crate::gateway::serve(
-            listener,
-            identity.clone(),
-            ctx.clone(),
+        // With a predecessor, it accepts on the same socket until this one is ready.
+        let gate = tokio::sync::watch::channel(predecessor.is_none()).0;
+        let accepting = tokio::spawn(handover::gated(
+            gate.subscribe(),
+            crate::gateway::serve(listener, identity.clone(), ctx.clone()),
         ));
         let shutdown = wait_for_shutdown();
         tokio::pin!(shutdown);
@@ -413,20 +594,50 @@ fn run_gateway(
                 }
             }
         }
-        tracing::info!("mesh-node is ready");
-        tokio::select! {
-            result = &mut shutdown => result?,
-            () = ctx.drain.started() => {}
+        if let Some(predecessor) = predecessor {
+            tokio::select! {
+                result = &mut shutdown => return result,
+                () = fully_ready(&readiness) => {}
+            }
+            gate.send_replace(true);
+            succeed(predecessor).await;
         }
+        tracing::info!("mesh-node is ready");
+        let handed = kept.clone();
+        serve_successor(
+            handover_name,
+            Handing {
+                admin: admin.clone(),
+                ctx: ctx.clone(),
+                listeners: Box::new(move || {
+                    let kept = handed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    kept.iter()
+                        .filter_map(|fd| fd.try_clone().ok())
+                        .map(|fd| (SocketKind::Gateway, fd))
+                        .collect()
+                }),
+                successor: Arc::new(AtomicU32::new(0)),
+            },
+        );
+        let by_signal = tokio::select! {
+            result = &mut shutdown => { result?; true }
+            () = ctx.drain.started() => false,
+        };
         drain(
             &ctx,
             &readiness,
             config.drain_timeout,
             || {
                 accepting.abort();
+                kept.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
                 1
             },
             "gateway listener",
+            by_signal,
         )
         .await;
         tracing::info!("gateway shutting down");
@@ -449,6 +660,7 @@ struct Endpoints {
 async fn start_endpoints(
     config: &RunConfig,
     certs: Option<Arc<CertManager>>,
+    inherited: &mut Inherited,
 ) -> Result<Endpoints, RunError> {
     let (ready_tx, xds_ready) = tokio::sync::watch::channel(XdsStatus {
         synced: config.xds.is_none(),
@@ -456,13 +668,8 @@ async fn start_endpoints(
     });
     let readiness = Arc::new(Readiness::new(xds_ready.clone(), certs));
     let metrics = Arc::new(Metrics::new());
-    let admin = Arc::new(Admin {
-        metrics: metrics.clone(),
-        readiness: readiness.clone(),
-        ctx: OnceLock::new(),
-        enroller: OnceLock::new(),
-    });
-    admin::start(admin.clone(), config.endpoints).await?;
+    let admin = Arc::new(Admin::new(metrics.clone(), readiness.clone()));
+    admin::start(admin.clone(), config.endpoints, inherited).await?;
     Ok(Endpoints {
         admin,
         readiness,

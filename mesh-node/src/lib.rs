@@ -14,6 +14,7 @@ pub mod drain;
 pub mod ending;
 pub mod enroll;
 pub mod gateway;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod inspect;

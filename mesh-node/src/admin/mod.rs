@@ -12,7 +12,8 @@ mod readiness;
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use bytes::Bytes;
@@ -21,11 +22,17 @@ use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 
 pub use readiness::Readiness;
 
-use crate::{enroll::Enroller, logging, proxy::ProxyContext, telemetry::Metrics};
+use crate::{
+    enroll::Enroller,
+    handover::{Inherited, SocketKind},
+    logging,
+    proxy::ProxyContext,
+    telemetry::Metrics,
+};
 
 /// Everything the endpoints read.
 pub struct Admin {
@@ -34,6 +41,48 @@ pub struct Admin {
     /// Set once the data plane is up.
     pub ctx: OnceLock<Arc<ProxyContext>>,
     pub enroller: OnceLock<Arc<Enroller>>,
+    /// True while a successor serves the endpoints (see [`crate::handover`]).
+    paused: watch::Sender<bool>,
+    /// A duplicate of each endpoint's listener, for a successor.
+    sockets: Mutex<Vec<(&'static str, OwnedFd)>>,
+}
+
+impl Admin {
+    pub fn new(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> Self {
+        Self {
+            metrics,
+            readiness,
+            ctx: OnceLock::new(),
+            enroller: OnceLock::new(),
+            paused: watch::channel(false).0,
+            sockets: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Stops or resumes accepting on the endpoints.
+    pub fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    /// A duplicate of every endpoint's listener, for a successor.
+    pub fn handover_sockets(&self) -> Vec<(SocketKind, OwnedFd)> {
+        let sockets = self
+            .sockets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        sockets
+            .iter()
+            .filter_map(|(what, fd)| {
+                let fd = fd.try_clone().ok()?;
+                Some((
+                    SocketKind::Endpoint {
+                        what: (*what).to_owned(),
+                    },
+                    fd,
+                ))
+            })
+            .collect()
+    }
 }
 
 pub use crate::config::{Addresses, DEFAULT_ADMIN, DEFAULT_METRICS, DEFAULT_READINESS};
@@ -48,19 +97,35 @@ pub struct BindError {
 
 type Handler = fn(&Admin, &Request<Incoming>) -> Response<Full<Bytes>>;
 
-/// Binds the three listeners (failing on the first that cannot be bound) and serves them on the
-/// current runtime.
-pub async fn start(admin: Arc<Admin>, addrs: Addresses) -> Result<(), BindError> {
-    let endpoints: [(&str, SocketAddr, Handler); 3] = [
+/// Binds the three listeners (failing on the first that cannot be bound), or serves those a
+/// predecessor handed over, on the current runtime.
+pub async fn start(
+    admin: Arc<Admin>,
+    addrs: Addresses,
+    inherited: &mut Inherited,
+) -> Result<(), BindError> {
+    let endpoints: [(&'static str, SocketAddr, Handler); 3] = [
         ("admin", addrs.admin, admin_routes),
         ("metrics", addrs.metrics, metrics_routes),
         ("readiness", addrs.readiness, readiness_routes),
     ];
     for (what, addr, handler) in endpoints {
-        let listener =
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| BindError { what, addr, source })?;
+        let bind_err = |source| BindError { what, addr, source };
+        let listener = match inherited.take_endpoint(what, addr) {
+            Some(listener) => {
+                listener.set_nonblocking(true).map_err(bind_err)?;
+                TcpListener::from_std(listener).map_err(bind_err)?
+            }
+            None => TcpListener::bind(addr).await.map_err(bind_err)?,
+        };
+        let dup = socket2::SockRef::from(&listener)
+            .try_clone()
+            .map_err(bind_err)?;
+        admin
+            .sockets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((what, OwnedFd::from(dup)));
         tracing::info!(%addr, "{what} endpoint listening");
         tokio::spawn(serve(listener, admin.clone(), handler));
     }
@@ -68,8 +133,14 @@ pub async fn start(admin: Arc<Admin>, addrs: Addresses) -> Result<(), BindError>
 }
 
 async fn serve(listener: TcpListener, admin: Arc<Admin>, handler: Handler) {
+    let mut paused = admin.paused.subscribe();
     loop {
-        let stream = match listener.accept().await {
+        let _ = paused.wait_for(|paused| !*paused).await;
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = paused.wait_for(|paused| *paused) => continue,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 tracing::warn!(%error, "accept on an admin endpoint failed");

@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::OwnedFd,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -22,11 +23,12 @@ use mesh_common::{
     DNS_PROXY_PORT, EnrolledPod, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, PROXY_MARK,
 };
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     dataplane::{Dataplane, DataplaneError, record::PodRecord},
     dns::{self, DnsSettings},
+    handover::{Inherited, PodSocket, SocketKind, gated},
     identity::Identity,
     netns::{self, NetNs, NetNsError},
     pod::OriginalSource,
@@ -64,6 +66,9 @@ pub enum EnrollError {
 struct Enrolled {
     pod: Arc<Pod>,
     tasks: Vec<JoinHandle<()>>,
+    /// A duplicate of each of the pod's listening sockets, for a successor (see
+    /// [`crate::handover`]); dropped with the accept loops, so that a closed listener closes.
+    sockets: Vec<(PodSocket, SocketAddr, OwnedFd)>,
 }
 
 /// Owns every enrolled pod's listeners and accept loops.
@@ -79,6 +84,10 @@ pub struct Enroller {
     dns: Option<DnsSettings>,
     /// The host's `/proc` (see [`Enroller::with_host_proc`]).
     host_proc: std::path::PathBuf,
+    /// Sockets a predecessor handed over, taken by the pods they belong to.
+    inherited: Mutex<Inherited>,
+    /// Accept loops wait until this is true: a successor accepts only once it is ready.
+    accepting: watch::Sender<bool>,
 }
 
 /// Which accept loop serves a listener.
@@ -101,6 +110,78 @@ impl Enroller {
             trust_domain: trust_domain.to_owned(),
             pods: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
+            inherited: Mutex::new(Inherited::default()),
+            accepting: watch::channel(true).0,
+        }
+    }
+
+    /// Serves the pods' sockets a predecessor handed over (found by namespace) instead of
+    /// binding new ones, and accepts on no listener until [`Enroller::start_accepting`]: the
+    /// predecessor goes on accepting on the same sockets meanwhile.
+    pub fn with_inherited(self, inherited: Inherited) -> Self {
+        *lock(&self.inherited) = inherited;
+        self.accepting.send_replace(false);
+        self
+    }
+
+    /// Starts the accept loops of every pod enrolled so far (and of those enrolled later).
+    pub fn start_accepting(&self) {
+        self.accepting.send_replace(true);
+    }
+
+    /// Closes the handed-over sockets no enrolled pod took; returns how many namespaces they
+    /// were for.
+    pub fn discard_inherited(&self) -> usize {
+        let mut inherited = lock(&self.inherited);
+        let left = inherited.pod_namespaces();
+        *inherited = Inherited::default();
+        left
+    }
+
+    /// A duplicate of every pod's listening sockets, for a successor.
+    pub fn handover_sockets(&self) -> Vec<(SocketKind, OwnedFd)> {
+        let pods = self.lock();
+        let mut sockets = Vec::new();
+        for enrolled in pods.values() {
+            for (role, addr, fd) in &enrolled.sockets {
+                match fd.try_clone() {
+                    Ok(fd) => sockets.push((
+                        SocketKind::Pod {
+                            netns_cookie: enrolled.pod.netns_cookie,
+                            role: *role,
+                            addr: *addr,
+                        },
+                        fd,
+                    )),
+                    Err(error) => tracing::warn!(
+                        pod = %enrolled.pod.spec, %addr, %error,
+                        "cannot duplicate a listener for the successor; it binds its own"
+                    ),
+                }
+            }
+        }
+        sockets
+    }
+
+    /// The sockets handed over for the namespace `netns`, if any were.
+    fn inherited_for(&self, key: &str, netns: &NetNs) -> Vec<(PodSocket, SocketAddr, OwnedFd)> {
+        let mut inherited = lock(&self.inherited);
+        if inherited.pod_namespaces() == 0 {
+            return Vec::new();
+        }
+        let cookie = netns
+            .run(|| {
+                Socket::new(Domain::IPV4, Type::DGRAM, None)
+                    .and_then(|probe| netns::socket_netns_cookie(&probe))
+            })
+            .map_err(|error| error.to_string())
+            .and_then(|cookie| cookie.map_err(|error| error.to_string()));
+        match cookie {
+            Ok(cookie) => inherited.take_pod(cookie),
+            Err(error) => {
+                tracing::warn!(pod = key, %error, "cannot name the pod's namespace to find its handed-over sockets");
+                Vec::new()
+            }
         }
     }
 
@@ -141,19 +222,45 @@ impl Enroller {
         if spec.ips.is_empty() {
             return Err(EnrollError::NoAddress { pod: key });
         }
-        let listeners = open_listeners(&key, &spec, &netns, self.ctx.certs.is_some())?;
+        let mut inherited = self.inherited_for(&key, &netns);
+        let from_predecessor = inherited.len();
+        let listeners = open_listeners(
+            &key,
+            &spec,
+            &netns,
+            self.ctx.certs.is_some(),
+            &mut inherited,
+        )?;
         let dns_settings = self.dns.clone().filter(|_| spec.dns_capture);
         let dns_sockets = match &dns_settings {
-            Some(_) => open_dns(&key, &spec, &netns)?,
+            Some(_) => open_dns(&key, &spec, &netns, &mut inherited)?,
             None => Vec::new(),
         };
+        // What the predecessor served and this one does not (HBONE or DNS now off) closes
+        // when it has drained.
+        drop(inherited);
+        let mut sockets = Vec::new();
+        let mut keep = |role: PodSocket, addr: SocketAddr, socket: &Socket| match socket.try_clone()
+        {
+            Ok(socket) => sockets.push((role, addr, OwnedFd::from(socket))),
+            Err(error) => {
+                tracing::warn!(pod = %key, %addr, %error, "cannot keep a listener for a successor")
+            }
+        };
+        for (role, addr, socket) in &listeners {
+            keep(role.socket(), *addr, socket);
+        }
+        for (_, addr, udp, tcp) in &dns_sockets {
+            keep(PodSocket::DnsUdp, *addr, udp);
+            keep(PodSocket::DnsTcp, *addr, tcp);
+        }
         let listener_bits = listeners
             .iter()
             .map(|(role, addr, _)| listener_bit(*role, *addr))
             .fold(0, |bits, bit| bits | bit)
             | dns_sockets
                 .iter()
-                .map(|(bit, _, _)| bit)
+                .map(|(bit, _, _, _)| bit)
                 .fold(0, |bits, bit| bits | bit);
         let netns_cookie = netns::socket_netns_cookie(&listeners[0].2).map_err(|io_error| {
             EnrollError::Cookie {
@@ -200,17 +307,23 @@ impl Enroller {
                     io_error,
                 }
             })?;
-            let (pod, ctx) = (pod.clone(), self.ctx.clone());
+            let (pod, ctx, gate) = (pod.clone(), self.ctx.clone(), self.accepting.subscribe());
             tasks.push(match role {
-                Role::Outbound => tokio::spawn(proxy::outbound::serve(listener, pod, ctx)),
-                Role::InboundPlain => tokio::spawn(proxy::inbound_plain::serve(listener, pod, ctx)),
-                Role::Hbone => tokio::spawn(proxy::inbound::serve_hbone(listener, pod, ctx)),
+                Role::Outbound => {
+                    tokio::spawn(gated(gate, proxy::outbound::serve(listener, pod, ctx)))
+                }
+                Role::InboundPlain => {
+                    tokio::spawn(gated(gate, proxy::inbound_plain::serve(listener, pod, ctx)))
+                }
+                Role::Hbone => {
+                    tokio::spawn(gated(gate, proxy::inbound::serve_hbone(listener, pod, ctx)))
+                }
             });
         }
         if let Some(settings) = dns_settings {
             let registered: io::Result<Vec<_>> = dns_sockets
                 .into_iter()
-                .map(|(_, udp, tcp)| {
+                .map(|(_, _, udp, tcp)| {
                     Ok((
                         tokio::net::UdpSocket::from_std(udp.into())?,
                         TcpListener::from_std(tcp.into())?,
@@ -219,8 +332,12 @@ impl Enroller {
                 .collect();
             match registered {
                 Ok(sockets) => {
-                    let (pod, ctx) = (pod.clone(), self.ctx.clone());
-                    tasks.push(tokio::spawn(dns::serve(sockets, pod, ctx, settings)));
+                    let (pod, ctx, gate) =
+                        (pod.clone(), self.ctx.clone(), self.accepting.subscribe());
+                    tasks.push(tokio::spawn(gated(
+                        gate,
+                        dns::serve(sockets, pod, ctx, settings),
+                    )));
                 }
                 Err(io_error) => {
                     tasks.iter().for_each(JoinHandle::abort);
@@ -262,6 +379,7 @@ impl Enroller {
             inbound_link = %origin,
             original_source_ipv4 = original_source.ipv4,
             original_source_ipv6 = original_source.ipv6,
+            from_predecessor,
             "pod enrolled"
         );
         self.lock().insert(
@@ -269,6 +387,7 @@ impl Enroller {
             Enrolled {
                 pod: pod.clone(),
                 tasks,
+                sockets,
             },
         );
         Ok(pod)
@@ -306,7 +425,13 @@ impl Enroller {
         if let Some(certs) = &self.ctx.certs {
             certs.untrack(&enrolled.pod.identity);
         }
-        let result = self.release_capture(&enrolled.pod);
+        // Once draining, the kernel state belongs to whoever serves next (a successor may have
+        // enrolled this very namespace); a pod gone meanwhile is cleaned up when it starts.
+        let result = if self.ctx.drain.is_draining() {
+            Ok(())
+        } else {
+            self.release_capture(&enrolled.pod)
+        };
         enrolled.tasks.iter().for_each(JoinHandle::abort);
         tracing::info!(pod = %key, "pod un-enrolled");
         result
@@ -316,9 +441,10 @@ impl Enroller {
     /// the fail mode (or a successor's listeners), while the pods stay enrolled and pinned and
     /// the connections already accepted go on. Returns how many pods were serving.
     pub fn stop_accepting(&self) -> usize {
-        let pods = self.lock();
-        for enrolled in pods.values() {
+        let mut pods = self.lock();
+        for enrolled in pods.values_mut() {
             enrolled.tasks.iter().for_each(JoinHandle::abort);
+            enrolled.sockets.clear();
         }
         pods.len()
     }
@@ -355,10 +481,36 @@ impl Enroller {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Enrolled>> {
-        self.pods
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.pods)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Role {
+    fn socket(self) -> PodSocket {
+        match self {
+            Role::Outbound => PodSocket::Outbound,
+            Role::InboundPlain => PodSocket::InboundPlain,
+            Role::Hbone => PodSocket::Hbone,
+        }
+    }
+}
+
+/// The handed-over socket for `role` at `addr`, if there is one.
+fn take_inherited(
+    inherited: &mut Vec<(PodSocket, SocketAddr, OwnedFd)>,
+    role: PodSocket,
+    addr: SocketAddr,
+) -> Option<Socket> {
+    let at = inherited
+        .iter()
+        .position(|(r, a, _)| *r == role && *a == addr)?;
+    Some(Socket::from(inherited.swap_remove(at).2))
 }
 
 /// The record's bits for the families the pod delivers from clients' addresses.
@@ -383,11 +535,13 @@ fn listener_bit(role: Role, addr: SocketAddr) -> u32 {
 /// has IPv6) for outbound capture; 127.0.0.1:15006 (and [::1]:15006) for inbound plaintext,
 /// which sk_lookup hands connections to whatever address they were for; and, with HBONE on,
 /// `<pod IP>:15008` for every pod address. The first listener returned is the IPv4 outbound one.
+/// A socket a predecessor handed over for the same role and address is served as it is.
 fn open_listeners(
     pod: &str,
     spec: &PodSpec,
     netns: &NetNs,
     hbone: bool,
+    inherited: &mut Vec<(PodSocket, SocketAddr, OwnedFd)>,
 ) -> Result<Vec<(Role, SocketAddr, Socket)>, EnrollError> {
     let has_v6 = spec.ips.iter().any(|ip| ip.to_canonical().is_ipv6());
     let mut wanted = vec![
@@ -427,7 +581,12 @@ fn open_listeners(
         .run(|| {
             wanted
                 .iter()
-                .map(|(_, addr, _)| listen(*addr))
+                .map(
+                    |(role, addr, _)| match take_inherited(inherited, role.socket(), *addr) {
+                        Some(socket) => Ok(socket),
+                        None => listen(*addr),
+                    },
+                )
                 .collect::<Vec<_>>()
         })
         .map_err(|source| EnrollError::NetNs {
@@ -455,12 +614,14 @@ fn open_listeners(
 }
 
 /// The DNS proxy's sockets in the pod's namespace, each pair with its record bit:
-/// 127.0.0.1:15053 UDP and TCP, and [::1]:15053 when the pod has IPv6.
+/// 127.0.0.1:15053 UDP and TCP, and [::1]:15053 when the pod has IPv6 (handed-over ones as
+/// they are).
 fn open_dns(
     pod: &str,
     spec: &PodSpec,
     netns: &NetNs,
-) -> Result<Vec<(u32, Socket, Socket)>, EnrollError> {
+    inherited: &mut Vec<(PodSocket, SocketAddr, OwnedFd)>,
+) -> Result<Vec<(u32, SocketAddr, Socket, Socket)>, EnrollError> {
     let mut wanted = vec![(
         EnrolledPod::LISTENER_DNS4,
         SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PROXY_PORT)),
@@ -473,6 +634,14 @@ fn open_dns(
     }
     let mut opened = Vec::with_capacity(wanted.len());
     for (bit, addr) in wanted {
+        let handed = (
+            take_inherited(inherited, PodSocket::DnsUdp, addr),
+            take_inherited(inherited, PodSocket::DnsTcp, addr),
+        );
+        if let (Some(udp), Some(tcp)) = handed {
+            opened.push((bit, addr, udp, tcp));
+            continue;
+        }
         let pair = netns
             .run(|| -> io::Result<(Socket, Socket)> {
                 let udp = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -495,7 +664,7 @@ fn open_dns(
                 netns: netns.path().to_owned(),
                 io_error,
             })?;
-        opened.push((bit, pair.0, pair.1));
+        opened.push((bit, addr, pair.0, pair.1));
     }
     Ok(opened)
 }

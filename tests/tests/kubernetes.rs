@@ -378,6 +378,87 @@ fn restarts_outages_and_relists_leave_enrolled_pods_alone() {
     );
 }
 
+/// A DaemonSet surge: a second mesh-node on the node takes over the first one's sockets while
+/// a connection is open; the first drains, and then waits for its pod's SIGTERM rather than
+/// exit (the kubelet would restart a container that exits, and it would take the node back).
+/// Enrollment and annotations stay as they were, nothing is patched by the drained one.
+#[test]
+fn a_surge_pod_takes_over_and_the_old_one_waits_for_its_sigterm() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::two_nodes(
+        vec![PodSpec::enrolled("client").in_namespace("shop")],
+        vec![PodSpec::enrolled("server").in_namespace("shop")],
+    );
+    let (api, kubeconfig) = api_server(&topo);
+    api.put_namespace("shop", &[(LABEL, "ambient")]);
+    api.put_pod(pod_object(&topo, "client", json!({})));
+    api.put_pod(pod_object(&topo, "server", json!({})));
+    let _sandboxes = [
+        Sandbox::start(&topo, "client", CgroupDriver::Systemd).expect("client sandbox"),
+        Sandbox::start(&topo, "server", CgroupDriver::Systemd).expect("server sandbox"),
+    ];
+    let _server = topo.serve("server", PORT);
+    let target = SocketAddr::from((topo.pod("server").ip, PORT));
+    let mut old = MeshNode::start_kubernetes(&topo, "node1", &kubeconfig, &[]).expect("node1");
+    let _mesh2 = MeshNode::start_kubernetes(&topo, "node2", &kubeconfig, &[]).expect("node2");
+    let (netns, cgroup) = (
+        topo.pod("client").netns_path(),
+        topo.pod("client").cgroup.clone(),
+    );
+    let held = thread::spawn(move || {
+        podapp::connect_holding(&netns, &cgroup, target, 1 << 20, 1, Duration::from_secs(2))
+            .expect("podapp")
+    });
+    assert!(wait_for(|| http_open(&topo) >= 1.0));
+    let patches = api.patches().len();
+
+    let new = MeshNode::start_kubernetes(&topo, "node1", &kubeconfig, &[]).expect("surge pod");
+    assert_eq!(
+        new.log_lines_with(&["took over its listening sockets"])
+            .len(),
+        1
+    );
+    let run = held.join().expect("held");
+    podapp::assert_all_ok(&run, 1, 1 << 20);
+    assert!(
+        wait_for(|| !old
+            .log_lines_with(&["handed over and drained: waiting for SIGTERM"])
+            .is_empty()),
+        "{}",
+        old.log_text()
+    );
+    assert!(old.is_running(), "it waits for its pod's deletion");
+    connect_ok(&topo, "client", target);
+    assert!(wait_for(
+        || tunnelled_from(&new, &topo, "client", target) == 1
+    ));
+    assert_eq!(pinned_pods(&topo, "node1"), ["shop/client"]);
+    assert_eq!(api.patches().len(), patches, "{:?}", api.patches());
+    assert_eq!(
+        api.pod_annotation("shop", "client", ANNOTATION).as_deref(),
+        Some("enabled")
+    );
+
+    // The pod is deleted: SIGTERM ends it at once, it has nothing left to drain.
+    old.stop().expect("exits on SIGTERM");
+    assert!(old.log_lines_with(&["drain cut short"]).is_empty());
+    connect_ok(&topo, "client", target);
+    assert!(wait_for(
+        || tunnelled_from(&new, &topo, "client", target) == 2
+    ));
+}
+
+fn http_open(topo: &Topology) -> f64 {
+    mesh_tests::http_probe::total(
+        &topo.node("node1").netns_path(),
+        "mesh_connections_open",
+        &[],
+    )
+    .unwrap_or(0.0)
+}
+
 /// Up to 40 s: the watcher's backoff after an outage grows to several seconds.
 fn wait_for_long(mut condition: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(40);

@@ -157,12 +157,16 @@ fn the_daemonset_runs_kubernetes_enrollment_with_what_it_needs() {
         .and_then(|s| s.rolling_update)
         .expect("a rolling update");
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    // The old mesh-node stops before the new one binds the same host ports (no surge until the
-    // listener hand-over exists).
-    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
-    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
+    // Hitless: the new mesh-node starts beside the old one and takes over its sockets.
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
     let pod = spec.template.spec.expect("pod spec");
     assert_eq!(pod.host_network, Some(true));
+    // Declared ports would be host ports, which keep the surge pod off the node.
+    assert!(
+        pod.containers.iter().all(|c| c.ports.is_none()),
+        "no declared ports on a host-network DaemonSet that surges"
+    );
     assert!(pod.termination_grace_period_seconds.unwrap_or(0) >= 30);
     let container = &pod.containers[0];
     let args = container.args.clone().unwrap_or_default();

@@ -124,6 +124,11 @@ impl Enroller {
         self
     }
 
+    /// mesh-node is draining: enrollment is over for this process.
+    pub fn is_draining(&self) -> bool {
+        self.ctx.drain.is_draining()
+    }
+
     /// Starts the accept loops of every pod enrolled so far (and of those enrolled later).
     pub fn start_accepting(&self) {
         self.accepting.send_replace(true);

@@ -169,6 +169,13 @@ impl Controller {
             if !(pods_listed && namespaces_listed) {
                 continue;
             }
+            if self.enroller.is_draining() {
+                // The pods and their annotations are the successor's (or the next start's).
+                tracing::info!(
+                    "draining: the Kubernetes watch stops; enrollment is left to whoever serves next"
+                );
+                return;
+            }
             pending = self.reconcile(&pods, &namespaces).await;
             if let Some(tx) = synced.take() {
                 let _ = tx.send(self.enrolled.len());

@@ -103,3 +103,41 @@ fn sorted(mut keys: Vec<&str>) -> Vec<&str> {
     keys.sort_unstable();
     keys
 }
+
+/// The soak benchmark (`cargo xtask bench soak`) in smoke mode: its load ran, every count adds
+/// up and nothing failed. No figure of time or memory is asserted.
+#[test]
+fn soak_smoke_run_holds_pushes_and_counts() {
+    if !privileged() {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("meshtest-soak-{}", std::process::id()));
+    let config = bench::soak::SoakConfig::smoke(out.clone());
+    let result = bench::soak::run(&config);
+    let written = std::fs::read_to_string(out.join("soak-smoke.md"));
+    let _ = std::fs::remove_dir_all(&out);
+    let report = result.expect("the soak runs");
+    assert_eq!(report.error_count(), 0, "{report:#?}");
+    let load = &report.load;
+    assert_eq!(load.opened, config.conns as u64);
+    assert_eq!(load.closed_ok, config.conns as u64);
+    assert!(load.trickles >= config.conns as u64, "{load:?}");
+    assert!(load.new_ok > 0, "{load:?}");
+    assert!(
+        report.policy_pushes > 0 && report.rechecks > 0.0,
+        "{report:#?}"
+    );
+    assert!(report.recheck_mean_ms > 0.0);
+    assert!(!report.rss.is_empty());
+    assert!(
+        report
+            .rss
+            .iter()
+            .all(|s| s.source_kib > 0 && s.destination_kib > 0)
+    );
+    assert!(
+        written
+            .expect("soak-smoke.md")
+            .contains("re-check of every live connection")
+    );
+}

@@ -8,6 +8,8 @@
 //! - `bench [datapath [--smoke] [--runs N] …]`: release build, then the data-path
 //!   benchmark (direct vs same-node vs cross-node HBONE).
 //! - `bench xds [SIZES]`: release build, then the control-plane scale benchmark.
+//! - `bench soak [--smoke] [--conns N] [--seconds S] [--rate R]`: release build, then the soak
+//!   benchmark (long-held connections, policy pushes, memory and descriptors over time).
 //! - `release`: setup, then the release build of mesh-node (what the image's build stage runs).
 //! - `fuzz [--seconds N] [TARGET…]`: cargo fuzz (libFuzzer, pinned nightly) on every target of
 //!   `fuzz/`, seeded from `fuzz/corpus/<target>`; `test` runs it for a few seconds each.
@@ -82,6 +84,14 @@ enum BenchSuite {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Soak: 10,000 cross-node connections held 10 minutes with a trickle on each, new
+    /// connections at a steady rate and a policy push every 5 s; errors, memory over time,
+    /// re-check time, descriptors before and after.
+    Soak {
+        /// Passed to mesh-soak: `--smoke`, `--conns N`, `--seconds S`, `--rate R`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Control-plane scale: N workloads + N/10 services pushed over delta ADS; first-sync time
     /// and resident memory of the receiving process.
     Xds {
@@ -135,6 +145,13 @@ fn main() -> Result<()> {
             match suite.unwrap_or(BenchSuite::Datapath { args: Vec::new() }) {
                 BenchSuite::Datapath { args } => {
                     let mut bench = Command::new(release.join("mesh-bench"));
+                    bench
+                        .env("MESH_NODE_BIN", release.join("mesh-node"))
+                        .args(args);
+                    run(bench)?;
+                }
+                BenchSuite::Soak { args } => {
+                    let mut bench = Command::new(release.join("mesh-soak"));
                     bench
                         .env("MESH_NODE_BIN", release.join("mesh-node"))
                         .args(args);

@@ -137,13 +137,15 @@ impl Live {
     }
 
     /// Decides every open connection again if `state` changed anything authorization depends
-    /// on since the last time, and closes those now denied. Returns how many were closed.
-    pub fn recheck(&self, state: &State, node: &NodeInfo) -> usize {
+    /// on since the last time, and closes those now denied. Returns how many were decided
+    /// again, and how many of them were closed; `None` if nothing needed a re-check.
+    pub fn recheck(&self, state: &State, node: &NodeInfo) -> Option<(usize, usize)> {
         let version = state.authz_version();
         if self.checked.swap(version, Ordering::Relaxed) == version {
-            return 0;
+            return None;
         }
         let mut conns = self.lock();
+        let checked = conns.len();
         let denied: Vec<(u64, String)> = conns
             .iter()
             .filter_map(|(id, registered)| {
@@ -161,7 +163,7 @@ impl Live {
                 let _ = registered.revoke.send(reason.clone());
             }
         }
-        denied.len()
+        Some((checked, denied.len()))
     }
 
     pub fn len(&self) -> usize {

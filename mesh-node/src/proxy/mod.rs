@@ -151,7 +151,17 @@ impl ProxyContext {
     pub fn update_state<T>(&self, change: impl FnOnce(&mut State) -> T) -> T {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
         let result = change(&mut state);
-        self.live.recheck(&state, &self.node);
+        let started = std::time::Instant::now();
+        if let Some((checked, closed)) = self.live.recheck(&state, &self.node) {
+            let seconds = started.elapsed().as_secs_f64();
+            self.metrics.authz_recheck(seconds);
+            tracing::debug!(
+                checked,
+                closed,
+                micros = (seconds * 1e6) as u64,
+                "open connections authorized again after a policy change"
+            );
+        }
         result
     }
 }

@@ -128,6 +128,7 @@ pub struct Metrics {
     open_connections: Gauge,
     drain_cut: Counter,
     dns_upstream: Histogram,
+    authz_recheck: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -236,6 +237,13 @@ impl Metrics {
             "Time the pods' resolvers took to answer forwarded queries",
             dns_upstream.clone(),
         );
+        let authz_recheck =
+            Histogram::new([0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]);
+        registry.register(
+            "mesh_authz_recheck_duration_seconds",
+            "Time taken to authorize every open connection again after a change of policy (under the state's write lock)",
+            authz_recheck.clone(),
+        );
         let open_connections = Gauge::default();
         registry.register(
             "mesh_connections_open",
@@ -267,6 +275,7 @@ impl Metrics {
             inner_handshakes,
             dns_requests,
             dns_upstream,
+            authz_recheck,
             open_connections,
             drain_cut,
         }
@@ -288,6 +297,11 @@ impl Metrics {
         self.dns_requests
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    /// Open connections were authorized again after a policy change, in `seconds`.
+    pub fn authz_recheck(&self, seconds: f64) {
+        self.authz_recheck.observe(seconds);
     }
 
     /// A pod's resolver answered a forwarded query after `seconds`.

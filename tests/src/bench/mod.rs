@@ -21,6 +21,7 @@
 mod measure;
 mod proc;
 mod report;
+pub mod soak;
 
 use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
 

@@ -17,6 +17,11 @@
 //!   byte, read it back, close.
 //! - `loadgen hold ADDR N` — opens N connections (one-byte exchange each), prints
 //!   `held ok=… errors=…`, keeps them open until stdin closes.
+//! - `loadgen soak ADDR CONNS SECONDS TRICKLE_MS RATE` — opens CONNS echo connections (prints
+//!   `opened ok=… errors=…`), then for SECONDS sends 32 bytes on each every TRICKLE_MS (spread
+//!   evenly) and checks the echo, while opening RATE new connections per second (1 KiB echoed,
+//!   closed); prints `progress …` every 10 s, then closes the held connections cleanly and
+//!   prints `result trickles=… trickle_errors=… new_ok=… new_errors=… closed_ok=… lost=…`.
 use std::{
     env,
     io::{Read, Write},
@@ -67,10 +72,20 @@ fn main() -> ExitCode {
             )
         })(),
         ["hold", addr, n] => (|| hold(arg("ADDR", addr)?, arg("N", n)?))(),
+        ["soak", addr, conns, seconds, trickle, rate] => (|| {
+            soak(Soak {
+                addr: arg("ADDR", addr)?,
+                conns: arg("CONNS", conns)?,
+                duration: Duration::from_secs(arg("SECONDS", seconds)?),
+                trickle: millis("TRICKLE_MS", trickle)?,
+                rate: arg("RATE", rate)?,
+            })
+        })(),
         _ => Err(
             "usage: loadgen serve ADDR | throughput ADDR STREAMS WARMUP_MS DURATION_MS | \
                   latency ADDR CONNS RATE WARMUP_MS DURATION_MS | \
-                  connrate ADDR THREADS WARMUP_MS DURATION_MS | hold ADDR N"
+                  connrate ADDR THREADS WARMUP_MS DURATION_MS | hold ADDR N | \
+                  soak ADDR CONNS SECONDS TRICKLE_MS RATE"
                 .into(),
         ),
     };
@@ -416,6 +431,197 @@ fn hold(addr: SocketAddr, n: usize) -> Result<()> {
     std::io::stdin().read_to_end(&mut rest)?;
     drop(open);
     Ok(())
+}
+
+struct Soak {
+    addr: SocketAddr,
+    conns: usize,
+    duration: Duration,
+    trickle: Duration,
+    rate: u32,
+}
+
+#[derive(Default)]
+struct SoakCounts {
+    trickles: std::sync::atomic::AtomicU64,
+    trickle_errors: std::sync::atomic::AtomicU64,
+    new_ok: std::sync::atomic::AtomicU64,
+    new_errors: std::sync::atomic::AtomicU64,
+}
+
+/// Opens an echo connection (async): the mode byte sent and answered.
+async fn open_echo_async(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let mut stream = tokio::time::timeout(IO_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::other("connect timed out"))??;
+    stream.set_nodelay(true)?;
+    stream.write_u8(ECHO).await?;
+    match tokio::time::timeout(IO_TIMEOUT, stream.read_u8()).await {
+        Ok(Ok(ECHO)) => Ok(stream),
+        Ok(Ok(_)) => Err(std::io::Error::other(
+            "the echo server answered a wrong byte",
+        )),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(std::io::Error::other("no answer to the mode byte")),
+    }
+}
+
+/// Sends `message` and reads it back, within [`IO_TIMEOUT`].
+async fn echo_once(stream: &mut tokio::net::TcpStream, message: &[u8]) -> std::io::Result<()> {
+    stream.write_all(message).await?;
+    let mut back = vec![0u8; message.len()];
+    tokio::time::timeout(IO_TIMEOUT, stream.read_exact(&mut back))
+        .await
+        .map_err(|_| std::io::Error::other("echo timed out"))??;
+    if back != message {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+fn soak(config: Soak) -> Result<()> {
+    use std::sync::{Arc, atomic::Ordering::Relaxed};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let counts = Arc::new(SoakCounts::default());
+        // Opening: 64 at a time.
+        let mut held = Vec::with_capacity(config.conns);
+        let mut open_errors = 0usize;
+        let mut first_error = None;
+        for batch in (0..config.conns).collect::<Vec<_>>().chunks(64) {
+            let opening: Vec<_> = batch
+                .iter()
+                .map(|_| tokio::spawn(open_echo_async(config.addr)))
+                .collect();
+            for task in opening {
+                match task.await? {
+                    Ok(stream) => held.push(stream),
+                    Err(error) => {
+                        open_errors += 1;
+                        first_error.get_or_insert(error.to_string());
+                    }
+                }
+            }
+        }
+        println!("opened ok={} errors={open_errors}", held.len());
+        if let Some(error) = first_error {
+            eprintln!("loadgen: first failed open: {error}");
+        }
+        std::io::stdout().flush()?;
+
+        let start = tokio::time::Instant::now();
+        let end = start + config.duration;
+        let n = held.len().max(1) as u32;
+        let mut tasks = Vec::with_capacity(held.len());
+        for (i, mut stream) in held.into_iter().enumerate() {
+            let counts = counts.clone();
+            let trickle = config.trickle;
+            let offset = trickle * i as u32 / n;
+            tasks.push(tokio::spawn(async move {
+                let mut next = start + offset;
+                let mut seq = 0u64;
+                let mut alive = true;
+                while next < end {
+                    tokio::time::sleep_until(next).await;
+                    let mut message = [0u8; 32];
+                    message[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    message[8..16].copy_from_slice(&seq.to_be_bytes());
+                    match echo_once(&mut stream, &message).await {
+                        Ok(()) => counts.trickles.fetch_add(1, Relaxed),
+                        Err(_) => {
+                            counts.trickle_errors.fetch_add(1, Relaxed);
+                            alive = false;
+                            break;
+                        }
+                    };
+                    seq += 1;
+                    next += trickle;
+                }
+                if !alive {
+                    return false;
+                }
+                // A clean close: write side shut, the server's echo of nothing and its EOF.
+                if stream.shutdown().await.is_err() {
+                    return false;
+                }
+                let mut rest = Vec::new();
+                matches!(
+                    tokio::time::timeout(IO_TIMEOUT, stream.read_to_end(&mut rest)).await,
+                    Ok(Ok(0))
+                )
+            }));
+        }
+        let opener = {
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                if config.rate == 0 {
+                    return;
+                }
+                let mut tick = tokio::time::interval(Duration::from_secs(1) / config.rate);
+                let mut opening = tokio::task::JoinSet::new();
+                while tokio::time::Instant::now() < end {
+                    tick.tick().await;
+                    let counts = counts.clone();
+                    opening.spawn(async move {
+                        let outcome = async {
+                            let mut stream = open_echo_async(config.addr).await?;
+                            echo_once(&mut stream, &[7u8; REQUEST]).await?;
+                            stream.shutdown().await
+                        }
+                        .await;
+                        match outcome {
+                            Ok(()) => counts.new_ok.fetch_add(1, Relaxed),
+                            Err(_) => counts.new_errors.fetch_add(1, Relaxed),
+                        };
+                    });
+                    while opening.try_join_next().is_some() {}
+                }
+                while opening.join_next().await.is_some() {}
+            })
+        };
+        let reporter = {
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(
+                    start + Duration::from_secs(10),
+                    Duration::from_secs(10),
+                );
+                loop {
+                    tick.tick().await;
+                    println!(
+                        "progress t={} trickles={} trickle_errors={} new_ok={} new_errors={}",
+                        start.elapsed().as_secs(),
+                        counts.trickles.load(Relaxed),
+                        counts.trickle_errors.load(Relaxed),
+                        counts.new_ok.load(Relaxed),
+                        counts.new_errors.load(Relaxed),
+                    );
+                    let _ = std::io::stdout().flush();
+                }
+            })
+        };
+        let mut closed_ok = 0usize;
+        for task in tasks {
+            if task.await? {
+                closed_ok += 1;
+            }
+        }
+        opener.await?;
+        reporter.abort();
+        println!(
+            "result trickles={} trickle_errors={} new_ok={} new_errors={} open_errors={open_errors} closed_ok={closed_ok} lost={}",
+            counts.trickles.load(Relaxed),
+            counts.trickle_errors.load(Relaxed),
+            counts.new_ok.load(Relaxed),
+            counts.new_errors.load(Relaxed),
+            config.conns - closed_ok,
+        );
+        std::io::stdout().flush()?;
+        Ok(())
+    })
 }
 
 /// Nearest-rank percentile of sorted samples; 0 when there are none.

@@ -298,3 +298,70 @@ fn a_mesh_node_that_dies_mid_transfer_resets_the_applications_on_both_sides() {
     let got = download.join().unwrap();
     assert_eq!(got.how, "reset", "{got:?}\n{}", mesh.logs());
 }
+
+/// The destination node vanishes mid-tunnel (every packet to it dropped, no reset, no FIN):
+/// the HBONE keepalive notices within its interval plus its timeout (10 s + 20 s), and the
+/// application is reset — not left hanging, not told the stream ended. The dead connection
+/// leaves the pool, so once the node is reachable again a new tunnel opens and traffic flows.
+#[test]
+fn a_peer_node_that_vanishes_mid_tunnel_is_given_up_by_the_keepalive() {
+    if !privileged() {
+        return;
+    }
+    let mesh = Mesh::start();
+    let download = in_background(
+        &mesh,
+        "client",
+        vec!["fetch".into(), mesh.addr("server", ENDLESS).to_string()],
+    );
+    wait_opened(&mesh, "node1", "source", 1.0);
+    let established = |mesh: &Mesh| {
+        mesh.nodes[0]
+            .log_lines_with(&["HBONE connection established"])
+            .len()
+    };
+    assert_eq!(established(&mesh), 1);
+
+    // node2 drops off the network: node1 discards whatever it would forward there.
+    let node1 = mesh.topo.node("node1").netns.clone();
+    mesh_tests::topology::ip(&[
+        "-n",
+        &node1,
+        "route",
+        "replace",
+        "blackhole",
+        "198.18.2.0/24",
+    ])
+    .expect("blackhole node2's pods");
+    let cut = std::time::Instant::now();
+    let got = download.join().unwrap();
+    let waited = cut.elapsed();
+    assert_eq!(got.how, "reset", "{got:?}\n{}", mesh.logs());
+    assert!(got.bytes > 0, "{got:?}");
+    assert!(
+        waited <= Duration::from_secs(40),
+        "given up within the keepalive interval and timeout: {waited:?}"
+    );
+    assert!(
+        !mesh.nodes[0]
+            .log_lines_with(&["HBONE connection ended", "PING"])
+            .is_empty(),
+        "{}",
+        mesh.logs()
+    );
+
+    // Back on the network: the next connection opens a new tunnel and completes.
+    mesh_tests::topology::ip(&[
+        "-n",
+        &node1,
+        "route",
+        "replace",
+        "198.18.2.0/24",
+        "via",
+        "198.19.0.2",
+    ])
+    .expect("route to node2's pods again");
+    let again = mesh.push("client", "server", "fin");
+    assert_eq!(again, ending(BYTES, "done"), "{}", mesh.logs());
+    assert_eq!(established(&mesh), 2, "{}", mesh.logs());
+}

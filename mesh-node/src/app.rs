@@ -449,8 +449,15 @@ async fn drain(
         "draining: listeners closed for {stopped} {what}, HBONE connections told GOAWAY; open connections may finish"
     );
     let started = std::time::Instant::now();
+    // Settled once no connection is open and every HBONE socket is closed for good: the last
+    // frames of a finished tunnel may still be on their way out, and exiting would cut them.
+    // Pooled client connections go as soon as they are idle (an idle h2 client closes).
     let settled = async {
-        while ctx.metrics.open_connections() > 0 {
+        loop {
+            ctx.pool.evict(Duration::ZERO, Duration::ZERO);
+            if ctx.metrics.open_connections() <= 0 && crate::hbone::linger::live() == 0 {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
@@ -471,7 +478,13 @@ async fn drain(
         () = cut => tracing::warn!("second signal: drain cut short"),
     }
     let left = ctx.metrics.open_connections().max(0);
-    if left == 0 {
+    let sockets = crate::hbone::linger::live();
+    if left == 0 && sockets > 0 {
+        tracing::info!(
+            sockets,
+            "drained: every connection finished; HBONE sockets still closing are cut"
+        );
+    } else if left == 0 {
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "drained: every connection finished"

@@ -69,7 +69,13 @@ fn sigterm_lets_open_tunnels_finish_with_goaway_then_exits_by_itself() {
     assert!(mesh2.is_running(), "still serving the open tunnel");
 
     let run = transfer.join().expect("thread");
-    assert!(run.errors.is_empty(), "{:?}", run.errors);
+    assert!(
+        run.errors.is_empty(),
+        "{:?}\nnode1:\n{}\nnode2:\n{}",
+        run.errors,
+        mesh1.log_text(),
+        mesh2.log_text()
+    );
     assert_eq!(run.ok[0].bytes, 16 << 20, "every byte, both ways");
     assert_eq!(mesh2.wait_exit(Duration::from_secs(15)).expect("exit"), 0);
     assert_eq!(
@@ -149,4 +155,87 @@ fn post_drain_stops_capture_for_new_connections_and_exits_when_idle() {
         "{}",
         mesh2.log_text()
     );
+}
+
+/// Stops a process until dropped (SIGSTOP, then SIGCONT even if the test fails).
+struct Stopped(libc::pid_t);
+
+impl Stopped {
+    fn new(mesh: &MeshNode) -> Self {
+        let pid = mesh.pid().expect("running") as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The destination node drains while its pod's reply is still on its way out: the node's
+/// part of the tunnel ends once it has handed the last bytes to h2, while the source node —
+/// stopped here, as a loaded node may be — has not yet taken them. The draining node exits
+/// only once its HBONE socket has been written out and closed without a reset, so the client
+/// still reads every byte and a clean end.
+#[test]
+fn a_drained_node_exits_only_once_its_last_bytes_are_out() {
+    if !privileged() {
+        return;
+    }
+    // Under h2's send buffer, so the destination can finish its side with the peer stopped.
+    const BYTES: u64 = 768 << 10;
+    let topo = topology();
+    let mesh1 = MeshNode::start_hbone(&topo, "node1", &[]).expect("node1");
+    let mut mesh2 =
+        MeshNode::start_hbone(&topo, "node2", &["--drain-timeout", "20"]).expect("node2");
+    let server = topo.pod("server");
+    let addr = SocketAddr::new(server.ip.into(), PORT);
+    let _source = podapp::Recorder::start(
+        &server.netns_path(),
+        &server.cgroup,
+        &[
+            "source".into(),
+            addr.to_string(),
+            BYTES.to_string(),
+            "fin".into(),
+            "1500".into(),
+        ],
+    )
+    .expect("source");
+    let client = topo.pod("client");
+    let (netns, cgroup) = (client.netns_path(), client.cgroup.clone());
+    let fetch = thread::spawn(move || {
+        let args = ["fetch".into(), addr.to_string(), "half-close".into()];
+        podapp::run_client(&netns, &cgroup, &args).expect("fetch")
+    });
+    assert!(wait_for(|| http_probe::total(
+        &topo.node("node2").netns_path(),
+        "mesh_connections_open",
+        &[]
+    )
+    .is_ok_and(|open| open >= 1.0)));
+    let stopped = Stopped::new(&mesh1);
+    sigterm(&mesh2);
+    // The reply goes out 1.5 s after the connection opened; node2's side ends soon after.
+    let netns2 = topo.node("node2").netns_path();
+    let waited = std::time::Instant::now();
+    while waited.elapsed() < Duration::from_secs(4)
+        && http_probe::total(&netns2, "mesh_connections_open", &[]).is_ok_and(|open| open > 0.0)
+    {
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(500));
+    drop(stopped);
+    let got = fetch.join().expect("thread");
+    assert_eq!(
+        (got.bytes, got.how.as_str()),
+        (BYTES, "eof"),
+        "{}",
+        mesh2.log_text()
+    );
+    assert_eq!(mesh2.wait_exit(Duration::from_secs(15)).expect("exit"), 0);
 }

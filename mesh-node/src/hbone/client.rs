@@ -77,6 +77,7 @@ impl Connection {
         config: Arc<ClientConfig>,
     ) -> Result<Self, ClientError> {
         let _ = tcp.set_nodelay(true);
+        let tcp = super::linger::Lingering::new(tcp);
         Self::establish_over(tcp, peer, ServerName::IpAddress(peer.ip().into()), config).await
     }
 

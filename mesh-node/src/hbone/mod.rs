@@ -4,6 +4,7 @@
 //! bytes between a socket and h2 without copying them, and with no extra task per stream.
 pub mod baggage;
 pub mod client;
+pub mod linger;
 pub mod pool;
 pub mod server;
 mod stream;

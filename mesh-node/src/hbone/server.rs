@@ -150,7 +150,7 @@ pub async fn serve_connection(
     let handshake = async {
         let refused = |kind, reason| Refused { kind, reason };
         let tls = TlsAcceptor::from(config)
-            .accept(tcp)
+            .accept(super::linger::Lingering::new(tcp))
             .await
             .map_err(|error| {
                 refused(

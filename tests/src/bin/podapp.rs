@@ -42,15 +42,18 @@ fn main() -> ExitCode {
         ["serve", addr] => serve(addr),
         ["connect", addr, bytes, conns] => connect(addr, bytes, conns, "0"),
         ["connect", addr, bytes, conns, hold_ms] => connect(addr, bytes, conns, hold_ms),
-        ["source", addr, bytes, end] => ending::source(addr, bytes, end),
+        ["source", addr, bytes, end] => ending::source(addr, bytes, end, "0"),
+        ["source", addr, bytes, end, delay_ms] => ending::source(addr, bytes, end, delay_ms),
         ["sink", addr] => ending::sink(addr),
-        ["fetch", addr] => ending::fetch(addr),
+        ["fetch", addr] => ending::fetch(addr, false),
+        ["fetch", addr, "half-close"] => ending::fetch(addr, true),
         ["push", addr, bytes, end] => ending::push(addr, bytes, end),
         ["resolve", server, name, qtype, mode] => dns::resolve(server, name, qtype, mode),
         ["dnsflood", server, count] => dns::flood(server, count),
         _ => Err(
             "usage: podapp serve ADDR | podapp connect ADDR BYTES CONNS [HOLD_MS] | \
-                  podapp source ADDR BYTES fin|reset | podapp sink ADDR | podapp fetch ADDR | \
+                  podapp source ADDR BYTES fin|reset [DELAY_MS] | podapp sink ADDR | \
+                  podapp fetch ADDR [half-close] | \
                   podapp push ADDR BYTES fin|reset | podapp resolve SERVER NAME TYPE MODE | \
                   podapp dnsflood SERVER COUNT"
                 .to_owned(),

@@ -44,11 +44,18 @@ fn listen(addr: &str) -> Result<TcpListener, String> {
     Ok(listener)
 }
 
-pub fn source(addr: &str, bytes: &str, end_text: &str) -> Result<bool, String> {
+/// Serves `bytes` on each connection, `delay_ms` after accepting it, then ends as told.
+pub fn source(addr: &str, bytes: &str, end_text: &str, delay_ms: &str) -> Result<bool, String> {
     let (bytes, end) = (amount(bytes)?, end(end_text)?);
+    let delay = Duration::from_millis(
+        delay_ms
+            .parse()
+            .map_err(|e| format!("delay {delay_ms}: {e}"))?,
+    );
     for stream in listen(addr)?.incoming() {
         let Ok(stream) = stream else { continue };
         thread::spawn(move || {
+            thread::sleep(delay);
             let _ = send_then_end(stream, bytes, end);
         });
     }
@@ -70,8 +77,15 @@ pub fn sink(addr: &str) -> Result<bool, String> {
     Ok(true)
 }
 
-pub fn fetch(addr: &str) -> Result<bool, String> {
+/// Reads to the end; with `half_close`, having first ended its own direction (so the far
+/// side's end is the last thing the connection carries).
+pub fn fetch(addr: &str, half_close: bool) -> Result<bool, String> {
     let mut stream = connect(addr)?;
+    if half_close {
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+    }
     let (bytes, how) = read_to_end(&mut stream);
     println!("ended bytes={bytes} how={how}");
     Ok(true)

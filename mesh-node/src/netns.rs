@@ -5,16 +5,19 @@ use std::{
     io,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::LazyLock,
 };
 
 /// `SO_NETNS_COOKIE` (Linux 5.14); libc does not export it on every target.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
-thread_local! {
-    /// The namespace this thread lives in, opened once per thread: `run` always returns the thread
-    /// here, so it never changes, and the upstream path calls `run` once per connection.
-    static HOME_NETNS: io::Result<File> = File::open("/proc/thread-self/ns/net");
-}
+/// The namespace mesh-node's threads live in, opened on first use: `run` always returns a thread
+/// here, so it is the same for every thread and never changes, and the upstream path calls `run`
+/// once per connection. One handle for the process, not one per thread: a handle per runtime
+/// worker and blocking thread showed up as descriptors opened whenever a new thread first
+/// connected (the soak benchmark's before/after count).
+static HOME_NETNS: LazyLock<io::Result<File>> =
+    LazyLock::new(|| File::open("/proc/thread-self/ns/net"));
 
 /// An open handle on a network namespace.
 #[derive(Debug)]
@@ -69,29 +72,27 @@ impl NetNs {
         self.file.as_fd()
     }
 
-    /// Runs `f` on the current thread inside this namespace, then returns the thread to the
-    /// namespace it was in. Sockets created by `f` stay in this namespace for their whole life.
-    /// `f` must not block: it runs on whatever thread calls this, possibly a runtime worker.
+    /// Runs `f` on the current thread inside this namespace, then returns the thread to
+    /// mesh-node's own namespace. Sockets created by `f` stay in this namespace for their whole
+    /// life. `f` must not block: it runs on whatever thread calls this, possibly a runtime worker.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetNsError> {
-        HOME_NETNS.with(|home| {
-            let home = home.as_ref().map_err(|error| NetNsError::SetNs {
-                call: "open own netns",
-                io_error: io::Error::new(error.kind(), error.to_string()),
-            })?;
-            setns(&self.file).map_err(|io_error| NetNsError::SetNs {
-                call: "enter",
-                io_error,
-            })?;
-            let result = f();
-            // Failing to return would leave this thread (possibly a runtime worker, which
-            // survives a panic) in the pod's namespace, silently opening later sockets there.
-            // Stop instead.
-            if let Err(io_error) = setns(home) {
-                tracing::error!(%io_error, "setns back to the original network namespace failed");
-                std::process::abort();
-            }
-            Ok(result)
-        })
+        let home = HOME_NETNS.as_ref().map_err(|error| NetNsError::SetNs {
+            call: "open own netns",
+            io_error: io::Error::new(error.kind(), error.to_string()),
+        })?;
+        setns(&self.file).map_err(|io_error| NetNsError::SetNs {
+            call: "enter",
+            io_error,
+        })?;
+        let result = f();
+        // Failing to return would leave this thread (possibly a runtime worker, which
+        // survives a panic) in the pod's namespace, silently opening later sockets there.
+        // Stop instead.
+        if let Err(io_error) = setns(home) {
+            tracing::error!(%io_error, "setns back to the original network namespace failed");
+            std::process::abort();
+        }
+        Ok(result)
     }
 }
 

@@ -101,14 +101,14 @@ fn map_named(name: &str) -> Result<&'static str, InspectError> {
 
 /// A captured connection's original destination, decoded.
 #[derive(Serialize)]
-struct OrigView {
+pub(super) struct OrigView {
     pod: String,
     netns_cookie: u64,
     src_port: u16,
     original_dst: SocketAddr,
 }
 
-fn orig_view(orig: &OrigDst, pods: &BTreeMap<u64, PodRecord>) -> OrigView {
+pub(super) fn orig_view(orig: &OrigDst, pods: &BTreeMap<u64, PodRecord>) -> OrigView {
     OrigView {
         pod: pods
             .get(&orig.netns_cookie)
@@ -284,7 +284,7 @@ pub fn dump(
     }
 }
 
-fn orig_table(entries: &[OrigView]) -> String {
+pub(super) fn orig_table(entries: &[OrigView]) -> String {
     let mut table = Table::new(&["POD", "SRC PORT#", "ORIGINAL DST"]);
     for e in entries {
         table.row(vec![

@@ -7,6 +7,7 @@ mod kernel;
 mod maps;
 mod pinned;
 mod pods;
+mod raw;
 mod status;
 mod table;
 mod trace;
@@ -23,6 +24,7 @@ use serde::Serialize;
 pub use maps::{conns, dump, maps};
 use pinned::Pinned;
 pub use pods::pods;
+pub use raw::render as render_raw;
 pub use status::status;
 pub use trace::TraceFilter;
 

@@ -32,7 +32,7 @@ pub fn pod_matches(key: &str, wanted: &str) -> bool {
 }
 
 #[derive(Serialize)]
-struct EventView {
+pub(super) struct EventView {
     /// Seconds since the trace started.
     time: f64,
     pod: String,
@@ -58,7 +58,7 @@ fn monotonic_ns() -> u64 {
 }
 
 /// The event in a ring-buffer record, if the record is one.
-fn parse(bytes: &[u8]) -> Option<TraceEvent> {
+pub(super) fn parse(bytes: &[u8]) -> Option<TraceEvent> {
     if bytes.len() < size_of::<TraceEvent>() {
         return None;
     }
@@ -96,7 +96,7 @@ impl Pods {
     }
 }
 
-fn view(event: &TraceEvent, pod: String, start_ns: u64) -> EventView {
+pub(super) fn view(event: &TraceEvent, pod: String, start_ns: u64) -> EventView {
     let dst = SocketAddr::new(addr(event.family, event.dst_ip), event.dst_port);
     let inbound = event.hook == TraceHook::Inbound as u8;
     EventView {
@@ -120,7 +120,7 @@ fn view(event: &TraceEvent, pod: String, start_ns: u64) -> EventView {
     }
 }
 
-fn line(view: &EventView) -> String {
+pub(super) fn line(view: &EventView) -> String {
     let action = match view.reason {
         Some(reason) => format!("{} ({reason})", view.action),
         None => view.action.to_owned(),

@@ -64,8 +64,9 @@ impl SoakConfig {
             rate: 50,
             push_every_ms: 5_000,
             sample_every_ms: 10_000,
-            // The pool closes surplus idle connections after 20 s, checked every 15 s.
-            settle_ms: 45_000,
+            // The pool closes surplus idle connections after 20 s, checked every 15 s; the
+            // wait ends as soon as the counts are back.
+            settle_ms: 90_000,
             out_dir,
             name: "soak".into(),
         }
@@ -122,6 +123,10 @@ pub struct SoakReport {
     /// Descriptors of (source, destination) before the load and after it.
     pub fds_before: (usize, usize),
     pub fds_after: (usize, usize),
+    /// How long after the load `fds_after` was counted.
+    pub settled_ms: u64,
+    /// Descriptors (source, destination) open then that were not before.
+    pub fds_new: (Vec<String>, Vec<String>),
     /// Kernel-side resets or failures any mesh-node logged as an error.
     pub errors: Vec<String>,
 }
@@ -138,9 +143,25 @@ impl SoakReport {
 }
 
 fn fd_count(pid: u32) -> Result<usize> {
-    Ok(fs::read_dir(format!("/proc/{pid}/fd"))
+    Ok(fds(pid)?.len())
+}
+
+/// A process's descriptors as `N -> target` (`socket:[inode]`, a path, `anon_inode:…`).
+fn fds(pid: u32) -> Result<Vec<String>> {
+    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("list /proc/{pid}/fd"))?
-        .count())
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let target = fs::read_link(entry.path()).ok()?;
+            Some(format!(
+                "{} -> {}",
+                entry.file_name().to_string_lossy(),
+                target.display()
+            ))
+        })
+        .collect();
+    fds.sort();
+    Ok(fds)
 }
 
 /// A policy in the destination's namespace that allows the client, plus a rule naming
@@ -236,7 +257,8 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
         );
     }
     thread::sleep(Duration::from_millis(500));
-    let fds_before = (fd_count(pids.0)?, fd_count(pids.1)?);
+    let listed_before = (fds(pids.0)?, fds(pids.1)?);
+    let fds_before = (listed_before.0.len(), listed_before.1.len());
 
     let (mut cmd, _files) = podapp::command_of(
         &loadgen,
@@ -332,8 +354,27 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
         recheck_end.0 - recheck_start.0,
         recheck_end.1 - recheck_start.1,
     );
-    thread::sleep(Duration::from_millis(config.settle_ms));
-    let fds_after = (fd_count(pids.0)?, fd_count(pids.1)?);
+    // Descriptors are counted once both are back to their count before the load, or when
+    // `settle_ms` is up: the pools close surplus connections only once they have been idle.
+    let settling = Instant::now();
+    let mut fds_after = (fd_count(pids.0)?, fd_count(pids.1)?);
+    while (fds_after.0 > fds_before.0 || fds_after.1 > fds_before.1)
+        && settling.elapsed() < Duration::from_millis(config.settle_ms)
+    {
+        thread::sleep(Duration::from_millis(500));
+        fds_after = (fd_count(pids.0)?, fd_count(pids.1)?);
+    }
+    let settled_ms = settling.elapsed().as_millis() as u64;
+    let new_fds = |pid: u32, before: &[String]| -> Result<Vec<String>> {
+        Ok(fds(pid)?
+            .into_iter()
+            .filter(|fd| !before.contains(fd))
+            .collect())
+    };
+    let fds_new = (
+        new_fds(pids.0, &listed_before.0)?,
+        new_fds(pids.1, &listed_before.1)?,
+    );
     let errors = [(&source, "source"), (&destination, "destination")]
         .into_iter()
         .flat_map(|(mesh, which)| {
@@ -355,6 +396,8 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
         rss,
         fds_before,
         fds_after,
+        settled_ms,
+        fds_new,
         errors,
     };
     fs::create_dir_all(&config.out_dir)
@@ -411,9 +454,24 @@ pub fn markdown(report: &SoakReport) -> String {
         report.recheck_mean_ms
     ));
     md.push_str(&format!(
-        "| descriptors before → after (source, destination) | {} → {}, {} → {} |\n\n",
-        report.fds_before.0, report.fds_after.0, report.fds_before.1, report.fds_after.1
+        "| descriptors before → after (source, destination), counted after | {} → {}, {} → {}, {:.1} s |\n\n",
+        report.fds_before.0,
+        report.fds_after.0,
+        report.fds_before.1,
+        report.fds_after.1,
+        report.settled_ms as f64 / 1000.0
     ));
+    for (side, new) in [
+        ("source", &report.fds_new.0),
+        ("destination", &report.fds_new.1),
+    ] {
+        if !new.is_empty() {
+            md.push_str(&format!(
+                "Descriptors new at the {side}: {}.\n\n",
+                new.join(", ")
+            ));
+        }
+    }
     md.push_str("| t (s) | source RSS (MiB) | destination RSS (MiB) | destination open |\n");
     md.push_str("|---|---|---|---|\n");
     for s in &report.rss {

@@ -105,7 +105,8 @@ fn sorted(mut keys: Vec<&str>) -> Vec<&str> {
 }
 
 /// The soak benchmark (`cargo xtask bench soak`) in smoke mode: its load ran, every count adds
-/// up and nothing failed. No figure of time or memory is asserted.
+/// up, nothing failed, and every descriptor the load opened is closed again. No figure of time
+/// or memory is asserted.
 #[test]
 fn soak_smoke_run_holds_pushes_and_counts() {
     if !privileged() {
@@ -128,6 +129,13 @@ fn soak_smoke_run_holds_pushes_and_counts() {
         "{report:#?}"
     );
     assert!(report.recheck_mean_ms > 0.0);
+    assert!(
+        report.fds_after.0 <= report.fds_before.0 && report.fds_after.1 <= report.fds_before.1,
+        "descriptors {:?} -> {:?}, new: {:?}",
+        report.fds_before,
+        report.fds_after,
+        report.fds_new
+    );
     assert!(!report.rss.is_empty());
     assert!(
         report

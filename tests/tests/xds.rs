@@ -545,8 +545,24 @@ fn control_plane_restart_resyncs_without_disturbing_traffic() {
             .all(|l| l.contains("xDS stream open"))
     })
     .unwrap();
-    // With the control plane down, the last state keeps serving.
+    // With the control plane down, the last state keeps serving, and readiness does not flap:
+    // a node that has synced once stays ready through the outage and its reconnect attempts.
+    let node_netns = mesh.topo.node("node1").netns_path();
+    let ready_during_outage = || {
+        let ready = http_probe::get(&node_netns, http_probe::READINESS, "/healthz/ready")
+            .expect("readiness answers");
+        assert_eq!(
+            ready.status, 200,
+            "ready while the control plane is gone: {}",
+            ready.body
+        );
+    };
+    ready_during_outage();
     all_ok(&mesh.connect(20), 20);
+    for _ in 0..10 {
+        ready_during_outage();
+        thread::sleep(Duration::from_millis(200));
+    }
     // A change made while the client was away...
     mesh.plane.remove(&Mesh::uid("ep-b"));
     let applied = mesh.applied();

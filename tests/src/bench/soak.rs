@@ -81,7 +81,9 @@ impl SoakConfig {
             rate: 20,
             push_every_ms: 1_000,
             sample_every_ms: 2_000,
-            settle_ms: 0,
+            // Long enough for the pool's surplus connection to go (idle 20 s, checked every
+            // 15 s), so the suite checks that descriptors come back.
+            settle_ms: 60_000,
             name: "soak-smoke".into(),
             ..Self::full(out_dir)
         }

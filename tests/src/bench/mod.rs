@@ -23,7 +23,12 @@ mod proc;
 mod report;
 pub mod soak;
 
-use std::{fs, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -391,12 +396,22 @@ pub fn run(config: &Config) -> Result<Report> {
         errors,
         notes,
     };
-    fs::create_dir_all(&config.out_dir)
-        .with_context(|| format!("create {}", config.out_dir.display()))?;
-    let json = config.out_dir.join(format!("{}.json", config.name));
-    fs::write(&json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("write {}", json.display()))?;
-    let md = config.out_dir.join(format!("{}.md", config.name));
-    fs::write(&md, markdown(&report)).with_context(|| format!("write {}", md.display()))?;
+    write_report(&config.out_dir, &config.name, &report, &markdown(&report))?;
     Ok(report)
+}
+
+/// Writes a report as `<out_dir>/<name>.json` and its Markdown as `<name>.md`.
+pub(crate) fn write_report(
+    out_dir: &Path,
+    name: &str,
+    report: &impl Serialize,
+    markdown: &str,
+) -> Result<()> {
+    fs::create_dir_all(out_dir).with_context(|| format!("create {}", out_dir.display()))?;
+    let json = out_dir.join(format!("{name}.json"));
+    fs::write(&json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("write {}", json.display()))?;
+    let md = out_dir.join(format!("{name}.md"));
+    fs::write(&md, markdown).with_context(|| format!("write {}", md.display()))?;
+    Ok(())
 }

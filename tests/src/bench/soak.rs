@@ -402,13 +402,7 @@ pub fn run(config: &SoakConfig) -> Result<SoakReport> {
         fds_new,
         errors,
     };
-    fs::create_dir_all(&config.out_dir)
-        .with_context(|| format!("create {}", config.out_dir.display()))?;
-    let json = config.out_dir.join(format!("{}.json", config.name));
-    fs::write(&json, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("write {}", json.display()))?;
-    let md = config.out_dir.join(format!("{}.md", config.name));
-    fs::write(&md, markdown(&report)).with_context(|| format!("write {}", md.display()))?;
+    super::write_report(&config.out_dir, &config.name, &report, &markdown(&report))?;
     drop((source, destination));
     Ok(report)
 }
@@ -426,43 +420,49 @@ pub fn markdown(report: &SoakReport) -> String {
          connections/s, a policy change every {} ms.\n\n",
         c.conns, c.seconds, c.trickle_ms, c.rate, c.push_every_ms
     );
+    let rows = [
+        (
+            "held connections opened / failed",
+            format!("{} / {}", l.opened, l.open_errors),
+        ),
+        (
+            "trickle echoes ok / failed",
+            format!("{} / {}", l.trickles, l.trickle_errors),
+        ),
+        (
+            "new connections ok / failed",
+            format!("{} / {}", l.new_ok, l.new_errors),
+        ),
+        (
+            "held connections closed cleanly / lost",
+            format!("{} / {}", l.closed_ok, l.lost),
+        ),
+        ("mesh-node error lines", report.errors.len().to_string()),
+        (
+            "policy pushes / re-checks at the destination",
+            format!("{} / {}", report.policy_pushes, report.rechecks),
+        ),
+        (
+            "one re-check of every live connection, mean",
+            format!("{:.2} ms", report.recheck_mean_ms),
+        ),
+        (
+            "descriptors before → after (source, destination), counted after",
+            format!(
+                "{} → {}, {} → {}, {:.1} s",
+                report.fds_before.0,
+                report.fds_after.0,
+                report.fds_before.1,
+                report.fds_after.1,
+                report.settled_ms as f64 / 1000.0
+            ),
+        ),
+    ];
     md.push_str("| | |\n|---|---|\n");
-    md.push_str(&format!(
-        "| held connections opened / failed | {} / {} |\n",
-        l.opened, l.open_errors
-    ));
-    md.push_str(&format!(
-        "| trickle echoes ok / failed | {} / {} |\n",
-        l.trickles, l.trickle_errors
-    ));
-    md.push_str(&format!(
-        "| new connections ok / failed | {} / {} |\n",
-        l.new_ok, l.new_errors
-    ));
-    md.push_str(&format!(
-        "| held connections closed cleanly / lost | {} / {} |\n",
-        l.closed_ok, l.lost
-    ));
-    md.push_str(&format!(
-        "| mesh-node error lines | {} |\n",
-        report.errors.len()
-    ));
-    md.push_str(&format!(
-        "| policy pushes / re-checks at the destination | {} / {} |\n",
-        report.policy_pushes, report.rechecks
-    ));
-    md.push_str(&format!(
-        "| one re-check of every live connection, mean | {:.2} ms |\n",
-        report.recheck_mean_ms
-    ));
-    md.push_str(&format!(
-        "| descriptors before → after (source, destination), counted after | {} → {}, {} → {}, {:.1} s |\n\n",
-        report.fds_before.0,
-        report.fds_after.0,
-        report.fds_before.1,
-        report.fds_after.1,
-        report.settled_ms as f64 / 1000.0
-    ));
+    for (what, value) in rows {
+        md.push_str(&format!("| {what} | {value} |\n"));
+    }
+    md.push('\n');
     for (side, new) in [
         ("source", &report.fds_new.0),
         ("destination", &report.fds_new.1),

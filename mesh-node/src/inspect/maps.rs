@@ -1,7 +1,7 @@
 //! `mesh-node bpf maps` and `conns`: the pinned maps, their entries, the live captured connections.
 use std::{collections::BTreeMap, io::Write, net::SocketAddr, path::Path};
 
-use mesh_common::{FailMode, OrigDst, map_names};
+use mesh_common::{DeliveryKey, FailMode, OrigDst, map_names};
 use serde::Serialize;
 
 use super::{
@@ -259,29 +259,34 @@ pub fn dump(
             })
         }
         map_names::DELIVERING => {
-            #[derive(Serialize)]
-            struct Entry {
-                client: SocketAddr,
-                application: SocketAddr,
-            }
-            let entries: Vec<Entry> = pinned
-                .delivering()?
-                .iter()
-                .map(|key| Entry {
-                    client: SocketAddr::new(inbound_key_ip(&key.remote), key.remote_port),
-                    application: SocketAddr::new(inbound_key_ip(&key.local), key.local_port),
-                })
-                .collect();
-            emit(out, output, &entries, || {
-                let mut table = Table::new(&["CLIENT", "APPLICATION"]);
-                for e in &entries {
-                    table.row(vec![e.client.to_string(), e.application.to_string()]);
-                }
-                table.to_string()
-            })
+            let entries: Vec<DeliveryView> =
+                pinned.delivering()?.iter().map(delivery_view).collect();
+            emit(out, output, &entries, || delivery_table(&entries))
         }
         _ => Err(InspectError::NotDumpable { map }),
     }
+}
+
+/// A connection being delivered with its client's address as source, decoded.
+#[derive(Serialize)]
+pub(super) struct DeliveryView {
+    client: SocketAddr,
+    application: SocketAddr,
+}
+
+pub(super) fn delivery_view(key: &DeliveryKey) -> DeliveryView {
+    DeliveryView {
+        client: SocketAddr::new(inbound_key_ip(&key.remote), key.remote_port),
+        application: SocketAddr::new(inbound_key_ip(&key.local), key.local_port),
+    }
+}
+
+pub(super) fn delivery_table(entries: &[DeliveryView]) -> String {
+    let mut table = Table::new(&["CLIENT", "APPLICATION"]);
+    for e in entries {
+        table.row(vec![e.client.to_string(), e.application.to_string()]);
+    }
+    table.to_string()
 }
 
 pub(super) fn orig_table(entries: &[OrigView]) -> String {

@@ -2,21 +2,19 @@
 //! they hold: a pinned map another build left, or a corrupt entry, is shown, never a panic.
 //! The decoders are the ones `dump`, `conns` and `trace` use; this is their entry for the
 //! `bpf_values` fuzz target.
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::collections::BTreeMap;
 
-use mesh_common::{DataplaneConfig, DeliveryKey, EnrolledPod, OrigDst};
+use mesh_common::{DataplaneConfig, DeliveryKey, EnrolledPod, OrigDst, TraceEvent};
 
 use super::{maps, status, trace};
-use crate::dataplane::{inbound_key_ip, record::PodRecord};
+use crate::dataplane::record::PodRecord;
 
-/// Reads a `T` from the start of `bytes`, if they are long enough.
-///
-/// Only for the plain-old-data map types of `mesh_common` (integers and arrays of them),
-/// where every bit pattern is a value.
-fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+/// Reads a `T` from the start of `bytes`, if they are long enough: the one reader of map values
+/// and ring-buffer records `mesh-node bpf` decodes.
+pub(super) fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
     (bytes.len() >= size_of::<T>())
-        // SAFETY: the slice holds at least one T; T is plain old data (see above); the read is
-        // unaligned-safe.
+        // SAFETY: the slice holds at least one T; `aya::Pod` promises every bit pattern is a
+        // value of T; the read is unaligned-safe.
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
@@ -38,14 +36,14 @@ pub fn render(bytes: &[u8]) -> String {
         shown += &maps::orig_table(&[view]);
     }
     if let Some(key) = read::<DeliveryKey>(bytes) {
-        let client = SocketAddr::new(inbound_key_ip(&key.remote), key.remote_port);
-        let application = SocketAddr::new(inbound_key_ip(&key.local), key.local_port);
-        shown += &format!("{client} {application}\n");
+        let view = maps::delivery_view(&key);
+        shown += &serde_json::to_string(&view).unwrap_or_default();
+        shown += &maps::delivery_table(&[view]);
     }
     if let Some(config) = read::<DataplaneConfig>(bytes) {
         shown += status::original_source(&config);
     }
-    if let Some(event) = trace::parse(bytes) {
+    if let Some(event) = read::<TraceEvent>(bytes) {
         let view = trace::view(&event, "ns/pod".to_owned(), 0);
         shown += &serde_json::to_string(&view).unwrap_or_default();
         shown += &trace::line(&view);
@@ -73,6 +71,7 @@ mod tests {
         };
         let shown = render(bytes);
         assert!(shown.contains("10.0.0.1:8080"), "{shown}");
+        assert!(shown.contains("\"src_port\":40000"), "{shown}");
         assert_eq!(render(&[1, 2, 3]), "");
     }
 }

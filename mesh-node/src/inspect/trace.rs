@@ -13,7 +13,7 @@ use std::{
 use mesh_common::{TraceAction, TraceEvent, TraceHook, TraceReason};
 use serde::Serialize;
 
-use super::{InspectError, Output, pinned::Pinned};
+use super::{InspectError, Output, pinned::Pinned, raw::read};
 use crate::dataplane::kernel_ip as addr;
 use crate::dataplane::record::PodRecord;
 
@@ -55,16 +55,6 @@ fn monotonic_ns() -> u64 {
     // SAFETY: `now` is a valid timespec to write to; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
-/// The event in a ring-buffer record, if the record is one.
-pub(super) fn parse(bytes: &[u8]) -> Option<TraceEvent> {
-    if bytes.len() < size_of::<TraceEvent>() {
-        return None;
-    }
-    // SAFETY: TraceEvent is plain old data (every bit pattern is a value) and the slice holds
-    // at least one; the read is unaligned-safe.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TraceEvent>()) })
 }
 
 struct Pods {
@@ -175,7 +165,9 @@ pub fn run(
     let mut shown = 0u64;
     loop {
         while let Some(item) = ring.next() {
-            let Some(event) = parse(&item) else { continue };
+            let Some(event) = read::<TraceEvent>(&item) else {
+                continue;
+            };
             drop(item);
             if event.time_ns < start_ns {
                 continue;
@@ -246,7 +238,7 @@ mod tests {
 
     #[test]
     fn short_records_are_not_events_and_fields_decode() {
-        assert!(parse(&[0u8; 10]).is_none());
+        assert!(read::<TraceEvent>(&[0u8; 10]).is_none());
         let event = TraceEvent {
             time_ns: 2_500_000_000,
             netns_cookie: 9,
@@ -262,7 +254,7 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<TraceEvent>())
         };
-        let parsed = parse(bytes).expect("a whole event");
+        let parsed = read::<TraceEvent>(bytes).expect("a whole event");
         let view = view(&parsed, "shop/cart".into(), 500_000_000);
         assert_eq!(view.time, 2.0);
         assert_eq!(view.direction, "outbound");

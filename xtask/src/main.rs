@@ -69,6 +69,10 @@ enum Cmd {
     },
     /// Build with optimisations and run a benchmark suite (default: the data path; needs root).
     Bench {
+        /// Also run Istio's ztunnel (this binary) on the cross-node path of the data-path
+        /// benchmark, as another column.
+        #[arg(long, value_name = "ZTUNNEL")]
+        compare_ztunnel: Option<PathBuf>,
         #[command(subcommand)]
         suite: Option<BenchSuite>,
     },
@@ -135,7 +139,15 @@ fn main() -> Result<()> {
             run(build)?;
             eprintln!("xtask: built image {tag} with {builder}");
         }
-        Cmd::Bench { suite } => {
+        Cmd::Bench {
+            compare_ztunnel,
+            suite,
+        } => {
+            if compare_ztunnel.is_some()
+                && !matches!(suite, None | Some(BenchSuite::Datapath { .. }))
+            {
+                bail!("--compare-ztunnel is an option of the data-path benchmark");
+            }
             let toolchain = setup()?;
             cargo(
                 &toolchain,
@@ -148,6 +160,9 @@ fn main() -> Result<()> {
                     bench
                         .env("MESH_NODE_BIN", release.join("mesh-node"))
                         .args(args);
+                    if let Some(path) = compare_ztunnel {
+                        bench.arg("--compare-ztunnel").arg(path);
+                    }
                     run(bench)?;
                 }
                 BenchSuite::Soak { args } => {

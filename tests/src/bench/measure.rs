@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use super::{
     Config, PORT, Route,
     proc::{descriptors_needed, proc_cpu_seconds, proc_rss_kib},
+    ztunnel::Ztunnels,
 };
 use crate::{MeshNode, Topology, podapp};
 
@@ -141,7 +142,7 @@ impl Bench<'_> {
         found
             .samples
             .add(&format!("throughput_{streams}"), route, gbit);
-        if !route.mesh_nodes().is_empty() {
+        if route != Route::Direct {
             let gb = out.get("bytes")? / 1e9;
             found
                 .samples
@@ -234,6 +235,12 @@ impl Bench<'_> {
             node2: start("node2", with(&["--inner-tls-resumption", "false"]))?,
             node3: start("node3", with(&["--network", "net2"]))?,
             gw: gateway,
+            ztunnel: match &self.config.ztunnel {
+                Some(bin) if self.config.routes.contains(&Route::Ztunnel) => {
+                    Some(Ztunnels::start(bin, self.topo)?)
+                }
+                _ => None,
+            },
         })
     }
 
@@ -285,6 +292,11 @@ impl Bench<'_> {
     /// the direct ones.
     pub(super) fn check_routes(&self, meshes: &Meshes) -> Result<()> {
         for &route in &self.config.routes {
+            if route == Route::Ztunnel {
+                let ztunnel = meshes.ztunnel.as_ref().context("ztunnel is not running")?;
+                ztunnel.check_route(&self.target(route))?;
+                continue;
+            }
             let dst = format!("original_dst={}", self.target(route));
             let source = match route {
                 Route::CrossClusterFullTls => &meshes.node2,
@@ -394,10 +406,15 @@ pub(super) struct Meshes {
     node2: MeshNode,
     node3: MeshNode,
     gw: MeshNode,
+    ztunnel: Option<Ztunnels>,
 }
 
 impl Meshes {
     pub(super) fn pids(&self, route: Route) -> Result<Vec<u32>> {
+        if route == Route::Ztunnel {
+            let ztunnel = self.ztunnel.as_ref().context("ztunnel is not running")?;
+            return Ok(ztunnel.pids());
+        }
         route
             .mesh_nodes()
             .iter()

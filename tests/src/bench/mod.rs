@@ -11,7 +11,9 @@
 //!   HBONE to the east-west gateway `gw` (mesh-node in gateway mode), relayed to node3's
 //!   mesh-node, delivered; the inner TLS resumes earlier sessions;
 //! - **cross-cluster, full TLS**: the same from `client2` (node2), whose mesh-node runs with
-//!   `--inner-tls-resumption false`: every inner connection pays a full handshake.
+//!   `--inner-tls-resumption false`: every inner connection pays a full handshake;
+//! - **ztunnel** (only with `--compare-ztunnel PATH`): `zclient` (node1) → `zserver` (node2)
+//!   through Istio's ztunnel in each pod (see [`ztunnel`]): the cross-node path, another proxy.
 //!
 //! The load comes from `loadgen` (this package) running inside the pods, against a `loadgen
 //! serve` in each server pod. Every figure is taken `runs` times, the paths interleaved within
@@ -22,6 +24,7 @@ mod measure;
 mod proc;
 mod report;
 pub mod soak;
+mod ztunnel;
 
 use std::{
     fs,
@@ -30,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 
 pub use proc::proc_rss_kib;
@@ -72,6 +75,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub tests: Vec<Test>,
     pub memory: bool,
+    /// A ztunnel binary to run on the cross-node path beside mesh-node (`--compare-ztunnel`).
+    pub ztunnel: Option<PathBuf>,
     #[serde(skip)]
     pub out_dir: PathBuf,
     /// Output file stem in `out_dir`.
@@ -126,6 +131,7 @@ impl Config {
             routes: Route::ALL.to_vec(),
             tests: Test::ALL.to_vec(),
             memory: true,
+            ztunnel: None,
             out_dir,
             name: "datapath".into(),
         }
@@ -161,6 +167,8 @@ pub enum Route {
     CrossNode,
     CrossCluster,
     CrossClusterFullTls,
+    /// Istio's ztunnel on the cross-node path.
+    Ztunnel,
 }
 
 /// The VIP of the service `far`, whose endpoint is in the other network.
@@ -168,6 +176,7 @@ pub const FAR_VIP: [u8; 4] = [10, 96, 3, 10];
 const FAR_HOST: &str = "far.default.svc.cluster.local";
 
 impl Route {
+    /// mesh-node's paths and the baseline: what a run measures by default.
     pub const ALL: [Route; 5] = [
         Route::Direct,
         Route::SameNode,
@@ -176,13 +185,24 @@ impl Route {
         Route::CrossClusterFullTls,
     ];
 
+    /// Every path, ztunnel's included, in table order.
+    pub const EVERY: [Route; 6] = [
+        Route::Direct,
+        Route::SameNode,
+        Route::CrossNode,
+        Route::Ztunnel,
+        Route::CrossCluster,
+        Route::CrossClusterFullTls,
+    ];
+
     pub fn parse(name: &str) -> Result<Self> {
-        Route::ALL
+        Route::EVERY
             .into_iter()
             .find(|r| r.key() == name)
             .with_context(|| {
                 format!(
-                    "unknown path {name:?} (direct, same-node, cross-node, cross-cluster, cross-cluster-full-tls)"
+                    "unknown path {name:?} (direct, same-node, cross-node, cross-cluster, \
+                     cross-cluster-full-tls, ztunnel)"
                 )
             })
     }
@@ -194,6 +214,7 @@ impl Route {
             Route::CrossNode => "cross-node",
             Route::CrossCluster => "cross-cluster",
             Route::CrossClusterFullTls => "cross-cluster-full-tls",
+            Route::Ztunnel => "ztunnel",
         }
     }
 
@@ -204,6 +225,7 @@ impl Route {
             Route::CrossNode => "cross-node HBONE",
             Route::CrossCluster => "cross-cluster via gateway",
             Route::CrossClusterFullTls => "cross-cluster, no inner resumption",
+            Route::Ztunnel => "ztunnel HBONE (cross-node)",
         }
     }
 
@@ -212,6 +234,7 @@ impl Route {
             Route::Direct => "plain1",
             Route::SameNode | Route::CrossNode | Route::CrossCluster => "client",
             Route::CrossClusterFullTls => "client2",
+            Route::Ztunnel => ztunnel::CLIENT,
         }
     }
 
@@ -221,13 +244,14 @@ impl Route {
             Route::SameNode => "local",
             Route::CrossNode => "server",
             Route::CrossCluster | Route::CrossClusterFullTls => "far",
+            Route::Ztunnel => ztunnel::SERVER,
         }
     }
 
     /// The nodes whose mesh-node carries this path's traffic (the gateway's included).
     fn mesh_nodes(self) -> &'static [&'static str] {
         match self {
-            Route::Direct => &[],
+            Route::Direct | Route::Ztunnel => &[],
             Route::SameNode => &["node1"],
             Route::CrossNode => &["node1", "node2"],
             Route::CrossCluster => &["node1", "gw", "node3"],
@@ -238,7 +262,7 @@ impl Route {
     /// What the source node's access line says of this path's connections.
     fn logged_route(self) -> Option<&'static str> {
         match self {
-            Route::Direct => None,
+            Route::Direct | Route::Ztunnel => None,
             Route::SameNode => Some("route=local"),
             Route::CrossNode => Some("route=hbone"),
             Route::CrossCluster | Route::CrossClusterFullTls => Some("route=gateway"),
@@ -278,23 +302,34 @@ fn state_yaml(topo: &Topology) -> String {
 /// Runs the benchmark, writes `<out_dir>/<name>.json` and `.md`, and returns the report.
 pub fn run(config: &Config) -> Result<Report> {
     let open_files = raise_open_file_limit();
+    let with_ztunnel = config.routes.contains(&Route::Ztunnel);
+    ensure!(
+        !with_ztunnel || config.ztunnel.is_some(),
+        "the ztunnel path needs a ztunnel binary: --compare-ztunnel PATH"
+    );
+    let mut node1 = vec![
+        PodSpec::enrolled("client"),
+        PodSpec::enrolled("local"),
+        PodSpec::plain("plain1"),
+    ];
+    let mut node2 = vec![
+        PodSpec::enrolled("server"),
+        PodSpec::plain("plain2"),
+        PodSpec::enrolled("client2"),
+    ];
+    if with_ztunnel {
+        node1.push(PodSpec::plain(ztunnel::CLIENT));
+        node2.push(PodSpec::plain(ztunnel::SERVER));
+    }
     let topo = Topology::build_routed(
         &[
             NodeSpec {
                 name: "node1",
-                pods: vec![
-                    PodSpec::enrolled("client"),
-                    PodSpec::enrolled("local"),
-                    PodSpec::plain("plain1"),
-                ],
+                pods: node1,
             },
             NodeSpec {
                 name: "node2",
-                pods: vec![
-                    PodSpec::enrolled("server"),
-                    PodSpec::plain("plain2"),
-                    PodSpec::enrolled("client2"),
-                ],
+                pods: node2,
             },
             NodeSpec {
                 name: "node3",
@@ -315,9 +350,18 @@ pub fn run(config: &Config) -> Result<Report> {
         sysctl(&pod.netns, "net.ipv4.tcp_tw_reuse=1")?;
         sysctl(&pod.netns, "net.ipv4.ip_local_port_range=1024 65000")?;
     }
+    if with_ztunnel {
+        ztunnel::redirect_outbound(&topo)?;
+    }
     let loadgen = sibling_binary("loadgen", "LOADGEN_BIN")?;
-    let _servers = ["local", "server", "plain2", "far"]
-        .into_iter()
+    let servers: &[&str] = if with_ztunnel {
+        &["local", "server", "plain2", "far", ztunnel::SERVER]
+    } else {
+        &["local", "server", "plain2", "far"]
+    };
+    let _servers = servers
+        .iter()
+        .copied()
         .map(|name| {
             let pod = topo.pod(name);
             Server::start_program(
@@ -378,7 +422,7 @@ pub fn run(config: &Config) -> Result<Report> {
         metrics: metric_defs(config)
             .into_iter()
             .map(|(key, label, unit, compare)| {
-                let paths = Route::ALL
+                let paths = Route::EVERY
                     .into_iter()
                     .filter_map(|route| {
                         Stat::of(samples.take(&key, route)).map(|stat| (route.key(), stat))

@@ -49,7 +49,7 @@ pub(super) fn descriptors_needed(route: Route, n: usize) -> u64 {
     // cross-cluster call hold two (client or tunnel, and the application).
     let per_connection = match route {
         Route::SameNode | Route::CrossCluster | Route::CrossClusterFullTls => 2,
-        Route::Direct | Route::CrossNode => 1,
+        Route::Direct | Route::CrossNode | Route::Ztunnel => 1,
     };
     (per_connection * n + 200) as u64
 }

@@ -93,8 +93,8 @@ pub(super) fn metric_defs(config: &Config) -> Vec<(String, String, &'static str,
     let mut defs: Vec<(String, String, &'static str, Compare)> = vec![
         ("throughput_1", "throughput, 1 stream", "Gbit/s", Ratio),
         ("throughput_8", "throughput, 8 streams", "Gbit/s", Ratio),
-        ("cpu_per_gb_1", "mesh-node CPU, 1 stream", "s/GB", MeshOnly),
-        ("cpu_per_gb_8", "mesh-node CPU, 8 streams", "s/GB", MeshOnly),
+        ("cpu_per_gb_1", "proxy CPU, 1 stream", "s/GB", MeshOnly),
+        ("cpu_per_gb_8", "proxy CPU, 8 streams", "s/GB", MeshOnly),
     ]
     .into_iter()
     .map(|(k, l, u, c)| (k.to_owned(), l.to_owned(), u, c))
@@ -116,16 +116,11 @@ pub(super) fn metric_defs(config: &Config) -> Vec<(String, String, &'static str,
     ] {
         defs.push((key.into(), label.into(), "µs", Added));
     }
-    defs.push((
-        "rss_idle".into(),
-        "mesh-node RSS, idle".into(),
-        "MiB",
-        MeshOnly,
-    ));
+    defs.push(("rss_idle".into(), "proxy RSS, idle".into(), "MiB", MeshOnly));
     for n in &config.held {
         defs.push((
             format!("rss_{n}"),
-            format!("mesh-node RSS, {n} open connections"),
+            format!("proxy RSS, {n} open connections"),
             "MiB",
             MeshOnly,
         ));
@@ -146,14 +141,14 @@ pub(super) fn metric_defs(config: &Config) -> Vec<(String, String, &'static str,
     }
     defs.push((
         "rss_peak".into(),
-        format!("mesh-node RSS, {} open connections (the peak)", config.peak),
+        format!("proxy RSS, {} open connections (the peak)", config.peak),
         "MiB",
         MeshOnly,
     ));
     defs.push((
         "rss_after_peak".into(),
         format!(
-            "mesh-node RSS, {} s after the peak closed",
+            "proxy RSS, {} s after the peak closed",
             config.after_peak.as_secs_f64()
         ),
         "MiB",
@@ -189,17 +184,30 @@ pub fn markdown(report: &Report) -> String {
             c.mesh_args.join(" ")
         ));
     }
+    if c.routes.contains(&Route::Ztunnel) {
+        out.push_str(&format!(
+            "ztunnel: {} (dedicated mode in the pods zclient and zserver; its CPU and RSS are \
+             those two processes').\n\n",
+            c.ztunnel
+                .as_ref()
+                .map_or_else(|| "?".to_owned(), |p| p.display().to_string())
+        ));
+    }
+    let routes: Vec<Route> = Route::EVERY
+        .into_iter()
+        .filter(|r| c.routes.contains(r))
+        .collect();
     out.push_str("| metric |");
-    for route in Route::ALL {
+    for route in &routes {
         out.push_str(&format!(" {} |", route.heading()));
     }
     out.push_str("\n|---|");
-    out.push_str(&"---:|".repeat(Route::ALL.len()));
+    out.push_str(&"---:|".repeat(routes.len()));
     out.push('\n');
     for metric in &report.metrics {
         out.push_str(&format!("| {} ({}) |", metric.label, metric.unit));
         let direct = metric.paths.get(Route::Direct.key());
-        for route in Route::ALL {
+        for &route in &routes {
             let Some(stat) = metric.paths.get(route.key()) else {
                 out.push_str(" – |");
                 continue;

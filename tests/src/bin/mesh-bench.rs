@@ -1,11 +1,13 @@
 //! `mesh-bench [--smoke] [--runs N] [--out DIR] [--name NAME] [--paths P,…] [--tests T,…]
-//! [--no-memory] [--after-peak SECS] [--mesh "ARGS"] [-- MESH_NODE_ARGS…]`: the data-path benchmark (see `mesh_tests::bench`).
+//! [--no-memory] [--after-peak SECS] [--compare-ztunnel ZTUNNEL] [--mesh "ARGS"] [-- MESH_NODE_ARGS…]`:
+//! the data-path benchmark (see `mesh_tests::bench`); `--compare-ztunnel` adds Istio's ztunnel
+//! (the binary given) on the cross-node path as another column.
 //! Prints the Markdown table on stdout, progress on stderr, and writes `DIR/NAME.json` and
 //! `DIR/NAME.md` (default `target/bench/datapath`). `--paths`, `--tests` and `--no-memory`
 //! narrow a run for quick experiments.
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use mesh_tests::bench::{self, Config, Route, Test};
 
 fn main() -> ExitCode {
@@ -27,7 +29,7 @@ fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut smoke, mut runs, mut out, mut name) = (false, None, default_out, None);
     let (mut routes, mut tests, mut memory, mut mesh_args) = (None, None, true, Vec::new());
-    let mut after_peak = None;
+    let (mut after_peak, mut ztunnel) = (None, None);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
@@ -62,12 +64,22 @@ fn run() -> Result<()> {
                         .with_context(|| format!("--after-peak {secs:?}"))?,
                 ));
             }
+            "--compare-ztunnel" => {
+                let path = PathBuf::from(value()?);
+                ensure!(
+                    path.is_file(),
+                    "--compare-ztunnel {}: no such file (a ztunnel binary, e.g. \
+                     out/rust/release/ztunnel of a ztunnel build)",
+                    path.display()
+                );
+                ztunnel = Some(path.canonicalize()?);
+            }
             "--mesh" => mesh_args.extend(value()?.split_whitespace().map(str::to_owned)),
             "--" => mesh_args.extend(args.by_ref()),
             other => bail!(
                 "unknown argument {other:?}; usage: mesh-bench [--smoke] [--runs N] [--out DIR] \
                  [--name NAME] [--paths P,…] [--tests T,…] [--no-memory] [--after-peak SECS] \
-                 [--mesh \"ARGS\"] \
+                 [--compare-ztunnel ZTUNNEL] [--mesh \"ARGS\"] \
                  [-- MESH_NODE_ARGS…]"
             ),
         }
@@ -84,6 +96,12 @@ fn run() -> Result<()> {
     config.memory = memory;
     config.after_peak = after_peak.unwrap_or(config.after_peak);
     config.mesh_args = mesh_args;
+    if let Some(path) = ztunnel {
+        if !config.routes.contains(&Route::Ztunnel) {
+            config.routes.push(Route::Ztunnel);
+        }
+        config.ztunnel = Some(path);
+    }
     let report = bench::run(&config)?;
     print!("{}", bench::markdown(&report));
     eprintln!(

@@ -16,7 +16,7 @@ use std::{
 use crate::{
     admin::{self, Admin, BindError, Readiness},
     certs::CertManager,
-    config::{GatewayConfig, RunConfig},
+    config::{GatewayConfig, RunConfig, Settings},
     dataplane::{Dataplane, DataplaneError},
     enroll::{
         Enroller,
@@ -169,6 +169,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
     let (predecessor, mut inherited) = take_over(&handover_name);
 
     let runtime = data_runtime(config.worker_threads)?;
+    let settings = data_settings(config.settings, &runtime);
 
     runtime.block_on(async move {
         let Endpoints {
@@ -202,7 +203,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             dataplane.clone(),
             config.node.clone(),
             certs,
-            config.settings,
+            settings,
             metrics,
         ));
         let _ = admin.ctx.set(ctx.clone());
@@ -525,6 +526,7 @@ fn run_gateway(
     let handover_name = handover::Name::new("gateway", &config.bpffs_dir);
     let (predecessor, mut inherited) = take_over(&handover_name);
     let runtime = data_runtime(config.worker_threads)?;
+    let settings = data_settings(config.settings, &runtime);
     runtime.block_on(async move {
         let Endpoints {
             admin,
@@ -542,7 +544,7 @@ fn run_gateway(
             Arc::new(crate::gateway::NoCapture),
             config.node.clone(),
             Some(certs),
-            config.settings,
+            settings,
             metrics,
         ));
         let _ = admin.ctx.set(ctx.clone());
@@ -713,6 +715,18 @@ fn feed_state(
     control.spawn(crate::memory::give_back_after_peaks());
     if let Some((xds, endpoint)) = xds {
         start_control_plane(control, xds, endpoint, ctx.clone(), ready_tx);
+    }
+}
+
+/// The settings with what depends on the data runtime filled in: by default, concurrent
+/// tunnels to one peer spread over as many HBONE connections as the runtime has workers.
+fn data_settings(settings: Settings, runtime: &tokio::runtime::Runtime) -> Settings {
+    Settings {
+        connections_per_peer: match settings.connections_per_peer {
+            0 => runtime.metrics().num_workers(),
+            n => n,
+        },
+        ..settings
     }
 }
 

@@ -138,6 +138,9 @@ pub struct Settings {
     pub inner_tls_resumption: bool,
     /// Applications see connections from their clients' addresses (else from their own).
     pub original_source: bool,
+    /// HBONE connections per peer that concurrent tunnels open before they share one
+    /// (0: one per data-path worker thread).
+    pub connections_per_peer: usize,
 }
 
 impl Default for Settings {
@@ -147,6 +150,7 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             inner_tls_resumption: true,
             original_source: true,
+            connections_per_peer: 0,
         }
     }
 }

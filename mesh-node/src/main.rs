@@ -182,6 +182,10 @@ struct RunArgs {
     /// Data-path worker threads [default: one per CPU].
     #[arg(long, env = "MESH_NODE_WORKERS", default_value_t = 0)]
     workers: usize,
+    /// HBONE connections to one peer that concurrent tunnels open before they share one (each
+    /// connection encrypts on one thread at a time) [default: one per worker thread].
+    #[arg(long, env = "MESH_NODE_CONNECTIONS_PER_PEER", default_value_t = 0)]
+    connections_per_peer: usize,
     /// File-backed CA directory (from `mesh-node ca init`); without it HBONE is off.
     #[arg(long, env = "MESH_NODE_CA_DIR")]
     ca_dir: Option<PathBuf>,
@@ -415,6 +419,7 @@ fn main() -> ExitCode {
                     handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
                     inner_tls_resumption: args.inner_tls_resumption,
                     original_source: args.original_source,
+                    connections_per_peer: args.connections_per_peer,
                 },
                 endpoints: admin::Addresses {
                     admin: args.admin_address,

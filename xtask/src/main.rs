@@ -31,8 +31,9 @@ const BPF_LINKER_VERSION: &str = "0.10.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Seconds per fuzz target in `cargo xtask test` (a smoke run; `cargo xtask fuzz` runs longer).
 const FUZZ_SMOKE_SECONDS: u64 = 5;
-/// Commands the harness and mesh-node rely on, with the Debian package that provides each.
-const DEBIAN_TOOLS: [(&str, &str); 1] = [("ip", "iproute2")];
+/// Commands the harness and mesh-node rely on, with the Debian package that provides each
+/// (`iptables`: only the benchmark's ztunnel comparison, for its client pod's redirect).
+const DEBIAN_TOOLS: [(&str, &str); 2] = [("ip", "iproute2"), ("iptables", "iptables")];
 
 #[derive(Parser)]
 #[command(name = "xtask")]

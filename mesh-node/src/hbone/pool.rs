@@ -1,6 +1,12 @@
 //! HBONE connection pool: connections are shared per (source workload, expected destination
 //! identities, destination address); another connection is opened once each carries
 //! [`STREAMS_PER_CONNECTION`] tunnels; idle connections are dropped after a while.
+//!
+//! One connection is one TLS session and one h2 connection task: it encrypts on one thread at
+//! a time. So that concurrent tunnels between the same two pods can use more than one core,
+//! a key may have up to `spread` connections (the data path's worker count) before tunnels
+//! start sharing: a new tunnel opens another connection while every connection of its key
+//! carries one already, and otherwise goes to the least busy connection with room.
 use std::{
     collections::HashMap,
     future::Future,
@@ -92,15 +98,32 @@ impl Drop for Lease {
     }
 }
 
-#[derive(Default)]
 pub struct Pool {
     entries: Mutex<HashMap<PoolKey, Entry>>,
     next_id: AtomicU64,
+    /// Connections per key that concurrent tunnels open before they share.
+    spread: usize,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Pool {
+    /// A pool whose tunnels share one connection per key (up to its stream limit).
     pub fn new() -> Self {
-        Self::default()
+        Self::spread_over(1)
+    }
+
+    /// A pool that opens up to `spread` connections per key for concurrent tunnels.
+    pub fn spread_over(spread: usize) -> Self {
+        Self {
+            entries: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            spread: spread.max(1),
+        }
     }
 
     /// A tunnel slot on a connection for `key`, making the connection with `connect` when none
@@ -115,14 +138,14 @@ impl Pool {
         let connecting = {
             let mut entries = self.lock();
             let entry = entries.entry(key.clone()).or_default();
-            if let Some(lease) = pick(entry) {
+            if let Some(lease) = pick(entry, self.spread) {
                 return Ok(lease);
             }
             entry.connecting.clone()
         };
         let _connecting = connecting.lock().await;
         if let Some(entry) = self.lock().get_mut(key) {
-            if let Some(lease) = pick(entry) {
+            if let Some(lease) = pick(entry, self.spread) {
                 return Ok(lease);
             }
             if let Some((at, reason)) = &entry.last_failure
@@ -206,12 +229,21 @@ impl Pool {
     }
 }
 
-/// Reserves a slot on the first open connection with room.
-fn pick(entry: &mut Entry) -> Option<Lease> {
+/// Reserves a slot on the least busy open connection with room; none (so that another is
+/// opened) while the key has fewer than `spread` connections and each carries a tunnel.
+fn pick(entry: &mut Entry, spread: usize) -> Option<Lease> {
     entry
         .connections
         .retain(|pooled| !pooled.connection.is_closed());
-    entry.connections.iter().find_map(|pooled| {
+    let active = |pooled: &Arc<Pooled>| pooled.active.load(Ordering::Acquire);
+    if entry.connections.len() < spread && entry.connections.iter().all(|p| active(p) > 0) {
+        return None;
+    }
+    // Slots are taken under the pool's lock but given back without it: the count read may be
+    // stale by then, so the reservation re-checks it.
+    let mut candidates: Vec<&Arc<Pooled>> = entry.connections.iter().collect();
+    candidates.sort_by_key(|pooled| active(pooled));
+    candidates.into_iter().find_map(|pooled| {
         pooled
             .active
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |active| {
@@ -365,5 +397,48 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(pool.evict(Duration::from_millis(10), Duration::ZERO), 1);
         assert_eq!(pool.connections(), 0);
+    }
+
+    /// Concurrent tunnels of one key open up to `spread` connections, then share the least
+    /// busy; one tunnel after another reuses the idle connection.
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_tunnels_spread_over_connections_then_share() {
+        let connect = loopback().await;
+        let pool = Pool::spread_over(2);
+        let first = pool.checkout(&key(), &connect).await.unwrap();
+        let second = pool.checkout(&key(), &connect).await.unwrap();
+        assert!(
+            first.fresh && second.fresh,
+            "two busy tunnels, two connections"
+        );
+        assert_ne!(first.connection_id(), second.connection_id());
+        let third = pool.checkout(&key(), &connect).await.unwrap();
+        assert!(!third.fresh, "the spread reached: tunnels share");
+        assert_eq!(pool.connections(), 2);
+        // Least busy first: the connection of `second` carries one tunnel, `first`'s two.
+        let on_first = third.connection_id() == first.connection_id();
+        let busier = if on_first {
+            first.connection_id()
+        } else {
+            second.connection_id()
+        };
+        let fourth = pool.checkout(&key(), &connect).await.unwrap();
+        assert_ne!(
+            fourth.connection_id(),
+            busier,
+            "went to the least busy connection"
+        );
+        drop((first, second, third, fourth));
+
+        let sequential = Pool::spread_over(2);
+        for round in 0..3 {
+            let lease = sequential.checkout(&key(), &connect).await.unwrap();
+            assert_eq!(
+                lease.fresh,
+                round == 0,
+                "one tunnel at a time reuses the idle one"
+            );
+        }
+        assert_eq!(sequential.connections(), 1);
     }
 }

@@ -131,7 +131,7 @@ impl ProxyContext {
             node,
             local_pods: LocalPods::default(),
             certs,
-            pool: Pool::new(),
+            pool: Pool::spread_over(settings.connections_per_peer),
             settings,
             live: Arc::new(Live::default()),
             refusals: Throttle::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_KEYS),

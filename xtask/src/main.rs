@@ -108,6 +108,8 @@ enum BenchSuite {
 
 fn main() -> Result<()> {
     let root = workspace_root();
+    // Paths given on the command line are the caller's, not the workspace's.
+    let invoked_from = env::current_dir()?;
     env::set_current_dir(&root)?;
     match Cli::parse().command {
         Cmd::Setup => {
@@ -150,31 +152,34 @@ fn main() -> Result<()> {
                 bail!("--compare-ztunnel is an option of the data-path benchmark");
             }
             let toolchain = setup()?;
+            // mesh-node as released; the benchmark's programs in the quicker `tools` profile.
+            cargo(&toolchain, &["build", "--release", "-p", "mesh-node"])?;
             cargo(
                 &toolchain,
-                &["build", "--release", "-p", "mesh-node", "-p", "mesh-tests"],
+                &["build", "--profile", "tools", "-p", "mesh-tests"],
             )?;
             let release = root.join("target/release");
+            let tools = root.join("target/tools");
             match suite.unwrap_or(BenchSuite::Datapath { args: Vec::new() }) {
                 BenchSuite::Datapath { args } => {
-                    let mut bench = Command::new(release.join("mesh-bench"));
+                    let mut bench = Command::new(tools.join("mesh-bench"));
                     bench
                         .env("MESH_NODE_BIN", release.join("mesh-node"))
                         .args(args);
                     if let Some(path) = compare_ztunnel {
-                        bench.arg("--compare-ztunnel").arg(path);
+                        bench.arg("--compare-ztunnel").arg(invoked_from.join(path));
                     }
                     run(bench)?;
                 }
                 BenchSuite::Soak { args } => {
-                    let mut bench = Command::new(release.join("mesh-soak"));
+                    let mut bench = Command::new(tools.join("mesh-soak"));
                     bench
                         .env("MESH_NODE_BIN", release.join("mesh-node"))
                         .args(args);
                     run(bench)?;
                 }
                 BenchSuite::Xds { sizes } => {
-                    let mut bench = Command::new(release.join("xds-scale"));
+                    let mut bench = Command::new(tools.join("xds-scale"));
                     bench.arg(sizes);
                     run(bench)?;
                 }

@@ -14,7 +14,10 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::{
     Config, PORT, Route,
-    proc::{descriptors_needed, proc_cpu_seconds, proc_rss_kib},
+    proc::{
+        descriptors_needed, proc_context_switches, proc_cpu_seconds, proc_rss_anon_kib,
+        proc_rss_kib,
+    },
     ztunnel::Ztunnels,
 };
 use crate::{MeshNode, Topology, podapp};
@@ -56,6 +59,9 @@ impl Bench<'_> {
         let meshes = self.start_meshes()?;
         thread::sleep(self.config.settle());
         found.samples.add("rss_idle", route, meshes.rss_mib(route)?);
+        found
+            .samples
+            .add("rss_idle_anon", route, meshes.rss_anon_mib(route)?);
         if route == Route::CrossCluster {
             found
                 .samples
@@ -105,7 +111,7 @@ impl Bench<'_> {
         let at_peak = meshes.rss_mib(route)?;
         found.samples.add("rss_peak", route, at_peak);
         eprintln!(
-            "bench: {} peak of {n} open connections: {at_peak:.1} MiB (mesh-node pids {:?}); closing them",
+            "bench: {} peak of {n} open connections: {at_peak:.1} MiB (proxy pids {:?}); closing them",
             route.key(),
             meshes.pids(route)?
         );
@@ -151,7 +157,14 @@ impl Bench<'_> {
         Ok(())
     }
 
-    pub(super) fn latency(&self, tag: &str, route: Route, found: &mut Found) -> Result<()> {
+    pub(super) fn latency(
+        &self,
+        tag: &str,
+        route: Route,
+        meshes: &Meshes,
+        found: &mut Found,
+    ) -> Result<()> {
+        let switches_before = meshes.context_switches(route)?;
         let out = self.client(
             route,
             &[
@@ -172,6 +185,15 @@ impl Bench<'_> {
             found
                 .samples
                 .add(&format!("latency_{p}"), route, out.get(&format!("{p}_us"))?);
+        }
+        if route != Route::Direct {
+            // Every request of the run, warm-up included, at the fixed rate.
+            let requests = f64::from(self.config.latency_rate)
+                * (self.config.warmup + self.config.duration).as_secs_f64();
+            let switches = meshes.context_switches(route)? - switches_before;
+            found
+                .samples
+                .add("switches_per_request", route, switches as f64 / requests);
         }
         eprintln!(
             "bench: {tag} latency p50 {:.0} µs, p99 {:.0} µs",
@@ -448,6 +470,24 @@ impl Meshes {
             kib += proc_rss_kib(pid)?;
         }
         Ok(kib as f64 / 1024.0)
+    }
+
+    /// The anonymous part of the path's mesh-nodes' resident memory, together.
+    pub(super) fn rss_anon_mib(&self, route: Route) -> Result<f64> {
+        let mut kib = 0;
+        for pid in self.pids(route)? {
+            kib += proc_rss_anon_kib(pid)?;
+        }
+        Ok(kib as f64 / 1024.0)
+    }
+
+    /// Context switches of every thread of the path's mesh-nodes so far, together.
+    pub(super) fn context_switches(&self, route: Route) -> Result<u64> {
+        let mut total = 0;
+        for pid in self.pids(route)? {
+            total += proc_context_switches(pid)?;
+        }
+        Ok(total)
     }
 
     /// User + system CPU time of the path's mesh-nodes together.

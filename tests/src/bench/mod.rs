@@ -402,7 +402,7 @@ pub fn run(config: &Config) -> Result<Report> {
                             bench.throughput(&tag, route, streams, &meshes, &mut found)?;
                         }
                     }
-                    Test::Latency => bench.latency(&tag, route, &mut found)?,
+                    Test::Latency => bench.latency(&tag, route, &meshes, &mut found)?,
                     Test::ConnRate => bench.connrate(&tag, route, &mut found)?,
                 }
             }

@@ -12,7 +12,32 @@ pub fn proc_rss_kib(pid: u32) -> Result<u64> {
     kib_field(&status, "VmRSS:").with_context(|| format!("no VmRSS in {path}"))
 }
 
-/// A `Name:   1234 kB` line of a /proc file.
+/// The anonymous part of it (`RssAnon`: heap, stacks, buffers), the rest being pages of the
+/// executable and libraries that the process touched.
+pub fn proc_rss_anon_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    kib_field(&status, "RssAnon:").with_context(|| format!("no RssAnon in {path}"))
+}
+
+/// Context switches of every thread of process `pid` so far (voluntary: it slept and was
+/// woken; involuntary: preempted), from `/proc/<pid>/task/*/status`.
+pub(super) fn proc_context_switches(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in fs::read_dir(&dir).with_context(|| format!("read {dir}"))? {
+        // A thread that ended in between has no status any more.
+        let Ok(status) = fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        for field in ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"] {
+            total += kib_field(&status, field).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
+/// A `Name:   1234 kB` (or `Name: 1234`) line of a /proc file.
 pub(super) fn kib_field(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name))

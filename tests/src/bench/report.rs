@@ -107,6 +107,12 @@ pub(super) fn metric_defs(config: &Config) -> Vec<(String, String, &'static str,
             Added,
         ));
     }
+    defs.push((
+        "switches_per_request".into(),
+        "proxy context switches per 1 KiB echo".into(),
+        "",
+        MeshOnly,
+    ));
     defs.push(("conn_rate".into(), "new connections".into(), "/s", Ratio));
     for (key, label) in [
         ("connect_p50", "connect() p50"),
@@ -117,6 +123,12 @@ pub(super) fn metric_defs(config: &Config) -> Vec<(String, String, &'static str,
         defs.push((key.into(), label.into(), "µs", Added));
     }
     defs.push(("rss_idle".into(), "proxy RSS, idle".into(), "MiB", MeshOnly));
+    defs.push((
+        "rss_idle_anon".into(),
+        "… of it anonymous (heap, stacks; the rest is the binary's pages)".into(),
+        "MiB",
+        MeshOnly,
+    ));
     for n in &config.held {
         defs.push((
             format!("rss_{n}"),
@@ -204,8 +216,11 @@ pub fn markdown(report: &Report) -> String {
     out.push_str("\n|---|");
     out.push_str(&"---:|".repeat(routes.len()));
     out.push('\n');
-    for metric in &report.metrics {
-        out.push_str(&format!("| {} ({}) |", metric.label, metric.unit));
+    for metric in report.metrics.iter().filter(|m| !m.paths.is_empty()) {
+        match metric.unit {
+            "" => out.push_str(&format!("| {} |", metric.label)),
+            unit => out.push_str(&format!("| {} ({unit}) |", metric.label)),
+        }
         let direct = metric.paths.get(Route::Direct.key());
         for &route in &routes {
             let Some(stat) = metric.paths.get(route.key()) else {

@@ -283,6 +283,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             }
         }
         tracing::info!(enrolled, failed = total - enrolled, "mesh-node is ready");
+        crate::memory::trim_after_startup();
         // Certificates for the enrolled pods may still be on their way; /healthz/ready waits.
         let missing = readiness.missing();
         if !missing.is_empty() {
@@ -618,6 +619,7 @@ fn run_gateway(
             succeed(predecessor).await;
         }
         tracing::info!("mesh-node is ready");
+        crate::memory::trim_after_startup();
         let handed = kept.clone();
         serve_successor(
             handover_name,

@@ -40,6 +40,20 @@ pub async fn give_back_after_peaks() {
     }
 }
 
+/// Gives back what starting left freed. Loading and verifying the eBPF objects, enrolling the
+/// pods and taking the first state allocate far more than an idle node keeps: measured on an
+/// idle mesh-node, 3.0 MB of its 3.7 MB heap were free chunks, below [`WORTH_TRIMMING`], so the
+/// periodic check never gave them back; one trim took its anonymous memory from 3.7 to 1.8 MiB.
+pub fn trim_after_startup() {
+    let free = allocator_free_bytes();
+    let released = trim();
+    tracing::debug!(
+        free_kib = free >> 10,
+        released,
+        "start-up leftovers given back to the kernel"
+    );
+}
+
 /// Bytes the allocator holds free (in all arenas).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn allocator_free_bytes() -> usize {

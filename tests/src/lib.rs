@@ -21,6 +21,7 @@ pub mod privilege;
 pub mod sniff;
 pub mod topology;
 pub mod waypoint;
+pub mod ztunnel;
 
 pub use meshnode::MeshNode;
 pub use podapp::{ConnResult, PodRun, Server};

@@ -10,12 +10,7 @@
 //! Not part of CI: it needs a ztunnel build, which the project never depends on. Build one as
 //! DEVELOPERS.md (README, "Interoperability") says, then run
 //! `ZTUNNEL_SRC=/path/to/ztunnel cargo test -p mesh-tests --test ztunnel_interop -- --ignored`.
-use std::{
-    fs,
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-};
+use std::{fs, net::SocketAddr, path::PathBuf};
 
 use mesh_tests::{
     control_plane::eventually,
@@ -36,10 +31,7 @@ fn ztunnel_src() -> PathBuf {
 }
 
 /// ztunnel in dedicated mode for `zpod`, in its network namespace, on network net2.
-struct Ztunnel {
-    child: Child,
-    log: PathBuf,
-}
+struct Ztunnel(mesh_tests::ztunnel::Ztunnel);
 
 impl Ztunnel {
     fn start(mc: &MultiCluster, config: &str, name: &str) -> Self {
@@ -47,38 +39,29 @@ impl Ztunnel {
         let config_path = dir.join(format!("ztunnel-{name}.yaml"));
         fs::write(&config_path, config).expect("write ztunnel config");
         let log = dir.join(format!("ztunnel-{name}.log"));
-        let out = fs::File::create(&log).expect("ztunnel log");
         let bin = ztunnel_src().join("out/rust/release/ztunnel");
         let pod = mc.topo.pod("zpod");
-        let netns = fs::File::open(pod.netns_path()).expect("zpod netns");
-        let mut cmd = Command::new(&bin);
-        cmd.envs([
-            ("FAKE_CA", "true"),
-            ("XDS_ADDRESS", ""),
-            ("LOCAL_XDS_PATH", config_path.to_str().unwrap()),
-            ("PROXY_MODE", "dedicated"),
-            ("PROXY_WORKLOAD_INFO", "default/zpod/zpod"),
-            ("NETWORK", "net2"),
-            ("CLUSTER_ID", "cluster2"),
-            ("UNSTABLE_ENABLE_SOCKS5", "true"),
-            // No IP_TRANSPARENT: the replies to another cluster's client address could not
-            // route back here (ztunnel relies on the CNI's routing for that).
-            ("ENABLE_ORIG_SRC", "false"),
-            ("RUST_LOG", "info"),
-        ])
-        .current_dir(ztunnel_src())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out);
-        mesh_tests::meshnode::enter_netns_at_exec(&mut cmd, &netns);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        let z = Self { child, log };
+        let z = mesh_tests::ztunnel::Ztunnel::spawn(
+            &bin,
+            &pod.netns_path(),
+            &config_path,
+            &[
+                ("PROXY_WORKLOAD_INFO", "default/zpod/zpod"),
+                ("NETWORK", "net2"),
+                ("CLUSTER_ID", "cluster2"),
+                ("UNSTABLE_ENABLE_SOCKS5", "true"),
+                // No IP_TRANSPARENT: the replies to another cluster's client address could not
+                // route back here (ztunnel relies on the CNI's routing for that).
+                ("ENABLE_ORIG_SRC", "false"),
+            ],
+            log,
+            &ztunnel_src(),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         // Ready, and its listeners (SOCKS5, 15008) accept.
         let netns = pod.netns_path();
         let ready = || {
-            z.log_text().contains("marking server ready")
+            z.says_ready()
                 && hbone_client::run_in(&netns, || async {
                     TcpStream::connect("127.0.0.1:15080").await.is_ok()
                         && TcpStream::connect(SocketAddr::from((pod.ip, 15008)))
@@ -89,18 +72,11 @@ impl Ztunnel {
         };
         eventually("ztunnel to be ready", ready)
             .unwrap_or_else(|e| panic!("{e}\n{}", z.log_text()));
-        z
+        Self(z)
     }
 
     fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Ztunnel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.log_text()
     }
 }
 

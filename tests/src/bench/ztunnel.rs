@@ -12,8 +12,8 @@
 use std::{
     fs,
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail, ensure};
 use tokio::net::TcpStream;
 
 use super::PORT;
-use crate::{Topology, hbone_client, meshnode::enter_netns_at_exec};
+use crate::{Topology, hbone_client};
 
 /// The client and server pods of the ztunnel path.
 pub(super) const CLIENT: &str = "zclient";
@@ -65,13 +65,13 @@ impl Ztunnels {
     }
 
     pub(super) fn pids(&self) -> Vec<u32> {
-        vec![self.client.child.id(), self.server.child.id()]
+        vec![self.client.0.pid(), self.server.0.pid()]
     }
 
     /// The figures count only if the load went through ztunnel: its client logged completed
     /// outbound connections to the server pod.
     pub(super) fn check_route(&self, target: &str) -> Result<()> {
-        let log = self.client.log_text();
+        let log = self.client.0.log_text();
         let carried = log
             .lines()
             .filter(|l| l.contains("connection complete") && l.contains(target))
@@ -79,16 +79,14 @@ impl Ztunnels {
         ensure!(
             carried > 0,
             "ztunnel in {CLIENT} logged no completed connection to {target}; its log:\n{}",
-            tail(&log)
+            self.client.0.log_tail()
         );
         Ok(())
     }
 }
 
-pub(super) struct Ztunnel {
-    child: Child,
-    log: PathBuf,
-}
+/// One pod's ztunnel, started and ready.
+pub(super) struct Ztunnel(crate::ztunnel::Ztunnel);
 
 impl Ztunnel {
     fn start(
@@ -102,40 +100,26 @@ impl Ztunnel {
         let log = topo
             .workdir
             .join(format!("ztunnel-{pod_name}-{generation}.log"));
-        let out = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let netns = fs::File::open(pod.netns_path())
-            .with_context(|| format!("open {}", pod.netns_path().display()))?;
-        let mut cmd = Command::new(bin);
-        cmd.env_clear()
-            .envs([
-                ("FAKE_CA", "true"),
-                ("XDS_ADDRESS", ""),
-                ("LOCAL_XDS_PATH", config.to_str().context("config path")?),
-                ("PROXY_MODE", "dedicated"),
-                (
-                    "PROXY_WORKLOAD_INFO",
-                    &format!("default/{pod_name}/{pod_name}"),
-                ),
+        let workload = format!("default/{pod_name}/{pod_name}");
+        let mut z = crate::ztunnel::Ztunnel::spawn(
+            bin,
+            &pod.netns_path(),
+            config,
+            &[
+                ("PROXY_WORKLOAD_INFO", &workload),
                 // Without IP_TRANSPARENT, as mesh-node's benchmark runs it (no original source).
                 ("ENABLE_ORIG_SRC", "false"),
-                ("RUST_LOG", "info"),
-            ])
-            .current_dir(&topo.workdir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        enter_netns_at_exec(&mut cmd, &netns);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {}", bin.display()))?;
-        let mut z = Self { child, log };
+            ],
+            log,
+            &topo.workdir,
+        )?;
         let listeners = [
             SocketAddr::from((pod.ip, 15008)),
             SocketAddr::from(([127, 0, 0, 1], 15001)),
         ];
         let netns_path = pod.netns_path();
-        let ready = |z: &Self| {
-            z.log_text().contains("marking server ready")
+        let ready = |z: &crate::ztunnel::Ztunnel| {
+            z.says_ready()
                 && hbone_client::run_in(&netns_path, || async {
                     for addr in listeners {
                         if TcpStream::connect(addr).await.is_err() {
@@ -148,32 +132,21 @@ impl Ztunnel {
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !ready(&z) {
-            if let Some(status) = z.child.try_wait()? {
+            if let Some(status) = z.exited()? {
                 bail!(
                     "ztunnel in {pod_name} exited ({status}); its log:\n{}",
-                    tail(&z.log_text())
+                    z.log_tail()
                 );
             }
             if std::time::Instant::now() > deadline {
                 bail!(
                     "ztunnel in {pod_name} not ready after 20 s; its log:\n{}",
-                    tail(&z.log_text())
+                    z.log_tail()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(z)
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Ztunnel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Ok(Self(z))
     }
 }
 
@@ -202,9 +175,4 @@ pub(super) fn redirect_outbound(topo: &Topology) -> Result<()> {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }

@@ -46,6 +46,21 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// The peer never processed the stream: it arrived after the peer's GOAWAY (a draining
+    /// or upgrading node) or was refused with REFUSED_STREAM. Nothing reached the
+    /// destination, so the CONNECT may be sent again on another connection (RFC 9113 §8.7).
+    pub fn unprocessed(&self) -> bool {
+        match self {
+            Self::Stream { source, .. } => {
+                source.is_go_away()
+                    || (source.is_reset() && source.reason() == Some(h2::Reason::REFUSED_STREAM))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Headers sent with every CONNECT besides `:authority`.
 #[derive(Clone, Debug, Default)]
 pub struct ConnectHeaders {
@@ -164,7 +179,8 @@ impl Connection {
         self.peer
     }
 
-    /// The connection has ended (peer went away, keep-alive failed, GOAWAY).
+    /// The connection has ended (peer went away, keep-alive failed) or takes no new streams
+    /// (GOAWAY).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -189,18 +205,17 @@ impl Connection {
     ) -> Result<(H2Stream, Baggage), ClientError> {
         let peer = self.peer;
         let request = connect_request(authority, headers)?;
-        let mut send = self
-            .send
-            .clone()
-            .ready()
-            .await
-            .map_err(|source| ClientError::Stream { peer, source })?;
-        let (response, stream) = send
-            .send_request(request, false)
-            .map_err(|source| ClientError::Stream { peer, source })?;
-        let response = response
-            .await
-            .map_err(|source| ClientError::Stream { peer, source })?;
+        // After a GOAWAY the connection takes no new streams: the pool stops offering it (its
+        // open tunnels go on to their end).
+        let failed = |source: h2::Error| {
+            if source.is_go_away() {
+                self.closed.store(true, Ordering::Release);
+            }
+            ClientError::Stream { peer, source }
+        };
+        let mut send = self.send.clone().ready().await.map_err(failed)?;
+        let (response, stream) = send.send_request(request, false).map_err(failed)?;
+        let response = response.await.map_err(failed)?;
         if response.status() != StatusCode::OK {
             return Err(ClientError::Status {
                 peer,

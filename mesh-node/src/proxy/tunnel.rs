@@ -90,35 +90,47 @@ pub(super) async fn pooled_stream(
         expected.to_vec(),
         addr,
     );
-    let lease = ctx
-        .pool
-        .checkout(&key, || async {
-            let tcp = connect_from_pod(&pod.netns, addr, ctx.settings.connect_timeout)
-                .await
-                .map_err(|error| format!("connect {addr}: {error}"))?;
-            let config = tls
-                .client_config(source, expected.to_vec())
-                .map_err(|error| format!("client TLS configuration: {error}"))?;
-            Connection::establish(tcp, addr, config)
-                .await
-                .map_err(|error| error.to_string())
-        })
-        .await
-        .map_err(Failure::Tunnel)?;
-    if lease.fresh {
-        tracing::info!(
-            peer = %addr,
-            peer_identity = %identity,
-            connection_id = lease.connection_id(),
-            "HBONE connection established"
-        );
+    // A stream the peer never processed (it was draining: GOAWAY) goes again, once, on
+    // another connection; the pool no longer offers the one that refused it.
+    let mut retried = false;
+    loop {
+        let lease = ctx
+            .pool
+            .checkout(&key, || async {
+                let tcp = connect_from_pod(&pod.netns, addr, ctx.settings.connect_timeout)
+                    .await
+                    .map_err(|error| format!("connect {addr}: {error}"))?;
+                let config = tls
+                    .client_config(source, expected.to_vec())
+                    .map_err(|error| format!("client TLS configuration: {error}"))?;
+                Connection::establish(tcp, addr, config)
+                    .await
+                    .map_err(|error| error.to_string())
+            })
+            .await
+            .map_err(Failure::Tunnel)?;
+        if lease.fresh {
+            tracing::info!(
+                peer = %addr,
+                peer_identity = %identity,
+                connection_id = lease.connection_id(),
+                "HBONE connection established"
+            );
+        }
+        match lease.connection().connect(authority, headers).await {
+            Ok(stream) => return Ok(stream.with_lease(lease)),
+            Err(error) if error.unprocessed() && !retried => {
+                tracing::info!(
+                    peer = %addr,
+                    connection_id = lease.connection_id(),
+                    %error,
+                    "HBONE stream not processed by the peer: sending it on another connection"
+                );
+                retried = true;
+            }
+            Err(error) => return Err(Failure::Tunnel(error.to_string())),
+        }
     }
-    let stream = lease
-        .connection()
-        .connect(authority, headers)
-        .await
-        .map_err(|error| Failure::Tunnel(error.to_string()))?;
-    Ok(stream.with_lease(lease))
 }
 
 /// The headers of every CONNECT from `pod`'s application at `app_addr`: `forwarded`, a fresh

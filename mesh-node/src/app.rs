@@ -766,7 +766,12 @@ fn start_control_plane(
     tracing::info!(address = %config.address, "taking the mesh state from the control plane");
     let metrics = ctx.metrics.clone();
     let apply = move |update: crate::xds::session::Update| {
-        ctx.update_state(|state| update.apply(state));
+        let steps = update.into_steps(crate::xds::session::STEP);
+        ctx.update_state_in_steps(
+            steps
+                .into_iter()
+                .map(|step| move |state: &mut crate::state::State| step.apply(state)),
+        );
     };
     control.spawn(xds_client::run(config, endpoint, apply, ready, metrics));
 }

@@ -27,8 +27,10 @@ pub(super) fn of(admin: &Admin) -> Value {
         .services()
         .map(|s| {
             let mut value = json!(**s);
-            let mut endpoints: Vec<String> =
-                state.endpoints(s.key()).map(|w| w.uid.clone()).collect();
+            let mut endpoints: Vec<String> = state
+                .endpoints(s.key())
+                .map(|w| w.uid.to_string())
+                .collect();
             endpoints.sort();
             value["endpoints"] = json!(endpoints);
             value

@@ -287,7 +287,7 @@ pub struct Target<'a> {
     /// "namespace/name" of the policies the workload's `authorization_policies` names: those
     /// that select it, and istiod's implicit ones (such as the waypoint's ALLOW). They apply
     /// whatever their scope, as in ztunnel.
-    pub selected_by: &'a [String],
+    pub selected_by: &'a [std::sync::Arc<str>],
 }
 
 impl Target<'_> {

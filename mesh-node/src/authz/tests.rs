@@ -119,7 +119,7 @@ struct Case {
     policies: Vec<Policy>,
     client: Client,
     dst: &'static str,
-    selected_by: Vec<String>,
+    selected_by: Vec<std::sync::Arc<str>>,
     want: Verdict,
     want_dry_run: Option<Verdict>,
 }
@@ -579,7 +579,7 @@ fn cases() -> Vec<Case> {
             AllowedNoPolicy,
         ),
         Case {
-            selected_by: vec![format!("{TARGET_NS}/sel")],
+            selected_by: vec![format!("{TARGET_NS}/sel").into()],
             ..case(
                 "WORKLOAD_SELECTOR selecting the workload applies",
                 vec![scoped(
@@ -778,7 +778,7 @@ fn cases() -> Vec<Case> {
             AllowedNoPolicy,
         ),
         Case {
-            selected_by: vec![format!("{TARGET_NS}/allow-waypoint")],
+            selected_by: vec![format!("{TARGET_NS}/allow-waypoint").into()],
             ..case(
                 "istiod's implicit waypoint ALLOW lets the waypoint in",
                 vec![scoped(

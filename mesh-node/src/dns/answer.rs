@@ -63,7 +63,7 @@ fn addresses(service: &Service, asker: Asker<'_>) -> Vec<IpAddr> {
     service
         .vips
         .iter()
-        .filter(|vip| vip.is_host() && vip.network == asker.network)
+        .filter(|vip| vip.is_host() && *vip.network == *asker.network)
         .map(|vip| vip.cidr.addr())
         .collect()
 }

@@ -40,7 +40,7 @@ impl Inbound {
     pub fn decide(&self, state: &State, node: &NodeInfo) -> Decision {
         let workload = state.workload_by_ip(&node.network, self.destination.ip());
         let (namespace, selected_by) = match &workload {
-            Some(w) => (w.namespace.as_str(), w.authorization_policies.as_slice()),
+            Some(w) => (&*w.namespace, &*w.authorization_policies),
             None => (self.pod.spec.namespace.as_str(), &[][..]),
         };
         authz::evaluate(

@@ -261,11 +261,10 @@ pub(super) fn service_target_port(
     let workload = workload.ok_or_else(not_served)?;
     let service = state
         .services_by_hostname(hostname)
-        .find(|service| workload.services.contains_key(service.key()))
+        .find(|service| workload.service_ports(service.key()).is_some())
         .ok_or_else(not_served)?;
     let mapped = workload
-        .services
-        .get(service.key())
+        .service_ports(service.key())
         .and_then(|ports| ports.iter().find(|p| p.service_port == port))
         .map(|p| p.target_port)
         .filter(|p| *p != 0);

@@ -14,7 +14,7 @@ mod upstream;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, PoisonError, RwLock},
+    sync::Arc,
     time::Duration,
 };
 
@@ -32,18 +32,18 @@ use crate::{
 /// the answer to tunnels into it).
 pub fn workload_baggage(w: &crate::state::Workload) -> crate::hbone::Baggage {
     crate::hbone::Baggage {
-        cluster: w.cluster_id.clone(),
-        namespace: w.namespace.clone(),
+        cluster: w.cluster_id.to_string(),
+        namespace: w.namespace.to_string(),
         workload_name: if w.workload_name.is_empty() {
-            w.name.clone()
+            w.name.to_string()
         } else {
-            w.workload_name.clone()
+            w.workload_name.to_string()
         },
         workload_kind: w.workload_type.to_owned(),
-        service: w.canonical_name.clone(),
-        version: w.canonical_revision.clone(),
-        region: w.locality.region.clone(),
-        zone: w.locality.zone.clone(),
+        service: w.canonical_name.to_string(),
+        version: w.canonical_revision.to_string(),
+        region: w.locality.region.to_string(),
+        zone: w.locality.zone.to_string(),
     }
 }
 
@@ -95,7 +95,9 @@ pub struct ProxyContext {
     /// The mesh as the control plane (or the local file) last described it: read with
     /// [`Self::state`], changed only through [`Self::update_state`], which rechecks open
     /// connections against the change.
-    state: RwLock<State>,
+    /// parking_lot's: a large push hands the lock to waiting readers between its steps
+    /// ([`Self::update_state_in_steps`]); std's lets the writer take it straight back.
+    state: parking_lot::RwLock<State>,
     pub node: NodeInfo,
     pub local_pods: LocalPods,
     /// `None`: no certificate source configured; HBONE is off.
@@ -127,7 +129,7 @@ impl ProxyContext {
         Self {
             metrics,
             original_dsts,
-            state: RwLock::new(State::new()),
+            state: parking_lot::RwLock::new(State::new()),
             node,
             local_pods: LocalPods::default(),
             certs,
@@ -140,8 +142,25 @@ impl ProxyContext {
     }
 
     /// Reads the mesh state.
-    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    pub fn state(&self) -> parking_lot::RwLockReadGuard<'_, State> {
+        self.state.read()
+    }
+
+    /// As [`Self::update_state`] for a change made in steps (a large push): the write lock is
+    /// held for each step on its own, so that connections routed meanwhile wait for one step
+    /// at most; open connections are authorized again once, after the last (with the
+    /// connections decided between steps among them).
+    pub fn update_state_in_steps<S: FnOnce(&mut State)>(&self, steps: impl IntoIterator<Item = S>) {
+        let mut steps = steps.into_iter().peekable();
+        while let Some(step) = steps.next() {
+            if steps.peek().is_none() {
+                return self.update_state(step);
+            }
+            let mut state = self.state.write();
+            step(&mut state);
+            // Straight to the connections waiting to read it, before the next step takes it.
+            parking_lot::RwLockWriteGuard::unlock_fair(state);
+        }
     }
 
     /// Changes the mesh state. Open connections keep their routes; those into local pods are
@@ -149,7 +168,7 @@ impl ProxyContext {
     /// denied. The recheck runs under the write lock, so a connection being authorized
     /// concurrently is either decided on the new state or rechecked here.
     pub fn update_state<T>(&self, change: impl FnOnce(&mut State) -> T) -> T {
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.state.write();
         let result = change(&mut state);
         let started = std::time::Instant::now();
         if let Some((checked, closed)) = self.live.recheck(&state, &self.node) {

@@ -240,7 +240,7 @@ pub(super) fn report_draft(
     let network = &ctx.node.network;
     let source = Peer::of_pod(pod, state.workload_by_ip(network, src.ip()).as_deref());
     let service = match state.lookup(network, original_dst.ip(), Some(&pod.spec.namespace)) {
-        Some(Destination::Service(service)) => Some(service.hostname.clone()),
+        Some(Destination::Service(service)) => Some(service.hostname.to_string()),
         _ => None,
     };
     let destination = match route {

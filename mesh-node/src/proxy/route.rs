@@ -250,7 +250,7 @@ fn via_waypoint<P>(
             ));
         }
     };
-    if workload.network != origin.network {
+    if *workload.network != *origin.network {
         // A service's waypoint on another network is reached as the service would be: through
         // that network's gateway, by the service's hostname (as ztunnel). A workload's cannot
         // be: only service-addressed traffic crosses networks.

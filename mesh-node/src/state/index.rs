@@ -18,7 +18,7 @@ pub enum Destination {
 
 /// Addresses per network: network name → IP → entry. Two levels so that a lookup borrows the
 /// network name instead of building a key, and each network's name is stored once.
-type ByAddress<T> = HashMap<String, HashMap<IpAddr, Arc<T>>>;
+type ByAddress<T> = HashMap<Arc<str>, HashMap<IpAddr, Arc<T>>>;
 
 impl Workload {
     /// The addresses the workload is found by: none for a host-network workload.
@@ -32,15 +32,8 @@ fn addr_get<'a, T>(map: &'a ByAddress<T>, network: &str, ip: IpAddr) -> Option<&
     map.get(network)?.get(&ip.to_canonical())
 }
 
-fn addr_insert<T>(map: &mut ByAddress<T>, network: &str, ip: IpAddr, value: Arc<T>) {
-    match map.get_mut(network) {
-        Some(ips) => {
-            ips.insert(ip, value);
-        }
-        None => {
-            map.insert(network.to_owned(), HashMap::from([(ip, value)]));
-        }
-    }
+fn addr_insert<T>(map: &mut ByAddress<T>, network: &Arc<str>, ip: IpAddr, value: Arc<T>) {
+    map.entry(network.clone()).or_default().insert(ip, value);
 }
 
 /// Removes the entry at (network, ip) if `owned` says it is the one being removed.
@@ -74,7 +67,7 @@ impl NetworkVips {
     /// every outbound connection.
     fn find<'a>(&'a self, ip: IpAddr, namespace: Option<&str>) -> Option<&'a Arc<Service>> {
         let visible = |s: &Arc<Service>| namespace.is_none_or(|ns| s.is_visible_to(ns));
-        let own = |s: &Arc<Service>| namespace.is_some_and(|ns| s.namespace == ns);
+        let own = |s: &Arc<Service>| namespace.is_some_and(|ns| *s.namespace == *ns);
         // The best of `(prefix length, service)` candidates, the first among equals.
         let best = |candidates: &mut dyn Iterator<Item = (u8, &'a Arc<Service>)>| {
             let mut best: Option<((u8, bool), &'a Arc<Service>)> = None;
@@ -104,18 +97,19 @@ impl NetworkVips {
 /// The mesh as the sources last described it.
 #[derive(Debug, Default)]
 pub struct State {
-    workloads: HashMap<String, Arc<Workload>>,
+    /// Keyed by the workload's own uid allocation.
+    workloads: HashMap<Arc<str>, Arc<Workload>>,
     /// Workloads with their own network namespace, by address; host-network ones share the
     /// node's and are found by uid only.
     workload_addrs: ByAddress<Workload>,
-    services: HashMap<String, Arc<Service>>,
-    service_vips: HashMap<String, NetworkVips>,
+    services: HashMap<Arc<str>, Arc<Service>>,
+    service_vips: HashMap<Arc<str>, NetworkVips>,
     /// Hostname → keys ("namespace/hostname") of the services with it: a gateway routes the
     /// `hostname:port` of a CONNECT, and a node delivers one, by it.
-    service_hostnames: HashMap<String, BTreeSet<String>>,
+    service_hostnames: HashMap<Box<str>, BTreeSet<Arc<str>>>,
     /// Service key → endpoint uid → workload. A workload may name a service that has not
     /// arrived yet; its endpoints are waiting here when it does.
-    endpoints: HashMap<String, HashMap<String, Arc<Workload>>>,
+    endpoints: HashMap<Arc<str>, HashMap<Arc<str>, Arc<Workload>>>,
     policies: HashMap<String, Arc<Policy>>,
     /// Keys of GLOBAL policies, and of NAMESPACE policies by namespace (sorted, so that which
     /// policy a log names does not depend on hashing).
@@ -129,6 +123,12 @@ pub struct State {
 impl State {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Makes room for this many more workloads and services (some may replace ones held).
+    pub fn reserve(&mut self, workloads: usize, services: usize) {
+        self.workloads.reserve(workloads);
+        self.services.reserve(services);
     }
 
     /// Adds or replaces the workload with this uid; addresses and services it no longer has are
@@ -156,7 +156,7 @@ impl State {
                 workload.clone(),
             );
         }
-        for service in workload.services.keys() {
+        for (service, _) in &workload.services {
             self.endpoints
                 .entry(service.clone())
                 .or_default()
@@ -178,7 +178,7 @@ impl State {
                 w.uid == old.uid
             });
         }
-        for service in old.services.keys() {
+        for (service, _) in &old.services {
             if let Some(endpoints) = self.endpoints.get_mut(service) {
                 endpoints.remove(uid);
                 if endpoints.is_empty() {
@@ -207,8 +207,8 @@ impl State {
         self.service_hostnames
             .entry(service.hostname.clone())
             .or_default()
-            .insert(service.key().to_owned());
-        self.services.insert(service.key().to_owned(), service);
+            .insert(service.shared_key().clone());
+        self.services.insert(service.shared_key().clone(), service);
     }
 
     pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
@@ -287,13 +287,14 @@ impl State {
     pub fn policies_for<'a>(
         &'a self,
         namespace: &str,
-        selected_by: &'a [String],
+        selected_by: &'a [Arc<str>],
     ) -> impl Iterator<Item = &'a Policy> + 'a {
         let namespaced = self.namespace_policies.get(namespace).into_iter().flatten();
         self.global_policies
             .iter()
             .chain(namespaced)
-            .chain(selected_by)
+            .map(String::as_str)
+            .chain(selected_by.iter().map(|key| &**key))
             .filter_map(|key| self.policies.get(key).map(|p| &**p))
     }
 
@@ -353,7 +354,7 @@ impl State {
             .get(hostname)
             .into_iter()
             .flatten()
-            .filter_map(|key| self.services.get(key))
+            .filter_map(|key| self.services.get(&**key))
     }
 
     pub fn endpoints(&self, key: &str) -> impl Iterator<Item = &Arc<Workload>> {

@@ -2,7 +2,10 @@
 //! FAILOVER over NODE / CLUSTER / NETWORK / REGION / ZONE / SUBZONE; the default, UNSPECIFIED
 //! mode, does not consult it, as in Istio), then a random choice weighted by `capacity`. Pure:
 //! the caller passes the random source.
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::IpAddr,
+    sync::{Arc, LazyLock},
+};
 
 use super::{HealthPolicy, LbMode, LoadBalancing, Locality, Scope, Service, State, Workload};
 
@@ -24,11 +27,7 @@ pub struct Origin<'a> {
 
 /// The locality of an origin that has none (a node, a pod the control plane has not
 /// described): it matches no REGION, ZONE or SUBZONE preference but an empty one.
-static NO_LOCALITY: Locality = Locality {
-    region: String::new(),
-    zone: String::new(),
-    subzone: String::new(),
-};
+static NO_LOCALITY: LazyLock<Locality> = LazyLock::new(Locality::default);
 
 impl<'a> Origin<'a> {
     /// A node itself (or a pod on it the control plane has not described yet).
@@ -37,7 +36,7 @@ impl<'a> Origin<'a> {
             node,
             cluster_id,
             network,
-            locality: &NO_LOCALITY,
+            locality: &*NO_LOCALITY,
         }
     }
 
@@ -64,7 +63,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// Reached through the east-west gateway of its network rather than directly.
     pub fn is_remote(&self, origin: &Origin<'_>) -> bool {
-        self.workload.network != origin.network
+        *self.workload.network != *origin.network
     }
 }
 
@@ -166,7 +165,7 @@ fn pick_among(
         // our own network (no address, on our network) is skipped. As ztunnel's
         // `load_balance`.
         let ip = workload.addresses.first().copied();
-        let in_network = workload.network == origin.network;
+        let in_network = *workload.network == *origin.network;
         if ip.is_none() && (in_network || workload.network_gateway.is_none()) {
             continue;
         }
@@ -174,8 +173,7 @@ fn pick_among(
             continue;
         }
         let target = workload
-            .services
-            .get(key)
+            .service_ports(key)
             .and_then(|ports| ports.iter().find(|p| p.service_port == port))
             .map(|p| p.target_port)
             .filter(|p| *p != 0)
@@ -232,7 +230,7 @@ pub fn pick_hbone_endpoint(
 ) -> Option<(Arc<Workload>, IpAddr)> {
     let candidates = state
         .endpoints(service.key())
-        .filter(|w| w.healthy && w.capacity > 0 && w.network == origin.network)
+        .filter(|w| w.healthy && w.capacity > 0 && *w.network == *origin.network)
         .filter_map(|w| Some((w.clone(), w.addresses.first().copied()?)))
         .collect();
     weighted(candidates, |(w, _)| w.capacity, random)
@@ -295,7 +293,7 @@ fn rank(
     let (mut rank, mut adjust) = (0, 0);
     for scope in preference {
         if network_first && *scope == Scope::Network {
-            if origin.network == workload.network {
+            if *origin.network == *workload.network {
                 rank += 1;
                 adjust = preference.len() - 1;
             }
@@ -318,8 +316,8 @@ fn matches(scope: Scope, origin: &Origin<'_>, workload: &Workload) -> bool {
         Scope::Region => a.region == b.region,
         Scope::Zone => a.region == b.region && a.zone == b.zone,
         Scope::Subzone => a.region == b.region && a.zone == b.zone && a.subzone == b.subzone,
-        Scope::Node => origin.node == workload.node,
-        Scope::Cluster => origin.cluster_id == workload.cluster_id,
-        Scope::Network => origin.network == workload.network,
+        Scope::Node => *origin.node == *workload.node,
+        Scope::Cluster => *origin.cluster_id == *workload.cluster_id,
+        Scope::Network => *origin.network == *workload.network,
     }
 }

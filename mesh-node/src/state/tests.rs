@@ -106,7 +106,7 @@ fn spread(state: &State, service: &Service, origin: &Workload, n: usize) -> Hash
     let mut counts = HashMap::new();
     for _ in 0..n {
         match lb::pick(state, service, 80, &Origin::of(origin), &mut random).unwrap() {
-            Choice::Endpoint(e) => *counts.entry(e.workload.uid.clone()).or_default() += 1,
+            Choice::Endpoint(e) => *counts.entry(e.workload.uid.to_string()).or_default() += 1,
             Choice::Passthrough => panic!("unexpected passthrough"),
         }
     }
@@ -117,15 +117,15 @@ fn spread(state: &State, service: &Service, origin: &Workload, n: usize) -> Hash
 fn finds_workloads_by_any_address_and_forgets_old_ones() {
     let mut state = State::new();
     state.upsert_workload(workload("a", &["10.0.0.1", "fd00::1"]));
-    assert_eq!(state.workload_by_ip("", ip("fd00::1")).unwrap().uid, "a");
+    assert_eq!(&*state.workload_by_ip("", ip("fd00::1")).unwrap().uid, "a");
     assert_eq!(
-        state.workload_by_ip("", ip("::ffff:10.0.0.1")).unwrap().uid,
+        &*state.workload_by_ip("", ip("::ffff:10.0.0.1")).unwrap().uid,
         "a"
     );
     assert!(state.workload_by_ip("other-net", ip("10.0.0.1")).is_none());
     state.upsert_workload(workload("a", &["10.0.0.2"]));
     assert!(state.workload_by_ip("", ip("10.0.0.1")).is_none());
-    assert_eq!(state.workload_by_ip("", ip("10.0.0.2")).unwrap().uid, "a");
+    assert_eq!(&*state.workload_by_ip("", ip("10.0.0.2")).unwrap().uid, "a");
     assert_eq!(state.workload_count(), 1);
 }
 
@@ -136,7 +136,7 @@ fn removing_a_workload_keeps_an_address_another_took_over() {
     state.upsert_workload(workload("b", &["10.0.0.1"]));
     state.remove_workload("a");
     let found = state.workload_by_ip("", ip("10.0.0.1")).unwrap();
-    assert_eq!(found.uid, "b");
+    assert_eq!(&*found.uid, "b");
     assert_eq!(
         found.identity().to_string(),
         "spiffe://cluster.local/ns/default/sa/sa"
@@ -455,7 +455,7 @@ fn policies_for_a_workload_are_global_its_namespace_and_those_that_select_it() {
     ] {
         state.upsert_policy(convert::authorization(pb_policy(ns, name, scope)).unwrap());
     }
-    let selected = vec!["default/picked".to_owned(), "default/absent".to_owned()];
+    let selected: Vec<std::sync::Arc<str>> = vec!["default/picked".into(), "default/absent".into()];
     let keys: Vec<String> = state
         .policies_for("default", &selected)
         .map(|p| p.key())

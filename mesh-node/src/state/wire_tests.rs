@@ -222,7 +222,7 @@ fn waypoints_are_workload_field_8_and_service_field_7() {
     assert_eq!(
         waypoint.destination,
         GatewayDestination::Address {
-            network: String::new(),
+            network: "".into(),
             ip: "10.0.9.9".parse().unwrap()
         }
     );
@@ -290,7 +290,7 @@ fn hostname_only_workloads_and_string_sans_and_unspecified_mode() {
             .string(2, "default")
             .string(21, "vm.example.com"),
     );
-    assert_eq!(w.hostname, "vm.example.com");
+    assert_eq!(&*w.hostname, "vm.example.com");
     assert!(w.addresses.is_empty());
 
     // subject_alt_names 6: a SPIFFE ID is an identity, anything else a name as written.
@@ -331,7 +331,7 @@ fn every_upstream_workload_field_decodes() {
     assert!(w.native_tunnel);
     assert_eq!(w.application_tunnel.unwrap().protocol, "PROXY");
     assert_eq!(
-        (w.canonical_name.as_str(), w.workload_name.as_str()),
+        (&*w.canonical_name, &*w.workload_name),
         ("full-app", "full-deploy")
     );
     // Port app_protocol 3 on a service port.

@@ -54,18 +54,18 @@ impl Peer {
     }
 
     pub fn of_workload(workload: &Workload) -> Self {
-        let name = if workload.workload_name.is_empty() {
+        let name: &str = if workload.workload_name.is_empty() {
             &workload.name
         } else {
             &workload.workload_name
         };
         Self {
-            workload: name.clone(),
-            namespace: workload.namespace.clone(),
+            workload: name.to_owned(),
+            namespace: workload.namespace.to_string(),
             principal: workload.identity().to_string(),
-            canonical_service: workload.canonical_name.clone(),
-            canonical_revision: workload.canonical_revision.clone(),
-            cluster: workload.cluster_id.clone(),
+            canonical_service: workload.canonical_name.to_string(),
+            canonical_revision: workload.canonical_revision.to_string(),
+            cluster: workload.cluster_id.to_string(),
         }
     }
 

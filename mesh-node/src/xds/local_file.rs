@@ -133,8 +133,8 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
         // One address, one workload: otherwise which identity a tunnel expects would depend on
         // the order of the file.
         for ip in &workload.addresses {
-            let key = (workload.network.clone(), *ip);
-            if let Some(other) = owners.insert(key, workload.uid.clone()) {
+            let key = (workload.network.to_string(), *ip);
+            if let Some(other) = owners.insert(key, workload.uid.to_string()) {
                 return Err(invalid(
                     "workloads",
                     index,
@@ -158,7 +158,7 @@ pub fn parse(path: &Path, text: &str, trust_domain: &str) -> Result<LocalState, 
             ));
         }
         for vip in service.vips.iter().filter(|v| v.is_host()) {
-            let key = (vip.network.clone(), vip.cidr.addr());
+            let key = (vip.network.to_string(), vip.cidr.addr());
             if let Some(other) = owners.insert(key, service.key().to_owned()) {
                 return Err(invalid(
                     "services",

@@ -1,7 +1,10 @@
 //! The delta-ADS protocol state, without I/O: which resource versions we hold per type, what to
 //! send when a stream opens, and what to answer (ACK or NACK) to each response. The async
 //! client in [`super::client`] only moves messages between this and the network.
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use prost::Message;
 
@@ -27,15 +30,84 @@ pub struct Update {
     pub removed_addresses: Vec<String>,
     /// Policy "namespace/name"s.
     pub removed_policies: Vec<String>,
+    /// Workloads and services the steps after this one add: room is made for them with this
+    /// one, so that the indexes grow once, while the lock is taken for the first step,
+    /// rather than rehashing 100,000 entries under a later step.
+    pub ahead: (usize, usize),
 }
 
+/// Changes applied under one hold of the state's write lock: a push of 100,000 workloads
+/// holds it for about a millisecond at a time instead of for the whole push, so connections
+/// being routed meanwhile wait for one step, not for all of it.
+pub const STEP: usize = 1000;
+
 impl Update {
-    pub fn apply(self, state: &mut State) {
+    /// The same changes in the same order, in updates of at most `size` changes each (one,
+    /// empty, when there are none).
+    pub fn into_steps(self, size: usize) -> Vec<Update> {
+        fn slot<'a>(steps: &'a mut Vec<Update>, count: &mut usize, size: usize) -> &'a mut Update {
+            if (*count).is_multiple_of(size) {
+                steps.push(Update::default());
+            }
+            *count += 1;
+            let last = steps.len() - 1;
+            &mut steps[last]
+        }
+        let size = size.max(1);
         let Self {
             addresses,
             policies,
             removed_addresses,
             removed_policies,
+            ahead: _,
+        } = self;
+        let (mut steps, mut count) = (Vec::new(), 0);
+        // The order `apply` uses, so that applying the steps one after another is the same.
+        for name in removed_addresses {
+            slot(&mut steps, &mut count, size)
+                .removed_addresses
+                .push(name);
+        }
+        for name in removed_policies {
+            slot(&mut steps, &mut count, size)
+                .removed_policies
+                .push(name);
+        }
+        for address in addresses {
+            slot(&mut steps, &mut count, size).addresses.push(address);
+        }
+        for policy in policies {
+            slot(&mut steps, &mut count, size).policies.push(policy);
+        }
+        if steps.is_empty() {
+            steps.push(Update::default());
+        }
+        steps[0].ahead = steps[1..].iter().fold((0, 0), |(w, s), step| {
+            let (sw, ss) = step.counts();
+            (w + sw, s + ss)
+        });
+        steps
+    }
+
+    /// Workloads and services among `addresses`.
+    fn counts(&self) -> (usize, usize) {
+        let workloads = self
+            .addresses
+            .iter()
+            .filter(|a| matches!(a, Address::Workload(_)))
+            .count();
+        (workloads, self.addresses.len() - workloads)
+    }
+
+    pub fn apply(self, state: &mut State) {
+        let (workloads, services) = self.counts();
+        state.reserve(workloads + self.ahead.0, services + self.ahead.1);
+        let Self {
+            addresses,
+            policies,
+            removed_addresses,
+            removed_policies,
+            ahead: _,
         } = self;
         for name in &removed_addresses {
             state.remove_address(name);
@@ -99,7 +171,8 @@ struct TypeState {
     type_url: &'static str,
     /// Resource name → version, of what we hold. A refused resource keeps the version of its
     /// last good one (or has none), so that after a reconnect the control plane sends it again.
-    versions: HashMap<String, String>,
+    /// A workload's or service's name is the allocation its state entry keys by.
+    versions: HashMap<Arc<str>, Box<str>>,
     /// Resources whose latest version was refused.
     rejected: BTreeMap<String, Rejected>,
     /// Whether a response of this type has been applied since start: only then do we hold
@@ -138,7 +211,11 @@ impl Session {
             .map(|t| DeltaDiscoveryRequest {
                 node: Some(self.node.clone()),
                 type_url: t.type_url.to_owned(),
-                initial_resource_versions: t.versions.clone(),
+                initial_resource_versions: t
+                    .versions
+                    .iter()
+                    .map(|(name, version)| (name.to_string(), version.to_string()))
+                    .collect(),
                 ..Default::default()
             })
             .collect()
@@ -192,9 +269,19 @@ impl Session {
         let mut update = Update::default();
         let mut rejected = Vec::new();
         for resource in &response.resources {
-            match decode(resource, state.type_url, &trust_domain) {
-                Ok(Decoded::Address(address)) => update.addresses.push(address),
-                Ok(Decoded::Policy(policy)) => update.policies.push(*policy),
+            let name = match decode(resource, state.type_url, &trust_domain) {
+                Ok(Decoded::Address(address)) => {
+                    let shared = match &address {
+                        Address::Workload(w) => w.uid.clone(),
+                        Address::Service(s) => s.shared_key().clone(),
+                    };
+                    update.addresses.push(address);
+                    shared
+                }
+                Ok(Decoded::Policy(policy)) => {
+                    update.policies.push(*policy);
+                    Arc::from(resource.name.as_str())
+                }
                 Err(error) => {
                     let refusal = Rejected {
                         type_name,
@@ -208,14 +295,20 @@ impl Session {
                     rejected.push(refusal);
                     continue;
                 }
-            }
+            };
             state.rejected.remove(&resource.name);
+            // Keyed by the resource's name: the decoded one when it is the same string.
+            let name = if *name == *resource.name {
+                name
+            } else {
+                Arc::from(resource.name.as_str())
+            };
             state
                 .versions
-                .insert(resource.name.clone(), resource.version.clone());
+                .insert(name, resource.version.as_str().into());
         }
         for name in &response.removed_resources {
-            state.versions.remove(name);
+            state.versions.remove(name.as_str());
             state.rejected.remove(name);
         }
         if state.type_url == ADDRESS_TYPE {

@@ -8,7 +8,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Command, Stdio},
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -47,6 +47,10 @@ struct Row {
     sync_ms: f64,
     idle_rss_kib: u64,
     synced_rss_kib: u64,
+    /// Longest a reader waited for the state during the push.
+    wait_ms: f64,
+    /// Longest the state's write lock was held at a time.
+    hold_ms: f64,
 }
 
 fn bench(sizes: &[usize]) -> Result<()> {
@@ -60,26 +64,28 @@ fn bench(sizes: &[usize]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "| workloads | services | pushed (MiB) | first sync (ms) | RSS idle (MiB) | RSS synced (MiB) | per workload+service (bytes) |"
+        "| workloads | services | pushed (MiB) | first sync (ms) | longest write hold (ms) | longest lookup wait (ms) | RSS idle (MiB) | RSS synced (MiB) | per workload+service (bytes) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json = Vec::new();
     for r in &rows {
         let added = r.synced_rss_kib.saturating_sub(r.idle_rss_kib) * 1024;
         let per = added as f64 / (r.workloads + r.services) as f64;
         println!(
-            "| {} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {:.0} |",
+            "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} |",
             r.workloads,
             r.services,
             r.wire_bytes as f64 / 1048576.0,
             r.sync_ms,
+            r.hold_ms,
+            r.wait_ms,
             r.idle_rss_kib as f64 / 1024.0,
             r.synced_rss_kib as f64 / 1024.0,
             per
         );
         json.push(format!(
-            "{{\"workloads\":{},\"services\":{},\"wire_bytes\":{},\"sync_ms\":{:.1},\"idle_rss_kib\":{},\"synced_rss_kib\":{},\"bytes_per_resource\":{:.0}}}",
-            r.workloads, r.services, r.wire_bytes, r.sync_ms, r.idle_rss_kib, r.synced_rss_kib, per
+            "{{\"workloads\":{},\"services\":{},\"wire_bytes\":{},\"sync_ms\":{:.1},\"longest_hold_ms\":{:.2},\"longest_wait_ms\":{:.2},\"idle_rss_kib\":{},\"synced_rss_kib\":{},\"bytes_per_resource\":{:.0}}}",
+            r.workloads, r.services, r.wire_bytes, r.sync_ms, r.hold_ms, r.wait_ms, r.idle_rss_kib, r.synced_rss_kib, per
         ));
     }
     // XDS_SCALE_OUT: where the smoke test writes, so it never replaces real results.
@@ -133,13 +139,18 @@ fn one(ca_dir: &std::path::Path, workloads: usize) -> Result<Row> {
         if line.starts_with("idle") {
             idle = field("rss_kib");
         } else if line.starts_with("synced") {
-            synced = Some((field("ms").unwrap_or(0.0), field("rss_kib").unwrap_or(0.0)));
+            synced = Some((
+                field("ms").unwrap_or(0.0),
+                field("rss_kib").unwrap_or(0.0),
+                field("wait_ms").unwrap_or(0.0),
+                field("hold_ms").unwrap_or(0.0),
+            ));
             break;
         }
     }
     let _ = child.kill();
     let _ = child.wait();
-    let (Some(idle), Some((sync_ms, synced_rss))) = (idle, synced) else {
+    let (Some(idle), Some((sync_ms, synced_rss, wait_ms, hold_ms))) = (idle, synced) else {
         bail!("the client process did not report a sync for {workloads} workloads");
     };
     Ok(Row {
@@ -149,6 +160,8 @@ fn one(ca_dir: &std::path::Path, workloads: usize) -> Result<Row> {
         sync_ms,
         idle_rss_kib: idle as u64,
         synced_rss_kib: synced_rss as u64,
+        wait_ms,
+        hold_ms,
     })
 }
 
@@ -233,14 +246,45 @@ fn client(addr: &str, root: &str) -> Result<()> {
         trust_domain: "cluster.local".into(),
     };
     let endpoint = config.endpoint()?;
-    let state = Arc::new(RwLock::new(State::new()));
+    // The lock mesh-node's proxy context uses, handed over the same way between steps.
+    let state = Arc::new(parking_lot::RwLock::new(State::new()));
     println!("idle rss_kib={}", rss_kib()?);
     let (ready_tx, mut ready) = tokio::sync::watch::channel(Default::default());
     let sink = state.clone();
+    // A reader standing in for connections being routed: how long it waits for the read
+    // lock while the push is applied.
+    let syncing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let reader = {
+        let (state, syncing) = (state.clone(), syncing.clone());
+        std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            while syncing.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = Instant::now();
+                drop(state.read());
+                longest = longest.max(asked.elapsed());
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            longest
+        })
+    };
+    // XDS_SCALE_ONE_LOCK=1: the whole response under one hold, as before steps, to compare.
+    let step = match std::env::var_os("XDS_SCALE_ONE_LOCK") {
+        Some(_) => usize::MAX,
+        None => mesh_node::xds::session::STEP,
+    };
+    let longest_hold = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let hold = longest_hold.clone();
     let started = Instant::now();
     runtime.block_on(async move {
         let apply = move |update: mesh_node::xds::session::Update| {
-            update.apply(&mut sink.write().unwrap());
+            for step in update.into_steps(step) {
+                let mut state = sink.write();
+                let held = Instant::now();
+                step.apply(&mut state);
+                let held = held.elapsed().as_micros() as u64;
+                parking_lot::RwLockWriteGuard::unlock_fair(state);
+                longest_hold.fetch_max(held, std::sync::atomic::Ordering::Relaxed);
+            }
         };
         let metrics = std::sync::Arc::new(mesh_node::telemetry::Metrics::new());
         tokio::spawn(mesh_node::xds::client::run(
@@ -250,13 +294,17 @@ fn client(addr: &str, root: &str) -> Result<()> {
             .wait_for(|r: &mesh_node::xds::session::XdsStatus| r.synced)
             .await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
+        syncing.store(false, std::sync::atomic::Ordering::Relaxed);
+        let longest_wait = reader.join().expect("reader thread");
         let (w, s) = {
-            let state = state.read().unwrap();
+            let state = state.read();
             (state.workload_count(), state.service_count())
         };
         println!(
-            "synced ms={ms:.1} rss_kib={} workloads={w} services={s}",
-            rss_kib()?
+            "synced ms={ms:.1} rss_kib={} workloads={w} services={s} wait_ms={:.2} hold_ms={:.2}",
+            rss_kib()?,
+            longest_wait.as_secs_f64() * 1000.0,
+            hold.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
         );
         // Stay alive (and resident) until the parent has read the figures and kills us.
         tokio::time::sleep(Duration::from_secs(60)).await;

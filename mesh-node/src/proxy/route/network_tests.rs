@@ -125,7 +125,7 @@ fn a_service_served_only_on_another_network_goes_through_its_gateway() {
     assert_eq!(t.peer, addr("192.0.2.10:15008"));
     // Both layers name the service by hostname and the port the application asked for.
     assert_eq!(t.authority, format!("{ECHO_HOST}:80"));
-    assert_eq!(t.gateway.uid, "NetworkGateway/net2/192.0.2.10/15008");
+    assert_eq!(&*t.gateway.uid, "NetworkGateway/net2/192.0.2.10/15008");
     assert!(t.outer_expected.contains(&gateway_identity().into()));
     assert_eq!(
         t.inner_expected,
@@ -135,7 +135,7 @@ fn a_service_served_only_on_another_network_goes_through_its_gateway() {
             "echo"
         ))]
     );
-    assert_eq!(t.endpoint.uid, "net2/echo");
+    assert_eq!(&*t.endpoint.uid, "net2/echo");
     assert!(!t.waypoint);
     assert_eq!(Route::<String>::Gateway(t).name(), "gateway");
 }
@@ -306,5 +306,5 @@ fn a_services_waypoint_on_another_network_is_reached_through_the_gateway() {
     let t = gateway(route(&state, "10.96.0.10:80"));
     assert!(t.waypoint);
     assert_eq!(t.authority, format!("{ECHO_HOST}:80"));
-    assert_eq!(t.endpoint.uid, "net2/waypoint");
+    assert_eq!(&*t.endpoint.uid, "net2/waypoint");
 }

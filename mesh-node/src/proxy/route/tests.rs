@@ -180,7 +180,7 @@ fn a_service_with_a_waypoint_goes_to_it_with_the_vip_as_authority() {
         assert!(t.waypoint, "{how}");
         assert_eq!(t.peer, addr("10.0.3.9:15008"), "{how}");
         assert_eq!(t.authority, addr("10.96.0.10:80"), "{how}");
-        assert_eq!(t.workload.name, "waypoint", "{how}");
+        assert_eq!(&*t.workload.name, "waypoint", "{how}");
         assert!(t.expected.contains(&waypoint_identity()), "{how}");
     }
     // Through the waypoint's service, its SANs are accepted too.

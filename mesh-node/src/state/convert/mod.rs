@@ -11,7 +11,7 @@ pub use authorization::authorization;
 pub use service::service;
 pub use workload::workload;
 
-use super::{GatewayAddress, GatewayDestination, Service, Workload};
+use super::{GatewayAddress, GatewayDestination, Service, Workload, intern::intern};
 use crate::proto::workload as pb;
 
 /// A resource that cannot be used, and why.
@@ -53,7 +53,7 @@ pub fn address(address: pb::Address, default_trust_domain: &str) -> Result<Addre
 pub(super) fn gateway(g: &pb::GatewayAddress) -> Result<GatewayAddress, (String, String)> {
     let destination = match &g.destination {
         Some(pb::gateway_address::Destination::Address(a)) => GatewayDestination::Address {
-            network: a.network.clone(),
+            network: intern(&a.network),
             ip: ip(&a.address).map_err(|m| ("address.address".to_owned(), m))?,
         },
         Some(pb::gateway_address::Destination::Hostname(h)) => {

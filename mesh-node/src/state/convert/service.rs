@@ -6,7 +6,7 @@ use crate::{
     proto::workload as pb,
     state::{
         HealthPolicy, LbMode, LoadBalancing, Scope, Service, ServicePort, Vip, Visibility,
-        WeightedWaypoint,
+        WeightedWaypoint, intern::intern,
     },
 };
 
@@ -37,7 +37,7 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
                 )
             })?;
         vips.push(Vip {
-            network: a.network.clone(),
+            network: intern(&a.network),
             cidr,
         });
     }
@@ -110,7 +110,8 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
         None => None,
     };
     Ok(Service {
-        key: format!("{}/{}", s.namespace, s.hostname),
+        // Shared with the workloads that name it.
+        key: intern(&format!("{}/{}", s.namespace, s.hostname)),
         vips,
         ports,
         subject_alt_names,
@@ -121,9 +122,9 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
         ip_families,
         ingress_use_waypoint: s.ingress_use_waypoint,
         canonical: s.canonical,
-        name: s.name,
-        namespace: s.namespace,
-        hostname: s.hostname,
+        name: s.name.into_boxed_str(),
+        namespace: intern(&s.namespace),
+        hostname: s.hostname.into_boxed_str(),
     })
 }
 

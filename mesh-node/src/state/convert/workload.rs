@@ -1,11 +1,12 @@
 //! `istio.workload.Workload` into a [`Workload`].
-use std::collections::HashMap;
-
 use super::{ConvertError, gateway, ip, is_namespaced_hostname, port, unknown};
 use crate::{
     identity::is_valid_trust_domain,
     proto::workload as pb,
-    state::{ApplicationTunnel, Locality, NetworkMode, PortMapping, TunnelProtocol, Workload},
+    state::{
+        ApplicationTunnel, Locality, NetworkMode, PortMapping, TunnelProtocol, Workload,
+        intern::intern,
+    },
 };
 
 pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload, ConvertError> {
@@ -64,20 +65,20 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
         None => None,
     };
     let trust_domain = if w.trust_domain.is_empty() {
-        default_trust_domain.to_owned()
+        default_trust_domain
     } else {
-        w.trust_domain.clone()
+        &w.trust_domain
     };
-    if !is_valid_trust_domain(&trust_domain) {
+    if !is_valid_trust_domain(trust_domain) {
         return Err(fail(
             "trust_domain",
             format!("{trust_domain:?} may hold only a-z, 0-9, '.', '-' and '_'"),
         ));
     }
     let service_account = if w.service_account.is_empty() {
-        "default".to_owned()
+        "default"
     } else {
-        w.service_account.clone()
+        &w.service_account
     };
     if service_account.contains('/') || service_account.trim().is_empty() {
         return Err(fail(
@@ -99,7 +100,7 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
         Ok(pb::WorkloadStatus::Unhealthy) => false,
         Err(_) => return Err(fail("status", unknown(w.status))),
     };
-    let mut services = HashMap::with_capacity(w.services.len());
+    let mut services = Vec::with_capacity(w.services.len());
     for (key, list) in &w.services {
         if !is_namespaced_hostname(key) {
             return Err(fail(
@@ -115,26 +116,36 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
                 target_port: port(p.target_port).map_err(|m| fail(&field, m))?,
             });
         }
-        services.insert(key.clone(), ports);
+        services.push((intern(key), ports.into_boxed_slice()));
     }
+    // In key order, so that two decodings of one resource compare equal.
+    services.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let network_gateway = match &w.network_gateway {
         Some(g) => {
-            Some(gateway(g).map_err(|(field, m)| fail(&format!("network_gateway.{field}"), m))?)
+            Some(Box::new(gateway(g).map_err(|(field, m)| {
+                fail(&format!("network_gateway.{field}"), m)
+            })?))
         }
         None => None,
     };
     let waypoint = match &w.waypoint {
-        Some(g) => Some(gateway(g).map_err(|(field, m)| fail(&format!("waypoint.{field}"), m))?),
+        Some(g) => {
+            Some(Box::new(gateway(g).map_err(|(field, m)| {
+                fail(&format!("waypoint.{field}"), m)
+            })?))
+        }
         None => None,
     };
-    let locality = w.locality.clone().unwrap_or_default();
+    let locality = w.locality.as_ref();
+    let locality_part =
+        |part: fn(&pb::Locality) -> &String| intern(locality.map_or("", |l| part(l)));
     Ok(Workload {
-        addresses,
+        addresses: addresses.into_boxed_slice(),
         protocol,
-        trust_domain,
-        service_account,
+        trust_domain: intern(trust_domain),
+        service_account: intern(service_account),
         healthy,
-        services,
+        services: services.into_boxed_slice(),
         network_gateway,
         waypoint,
         network_mode,
@@ -143,20 +154,21 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
         native_tunnel: w.native_tunnel,
         capacity: w.capacity.unwrap_or(1),
         locality: Locality {
-            region: locality.region,
-            zone: locality.zone,
-            subzone: locality.subzone,
+            region: locality_part(|l| &l.region),
+            zone: locality_part(|l| &l.zone),
+            subzone: locality_part(|l| &l.subzone),
         },
-        uid: w.uid,
-        hostname: w.hostname,
-        name: w.name,
-        namespace: w.namespace,
-        network: w.network,
-        node: w.node,
-        cluster_id: w.cluster_id,
-        authorization_policies: w.authorization_policies,
-        canonical_name: w.canonical_name,
-        canonical_revision: w.canonical_revision,
-        workload_name: w.workload_name,
+        // Unique per workload: not worth a table entry.
+        uid: w.uid.as_str().into(),
+        hostname: w.hostname.into_boxed_str(),
+        name: w.name.into_boxed_str(),
+        namespace: intern(&w.namespace),
+        network: intern(&w.network),
+        node: intern(&w.node),
+        cluster_id: intern(&w.cluster_id),
+        authorization_policies: w.authorization_policies.iter().map(|p| intern(p)).collect(),
+        canonical_name: intern(&w.canonical_name),
+        canonical_revision: intern(&w.canonical_revision),
+        workload_name: intern(&w.workload_name),
     })
 }

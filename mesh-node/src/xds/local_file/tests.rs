@@ -12,14 +12,14 @@ fn reads_workloads_with_defaults() {
     )
     .unwrap();
     let workloads = state.workloads;
-    assert_eq!(workloads[0].uid, "default/server");
+    assert_eq!(&*workloads[0].uid, "default/server");
     assert_eq!(workloads[0].protocol, TunnelProtocol::Hbone);
     assert_eq!(
         workloads[0].identity().to_string(),
         "spiffe://cluster.local/ns/default/sa/srv"
     );
     assert_eq!(workloads[1].protocol, TunnelProtocol::None);
-    assert_eq!(workloads[1].service_account, "default");
+    assert_eq!(&*workloads[1].service_account, "default");
     assert_eq!(workloads[1].capacity, 1);
     assert!(workloads[1].healthy);
 }
@@ -55,14 +55,16 @@ policies:
     .unwrap();
     let w = &state.workloads[0];
     assert_eq!(w.capacity, 3);
-    assert_eq!(w.locality.zone, "z1");
+    assert_eq!(&*w.locality.zone, "z1");
     assert_eq!(
-        w.services["default/echo.default.svc.cluster.local"][0].target_port,
+        w.service_ports("default/echo.default.svc.cluster.local")
+            .unwrap()[0]
+            .target_port,
         8080
     );
     let s = &state.services[0];
     assert_eq!(s.vips.len(), 2);
-    assert_eq!(s.vips[1].network, "net2");
+    assert_eq!(&*s.vips[1].network, "net2");
     let lb = s.load_balancing.as_ref().unwrap();
     assert_eq!(lb.mode, LbMode::Strict);
     assert_eq!(lb.routing_preference, [Scope::Node, Scope::Zone]);
@@ -128,14 +130,14 @@ fn the_same_address_may_be_reused_on_another_network() {
     let mut index = State::new();
     state.apply(&mut index);
     assert_eq!(
-        index
+        &*index
             .workload_by_ip("", "10.0.0.1".parse().unwrap())
             .unwrap()
             .uid,
         "d/a"
     );
     assert_eq!(
-        index
+        &*index
             .workload_by_ip("net2", "10.0.0.1".parse().unwrap())
             .unwrap()
             .uid,
@@ -244,13 +246,13 @@ workloads:
     assert_eq!(w.capacity, 4);
     assert_eq!(
         w.network_gateway,
-        Some(crate::state::GatewayAddress {
+        Some(Box::new(crate::state::GatewayAddress {
             destination: crate::state::GatewayDestination::Address {
                 network: "net2".into(),
                 ip: "192.0.2.10".parse().unwrap(),
             },
             hbone_mtls_port: 15009,
-        })
+        }))
     );
     let error = parse_str(
         "workloads:\n  - name: w\n    namespace: default\n    networkGateway: {network: net2}\n",

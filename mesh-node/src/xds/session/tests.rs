@@ -128,8 +128,8 @@ fn a_bad_resource_is_nacked_by_name_and_the_rest_of_the_response_applies() {
     );
     assert!(state.workload("old").is_none(), "the removal applies");
     assert_eq!(
-        state.workload("bad").unwrap().addresses,
-        vec!["10.0.0.8".parse::<std::net::IpAddr>().unwrap()],
+        &*state.workload("bad").unwrap().addresses,
+        ["10.0.0.8".parse::<std::net::IpAddr>().unwrap()],
         "the last good version of the refused resource stays"
     );
     // The refused resource keeps the version we hold, so a reconnect asks for it again.
@@ -199,4 +199,62 @@ fn a_response_with_only_bad_resources_still_counts_as_an_answer() {
         "readiness must not wait for a good version of every resource"
     );
     assert!(session.status().synced);
+}
+
+#[test]
+fn a_large_update_applies_in_steps_to_the_same_state() {
+    let mut session = session();
+    let first: Vec<Resource> = (0..7u8)
+        .map(|i| workload_resource(&format!("w{i}"), "1", vec![10, 0, 1, i]))
+        .collect();
+    let mut whole = State::new();
+    let mut stepped = State::new();
+    session
+        .handle(response("1", first.clone(), &[]))
+        .update
+        .apply(&mut whole);
+    session
+        .handle(response("1", first, &[]))
+        .update
+        .apply(&mut stepped);
+
+    // Two removals, then five workloads (two of them replacing earlier ones at new addresses).
+    let second: Vec<Resource> = (3..8u8)
+        .map(|i| workload_resource(&format!("w{i}"), "2", vec![10, 0, 2, i]))
+        .collect();
+    let update = session
+        .handle(response("2", second.clone(), &["w0", "w1"]))
+        .update;
+    let steps = update.into_steps(3);
+    let sizes: Vec<(usize, usize)> = steps
+        .iter()
+        .map(|s| (s.removed_addresses.len(), s.addresses.len()))
+        .collect();
+    assert_eq!(sizes, [(2, 1), (0, 3), (0, 1)], "in order, three at a time");
+    for step in steps {
+        step.apply(&mut stepped);
+    }
+    session
+        .handle(response("2", second, &["w0", "w1"]))
+        .update
+        .apply(&mut whole);
+
+    let uids = |state: &State| {
+        let mut found: Vec<(String, Vec<std::net::IpAddr>)> = state
+            .workloads()
+            .map(|w| (w.uid.to_string(), w.addresses.to_vec()))
+            .collect();
+        found.sort();
+        found
+    };
+    assert_eq!(uids(&stepped), uids(&whole));
+    assert_eq!(stepped.workload_count(), 6, "w2 to w7");
+    assert!(stepped.workload("w0").is_none());
+    assert!(
+        stepped
+            .workload_by_ip("", "10.0.1.4".parse().unwrap())
+            .is_none(),
+        "w4's old address is let go"
+    );
+    assert_eq!(Update::default().into_steps(STEP).len(), 1);
 }

@@ -54,29 +54,23 @@ impl Update {
             &mut steps[last]
         }
         let size = size.max(1);
-        let Self {
-            addresses,
-            policies,
-            removed_addresses,
-            removed_policies,
-            ahead: _,
-        } = self;
         let (mut steps, mut count) = (Vec::new(), 0);
-        // The order `apply` uses, so that applying the steps one after another is the same.
-        for name in removed_addresses {
+        // The order `apply` uses, so that applying the steps one after another is the same
+        // (`ahead` is recomputed below).
+        for name in self.removed_addresses {
             slot(&mut steps, &mut count, size)
                 .removed_addresses
                 .push(name);
         }
-        for name in removed_policies {
+        for name in self.removed_policies {
             slot(&mut steps, &mut count, size)
                 .removed_policies
                 .push(name);
         }
-        for address in addresses {
+        for address in self.addresses {
             slot(&mut steps, &mut count, size).addresses.push(address);
         }
-        for policy in policies {
+        for policy in self.policies {
             slot(&mut steps, &mut count, size).policies.push(policy);
         }
         if steps.is_empty() {

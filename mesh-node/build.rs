@@ -81,6 +81,9 @@ fn compile_protos() -> anyhow::Result<()> {
     }
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
+        // A response's resource bodies are slices of the buffer it arrived in, not one
+        // allocation each (see `proto::Any`).
+        .extern_path(".google.protobuf.Any", "crate::proto::Any")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

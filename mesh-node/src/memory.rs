@@ -26,18 +26,38 @@ pub async fn give_back_after_peaks() {
     let mut baseline = 0usize;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        let free = allocator_free_bytes();
-        baseline = baseline.min(free);
-        if free >= WORTH_TRIMMING && free - baseline >= STEP {
-            let released = trim();
-            baseline = allocator_free_bytes();
-            tracing::debug!(
-                free_mib = free >> 20,
-                released,
-                "freed memory given back to the kernel after a load peak"
-            );
-        }
+        check(&mut baseline);
     }
+}
+
+/// One look of [`give_back_after_peaks`]: trims when enough more freed memory than
+/// `baseline` has piled up (also what `cargo xtask bench xds` does once after a push, to
+/// report what a running mesh-node keeps of it).
+pub fn check(baseline: &mut usize) {
+    let free = allocator_free_bytes();
+    *baseline = (*baseline).min(free);
+    if free >= WORTH_TRIMMING && free - *baseline >= STEP {
+        let released = trim();
+        *baseline = allocator_free_bytes();
+        tracing::debug!(
+            free_mib = free >> 20,
+            released,
+            "freed memory given back to the kernel after a load peak"
+        );
+    }
+}
+
+/// Bytes the allocator has handed out and not had back (all arenas and mmapped blocks).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn allocated_bytes() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks + info.hblkhd
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn allocated_bytes() -> usize {
+    0
 }
 
 /// Gives back what starting left freed. Loading and verifying the eBPF objects, enrolling the

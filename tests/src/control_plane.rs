@@ -16,6 +16,7 @@ use crate::{
     MeshNode, Topology,
     netns_server::{NetnsServer, Serve},
 };
+use mesh_node::proto::Any;
 use mesh_node::xds::proto::{
     ADDRESS_TYPE, AUTHORIZATION_TYPE,
     discovery::{
@@ -27,7 +28,6 @@ use mesh_node::xds::proto::{
     security, workload,
 };
 use prost::Message;
-use prost_types::Any;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -250,7 +250,7 @@ impl ControlPlane {
             name,
             Any {
                 type_url: ADDRESS_TYPE.into(),
-                value: bytes,
+                value: bytes.into(),
             },
         );
     }
@@ -356,7 +356,7 @@ pub fn pod_workload(topo: &Topology, pod: &str, node: &str) -> workload::Workloa
 fn any(type_url: &str, message: &impl Message) -> Any {
     Any {
         type_url: type_url.to_owned(),
-        value: message.encode_to_vec(),
+        value: message.encode_to_vec().into(),
     }
 }
 

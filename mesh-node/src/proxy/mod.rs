@@ -39,7 +39,7 @@ pub fn workload_baggage(w: &crate::state::Workload) -> crate::hbone::Baggage {
         } else {
             w.workload_name.to_string()
         },
-        workload_kind: w.workload_type.to_owned(),
+        workload_kind: w.workload_type.as_str().to_owned(),
         service: w.canonical_name.to_string(),
         version: w.canonical_revision.to_string(),
         region: w.locality.region.to_string(),

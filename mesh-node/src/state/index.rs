@@ -132,8 +132,10 @@ impl State {
     }
 
     /// Adds or replaces the workload with this uid; addresses and services it no longer has are
-    /// let go.
-    pub fn upsert_workload(&mut self, workload: Workload) {
+    /// let go. (xDS hands over the `Arc` the workload was converted into: one made here instead
+    /// would leave the converted copy's allocation as a hole between the state's own.)
+    pub fn upsert_workload(&mut self, workload: impl Into<Arc<Workload>>) {
+        let workload = workload.into();
         // What the policy engine reads of a workload: which addresses it has, its namespace,
         // the policies that select it.
         let same_authz = self.workloads.get(&workload.uid).is_some_and(|old| {
@@ -147,7 +149,6 @@ impl State {
         if !same_authz {
             self.authz_version += 1;
         }
-        let workload = Arc::new(workload);
         for ip in workload.indexed_addresses() {
             addr_insert(
                 &mut self.workload_addrs,
@@ -190,9 +191,9 @@ impl State {
     }
 
     /// Adds or replaces the service with this "namespace/hostname".
-    pub fn upsert_service(&mut self, service: Service) {
+    pub fn upsert_service(&mut self, service: impl Into<Arc<Service>>) {
+        let service = service.into();
         self.remove_service(service.key());
-        let service = Arc::new(service);
         for vip in &service.vips {
             let vips = self.service_vips.entry(vip.network.clone()).or_default();
             if vip.is_host() {

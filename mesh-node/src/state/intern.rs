@@ -1,5 +1,6 @@
 //! One copy of each string many resources repeat: namespaces, service accounts, nodes,
-//! networks, clusters, localities, canonical names, service keys. At 100,000 workloads a
+//! networks, clusters, localities, canonical names, service keys; and of each locality and
+//! port list. At 100,000 workloads a
 //! workload's dozen short strings were most of its memory; interned, each is a 16-byte
 //! pointer to a string shared with every other workload that has it.
 //!
@@ -8,51 +9,78 @@
 //! table's cost stays amortised O(1) per call and bounded by twice what is in use.
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex, MutexGuard},
+    hash::Hash,
+    sync::{Arc, Mutex},
 };
+
+use super::{Locality, PortMapping};
 
 /// Below this many entries a sweep is not worth it.
 const MIN_SWEEP: usize = 1024;
 
-struct Table {
-    strings: HashSet<Arc<str>>,
-    /// Sweep when `strings` reaches this many.
+/// One table of shared values of one type.
+struct Interner<T: ?Sized>(Mutex<Option<Table<T>>>);
+
+struct Table<T: ?Sized> {
+    values: HashSet<Arc<T>>,
+    /// Sweep when `values` reaches this many.
     sweep_at: usize,
 }
 
-static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+impl<T: ?Sized + Eq + Hash> Interner<T> {
+    const fn new() -> Self {
+        Self(Mutex::new(None))
+    }
 
-fn table() -> MutexGuard<'static, Option<Table>> {
-    // The table holds no invariant a panicking holder could break half-way.
-    TABLE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn get(&self, value: &T, make: impl FnOnce(&T) -> Arc<T>) -> Arc<T> {
+        // The table holds no invariant a panicking holder could break half-way.
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let table = guard.get_or_insert_with(|| Table {
+            values: HashSet::new(),
+            sweep_at: MIN_SWEEP,
+        });
+        if let Some(found) = table.values.get(value) {
+            return found.clone();
+        }
+        if table.values.len() >= table.sweep_at {
+            // Only the table's own reference left: nothing uses it.
+            table.values.retain(|v| Arc::strong_count(v) > 1);
+            table.values.shrink_to_fit();
+            table.sweep_at = (table.values.len() * 2).max(MIN_SWEEP);
+        }
+        let shared = make(value);
+        table.values.insert(shared.clone());
+        shared
+    }
+
+    fn len(&self) -> usize {
+        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map_or(0, |t| t.values.len())
+    }
 }
+
+static STRINGS: Interner<str> = Interner::new();
+static PORTS: Interner<[PortMapping]> = Interner::new();
+static LOCALITIES: Interner<Locality> = Interner::new();
 
 /// The shared copy of `s`.
 pub fn intern(s: &str) -> Arc<str> {
-    let mut guard = table();
-    let table = guard.get_or_insert_with(|| Table {
-        strings: HashSet::new(),
-        sweep_at: MIN_SWEEP,
-    });
-    if let Some(found) = table.strings.get(s) {
-        return found.clone();
-    }
-    if table.strings.len() >= table.sweep_at {
-        // Only the table's own reference left: nothing uses it.
-        table.strings.retain(|s| Arc::strong_count(s) > 1);
-        table.strings.shrink_to_fit();
-        table.sweep_at = (table.strings.len() * 2).max(MIN_SWEEP);
-    }
-    let shared: Arc<str> = Arc::from(s);
-    table.strings.insert(shared.clone());
-    shared
+    STRINGS.get(s, |s| Arc::from(s))
+}
+
+/// The shared copy of a port list: most workloads of a service serve the same ports.
+pub fn ports(ports: &[PortMapping]) -> Arc<[PortMapping]> {
+    PORTS.get(ports, |p| Arc::from(p))
+}
+
+/// The shared copy of a locality: a cluster has a handful.
+pub fn locality(locality: Locality) -> Arc<Locality> {
+    LOCALITIES.get(&locality, |l| Arc::new(l.clone()))
 }
 
 /// Strings in the table (some perhaps no longer used), for tests and the memory benchmark.
 pub fn len() -> usize {
-    table().as_ref().map_or(0, |t| t.strings.len())
+    STRINGS.len()
 }
 
 #[cfg(test)]
@@ -66,6 +94,23 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(&*a, "intern-test/shared");
         assert!(!Arc::ptr_eq(&a, &intern("intern-test/other")));
+    }
+
+    #[test]
+    fn port_lists_and_localities_are_shared() {
+        let http = [PortMapping {
+            service_port: 80,
+            target_port: 8080,
+        }];
+        assert!(Arc::ptr_eq(&ports(&http), &ports(&http.clone())));
+        assert!(!Arc::ptr_eq(&ports(&http), &ports(&[])));
+        let zone = |z: &str| Locality {
+            region: intern("intern-test-region"),
+            zone: intern(z),
+            subzone: intern(""),
+        };
+        assert!(Arc::ptr_eq(&locality(zone("a")), &locality(zone("a"))));
+        assert!(!Arc::ptr_eq(&locality(zone("a")), &locality(zone("b"))));
     }
 
     #[test]

@@ -51,7 +51,7 @@ pub struct Locality {
 }
 
 /// One service port a workload serves, and the port it really listens on (0: the service's).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct PortMapping {
     pub service_port: u16,
     pub target_port: u16,
@@ -76,17 +76,46 @@ pub enum GatewayDestination {
 /// A workload's own tunnel listener (a waypoint's PROXY-protocol port), decoded and shown only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct ApplicationTunnel {
-    /// "NONE" or "PROXY".
-    pub protocol: &'static str,
+    pub protocol: ApplicationProtocol,
     pub port: u16,
+}
+
+/// What an application tunnel puts in front of the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ApplicationProtocol {
+    None,
+    Proxy,
+}
+
+/// The kind of controller a workload belongs to, as Istio's `WorkloadType`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadKind {
+    #[default]
+    Deployment,
+    Cronjob,
+    Pod,
+    Job,
+}
+
+impl WorkloadKind {
+    /// As Istio's metrics label it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deployment => "deployment",
+            Self::Cronjob => "cronjob",
+            Self::Pod => "pod",
+            Self::Job => "job",
+        }
+    }
 }
 
 /// A workload (pod or VM) as the control plane describes it.
 ///
 /// Sized for a million of them: strings many workloads repeat are interned ([`intern`]), the
 /// uid is one allocation shared with every index that keys by it, fields few workloads set
-/// are boxed, and lists are boxed slices. About 1.5 KB each at 100,000, with the indexes and
-/// the session's version table (measured by `cargo xtask bench xds`).
+/// are boxed, and lists are boxed slices.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Workload {
     pub uid: Arc<str>,
@@ -102,7 +131,8 @@ pub struct Workload {
     pub network_mode: NetworkMode,
     pub node: Arc<str>,
     pub cluster_id: Arc<str>,
-    pub locality: Locality,
+    /// Shared with every workload of the same locality ([`intern::locality`]).
+    pub locality: Arc<Locality>,
     pub protocol: TunnelProtocol,
     pub healthy: bool,
     /// Relative share of a service's traffic; 0 takes none.
@@ -119,15 +149,15 @@ pub struct Workload {
     pub canonical_name: Arc<str>,
     pub canonical_revision: Arc<str>,
     pub workload_name: Arc<str>,
-    /// "deployment", "cronjob", "pod" or "job".
-    pub workload_type: &'static str,
+    pub workload_type: WorkloadKind,
     /// Speaks HBONE itself (no node proxy in front of it); decoded and shown.
     pub native_tunnel: bool,
     pub application_tunnel: Option<ApplicationTunnel>,
 }
 
-/// A service key and the ports a workload serves for it.
-pub type EndpointOf = (Arc<str>, Box<[PortMapping]>);
+/// A service key and the ports a workload serves for it (a list shared by the workloads that
+/// serve the same ones, [`intern::ports`]).
+pub type EndpointOf = (Arc<str>, Arc<[PortMapping]>);
 
 fn services_as_map<S: serde::Serializer>(
     services: &[EndpointOf],

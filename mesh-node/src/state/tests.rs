@@ -653,3 +653,10 @@ fn network_first_failover_still_prefers_the_nearest_remote_region() {
     state.remove_workload("same-region");
     assert_eq!(only(&state), ["far-region"]);
 }
+
+/// A million workloads are held at once: a field that grows every one of them shows here.
+#[test]
+fn a_workload_stays_small() {
+    let size = std::mem::size_of::<super::Workload>();
+    assert!(size <= 280, "Workload is {size} bytes");
+}

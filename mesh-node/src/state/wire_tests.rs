@@ -1,7 +1,7 @@
 //! Resources written field by field with the numbers of Istio's current `workload.proto` and
 //! `authorization.proto`, not with our generated types: these pin our protos to upstream's
 //! wire format, then check what the conversion makes of each field.
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use prost::{
     Message,
@@ -59,14 +59,14 @@ fn address(wire: Wire) -> Address {
 
 fn workload(fields: Wire) -> super::Workload {
     match address(Wire::default().message(1, fields)) {
-        Address::Workload(w) => *w,
+        Address::Workload(w) => Arc::unwrap_or_clone(w),
         Address::Service(_) => panic!("not a workload"),
     }
 }
 
 fn service(fields: Wire) -> super::Service {
     match address(Wire::default().message(2, fields)) {
-        Address::Service(s) => *s,
+        Address::Service(s) => Arc::unwrap_or_clone(s),
         Address::Workload(_) => panic!("not a service"),
     }
 }
@@ -327,9 +327,12 @@ fn every_upstream_workload_field_decodes() {
             .message(23, Wire::default().varint(1, 1).varint(2, 15088))
             .message(26, Wire::default().string(1, "ext")),
     );
-    assert_eq!(w.workload_type, "pod");
+    assert_eq!(w.workload_type.as_str(), "pod");
     assert!(w.native_tunnel);
-    assert_eq!(w.application_tunnel.unwrap().protocol, "PROXY");
+    assert_eq!(
+        w.application_tunnel.unwrap().protocol,
+        crate::state::ApplicationProtocol::Proxy
+    );
     assert_eq!(
         (&*w.canonical_name, &*w.workload_name),
         ("full-app", "full-deploy")

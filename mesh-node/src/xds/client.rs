@@ -5,8 +5,7 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use prost_types::{Struct, Value, value::Kind};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, transport::Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::{
     error_chain,
@@ -15,12 +14,13 @@ use crate::{
 };
 
 use super::{
-    proto::discovery::{
-        Node, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    },
+    ads,
+    proto::discovery::Node,
     session::{Session, Update, XdsStatus},
 };
 
+/// The largest response taken (istiod sends the whole mesh in its first).
+const MAX_RESPONSE: usize = 256 * 1024 * 1024;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
@@ -156,20 +156,16 @@ async fn stream(
             .await
             .map_err(|_| "request channel closed")?;
     }
-    let mut request = Request::new(ReceiverStream::new(outgoing));
+    let mut metadata = tonic::metadata::MetadataMap::new();
     istiod::authenticate(
-        request.metadata_mut(),
+        &mut metadata,
         config.token_file.as_deref(),
         &config.cluster_id,
     )?;
-
-    let mut client =
-        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
-    let mut responses = client
-        .delta_aggregated_resources(request)
+    let mut channel = channel;
+    let mut responses = ads::open(&mut channel, metadata, outgoing, MAX_RESPONSE)
         .await
-        .map_err(|status| format!("open stream: {}", status.message()))?
-        .into_inner();
+        .map_err(|status| format!("open stream: {}", status.message()))?;
     tracing::info!(address = %config.address, "xDS stream open");
     metrics.xds_connected(true);
     loop {

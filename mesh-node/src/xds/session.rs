@@ -16,6 +16,7 @@ use super::proto::{
 use crate::state::{
     Policy, State,
     convert::{self, Address},
+    intern,
 };
 
 /// gRPC's INVALID_ARGUMENT, the code a NACK's `error_detail` carries.
@@ -111,8 +112,8 @@ impl Update {
         }
         for address in addresses {
             match address {
-                Address::Workload(w) => state.upsert_workload(*w),
-                Address::Service(s) => state.upsert_service(*s),
+                Address::Workload(w) => state.upsert_workload(w),
+                Address::Service(s) => state.upsert_service(s),
             }
         }
         for policy in policies {
@@ -165,8 +166,9 @@ struct TypeState {
     type_url: &'static str,
     /// Resource name → version, of what we hold. A refused resource keeps the version of its
     /// last good one (or has none), so that after a reconnect the control plane sends it again.
-    /// A workload's or service's name is the allocation its state entry keys by.
-    versions: HashMap<Arc<str>, Box<str>>,
+    /// A workload's or service's name is the allocation its state entry keys by; versions are
+    /// interned (a push gives many resources the same one, and istiod's are often empty).
+    versions: HashMap<Arc<str>, Arc<str>>,
     /// Resources whose latest version was refused.
     rejected: BTreeMap<String, Rejected>,
     /// Whether a response of this type has been applied since start: only then do we hold
@@ -299,7 +301,7 @@ impl Session {
             };
             state
                 .versions
-                .insert(name, resource.version.as_str().into());
+                .insert(name, intern::intern(&resource.version));
         }
         for name in &response.removed_resources {
             state.versions.remove(name.as_str());
@@ -364,7 +366,7 @@ fn decode(resource: &Resource, type_url: &str, trust_domain: &str) -> Result<Dec
     if any.type_url != type_url {
         return Err(format!("body is {:?}, not {type_url:?}", any.type_url));
     }
-    let bytes = any.value.as_slice();
+    let bytes = &any.value[..];
     if type_url == ADDRESS_TYPE {
         let address = workload::Address::decode(bytes).map_err(|e| format!("decode: {e}"))?;
         convert::address(address, trust_domain)

@@ -44,9 +44,20 @@ struct Row {
     workloads: usize,
     services: usize,
     wire_bytes: usize,
-    sync_ms: f64,
     idle_rss_kib: u64,
-    synced_rss_kib: u64,
+    idle_heap_kib: u64,
+    synced: Synced,
+}
+
+/// What the measured process reported once synced.
+struct Synced {
+    ms: f64,
+    /// Right after the push was applied, with what decoding it freed still mapped.
+    rss_kib: u64,
+    /// After the allocator gave that back, as a running mesh-node's periodic check does.
+    settled_rss_kib: u64,
+    /// Bytes allocated and not freed: the state, its indexes, the session's version table.
+    heap_kib: u64,
     /// Longest a reader waited for the state during the push.
     wait_ms: f64,
     /// Longest the state's write lock was held at a time.
@@ -64,28 +75,39 @@ fn bench(sizes: &[usize]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "| workloads | services | pushed (MiB) | first sync (ms) | longest write hold (ms) | longest lookup wait (ms) | RSS idle (MiB) | RSS synced (MiB) | per workload+service (bytes) |"
+        "| workloads | services | pushed (MiB) | first sync (ms) | longest write hold (ms) | longest lookup wait (ms) | RSS idle (MiB) | RSS synced (MiB) | RSS settled (MiB) | heap per workload+service (bytes) | RSS per workload+service (bytes) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json = Vec::new();
     for r in &rows {
-        let added = r.synced_rss_kib.saturating_sub(r.idle_rss_kib) * 1024;
-        let per = added as f64 / (r.workloads + r.services) as f64;
+        let resources = (r.workloads + r.services) as f64;
+        let per = |kib: u64, base: u64| (kib.saturating_sub(base) * 1024) as f64 / resources;
+        let heap = per(r.synced.heap_kib, r.idle_heap_kib);
+        let rss = per(r.synced.settled_rss_kib, r.idle_rss_kib);
+        let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
-            "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} |",
+            "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {heap:.0} | {rss:.0} |",
             r.workloads,
             r.services,
             r.wire_bytes as f64 / 1048576.0,
-            r.sync_ms,
-            r.hold_ms,
-            r.wait_ms,
-            r.idle_rss_kib as f64 / 1024.0,
-            r.synced_rss_kib as f64 / 1024.0,
-            per
+            r.synced.ms,
+            r.synced.hold_ms,
+            r.synced.wait_ms,
+            mib(r.idle_rss_kib),
+            mib(r.synced.rss_kib),
+            mib(r.synced.settled_rss_kib),
         );
         json.push(format!(
-            "{{\"workloads\":{},\"services\":{},\"wire_bytes\":{},\"sync_ms\":{:.1},\"longest_hold_ms\":{:.2},\"longest_wait_ms\":{:.2},\"idle_rss_kib\":{},\"synced_rss_kib\":{},\"bytes_per_resource\":{:.0}}}",
-            r.workloads, r.services, r.wire_bytes, r.sync_ms, r.hold_ms, r.wait_ms, r.idle_rss_kib, r.synced_rss_kib, per
+            "{{\"workloads\":{},\"services\":{},\"wire_bytes\":{},\"sync_ms\":{:.1},\"longest_hold_ms\":{:.2},\"longest_wait_ms\":{:.2},\"idle_rss_kib\":{},\"synced_rss_kib\":{},\"settled_rss_kib\":{},\"heap_bytes_per_resource\":{heap:.0},\"bytes_per_resource\":{rss:.0}}}",
+            r.workloads,
+            r.services,
+            r.wire_bytes,
+            r.synced.ms,
+            r.synced.hold_ms,
+            r.synced.wait_ms,
+            r.idle_rss_kib,
+            r.synced.rss_kib,
+            r.synced.settled_rss_kib,
         ));
     }
     // XDS_SCALE_OUT: where the smoke test writes, so it never replaces real results.
@@ -137,31 +159,31 @@ fn one(ca_dir: &std::path::Path, workloads: usize) -> Result<Row> {
                 .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
         };
         if line.starts_with("idle") {
-            idle = field("rss_kib");
+            idle = field("rss_kib").zip(field("heap_kib"));
         } else if line.starts_with("synced") {
-            synced = Some((
-                field("ms").unwrap_or(0.0),
-                field("rss_kib").unwrap_or(0.0),
-                field("wait_ms").unwrap_or(0.0),
-                field("hold_ms").unwrap_or(0.0),
-            ));
+            synced = Some(Synced {
+                ms: field("ms").unwrap_or(0.0),
+                rss_kib: field("rss_kib").unwrap_or(0.0) as u64,
+                settled_rss_kib: field("settled_rss_kib").unwrap_or(0.0) as u64,
+                heap_kib: field("heap_kib").unwrap_or(0.0) as u64,
+                wait_ms: field("wait_ms").unwrap_or(0.0),
+                hold_ms: field("hold_ms").unwrap_or(0.0),
+            });
             break;
         }
     }
     let _ = child.kill();
     let _ = child.wait();
-    let (Some(idle), Some((sync_ms, synced_rss, wait_ms, hold_ms))) = (idle, synced) else {
+    let (Some((idle_rss, idle_heap)), Some(synced)) = (idle, synced) else {
         bail!("the client process did not report a sync for {workloads} workloads");
     };
     Ok(Row {
         workloads,
         services,
         wire_bytes,
-        sync_ms,
-        idle_rss_kib: idle as u64,
-        synced_rss_kib: synced_rss as u64,
-        wait_ms,
-        hold_ms,
+        idle_rss_kib: idle_rss as u64,
+        idle_heap_kib: idle_heap as u64,
+        synced,
     })
 }
 
@@ -248,7 +270,11 @@ fn client(addr: &str, root: &str) -> Result<()> {
     let endpoint = config.endpoint()?;
     // The lock mesh-node's proxy context uses, handed over the same way between steps.
     let state = Arc::new(parking_lot::RwLock::new(State::new()));
-    println!("idle rss_kib={}", rss_kib()?);
+    println!(
+        "idle rss_kib={} heap_kib={}",
+        rss_kib()?,
+        mesh_node::memory::allocated_bytes() >> 10
+    );
     let (ready_tx, mut ready) = tokio::sync::watch::channel(Default::default());
     let sink = state.clone();
     // A reader standing in for connections being routed: how long it waits for the read
@@ -300,9 +326,14 @@ fn client(addr: &str, root: &str) -> Result<()> {
             let state = state.read();
             (state.workload_count(), state.service_count())
         };
+        let synced_rss = rss_kib()?;
+        // What mesh-node keeps of the push: its next periodic look at the allocator gives
+        // back the decode buffers the push freed, as this one does.
+        mesh_node::memory::check(&mut 0);
         println!(
-            "synced ms={ms:.1} rss_kib={} workloads={w} services={s} wait_ms={:.2} hold_ms={:.2}",
+            "synced ms={ms:.1} rss_kib={synced_rss} settled_rss_kib={} heap_kib={} workloads={w} services={s} wait_ms={:.2} hold_ms={:.2}",
             rss_kib()?,
+            mesh_node::memory::allocated_bytes() >> 10,
             longest_wait.as_secs_f64() * 1000.0,
             hold.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0
         );

@@ -5,7 +5,7 @@ mod authorization;
 mod service;
 mod workload;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 pub use authorization::authorization;
 pub use service::service;
@@ -29,17 +29,17 @@ pub struct ConvertError {
 /// A decoded `istio.workload.Address`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Address {
-    Workload(Box<Workload>),
-    Service(Box<Service>),
+    Workload(Arc<Workload>),
+    Service(Arc<Service>),
 }
 
 /// Converts an `Address` resource; `default_trust_domain` fills in workloads that omit theirs.
 pub fn address(address: pb::Address, default_trust_domain: &str) -> Result<Address, ConvertError> {
     match address.r#type {
         Some(pb::address::Type::Workload(w)) => {
-            workload(w, default_trust_domain).map(|w| Address::Workload(Box::new(w)))
+            workload(w, default_trust_domain).map(|w| Address::Workload(Arc::new(w)))
         }
-        Some(pb::address::Type::Service(s)) => service(s).map(|s| Address::Service(Box::new(s))),
+        Some(pb::address::Type::Service(s)) => service(s).map(|s| Address::Service(Arc::new(s))),
         None => Err(ConvertError {
             kind: "address",
             name: String::new(),

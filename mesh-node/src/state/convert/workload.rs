@@ -4,8 +4,9 @@ use crate::{
     identity::is_valid_trust_domain,
     proto::workload as pb,
     state::{
-        ApplicationTunnel, Locality, NetworkMode, PortMapping, TunnelProtocol, Workload,
-        intern::intern,
+        ApplicationProtocol, ApplicationTunnel, Locality, NetworkMode, PortMapping, TunnelProtocol,
+        Workload, WorkloadKind,
+        intern::{self, intern},
     },
 };
 
@@ -40,18 +41,18 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
         Err(_) => return Err(fail("network_mode", unknown(w.network_mode))),
     };
     let workload_type = match pb::WorkloadType::try_from(w.workload_type) {
-        Ok(pb::WorkloadType::Deployment) => "deployment",
-        Ok(pb::WorkloadType::Cronjob) => "cronjob",
-        Ok(pb::WorkloadType::Pod) => "pod",
-        Ok(pb::WorkloadType::Job) => "job",
+        Ok(pb::WorkloadType::Deployment) => WorkloadKind::Deployment,
+        Ok(pb::WorkloadType::Cronjob) => WorkloadKind::Cronjob,
+        Ok(pb::WorkloadType::Pod) => WorkloadKind::Pod,
+        Ok(pb::WorkloadType::Job) => WorkloadKind::Job,
         Err(_) => return Err(fail("workload_type", unknown(w.workload_type))),
     };
     let application_tunnel = match &w.application_tunnel {
         Some(tunnel) => {
             use pb::application_tunnel::Protocol as P;
             let protocol = match P::try_from(tunnel.protocol) {
-                Ok(P::None) => "NONE",
-                Ok(P::Proxy) => "PROXY",
+                Ok(P::None) => ApplicationProtocol::None,
+                Ok(P::Proxy) => ApplicationProtocol::Proxy,
                 Err(_) => {
                     return Err(fail(
                         "application_tunnel.protocol",
@@ -116,7 +117,7 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
                 target_port: port(p.target_port).map_err(|m| fail(&field, m))?,
             });
         }
-        services.push((intern(key), ports.into_boxed_slice()));
+        services.push((intern(key), intern::ports(&ports)));
     }
     // In key order, so that two decodings of one resource compare equal.
     services.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -153,11 +154,11 @@ pub fn workload(w: pb::Workload, default_trust_domain: &str) -> Result<Workload,
         application_tunnel,
         native_tunnel: w.native_tunnel,
         capacity: w.capacity.unwrap_or(1),
-        locality: Locality {
+        locality: intern::locality(Locality {
             region: locality_part(|l| &l.region),
             zone: locality_part(|l| &l.zone),
             subzone: locality_part(|l| &l.subzone),
-        },
+        }),
         // Unique per workload: not worth a table entry.
         uid: w.uid.as_str().into(),
         hostname: w.hostname.into_boxed_str(),

@@ -1,5 +1,5 @@
+use crate::proto::Any;
 use prost::Message;
-use prost_types::Any;
 
 use super::*;
 use crate::xds::proto::discovery::Resource;
@@ -19,7 +19,7 @@ fn workload_resource(uid: &str, version: &str, address: Vec<u8>) -> Resource {
         version: version.into(),
         resource: Some(Any {
             type_url: ADDRESS_TYPE.into(),
-            value: body.encode_to_vec(),
+            value: body.encode_to_vec().into(),
         }),
         ..Default::default()
     }
@@ -160,7 +160,7 @@ fn a_bad_resource_is_nacked_by_name_and_the_rest_of_the_response_applies() {
     assert!(session.status().rejected.is_empty());
 
     let mut garbage = workload_resource("junk", "v1", vec![]);
-    garbage.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff];
+    garbage.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff].into();
     let handled = session.handle(response("n3", vec![garbage], &[]));
     assert!(handled.rejected[0].error.starts_with("decode:"));
     // A refused resource that was never good is not held, and its removal clears the record.

@@ -267,3 +267,106 @@ pub fn connect_request(
     }
     Ok(request)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{identity::file_ca::FileCa, tls::Tls};
+
+    /// What the loopback server does with the first CONNECT of each connection.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        /// Accepts one tunnel and keeps it open, then stops taking streams (GOAWAY), as a
+        /// draining node does.
+        GoAway,
+        /// Resets the stream with this reason.
+        Reset(h2::Reason),
+    }
+
+    /// A client connection to a TLS + h2 server on loopback that answers as `answer` says.
+    async fn connected(answer: Answer) -> Connection {
+        let ttl = Duration::from_secs(3600);
+        let ca = FileCa::generate("cluster.local", ttl).unwrap();
+        let tls = Tls::new("cluster.local");
+        let server_id = Identity::new("cluster.local", "default", "server");
+        let client_id = Identity::new("cluster.local", "default", "client");
+        let server = tls.certified(&ca.issue(&server_id, ttl).unwrap()).unwrap();
+        let client = tls.certified(&ca.issue(&client_id, ttl).unwrap()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config.clone());
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = acceptor.accept(tcp).await.unwrap();
+            let mut h2 = h2::server::handshake(tls).await.unwrap();
+            match answer {
+                Answer::GoAway => {
+                    let Some(Ok((_, mut respond))) = h2.accept().await else {
+                        return;
+                    };
+                    let ok = http::Response::new(());
+                    let _open = respond.send_response(ok, false).unwrap();
+                    h2.graceful_shutdown();
+                    while h2.accept().await.is_some() {}
+                }
+                Answer::Reset(reason) => {
+                    while let Some(Ok((_, mut respond))) = h2.accept().await {
+                        respond.send_reset(reason);
+                    }
+                }
+            }
+        });
+        let config = tls.client_config(&client, vec![server_id.into()]).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        Connection::establish(tcp, addr, config).await.unwrap()
+    }
+
+    async fn refusal(connection: &Connection) -> ClientError {
+        match connection
+            .connect("10.0.0.1:80", &ConnectHeaders::default())
+            .await
+        {
+            Ok(_) => panic!("the server never accepts a tunnel"),
+            Err(error) => error,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_sent_into_a_goaway_is_unprocessed_and_the_connection_is_closed() {
+        let connection = connected(Answer::GoAway).await;
+        let open = connection
+            .connect("10.0.0.1:80", &ConnectHeaders::default())
+            .await
+            .unwrap();
+        // The GOAWAY arrives; the connection lives on for the open tunnel.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!connection.is_closed());
+        let error = refusal(&connection).await;
+        assert!(error.unprocessed(), "{error}");
+        assert!(
+            connection.is_closed(),
+            "a GOAWAY'd connection is not offered again"
+        );
+        drop(open);
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_unprocessed_and_the_connection_stays() {
+        let connection = connected(Answer::Reset(h2::Reason::REFUSED_STREAM)).await;
+        let error = refusal(&connection).await;
+        assert!(error.unprocessed(), "{error}");
+        assert!(!connection.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_stream_reset_for_another_reason_is_not_sent_again() {
+        // The peer processed it (its destination refused, say): sending it again could
+        // connect twice.
+        let connection = connected(Answer::Reset(h2::Reason::CONNECT_ERROR)).await;
+        let error = refusal(&connection).await;
+        assert!(!error.unprocessed(), "{error}");
+        assert!(!connection.is_closed());
+    }
+}

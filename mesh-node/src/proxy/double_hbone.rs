@@ -39,7 +39,7 @@ impl FarEnd {
     pub(super) fn describe(self, mut draft: Draft) -> Draft {
         draft.destination = draft.destination.described_as(&self.baggage);
         if let Some(identity) = self.identity {
-            draft.destination.principal = identity.to_string();
+            draft.destination.principal = identity.to_string().into();
         }
         draft
     }

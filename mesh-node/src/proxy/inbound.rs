@@ -446,7 +446,7 @@ fn open_report(
         (_, Some(identity), _) => Peer::of_identity(identity),
         (_, None, Some(workload)) => Peer {
             // A plaintext client proved nothing: name its workload, claim no identity.
-            principal: String::new(),
+            principal: Default::default(),
             ..Peer::of_workload(&workload)
         },
         (_, None, None) => Peer::unknown(),

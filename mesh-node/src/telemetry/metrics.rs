@@ -3,7 +3,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    sync::{Arc, Mutex, OnceLock, PoisonError},
+    sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError},
 };
 
 use mesh_common::Counter as KernelCounter;
@@ -27,29 +27,33 @@ use crate::dataplane::Dataplane;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_canonical_service: String,
-    pub source_canonical_revision: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_cluster: String,
-    pub destination_service: String,
-    pub destination_workload: String,
-    pub destination_canonical_service: String,
-    pub destination_canonical_revision: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_cluster: String,
+    pub source_workload: Arc<str>,
+    pub source_canonical_service: Arc<str>,
+    pub source_canonical_revision: Arc<str>,
+    pub source_workload_namespace: Arc<str>,
+    pub source_principal: Arc<str>,
+    pub source_cluster: Arc<str>,
+    pub destination_service: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_canonical_service: Arc<str>,
+    pub destination_canonical_revision: Arc<str>,
+    pub destination_workload_namespace: Arc<str>,
+    pub destination_principal: Arc<str>,
+    pub destination_cluster: Arc<str>,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }
 
-fn known(value: &str) -> String {
+/// How Istio labels what is not known (one shared copy).
+static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| "unknown".into());
+
+/// The value, or "unknown".
+fn known(value: &Arc<str>) -> Arc<str> {
     if value.is_empty() {
-        "unknown".to_owned()
+        UNKNOWN.clone()
     } else {
-        value.to_owned()
+        value.clone()
     }
 }
 
@@ -72,7 +76,10 @@ impl TcpLabels {
             source_workload_namespace: known(&source.namespace),
             source_principal: known(&source.principal),
             source_cluster: known(&source.cluster),
-            destination_service: known(destination_service.unwrap_or_default()),
+            destination_service: match destination_service {
+                Some(service) if !service.is_empty() => service.into(),
+                _ => UNKNOWN.clone(),
+            },
             destination_workload: known(&destination.workload),
             destination_canonical_service: known(&destination.canonical_service),
             destination_canonical_revision: known(&destination.canonical_revision),

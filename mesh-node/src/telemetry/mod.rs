@@ -27,15 +27,16 @@ pub enum Reporter {
     Destination,
 }
 
-/// One end of a connection as the labels and the access log name it.
+/// One end of a connection as the labels and the access log name it. The strings are the
+/// state's own (interned) where it has them, so describing a connection copies none of them.
 #[derive(Clone, Debug, Default)]
 pub struct Peer {
-    pub workload: String,
-    pub namespace: String,
-    pub principal: String,
-    pub canonical_service: String,
-    pub canonical_revision: String,
-    pub cluster: String,
+    pub workload: Arc<str>,
+    pub namespace: Arc<str>,
+    pub principal: Arc<str>,
+    pub canonical_service: Arc<str>,
+    pub canonical_revision: Arc<str>,
+    pub cluster: Arc<str>,
 }
 
 impl Peer {
@@ -43,29 +44,32 @@ impl Peer {
     pub fn of_pod(pod: &Pod, workload: Option<&Workload>) -> Self {
         match workload {
             Some(workload) => Self::of_workload(workload),
-            None => Self {
-                workload: pod.spec.name.clone(),
-                namespace: pod.spec.namespace.clone(),
-                principal: pod.identity.to_string(),
-                canonical_service: pod.spec.name.clone(),
-                ..Self::default()
-            },
+            None => {
+                let name: Arc<str> = pod.spec.name.as_str().into();
+                Self {
+                    workload: name.clone(),
+                    namespace: pod.spec.namespace.as_str().into(),
+                    principal: pod.identity.to_string().into(),
+                    canonical_service: name,
+                    ..Self::default()
+                }
+            }
         }
     }
 
     pub fn of_workload(workload: &Workload) -> Self {
-        let name: &str = if workload.workload_name.is_empty() {
-            &workload.name
+        let name = if workload.workload_name.is_empty() {
+            Arc::from(&*workload.name)
         } else {
-            &workload.workload_name
+            workload.workload_name.clone()
         };
         Self {
-            workload: name.to_owned(),
-            namespace: workload.namespace.to_string(),
-            principal: workload.identity().to_string(),
-            canonical_service: workload.canonical_name.to_string(),
-            canonical_revision: workload.canonical_revision.to_string(),
-            cluster: workload.cluster_id.to_string(),
+            workload: name,
+            namespace: workload.namespace.clone(),
+            principal: workload.identity().to_string().into(),
+            canonical_service: workload.canonical_name.clone(),
+            canonical_revision: workload.canonical_revision.clone(),
+            cluster: workload.cluster_id.clone(),
         }
     }
 
@@ -78,7 +82,7 @@ impl Peer {
     /// place (namespace, cluster, perhaps a name) and the identity it must prove.
     pub fn of_remote(workload: &Workload, expected: Option<&San>) -> Self {
         let mut peer = Self::of_workload(workload);
-        peer.principal = expected.map_or_else(String::new, San::to_string);
+        peer.principal = expected.map_or_else(Arc::default, |san| san.to_string().into());
         peer
     }
 
@@ -103,7 +107,7 @@ impl Peer {
         ];
         for (field, value) in fields {
             if !value.is_empty() && (replace || field.is_empty()) {
-                value.clone_into(field);
+                *field = value.as_str().into();
             }
         }
         self
@@ -112,8 +116,8 @@ impl Peer {
     /// Only the identity is known (an HBONE peer the state does not describe).
     pub fn of_identity(identity: &Identity) -> Self {
         Self {
-            principal: identity.to_string(),
-            namespace: identity.namespace.clone(),
+            principal: identity.to_string().into(),
+            namespace: identity.namespace.as_str().into(),
             ..Self::default()
         }
     }
@@ -376,9 +380,9 @@ mod tests {
             .described_by(&said);
         assert_eq!(
             (
-                source.namespace.as_str(),
-                source.workload.as_str(),
-                source.cluster.as_str()
+                source.namespace.as_ref(),
+                source.workload.as_ref(),
+                source.cluster.as_ref()
             ),
             ("shop", "client", "c1")
         );
@@ -392,10 +396,10 @@ mod tests {
         let destination = guessed.described_as(&answer);
         assert_eq!(
             (
-                destination.workload.as_str(),
-                destination.namespace.as_str(),
-                destination.cluster.as_str(),
-                destination.principal.as_str()
+                destination.workload.as_ref(),
+                destination.namespace.as_ref(),
+                destination.cluster.as_ref(),
+                destination.principal.as_ref()
             ),
             (
                 "server2",

@@ -47,19 +47,6 @@ pub fn check(baseline: &mut usize) {
     }
 }
 
-/// Bytes the allocator has handed out and not had back (all arenas and mmapped blocks).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn allocated_bytes() -> usize {
-    // SAFETY: mallinfo2 only reads the allocator's statistics.
-    let info = unsafe { libc::mallinfo2() };
-    info.uordblks + info.hblkhd
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn allocated_bytes() -> usize {
-    0
-}
-
 /// Gives back what starting left freed. Loading and verifying the eBPF objects, enrolling the
 /// pods and taking the first state allocate far more than an idle node keeps: measured on an
 /// idle mesh-node, 3.0 MB of its 3.7 MB heap were free chunks, below [`WORTH_TRIMMING`], so the
@@ -75,16 +62,36 @@ pub fn trim_after_startup() {
 }
 
 /// Bytes the allocator holds free (in all arenas).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn allocator_free_bytes() -> usize {
+    usage().free
+}
+
+/// Bytes the allocator has handed out and not had back (all arenas and mmapped blocks).
+pub fn allocated_bytes() -> usize {
+    usage().allocated
+}
+
+struct Usage {
+    allocated: usize,
+    free: usize,
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn usage() -> Usage {
     // SAFETY: mallinfo2 only reads the allocator's statistics.
     let info = unsafe { libc::mallinfo2() };
-    info.fordblks
+    Usage {
+        allocated: info.uordblks + info.hblkhd,
+        free: info.fordblks,
+    }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn allocator_free_bytes() -> usize {
-    0
+fn usage() -> Usage {
+    Usage {
+        allocated: 0,
+        free: 0,
+    }
 }
 
 /// Returns free pages of every arena to the kernel; whether any were.

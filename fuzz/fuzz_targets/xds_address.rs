@@ -16,12 +16,12 @@ fuzz_target!(|data: &[u8]| {
         match converted {
             convert::Address::Workload(w) => {
                 let uid = w.uid.clone();
-                state.upsert_workload(*w);
+                state.upsert_workload(w);
                 state.remove_address(&uid);
             }
             convert::Address::Service(s) => {
                 let key = s.key().to_owned();
-                state.upsert_service(*s);
+                state.upsert_service(s);
                 state.remove_address(&key);
             }
         }

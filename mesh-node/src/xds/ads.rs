@@ -99,6 +99,10 @@ impl Responses {
             if let Ok(trailers) = frame.into_trailers() {
                 return match Status::from_header_map(&trailers) {
                     Some(status) if status.code() != Code::Ok => Err(status),
+                    // A clean end must not pass off a cut message as nothing more to come.
+                    Some(_) if !self.buf.is_empty() => {
+                        Err(Status::internal("stream ended inside a message"))
+                    }
                     Some(_) => Ok(None),
                     None => Err(Status::internal("trailers without grpc-status")),
                 };
@@ -141,12 +145,13 @@ impl Responses {
     }
 }
 
-fn encode(request: &DeltaDiscoveryRequest) -> Bytes {
-    let len = request.encoded_len();
+/// A message with gRPC's prefix, as it goes on the wire.
+fn encode(message: &impl Message) -> Bytes {
+    let len = message.encoded_len();
     let mut out = Vec::with_capacity(PREFIX + len);
     out.push(0);
     out.extend_from_slice(&(len as u32).to_be_bytes());
-    request.encode_raw(&mut out);
+    message.encode_raw(&mut out);
     out.into()
 }
 
@@ -166,11 +171,7 @@ mod tests {
     }
 
     fn framed(response: &DeltaDiscoveryResponse) -> Vec<u8> {
-        let body = response.encode_to_vec();
-        let mut out = vec![0];
-        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        out.extend_from_slice(&body);
-        out
+        encode(response).to_vec()
     }
 
     fn response(nonce: &str, resources: usize) -> DeltaDiscoveryResponse {
@@ -270,14 +271,15 @@ mod tests {
 
         oversized[0] = 0;
         oversized.truncate(oversized.len() - 1);
-        let status = responses(vec![Frame::data(oversized.into())], 1 << 20)
-            .message()
-            .await
-            .unwrap_err();
-        assert!(
-            status.message().contains("ended inside a message"),
-            "{status:?}"
-        );
+        let cut = || Frame::data(Bytes::from(oversized.clone()));
+        // The body just ends, or the server ends the call with an OK status after the cut.
+        for frames in [vec![cut()], vec![cut(), trailers("0", "")]] {
+            let status = responses(frames, 1 << 20).message().await.unwrap_err();
+            assert!(
+                status.message().contains("ended inside a message"),
+                "{status:?}"
+            );
+        }
 
         let mut garbage = vec![0, 0, 0, 0, 3];
         garbage.extend([0xff, 0xff, 0xff]);

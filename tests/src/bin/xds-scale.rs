@@ -1,6 +1,8 @@
 //! Scale benchmark of the control-plane path: the test control plane pushes N workloads and
 //! N/10 services over delta ADS (TLS, loopback) to a separate process running mesh-node's xDS
-//! client and state index, which reports how long the first sync took and its resident memory.
+//! client and state index, which reports how long the first sync took, how long the state's
+//! lock was held and waited for, and its memory (the allocator's bytes in use; RSS right after
+//! the push and once the allocator has given back what decoding freed).
 //!
 //! `xds-scale [SIZES]` (default `1000,10000,100000`) prints a Markdown table and writes
 //! `target/bench/xds-scale.json` (or `$XDS_SCALE_OUT`). `xds-scale client ADDR ROOT_CERT` is the measured process.

@@ -165,6 +165,7 @@ impl Bench<'_> {
         found: &mut Found,
     ) -> Result<()> {
         let switches_before = meshes.context_switches(route)?;
+        let cpu_before = meshes.cpu_seconds(route)?;
         let out = self.client(
             route,
             &[
@@ -194,6 +195,10 @@ impl Bench<'_> {
             found
                 .samples
                 .add("switches_per_request", route, switches as f64 / requests);
+            let cpu = meshes.cpu_seconds(route)? - cpu_before;
+            found
+                .samples
+                .add("cpu_per_request", route, cpu * 1e6 / requests);
         }
         eprintln!(
             "bench: {tag} latency p50 {:.0} µs, p99 {:.0} µs",

@@ -113,6 +113,12 @@ pub(super) fn metric_defs(config: &Config) -> Vec<(String, String, &'static str,
         "",
         MeshOnly,
     ));
+    defs.push((
+        "cpu_per_request".into(),
+        "proxy CPU per 1 KiB echo".into(),
+        "µs",
+        MeshOnly,
+    ));
     defs.push(("conn_rate".into(), "new connections".into(), "/s", Ratio));
     for (key, label) in [
         ("connect_p50", "connect() p50"),

@@ -36,7 +36,12 @@ fn run() -> Result<()> {
             "--smoke" => smoke = true,
             "--runs" => {
                 let n = value()?;
-                runs = Some(n.parse().with_context(|| format!("--runs {n:?}"))?);
+                let parsed: usize = n.parse().with_context(|| format!("--runs {n:?}"))?;
+                ensure!(
+                    parsed > 0,
+                    "--runs {n}: at least one run is needed to report anything"
+                );
+                runs = Some(parsed);
             }
             "--out" => out = PathBuf::from(value()?),
             "--name" => name = Some(value()?),

@@ -10,6 +10,8 @@
 //! - `bench xds [SIZES]`: release build, then the control-plane scale benchmark.
 //! - `bench soak [--smoke] [--conns N] [--seconds S] [--rate R]`: release build, then the soak
 //!   benchmark (long-held connections, policy pushes, memory and descriptors over time).
+//! - `bench sockmap [--runs N] [TEST…]`: the sockmap experiment (`experiments/sockmap`, a
+//!   workspace of its own): the kernel's socket redirects against a same-node relay.
 //! - `release`: setup, then the release build of mesh-node (what the image's build stage runs).
 //! - `fuzz [--seconds N] [TARGET…]`: cargo fuzz (libFuzzer, pinned nightly) on every target of
 //!   `fuzz/`, seeded from `fuzz/corpus/<target>`; `test` runs it for a few seconds each.
@@ -29,6 +31,8 @@ const PINNED_NIGHTLY_COMMIT_DATE: &str = "2026-05-19";
 const PINNED_NIGHTLY_NAME: &str = "nightly-2026-05-20";
 const BPF_LINKER_VERSION: &str = "0.10.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The sockmap experiment's own workspace (`bench sockmap`).
+const SOCKMAP_MANIFEST: &str = "experiments/sockmap/Cargo.toml";
 /// Seconds per fuzz target in `cargo xtask test` (a smoke run; `cargo xtask fuzz` runs longer).
 const FUZZ_SMOKE_SECONDS: u64 = 5;
 /// Commands the harness and mesh-node rely on, with the Debian package that provides each
@@ -97,6 +101,14 @@ enum BenchSuite {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The sockmap experiment (experiments/sockmap): a same-node relay against the kernel's
+    /// socket redirects, and no proxy at all; throughput, the machine's CPU, latency, queueing
+    /// behind a stalled reader, EOF order. Markdown on stdout.
+    Sockmap {
+        /// Passed to sockmap-bench: `--runs N`, then tests among `bulk echo slow eof`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Control-plane scale: N workloads + N/10 services pushed over delta ADS; first-sync time
     /// and resident memory of the receiving process.
     Xds {
@@ -152,6 +164,19 @@ fn main() -> Result<()> {
                 bail!("--compare-ztunnel is an option of the data-path benchmark");
             }
             let toolchain = setup()?;
+            if let Some(BenchSuite::Sockmap { args }) = &suite {
+                // Not mesh-node: a workspace of its own, built only when asked for.
+                let manifest = root.join(SOCKMAP_MANIFEST);
+                let manifest = manifest.to_str().context("workspace path is not UTF-8")?;
+                cargo(
+                    &toolchain,
+                    &["build", "--release", "--manifest-path", manifest],
+                )?;
+                let mut bench =
+                    Command::new(root.join("experiments/sockmap/target/release/sockmap-bench"));
+                bench.args(args);
+                return run(bench);
+            }
             // mesh-node as released; the benchmark's programs in the quicker `tools` profile.
             cargo(&toolchain, &["build", "--release", "-p", "mesh-node"])?;
             cargo(
@@ -178,6 +203,7 @@ fn main() -> Result<()> {
                         .args(args);
                     run(bench)?;
                 }
+                BenchSuite::Sockmap { .. } => unreachable!("run above"),
                 BenchSuite::Xds { sizes } => {
                     let mut bench = Command::new(tools.join("xds-scale"));
                     bench.arg(sizes);
@@ -194,6 +220,33 @@ fn main() -> Result<()> {
                 &[
                     "clippy",
                     "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+            )?;
+            // The sockmap experiment is no part of mesh-node and is not run here, but it must
+            // keep building (its eBPF object included) and stay as clean as the rest.
+            let experiment = root.join(SOCKMAP_MANIFEST);
+            let experiment = experiment.to_str().context("workspace path is not UTF-8")?;
+            cargo(
+                &toolchain,
+                &[
+                    "fmt",
+                    "--manifest-path",
+                    experiment,
+                    "--all",
+                    "--",
+                    "--check",
+                ],
+            )?;
+            cargo(
+                &toolchain,
+                &[
+                    "clippy",
+                    "--manifest-path",
+                    experiment,
                     "--all-targets",
                     "--",
                     "-D",

@@ -818,6 +818,24 @@ fn mem_available_kib() -> Result<u64> {
         .context("MemAvailable")
 }
 
+/// Runs `test` on every mode `runs` times, the modes interleaved within a run so that drift
+/// affects all alike: each mode's two series of figures.
+fn interleaved(
+    runs: usize,
+    modes: &[Mode],
+    test: impl Fn(Mode) -> Result<(f64, f64)>,
+) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
+    let mut results = vec![(Vec::new(), Vec::new()); modes.len()];
+    for _ in 0..runs {
+        for (result, &mode) in results.iter_mut().zip(modes) {
+            let (first, second) = test(mode)?;
+            result.0.push(first);
+            result.1.push(second);
+        }
+    }
+    Ok(results)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -863,15 +881,7 @@ fn main() -> Result<()> {
     let modes = Mode::MEASURED;
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     if wants("bulk") {
-        let mut results = vec![(Vec::new(), Vec::new()); modes.len()];
-        for _ in 0..runs {
-            // Modes interleaved within a run, so drift affects all alike.
-            for (i, &mode) in modes.iter().enumerate() {
-                let (gbit, cpu) = bench.bulk(mode)?;
-                results[i].0.push(gbit);
-                results[i].1.push(cpu);
-            }
-        }
+        let results = interleaved(runs, &modes, |mode| bench.bulk(mode))?;
         let direct = median(results[0].0.clone());
         rows.push((
             "1 stream, Gbit/s (min–max) × direct".into(),
@@ -886,28 +896,15 @@ fn main() -> Result<()> {
         ));
     }
     if wants("echo") {
-        let mut results = vec![(Vec::new(), Vec::new()); modes.len()];
-        for _ in 0..runs {
-            for (i, &mode) in modes.iter().enumerate() {
-                let (p50, p99) = bench.echo(mode)?;
-                results[i].0.push(p50);
-                results[i].1.push(p99);
-            }
-        }
-        rows.push((
-            "1 KiB echo round trip p50, µs".into(),
-            results
-                .iter()
-                .map(|r| format!("{:.1}", median(r.0.clone())))
-                .collect(),
-        ));
-        rows.push((
-            "1 KiB echo round trip p99, µs".into(),
-            results
-                .iter()
-                .map(|r| format!("{:.1}", median(r.1.clone())))
-                .collect(),
-        ));
+        let results = interleaved(runs, &modes, |mode| bench.echo(mode))?;
+        let p50 = results
+            .iter()
+            .map(|r| format!("{:.1}", median(r.0.clone())));
+        rows.push(("1 KiB echo round trip p50, µs".into(), p50.collect()));
+        let p99 = results
+            .iter()
+            .map(|r| format!("{:.1}", median(r.1.clone())));
+        rows.push(("1 KiB echo round trip p99, µs".into(), p99.collect()));
     }
     if wants("slow") {
         let mut results = Vec::new();

@@ -40,6 +40,7 @@ use std::{
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
+    panic::{self, AssertUnwindSafe},
     process::Command,
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -174,6 +175,10 @@ struct Topology {
 }
 
 impl Topology {
+    fn names(&self) -> [String; 3] {
+        [&self.client, &self.node, &self.server].map(|netns| netns.name.clone())
+    }
+
     /// client pod (10.201.1.2) — node (10.201.1.1 | 10.201.2.1, forwarding) — server pod
     /// (10.201.2.2).
     fn create() -> Result<Self> {
@@ -855,7 +860,12 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--runs" => runs = args.next().context("--runs needs a number")?.parse()?,
+            "--runs" => {
+                let value = args.next().context("--runs needs a number")?;
+                runs = value
+                    .parse()
+                    .with_context(|| format!("--runs {value:?}: not a number"))?;
+            }
             "bulk" | "echo" | "slow" | "eof" => tests.push(arg),
             other => bail!("unknown argument {other:?} (--runs N, bulk, echo, slow, eof)"),
         }
@@ -864,9 +874,59 @@ fn main() -> Result<()> {
         runs > 0,
         "--runs: at least one run is needed to report anything"
     );
-    let wants = |test: &str| tests.is_empty() || tests.iter().any(|t| t == test);
-
+    sweep_leftovers();
     let topology = Arc::new(Topology::create()?);
+    let names = topology.names();
+    let measured = panic::catch_unwind(AssertUnwindSafe(|| measure(&topology, runs, &tests)));
+    // A thread still blocked after a failure holds the topology: delete the namespaces by name
+    // rather than wait for the last holder to drop them.
+    for name in names {
+        let _ = ip(&["netns", "delete", &name]);
+    }
+    let rows = match measured {
+        Ok(rows) => rows?,
+        Err(panicked) => panic::resume_unwind(panicked),
+    };
+    println!(
+        "\n{runs} runs, medians; the machine's CPU from /proc/stat (applications, proxy and kernel)\n"
+    );
+    print!("| |");
+    for mode in Mode::MEASURED {
+        print!(" {} |", mode.name());
+    }
+    println!("\n|---|{}", "---:|".repeat(Mode::MEASURED.len()));
+    for (name, cells) in rows {
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    Ok(())
+}
+
+/// Namespaces of earlier runs that were killed before they could remove them (`smx<pid>-*`
+/// whose process is gone).
+fn sweep_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("smx")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = ip(&["netns", "delete", &name]);
+        }
+    }
+}
+
+type Rows = Vec<(String, Vec<String>)>;
+
+/// Runs the tests asked for; a table row each figure.
+fn measure(topology: &Arc<Topology>, runs: usize, tests: &[String]) -> Result<Rows> {
+    let wants = |test: &str| tests.is_empty() || tests.iter().any(|t| t == test);
+    let topology = topology.clone();
     let (_ebpf, maps) = load_programs()?;
     topology.server.enter()?;
     let server = Arc::new(TcpListener::bind(SERVER)?);
@@ -879,7 +939,7 @@ fn main() -> Result<()> {
     };
 
     let modes = Mode::MEASURED;
-    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut rows = Rows::new();
     if wants("bulk") {
         let results = interleaved(runs, &modes, |mode| bench.bulk(mode))?;
         let direct = median(results[0].0.clone());
@@ -941,16 +1001,5 @@ fn main() -> Result<()> {
         ));
     }
 
-    println!(
-        "\n{runs} runs, medians; the machine's CPU from /proc/stat (applications, proxy and kernel)\n"
-    );
-    print!("| |");
-    for mode in modes {
-        print!(" {} |", mode.name());
-    }
-    println!("\n|---|{}", "---:|".repeat(modes.len()));
-    for (name, cells) in rows {
-        println!("| {name} | {} |", cells.join(" | "));
-    }
-    Ok(())
+    Ok(rows)
 }

@@ -34,7 +34,8 @@
 //!
 //! Usage: `sockmap-bench [--runs N] [bulk] [echo] [slow] [eof]` (default: 5 runs, all tests),
 //! as root; `cargo xtask bench sockmap` builds and runs it. Everything it creates (namespaces,
-//! veths, programs, maps) is gone when it exits, also on failure.
+//! veths, programs, maps) is gone when it exits, also on failure; the namespaces of a run that
+//! was killed are removed by the next.
 use std::{
     fs::File,
     io::{self, Read, Write},

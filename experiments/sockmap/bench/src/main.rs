@@ -42,6 +42,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     panic::{self, AssertUnwindSafe},
+    path::PathBuf,
     process::Command,
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -52,7 +53,7 @@ use anyhow::{Context, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, SockHash},
-    programs::{SkMsg, SkSkb},
+    programs::{CgroupAttachMode, SkMsg, SkSkb, SockOps},
 };
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 201, 1, 2);
@@ -75,8 +76,10 @@ enum Mode {
         wait: bool,
     },
     MsgEgress,
-    /// As `MsgEgress`, but the client sends at once and the proxy pairs it mid-stream: the
-    /// hand-over from the relay to the kernel.
+    /// As `MsgEgress`, but as mesh-node would have it: the sockets join the map from
+    /// `sock_ops` as their connections are established, the server's already paired with the
+    /// proxy's socket towards the client; the client sends at once and the proxy pairs it
+    /// mid-stream (the hand-over from the relay to the kernel).
     MsgEgressLate,
     MsgIngress,
 }
@@ -98,7 +101,7 @@ impl Mode {
             Mode::SkbEgress { wait: true } => "skb-egress",
             Mode::SkbEgress { wait: false } => "skb-egress, EOF passed on at once",
             Mode::MsgEgress => "msg-egress",
-            Mode::MsgEgressLate => "msg-egress, paired mid-stream",
+            Mode::MsgEgressLate => "msg-egress, joined by sock_ops, paired mid-stream",
             Mode::MsgIngress => "msg-ingress",
         }
     }
@@ -182,8 +185,7 @@ impl Topology {
 
     /// client pod (10.201.1.2) — node (10.201.1.1 | 10.201.2.1, forwarding) — server pod
     /// (10.201.2.2).
-    fn create() -> Result<Self> {
-        let tag = format!("smx{}", std::process::id());
+    fn create(tag: &str) -> Result<Self> {
         let topology = Topology {
             client: Netns::create(format!("{tag}-c"))?,
             node: Netns::create(format!("{tag}-n"))?,
@@ -222,6 +224,57 @@ impl Topology {
     }
 }
 
+/// A cgroup of ours (under the cgroup2 root) that this process moves into, so that the
+/// `sock_ops` program sees its sockets; left and removed when dropped.
+struct Cgroup {
+    path: PathBuf,
+    original: PathBuf,
+}
+
+impl Cgroup {
+    fn enter(name: &str) -> Result<Self> {
+        let root = cgroup2_root()?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let own = own
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .context("/proc/self/cgroup has no cgroup2 line")?;
+        let original = root.join(own.trim_start_matches('/'));
+        let path = root.join(name);
+        std::fs::create_dir(&path).with_context(|| format!("create {}", path.display()))?;
+        let cgroup = Cgroup { path, original };
+        std::fs::write(
+            cgroup.path.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("move into {}", cgroup.path.display()))?;
+        Ok(cgroup)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.original.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Where cgroup v2 is mounted (`/proc/self/mounts`).
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, mountpoint, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(mountpoint))
+        })
+        .context("no cgroup2 mount in /proc/self/mounts")
+}
+
 struct Maps {
     skb_socks: SockHash<MapData, u64>,
     skb_peer: HashMap<MapData, u64, u64>,
@@ -230,11 +283,12 @@ struct Maps {
     msg_peer: HashMap<MapData, u64, u64>,
     msg_passed: HashMap<MapData, u64, u64>,
     msg_relayed: HashMap<MapData, u64, u64>,
+    join_netns: HashMap<MapData, u64, u8>,
 }
 
 type SharedMaps = Arc<Mutex<Maps>>;
 
-fn load_programs() -> Result<(Ebpf, SharedMaps)> {
+fn load_programs(cgroup: &Cgroup) -> Result<(Ebpf, SharedMaps)> {
     let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
         env!("OUT_DIR"),
         "/sockmap-ebpf"
@@ -247,6 +301,7 @@ fn load_programs() -> Result<(Ebpf, SharedMaps)> {
     let msg_peer: HashMap<MapData, u64, u64> = take("MSG_PEER")?.try_into()?;
     let msg_passed: HashMap<MapData, u64, u64> = take("MSG_PASSED")?.try_into()?;
     let msg_relayed: HashMap<MapData, u64, u64> = take("MSG_RELAYED")?.try_into()?;
+    let join_netns: HashMap<MapData, u64, u8> = take("JOIN_NETNS")?.try_into()?;
     let verdict: &mut SkSkb = ebpf
         .program_mut("skb_redirect")
         .context("program skb_redirect")?
@@ -259,6 +314,12 @@ fn load_programs() -> Result<(Ebpf, SharedMaps)> {
         .try_into()?;
     msg.load()?;
     msg.attach(msg_socks.fd())?;
+    let join: &mut SockOps = ebpf
+        .program_mut("join")
+        .context("program join")?
+        .try_into()?;
+    join.load()?;
+    join.attach(File::open(&cgroup.path)?, CgroupAttachMode::Single)?;
     let maps = Maps {
         skb_socks,
         skb_peer,
@@ -267,6 +328,7 @@ fn load_programs() -> Result<(Ebpf, SharedMaps)> {
         msg_peer,
         msg_passed,
         msg_relayed,
+        join_netns,
     };
     Ok((ebpf, Arc::new(Mutex::new(maps))))
 }
@@ -398,6 +460,9 @@ fn drain(mut s: TcpStream, check: bool) -> (u64, bool) {
 struct Listeners {
     server: Arc<TcpListener>,
     proxy: Arc<TcpListener>,
+    /// The namespaces' cookies, for `JOIN_NETNS` and the keys of sockets yet to exist.
+    client_netns: u64,
+    server_netns: u64,
 }
 
 /// A connection set up through `mode`'s path: the client's end, the server's and the proxy's
@@ -409,6 +474,8 @@ struct Connection<T> {
     proxy: Option<thread::JoinHandle<Result<()>>>,
     maps: SharedMaps,
     keys: Vec<u64>,
+    /// `JOIN_NETNS` entries to remove.
+    joined: Vec<u64>,
 }
 
 impl<T> Connection<T> {
@@ -431,6 +498,9 @@ impl<T> Connection<T> {
             .iter()
             .filter_map(|key| maps.msg_passed.get(key, 0).ok())
             .sum();
+        for netns in &self.joined {
+            let _ = maps.join_netns.remove(netns);
+        }
         for key in &self.keys {
             let _ = maps.skb_peer.remove(key);
             let _ = maps.skb_bytes.remove(key);
@@ -478,30 +548,52 @@ where
             proxy: None,
             maps: maps.clone(),
             keys: Vec::new(),
+            joined: Vec::new(),
         });
     }
+    let joined = if mode == Mode::MsgEgressLate {
+        // From here on every connection established in the two pods' namespaces joins the
+        // map (`join`): the client's, the proxy's two and the server's.
+        let mut locked = maps.lock().unwrap();
+        for netns in [listeners.client_netns, listeners.server_netns] {
+            locked.join_netns.insert(netns, 1, 0)?;
+        }
+        vec![listeners.client_netns, listeners.server_netns]
+    } else {
+        Vec::new()
+    };
     let (ready_tx, ready_rx) = mpsc::channel();
     let (listener, proxy_maps, topology) =
         (listeners.proxy.clone(), maps.clone(), topology.clone());
-    let proxy = thread::spawn(move || proxy(&topology, &listener, mode, &proxy_maps, ready_tx));
+    let server_key = listeners.server_netns << 16 | u64::from(SERVER.port());
+    let proxy = thread::spawn(move || {
+        proxy(
+            &topology,
+            &listener,
+            mode,
+            &proxy_maps,
+            server_key,
+            ready_tx,
+        )
+    });
     let client = TcpStream::connect(PROXY)?;
     client.set_nodelay(true)?;
     if mode == Mode::MsgEgressLate {
-        // The client joins before its first byte (in mesh-node, `sock_ops` would add it when
-        // its connection is established), counted from zero; the proxy pairs it when ready.
+        // Joined (and counted from zero) before `connect` returned; the server starts at once
+        // too, its socket joined before `accept` returned. The proxy pairs the client later.
         let c_key = msg_key(&client)?;
-        let mut locked = maps.lock().unwrap();
-        locked.msg_passed.insert(c_key, 0, 0)?;
-        locked.msg_socks.insert(c_key, client.as_raw_fd(), 0)?;
-        drop(locked);
         drop(go_tx);
-        return Ok(Connection {
+        let connection = Connection {
             client,
             server,
             proxy: Some(proxy),
             maps: maps.clone(),
             keys: vec![c_key],
-        });
+            joined,
+        };
+        let counted = maps.lock().unwrap().msg_passed.get(&c_key, 0).is_ok();
+        ensure!(counted, "sock_ops did not join the client's socket");
+        return Ok(connection);
     }
     let [m1, m2, m1_cookie, m2_cookie] = ready_rx
         .recv_timeout(Duration::from_secs(5))
@@ -534,6 +626,7 @@ where
         proxy: Some(proxy),
         maps: maps.clone(),
         keys: vec![c_key, s_key, m1_cookie, m2_cookie],
+        joined,
     })
 }
 
@@ -544,14 +637,19 @@ fn proxy(
     listener: &TcpListener,
     mode: Mode,
     maps: &SharedMaps,
+    server_key: u64,
     ready: mpsc::Sender<Result<[u64; 4]>>,
 ) -> Result<()> {
-    match pair(topology, listener, mode, maps) {
+    match pair(topology, listener, mode, maps, server_key) {
         Ok(sockets) => {
             let [c1, c2] = sockets.cookies;
             let [k1, k2] = sockets.keys;
             let _ = ready.send(Ok([k1, k2, c1, c2]));
-            relay(mode, maps, &sockets)
+            let relayed = relay(mode, maps, &sockets);
+            let mut maps = maps.lock().unwrap();
+            let _ = maps.msg_peer.remove(&server_key);
+            let _ = maps.msg_passed.remove(&k2);
+            relayed
         }
         Err(error) => {
             let _ = ready.send(Err(error));
@@ -576,9 +674,16 @@ fn pair(
     listener: &TcpListener,
     mode: Mode,
     maps: &SharedMaps,
+    server_key: u64,
 ) -> Result<ProxySockets> {
     topology.client.enter()?;
     let (m1, _) = listener.accept()?;
+    if mode == Mode::MsgEgressLate {
+        // The server's socket is paired before it exists: what it sends goes out of `m1`
+        // from its first byte, with no hand-over.
+        let k1 = msg_key(&m1)?;
+        maps.lock().unwrap().msg_peer.insert(server_key, k1, 0)?;
+    }
     let m2 = TcpStream::connect(SERVER)?;
     m1.set_nodelay(true)?;
     m2.set_nodelay(true)?;
@@ -594,7 +699,7 @@ fn pair(
             maps.skb_socks.insert(c1, m1.as_raw_fd(), 0)?;
             maps.skb_socks.insert(c2, m2.as_raw_fd(), 0)?;
         }
-        if matches!(mode, Mode::MsgEgress | Mode::MsgEgressLate) {
+        if mode == Mode::MsgEgress {
             maps.msg_socks.insert(k1, m1.as_raw_fd(), 0)?;
             maps.msg_socks.insert(k2, m2.as_raw_fd(), 0)?;
         }
@@ -876,9 +981,14 @@ fn main() -> Result<()> {
         "--runs: at least one run is needed to report anything"
     );
     sweep_leftovers();
-    let topology = Arc::new(Topology::create()?);
+    let tag = format!("smx{}", std::process::id());
+    let topology = Arc::new(Topology::create(&tag)?);
     let names = topology.names();
-    let measured = panic::catch_unwind(AssertUnwindSafe(|| measure(&topology, runs, &tests)));
+    let cgroup = Cgroup::enter(&tag)?;
+    let measured = panic::catch_unwind(AssertUnwindSafe(|| {
+        measure(&topology, &cgroup, runs, &tests)
+    }));
+    drop(cgroup);
     // A thread still blocked after a failure holds the topology: delete the namespaces by name
     // rather than wait for the last holder to drop them.
     for name in names {
@@ -902,21 +1012,30 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Namespaces of earlier runs that were killed before they could remove them (`smx<pid>-*`
-/// whose process is gone).
+/// Namespaces and cgroups of earlier runs that were killed before they could remove them
+/// (`smx<pid>…` whose process is gone).
 fn sweep_leftovers() {
+    let dead = |name: &str| {
+        name.strip_prefix("smx")
+            .map(|rest| rest.split('-').next().unwrap_or(rest))
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if let Ok(root) = cgroup2_root()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        for entry in entries.flatten() {
+            if dead(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let pid = name
-            .strip_prefix("smx")
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
+        if dead(&name) {
             let _ = ip(&["netns", "delete", &name]);
         }
     }
@@ -925,17 +1044,27 @@ fn sweep_leftovers() {
 type Rows = Vec<(String, Vec<String>)>;
 
 /// Runs the tests asked for; a table row each figure.
-fn measure(topology: &Arc<Topology>, runs: usize, tests: &[String]) -> Result<Rows> {
+fn measure(
+    topology: &Arc<Topology>,
+    cgroup: &Cgroup,
+    runs: usize,
+    tests: &[String],
+) -> Result<Rows> {
     let wants = |test: &str| tests.is_empty() || tests.iter().any(|t| t == test);
     let topology = topology.clone();
-    let (_ebpf, maps) = load_programs()?;
+    let (_ebpf, maps) = load_programs(cgroup)?;
     topology.server.enter()?;
     let server = Arc::new(TcpListener::bind(SERVER)?);
     topology.client.enter()?;
     let proxy = Arc::new(TcpListener::bind(PROXY)?);
     let bench = Bench {
         topology,
-        listeners: Listeners { server, proxy },
+        listeners: Listeners {
+            client_netns: sockopt_u64(proxy.as_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE),
+            server_netns: sockopt_u64(server.as_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE),
+            server,
+            proxy,
+        },
         maps,
     };
 

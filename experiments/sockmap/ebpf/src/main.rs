@@ -7,6 +7,8 @@
 //!   queue (the target's key has `INGRESS` set), never through the first TCP connection. A
 //!   sender that joined before its pairing existed switches over only once the proxy has
 //!   relayed all it sent until then (`MSG_PASSED` / `MSG_RELAYED`).
+//! - `join` (`sock_ops`): adds the sockets of chosen namespaces to the `sk_msg` map as their
+//!   connections are established, as mesh-node would.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -14,10 +16,11 @@
 mod programs {
     use aya_ebpf::{
         EbpfContext,
+        bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB},
         helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-        macros::{map, sk_msg, stream_verdict},
+        macros::{map, sk_msg, sock_ops, stream_verdict},
         maps::{HashMap, SockHash},
-        programs::{SkBuffContext, SkMsgContext},
+        programs::{SkBuffContext, SkMsgContext, SockOpsContext},
     };
 
     /// Set in a [`MSG_PEER`] value: deliver into the target's receive queue, not its send side.
@@ -51,6 +54,34 @@ mod programs {
     /// … and how many of those the proxy has written on to the target (the proxy's count).
     #[map(name = "MSG_RELAYED")]
     static MSG_RELAYED: HashMap<u64, u64> = HashMap::with_max_entries(64, 0);
+
+    /// Network namespaces (by cookie) whose sockets `join` adds to [`MSG_SOCKS`] as their
+    /// connections are established.
+    #[map(name = "JOIN_NETNS")]
+    static JOIN_NETNS: HashMap<u64, u8> = HashMap::with_max_entries(8, 0);
+
+    /// Adds a socket of a [`JOIN_NETNS`] namespace to [`MSG_SOCKS`] when its connection is
+    /// established: before `connect()` returns to a client, before `accept()` returns a
+    /// server's socket, so before either can send or read. A connecting socket starts a
+    /// hand-over count (`MSG_PASSED`), which matters only once it is paired.
+    #[sock_ops]
+    pub fn join(ctx: SockOpsContext) -> u32 {
+        let op = ctx.op();
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+            // SAFETY: helper call with the program's own context.
+            let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+            // SAFETY: plain value read from the map.
+            if unsafe { JOIN_NETNS.get(&netns) }.is_some() {
+                let key = netns << 16 | u64::from(ctx.local_port() & 0xffff);
+                if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+                    let _ = MSG_PASSED.insert(&key, &0, 0);
+                }
+                // SAFETY: the context's own socket-ops pointer.
+                let _ = MSG_SOCKS.update(key, unsafe { &mut *ctx.ops }, 0);
+            }
+        }
+        1
+    }
 
     #[stream_verdict]
     pub fn skb_redirect(ctx: SkBuffContext) -> u32 {

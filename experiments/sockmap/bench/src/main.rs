@@ -17,13 +17,19 @@
 //! - `msg-egress`: the applications' sockets join a sockmap with an `sk_msg` program, and what
 //!   each sends goes straight into the proxy's opposite socket's send side (the client's
 //!   first TCP connection carries no data, only its ends).
+//! - `msg-egress, joined by sock_ops, paired mid-stream`: the same, set up as mesh-node would
+//!   have to. A `sock_ops` program adds each socket as its connection is established (before
+//!   `connect` or `accept` returns, so before the application can read or write); the server's
+//!   socket is paired with the proxy's socket towards the client before it exists. The client
+//!   sends at once, and the proxy pairs it only once it has connected upstream: the program
+//!   counts what the client sent the ordinary way and redirects only when the proxy has
+//!   relayed all of it (the hand-over). The process runs in a cgroup of its own for this.
 //! - `msg-ingress`: what each application sends goes straight into the other application's
 //!   receive queue; no TCP carries the bytes at all (the proxy keeps only the connections'
 //!   ends). This is what sidecar accelerators built on sockmap do.
 //!
-//! In every redirect mode the pairing is in place before the first byte (the client waits for
-//! it): the experiment measures the mechanism, not the hand-over from a relay that already
-//! carried bytes, which has problems of its own (ARCHITECTURE.md).
+//! In the other redirect modes the pairing is in place before the first byte (the client
+//! waits for it), which measures the mechanism alone.
 //!
 //! Tests: `bulk` (a 2 GiB upload: throughput and the whole machine's CPU per GB, from
 //! /proc/stat, so that work moved into the applications' or the kernel's workers' time is
@@ -34,8 +40,8 @@
 //!
 //! Usage: `sockmap-bench [--runs N] [bulk] [echo] [slow] [eof]` (default: 5 runs, all tests),
 //! as root; `cargo xtask bench sockmap` builds and runs it. Everything it creates (namespaces,
-//! veths, programs, maps) is gone when it exits, also on failure; the namespaces of a run that
-//! was killed are removed by the next.
+//! veths, a cgroup, programs, maps) is gone when it exits, also on failure; the namespaces
+//! and cgroup of a run that was killed are removed by the next.
 use std::{
     fs::File,
     io::{self, Read, Write},

@@ -657,8 +657,12 @@ fn proxy(
             let _ = maps.msg_passed.remove(&k2);
             relayed
         }
+        // Reported through `ready` where the client waits for it; where it does not (the
+        // mid-stream mode), from the thread, so that `finish` fails with it.
         Err(error) => {
-            let _ = ready.send(Err(error));
+            if let Err(mpsc::SendError(Err(unheard))) = ready.send(Err(error)) {
+                return Err(unheard);
+            }
             Ok(())
         }
     }
@@ -822,20 +826,27 @@ impl Bench {
         Ok((gb * 8.0 / secs, cpu / gb))
     }
 
-    /// 1 KiB back and forth: (p50, p99) round trip in µs.
+    /// 1 KiB back and forth: (p50, p99) round trip in µs. Each round's bytes are its own, and
+    /// the answer must be them.
     fn echo(&self, mode: Mode) -> Result<(f64, f64)> {
         const ROUNDS: usize = 10_000;
         let mut conn = self.connect(mode, |mut s| {
             let mut buf = [0; 1024];
             while read_exactly(&mut s, &mut buf).is_ok() && s.write_all(&buf).is_ok() {}
         })?;
-        let mut buf = [7; 1024];
+        let (mut request, mut answer) = ([0; 1024], [0; 1024]);
         let mut rtts = Vec::with_capacity(ROUNDS);
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
+            fill_pattern(round as u64, &mut request);
             let start = Instant::now();
-            conn.client.write_all(&buf)?;
-            read_exactly(&mut conn.client, &mut buf)?;
+            conn.client.write_all(&request)?;
+            read_exactly(&mut conn.client, &mut answer)?;
             rtts.push(start.elapsed().as_secs_f64() * 1e6);
+            ensure!(
+                answer == request,
+                "{}: round {round} answered with other bytes",
+                mode.name()
+            );
         }
         conn.client.shutdown(Shutdown::Write)?;
         conn.finish()?;

@@ -1,4 +1,5 @@
-//! The sockmap experiment's two redirect programs (see `bench` for what they are measured for).
+//! The sockmap experiment's programs (see `bench` for what they are measured for): two that
+//! redirect, one that adds sockets to a map.
 //!
 //! - `skb_redirect` (`sk_skb` stream verdict): on the proxy's own two sockets; what one receives
 //!   is queued to the other's send side. The applications' sockets are not touched.
@@ -40,7 +41,7 @@ mod programs {
     #[map(name = "SKB_BYTES")]
     static SKB_BYTES: HashMap<u64, u64> = HashMap::with_max_entries(64, 0);
 
-    /// Sockets by [`msg_key`]: the applications' and the proxy's.
+    /// Sockets by (netns cookie << 16 | local port): the applications' and the proxy's.
     #[map(name = "MSG_SOCKS")]
     static MSG_SOCKS: SockHash<u64> = SockHash::with_max_entries(64, 0);
     /// Sender's key → target's key (with [`INGRESS`] for its receive queue).

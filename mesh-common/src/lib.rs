@@ -75,6 +75,18 @@ pub mod map_names {
     /// they live; `sk_lookup` lets their handshake through to the application instead of
     /// steering it.
     pub const DELIVERING: &str = "MESH_DELIVERING";
+    /// SOCKHASH by [`crate::SockKey`] of the sockets of same-node connections whose bytes the
+    /// kernel carries (`--kernel-same-node`): the applications' (joined by `sock_ops`) and
+    /// mesh-node's own (the redirect targets). The `sk_msg` program is attached to it.
+    pub const SOCKS: &str = "MESH_SOCKS";
+    /// [`crate::SockPair`] by the sender's [`crate::SockKey`]: which of mesh-node's sockets
+    /// what the sender writes goes out of, and how many bytes went so.
+    pub const PAIR: &str = "MESH_PAIR";
+    /// Bytes a joined client sent the ordinary way (through mesh-node), by its
+    /// [`crate::SockKey`]; counted by `sk_msg`, for the hand-over.
+    pub const PASSED: &str = "MESH_PASSED";
+    /// … and how many of those mesh-node has written on (mesh-node's count).
+    pub const RELAYED: &str = "MESH_RELAYED";
 }
 
 /// Names of the programs in the eBPF object (also the link file names under the pin directory).
@@ -99,6 +111,12 @@ pub mod program_names {
     pub const SENDMSG6: &str = "mesh_sendmsg6";
     /// `cgroup/recvmsg6`.
     pub const RECVMSG6: &str = "mesh_recvmsg6";
+    /// `sock_ops`, attached beside [`SOCK_OPS`] only with `--kernel-same-node`: joins captured
+    /// clients and paired servers to [`crate::map_names::SOCKS`].
+    pub const SOCK_JOIN: &str = "mesh_sock_join";
+    /// `sk_msg`, attached to [`crate::map_names::SOCKS`]: sends what a paired application
+    /// writes straight out of mesh-node's socket towards the other application.
+    pub const SK_MSG: &str = "mesh_sk_msg";
 }
 
 /// Capacity of [`map_names::ENROLLED`]: pods on one node.
@@ -110,6 +128,9 @@ pub const MAX_TRACKED_CONNS: u32 = 65536;
 /// Connections from a client's address into pods tracked at once (an entry lives as long as
 /// its connection; LRU beyond that, which only an entry's late handshake ACK would miss).
 pub const MAX_DELIVERING: u32 = MAX_TRACKED_CONNS;
+/// Capacity of [`map_names::SOCKS`] and the maps beside it: sockets of same-node connections
+/// the kernel carries (a full map leaves a connection on mesh-node's relay).
+pub const MAX_PAIRED: u32 = MAX_TRACKED_CONNS;
 /// Size of [`map_names::EVENTS`] in bytes (a power of two, a multiple of the page size): 4096
 /// events of 64 bytes (plus the kernel's 8-byte record headers).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -334,6 +355,63 @@ pub struct DeliveryKey {
 }
 const _: () = assert!(core::mem::size_of::<DeliveryKey>() == 40);
 
+/// Key of [`map_names::SOCKS`], [`map_names::PAIR`] and the hand-over maps: one TCP socket,
+/// by its network namespace and its own 4-tuple as it sees it (`local` is its own end).
+/// Addresses IPv4-mapped, in network order; ports in host order. `sk_msg` has no socket-cookie
+/// helper, and a server's accepted sockets share their local port, so the whole tuple it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    /// The socket's network namespace.
+    pub netns_cookie: u64,
+    /// The socket's own address.
+    pub local: [u8; 16],
+    /// The address it is connected to.
+    pub remote: [u8; 16],
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    /// Explicit padding (zero).
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 48);
+
+impl SockKey {
+    /// The socket at the other end of the same connection, in the same namespace (what
+    /// mesh-node computes for an application's socket from its own accepted one).
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns_cookie: self.netns_cookie,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of [`map_names::PAIR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockPair {
+    /// mesh-node's socket what the sender writes goes out of.
+    pub target: SockKey,
+    /// Bytes sent so (counted by `sk_msg`, under the sender's socket lock).
+    pub redirected: u64,
+    /// [`SockPair::HANDOVER`] for a client that may have written before it was paired: its
+    /// writes are redirected only while its count in [`map_names::PASSED`] equals mesh-node's
+    /// in [`map_names::RELAYED`], and never without a count.
+    pub flags: u64,
+}
+const _: () = assert!(core::mem::size_of::<SockPair>() == 64);
+
+impl SockPair {
+    /// See [`SockPair::flags`].
+    pub const HANDOVER: u64 = 1;
+}
+
 /// Key of [`map_names::CONN_ORIG`]: the client side of a captured connection as mesh-node sees it
 /// on accept. The source port is unique per network namespace while the connection lives.
 #[repr(C)]
@@ -383,6 +461,9 @@ pub struct DataplaneConfig {
 impl DataplaneConfig {
     /// Applications see their clients' addresses (mesh-node connects to them from there).
     pub const ORIGINAL_SOURCE: u32 = 1 << 0;
+    /// Captured sockets join [`map_names::SOCKS`], so that the kernel can carry same-node
+    /// connections' bytes (`--kernel-same-node`).
+    pub const KERNEL_SAME_NODE: u32 = 1 << 1;
 }
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 8);
 
@@ -408,11 +489,18 @@ pub enum Counter {
     InboundNotServing = 6,
     /// Trace events dropped because the ring buffer was full (nobody reading, or reading slowly).
     TraceDropped = 7,
+    /// Sockets that joined [`map_names::SOCKS`] (captured clients, and servers of paired
+    /// same-node connections).
+    SockJoined = 8,
+    /// Application writes the kernel sent straight out of mesh-node's socket (`sk_msg`).
+    MsgRedirected = 9,
+    /// Writes of a paired socket whose target was gone: sent the ordinary way.
+    MsgRedirectFailed = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Captured,
         Counter::PassedNotServing,
         Counter::RefusedNotServing,
@@ -421,6 +509,9 @@ impl Counter {
         Counter::InboundCaptured,
         Counter::InboundNotServing,
         Counter::TraceDropped,
+        Counter::SockJoined,
+        Counter::MsgRedirected,
+        Counter::MsgRedirectFailed,
     ];
     /// Entries of [`map_names::COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -436,6 +527,9 @@ impl Counter {
             Counter::InboundCaptured => "inbound_captured",
             Counter::InboundNotServing => "inbound_not_serving",
             Counter::TraceDropped => "trace_dropped",
+            Counter::SockJoined => "sock_joined",
+            Counter::MsgRedirected => "msg_redirected",
+            Counter::MsgRedirectFailed => "msg_redirect_failed",
         }
     }
 }
@@ -447,7 +541,8 @@ mod pod {
     #[expect(unsafe_code, reason = "aya::Pod is an unsafe marker trait")]
     mod impls {
         use crate::{
-            ConnKey, DataplaneConfig, DeliveryKey, EnrolledPod, InboundKey, OrigDst, TraceEvent,
+            ConnKey, DataplaneConfig, DeliveryKey, EnrolledPod, InboundKey, OrigDst, SockKey,
+            SockPair, TraceEvent,
         };
         unsafe impl aya::Pod for TraceEvent {}
         unsafe impl aya::Pod for InboundKey {}
@@ -456,6 +551,8 @@ mod pod {
         unsafe impl aya::Pod for ConnKey {}
         unsafe impl aya::Pod for DataplaneConfig {}
         unsafe impl aya::Pod for DeliveryKey {}
+        unsafe impl aya::Pod for SockKey {}
+        unsafe impl aya::Pod for SockPair {}
     }
 }
 

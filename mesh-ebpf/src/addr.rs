@@ -64,3 +64,48 @@ pub fn write_user_ip6(sa: &mut aya_ebpf::bindings::bpf_sock_addr, ip: [u32; 4]) 
         core::ptr::write_volatile(base.add(3), ip[3]);
     }
 }
+
+/// Four context words read one at a time (see [`read_user_ip6`]).
+#[inline(always)]
+pub fn read_words(words: &[u32; 4]) -> [u32; 4] {
+    let base = words.as_ptr();
+    // SAFETY: four in-bounds, aligned word reads of a context field.
+    unsafe {
+        [
+            core::ptr::read_volatile(base),
+            core::ptr::read_volatile(base.add(1)),
+            core::ptr::read_volatile(base.add(2)),
+            core::ptr::read_volatile(base.add(3)),
+        ]
+    }
+}
+
+/// A socket's address as [`mesh_common::SockKey`] stores it: 16 network-order bytes, IPv4
+/// mapped. `ip4` is used for `AF_INET` sockets, `ip6` otherwise.
+#[inline(always)]
+pub fn key_addr(family: u32, ip4: u32, ip6: [u32; 4]) -> [u8; 16] {
+    let words = if family == u32::from(mesh_common::FAMILY_INET) {
+        [0, 0, V4_MAPPED_PREFIX, ip4]
+    } else {
+        ip6
+    };
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let bytes = words[i].to_ne_bytes();
+        out[i * 4] = bytes[0];
+        out[i * 4 + 1] = bytes[1];
+        out[i * 4 + 2] = bytes[2];
+        out[i * 4 + 3] = bytes[3];
+        i += 1;
+    }
+    out
+}
+
+/// A `remote_port` context field of `sock_ops` or `sk_msg` to host order: network order,
+/// which some kernels hand over shifted into the upper half of the word.
+#[inline(always)]
+pub fn remote_port_from_ctx(raw: u32) -> u16 {
+    let port = if raw > 0xffff { raw >> 16 } else { raw };
+    u16::from_be(port as u16)
+}

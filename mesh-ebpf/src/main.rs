@@ -18,6 +18,10 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod sk_lookup;
 #[cfg(target_arch = "bpf")]
+mod sk_msg;
+#[cfg(target_arch = "bpf")]
+mod sock_join;
+#[cfg(target_arch = "bpf")]
 mod sock_ops;
 
 #[cfg(target_arch = "bpf")]

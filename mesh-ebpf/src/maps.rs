@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use mesh_common::{
     ConnKey, Counter, DataplaneConfig, DeliveryKey, EVENTS_BYTES, EnrolledPod, InboundKey,
-    MAX_DELIVERING, MAX_ENROLLED, MAX_INBOUND, MAX_TRACKED_CONNS, OrigDst, TraceEvent,
+    MAX_DELIVERING, MAX_ENROLLED, MAX_INBOUND, MAX_PAIRED, MAX_TRACKED_CONNS, OrigDst, SockKey,
+    SockPair, TraceEvent,
 };
 
 /// Enrolled pods by network-namespace cookie. Written by mesh-node on (un)enrollment.
@@ -49,6 +50,28 @@ pub static INBOUND: SockHash<InboundKey> = SockHash::pinned(MAX_INBOUND, 0);
 /// the map.
 #[map(name = "MESH_DELIVERING")]
 pub static DELIVERING: LruHashMap<DeliveryKey, u8> = LruHashMap::pinned(MAX_DELIVERING, 0);
+
+/// Sockets whose writes `sk_msg` sees (`--kernel-same-node`): captured clients and servers
+/// of paired connections, joined by `sock_ops`, and mesh-node's own sockets they are paired
+/// with, which are the redirect targets. A socket leaves the map when it closes.
+#[map(name = "MESH_SOCKS")]
+pub static SOCKS: SockHash<SockKey> = SockHash::pinned(MAX_PAIRED, 0);
+
+/// Sender → the mesh-node socket its writes go out of, and the bytes sent so. Written by
+/// mesh-node when it pairs a connection (a server's entry before it connects, so the server's
+/// socket joins already paired), removed when the connection ends.
+#[map(name = "MESH_PAIR")]
+pub static PAIR: HashMap<SockKey, SockPair> = HashMap::pinned(MAX_PAIRED, 0);
+
+/// A joined client's bytes sent the ordinary way (the hand-over's count). Created when it
+/// joins, removed when it closes; LRU, so entries of sockets whose close was missed cannot
+/// fill it.
+#[map(name = "MESH_PASSED")]
+pub static PASSED: LruHashMap<SockKey, u64> = LruHashMap::pinned(MAX_PAIRED, 0);
+
+/// How many of a paired client's [`PASSED`] bytes mesh-node has written on. mesh-node's.
+#[map(name = "MESH_RELAYED")]
+pub static RELAYED: HashMap<SockKey, u64> = HashMap::pinned(MAX_PAIRED, 0);
 
 /// Every redirect decision for an enrolled pod, for `mesh-node bpf trace`. Written whether or
 /// not anyone reads: when the buffer is full new events are dropped (counted), which costs one

@@ -184,6 +184,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             &cgroup,
             config.fail_mode,
             config.settings.original_source,
+            config.settings.kernel_same_node,
         )?);
         readiness.programs_attached();
         metrics.attach_dataplane(dataplane.clone());
@@ -193,6 +194,7 @@ pub fn run(config: RunConfig) -> Result<(), RunError> {
             pin_dir = %config.bpffs_dir.display(),
             fail_mode = ?config.fail_mode,
             original_source = config.settings.original_source,
+            kernel_same_node = config.settings.kernel_same_node,
             open_files,
             "data plane loaded"
         );

@@ -138,6 +138,8 @@ pub struct Settings {
     pub inner_tls_resumption: bool,
     /// Applications see connections from their clients' addresses (else from their own).
     pub original_source: bool,
+    /// The kernel carries same-node connections' bytes once mesh-node has set them up.
+    pub kernel_same_node: bool,
     /// HBONE connections per peer that concurrent tunnels open before they share one
     /// (0: one per data-path worker thread).
     pub connections_per_peer: usize,
@@ -150,6 +152,7 @@ impl Default for Settings {
             handshake_timeout: Duration::from_secs(10),
             inner_tls_resumption: true,
             original_source: true,
+            kernel_same_node: false,
             connections_per_peer: 0,
         }
     }

@@ -279,6 +279,18 @@ struct RunArgs {
         value_name = "BOOL"
     )]
     original_source: bool,
+    /// Same-node connections' bytes go from one application's socket straight out of
+    /// mesh-node's socket towards the other (`sk_msg`), once mesh-node has accepted, decided
+    /// policy and connected, instead of through its relay; ends, policy and telemetry stay in
+    /// mesh-node. Every captured socket then runs the kernel's sockmap code.
+    #[arg(
+        long,
+        env = "MESH_NODE_KERNEL_SAME_NODE",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    kernel_same_node: bool,
     /// Seconds open connections may finish after SIGTERM or `POST /drain` (listeners closed,
     /// HBONE connections told GOAWAY at once); what is left then is cut. Fits a 30 s grace period.
     #[arg(long, env = "MESH_NODE_DRAIN_TIMEOUT", default_value_t = 25)]
@@ -419,6 +431,7 @@ fn main() -> ExitCode {
                     handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
                     inner_tls_resumption: args.inner_tls_resumption,
                     original_source: args.original_source,
+                    kernel_same_node: args.kernel_same_node,
                     connections_per_peer: args.connections_per_peer,
                 },
                 endpoints: admin::Addresses {

@@ -12,8 +12,9 @@ use std::os::fd::AsFd;
 use super::sys;
 use aya::{
     Ebpf,
+    maps::sock::SockMapFd,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -45,6 +46,15 @@ pub enum AttachError {
         min_kernel: &'static str,
         source: Box<ProgramError>,
     },
+    #[error(
+        "--kernel-same-node: the kernel refused {program} (the kernel path needs bpf_get_netns_cookie in sock_ops and sk_msg programs; tested on Linux 6.18): {source}"
+    )]
+    KernelPath {
+        program: &'static str,
+        source: Box<ProgramError>,
+    },
+    #[error("remove pinned link {path}: {io_error}")]
+    Unpin { path: PathBuf, io_error: io::Error },
     #[error("attach {hook} to {cgroup}: {source}")]
     Attach {
         hook: &'static str,
@@ -117,52 +127,137 @@ pub fn attach_all(
     })?;
     let mut links = Vec::with_capacity(PROGRAMS.len());
     for (program, hook, min_kernel) in PROGRAMS {
+        links.push(attach_pinned(
+            ebpf,
+            &cgroup_file,
+            cgroup,
+            links_dir,
+            program,
+            hook,
+            min_kernel,
+        )?);
+    }
+    Ok(links)
+}
+
+/// The kernel path for same-node connections (`--kernel-same-node`): the `sock_ops` program
+/// that joins sockets to the SOCKHASH, through a pinned link like the others, and the
+/// `sk_msg` program attached to that map. Off, a join link pinned by an earlier run is
+/// removed, so no socket joins any more.
+pub fn attach_kernel_path(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    links_dir: &Path,
+    socks: &SockMapFd,
+    enabled: bool,
+) -> Result<Option<AttachedLink>, AttachError> {
+    let (program, hook, min_kernel) = SOCK_JOIN;
+    if !enabled {
         let pin_path = links_dir.join(program);
-        let (fd_link, origin) = if pin_path.exists() {
-            let pinned = PinnedLink::from_pin(&pin_path).map_err(|source| AttachError::Reuse {
-                path: pin_path.clone(),
-                source: Box::new(source),
-            })?;
-            // The link stays (capture never pauses); its program becomes this build's, so an
-            // upgraded mesh-node runs its own kernel code, not its predecessor's.
-            let prog_fd = load_one(ebpf, program, hook, min_kernel)?;
-            let link_fd = sys::obj_get(&pin_path).map_err(|io_error| AttachError::Update {
-                hook,
-                path: pin_path.clone(),
-                io_error,
-            })?;
-            sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).map_err(|io_error| {
-                AttachError::Update {
-                    hook,
-                    path: pin_path.clone(),
+        match std::fs::remove_file(&pin_path) {
+            Ok(()) => tracing::info!(hook, "kernel path for same-node connections switched off"),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(io_error) => {
+                return Err(AttachError::Unpin {
+                    path: pin_path,
                     io_error,
-                }
-            })?;
-            (FdLink::from(pinned), LinkOrigin::Reused)
-        } else {
-            let fd_link = attach_one(ebpf, &cgroup_file, cgroup, program, hook, min_kernel)?;
-            let pinned = fd_link.pin(&pin_path).map_err(|error| AttachError::Pin {
-                hook,
-                path: pin_path.clone(),
-                message: error.to_string(),
-            })?;
-            (FdLink::from(pinned), LinkOrigin::Attached)
-        };
-        let info = fd_link.info().map_err(|source| AttachError::Reuse {
+                });
+            }
+        }
+        return Ok(None);
+    }
+    let kernel_path_err = |program: &'static str| {
+        move |error: AttachError| match error {
+            AttachError::Load { source, .. } => AttachError::KernelPath { program, source },
+            other => other,
+        }
+    };
+    let cgroup_file = File::open(cgroup).map_err(|io_error| AttachError::OpenCgroup {
+        path: cgroup.to_owned(),
+        io_error,
+    })?;
+    let link = attach_pinned(
+        ebpf,
+        &cgroup_file,
+        cgroup,
+        links_dir,
+        program,
+        hook,
+        min_kernel,
+    )
+    .map_err(kernel_path_err(program))?;
+    let program = program_names::SK_MSG;
+    let to_error = |source: ProgramError| AttachError::KernelPath {
+        program,
+        source: Box::new(source),
+    };
+    let prog: &mut SkMsg = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::MissingProgram { program })?
+        .try_into()
+        .map_err(to_error)?;
+    prog.load().map_err(to_error)?;
+    // Not a BPF link: the attachment belongs to the map, and the program attached there by a
+    // predecessor is replaced.
+    prog.attach(socks).map_err(to_error)?;
+    Ok(Some(link))
+}
+
+/// Attaches one cgroup program through a link pinned under `links_dir`, or takes over the
+/// link an earlier run pinned there (its program replaced by this build's).
+fn attach_pinned(
+    ebpf: &mut Ebpf,
+    cgroup_file: &File,
+    cgroup: &Path,
+    links_dir: &Path,
+    program: &'static str,
+    hook: &'static str,
+    min_kernel: &'static str,
+) -> Result<AttachedLink, AttachError> {
+    let pin_path = links_dir.join(program);
+    let (fd_link, origin) = if pin_path.exists() {
+        let pinned = PinnedLink::from_pin(&pin_path).map_err(|source| AttachError::Reuse {
             path: pin_path.clone(),
             source: Box::new(source),
         })?;
-        tracing::info!(hook, link_id = info.id(), program_id = info.program_id(), %origin, "capture hook in place");
-        links.push(AttachedLink {
+        // The link stays (capture never pauses); its program becomes this build's, so an
+        // upgraded mesh-node runs its own kernel code, not its predecessor's.
+        let prog_fd = load_one(ebpf, program, hook, min_kernel)?;
+        let link_fd = sys::obj_get(&pin_path).map_err(|io_error| AttachError::Update {
             hook,
-            program,
-            pin_path,
-            link_id: info.id(),
-            program_id: info.program_id(),
-            origin,
-        });
-    }
-    Ok(links)
+            path: pin_path.clone(),
+            io_error,
+        })?;
+        sys::link_update(link_fd.as_fd(), prog_fd.as_fd()).map_err(|io_error| {
+            AttachError::Update {
+                hook,
+                path: pin_path.clone(),
+                io_error,
+            }
+        })?;
+        (FdLink::from(pinned), LinkOrigin::Reused)
+    } else {
+        let fd_link = attach_one(ebpf, cgroup_file, cgroup, program, hook, min_kernel)?;
+        let pinned = fd_link.pin(&pin_path).map_err(|error| AttachError::Pin {
+            hook,
+            path: pin_path.clone(),
+            message: error.to_string(),
+        })?;
+        (FdLink::from(pinned), LinkOrigin::Attached)
+    };
+    let info = fd_link.info().map_err(|source| AttachError::Reuse {
+        path: pin_path.clone(),
+        source: Box::new(source),
+    })?;
+    tracing::info!(hook, program, link_id = info.id(), program_id = info.program_id(), %origin, "capture hook in place");
+    Ok(AttachedLink {
+        hook,
+        program,
+        pin_path,
+        link_id: info.id(),
+        program_id: info.program_id(),
+        origin,
+    })
 }
 
 /// Loads (verifies) one of the cgroup programs and returns its descriptor.
@@ -181,7 +276,7 @@ fn load_one(
         min_kernel,
         source: Box::new(source),
     };
-    let fd = if program == program_names::SOCK_OPS {
+    let fd = if is_sock_ops(program) {
         let prog: &mut SockOps = prog.try_into().map_err(load_err)?;
         prog.load().map_err(load_err)?;
         prog.fd().map_err(load_err)?.as_fd().try_clone_to_owned()
@@ -222,7 +317,7 @@ fn attach_one(
     // BPF links on cgroups always coexist with other programs (a CNI's, another tool's); the
     // kernel refuses any attach flag on link creation, and `Single` is the one that sends none.
     let mode = CgroupAttachMode::Single;
-    let link: Result<FdLink, _> = if program == program_names::SOCK_OPS {
+    let link: Result<FdLink, _> = if is_sock_ops(program) {
         let prog: &mut SockOps = prog.try_into().map_err(load_err)?;
         prog.load().map_err(load_err)?;
         let id = prog.attach(cgroup_file, mode).map_err(attach_err)?;
@@ -235,6 +330,15 @@ fn attach_one(
     };
     link.map_err(|_| AttachError::NotALink { hook })
 }
+
+fn is_sock_ops(program: &str) -> bool {
+    program == program_names::SOCK_OPS || program == program_names::SOCK_JOIN
+}
+
+/// The kernel path's join hook (`--kernel-same-node`); the kernel it needs was not pinned
+/// down beyond the one it is tested on.
+pub(crate) const SOCK_JOIN: (&str, &str, &str) =
+    (program_names::SOCK_JOIN, "sockops", "6.18 (tested)");
 
 /// The sk_lookup hook and the kernel it needs.
 pub(crate) const SK_LOOKUP: (&str, &str, &str) = (program_names::SK_LOOKUP, "sk_lookup", "5.9");

@@ -18,7 +18,7 @@ use aya::{
 };
 use mesh_common::{
     ConnKey, Counter, DataplaneConfig, DeliveryKey, EnrolledPod, FailMode, InboundKey, OrigDst,
-    map_names,
+    SockKey, SockPair, map_names,
 };
 
 /// The cgroup programs: `(program, hook, minimum kernel)`.
@@ -29,7 +29,7 @@ pub use attach::{AttachedLink, LinkOrigin};
 pub fn hook_of(program: &str) -> Option<(&'static str, &'static str)> {
     attach::PROGRAMS
         .iter()
-        .chain([&attach::SK_LOOKUP])
+        .chain([&attach::SK_LOOKUP, &attach::SOCK_JOIN])
         .find(|(name, _, _)| *name == program)
         .map(|(_, hook, min_kernel)| (*hook, *min_kernel))
 }
@@ -44,6 +44,8 @@ pub enum DataplaneError {
          was missing at build time): run `cargo xtask setup`, then rebuild"
     )]
     NoPrograms,
+    #[error("the kernel path for same-node connections is off (--kernel-same-node)")]
+    KernelPathOff,
     #[error("create pin directory {path}: {io_error}")]
     PinDir { path: PathBuf, io_error: io::Error },
     #[error("load eBPF object (maps pinned under {pin_dir}): {source}")]
@@ -74,12 +76,21 @@ pub struct Dataplane {
     delivering: Mutex<HashMap<MapData, DeliveryKey, u8>>,
     inbound: Mutex<HashOfSockets>,
     counters: PerCpuArray<MapData, u64>,
+    /// `--kernel-same-node`'s maps; `None` when it is off.
+    kernel_path: Option<KernelPath>,
     netns_links_dir: PathBuf,
     // Owns the programs: the sk_lookup program is attached to each new pod from here.
     ebpf: Mutex<Ebpf>,
 }
 
 type HashOfSockets = SockHash<MapData, InboundKey>;
+
+/// The maps through which mesh-node pairs same-node connections for the kernel.
+struct KernelPath {
+    socks: Mutex<SockHash<MapData, SockKey>>,
+    pair: Mutex<HashMap<MapData, SockKey, SockPair>>,
+    relayed: Mutex<HashMap<MapData, SockKey, u64>>,
+}
 
 impl Dataplane {
     /// Loads the programs with their maps pinned under `pin_dir`, attaches them to `cgroup`
@@ -90,6 +101,7 @@ impl Dataplane {
         cgroup: &Path,
         fail_mode: FailMode,
         original_source: bool,
+        kernel_same_node: bool,
     ) -> Result<Self, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoPrograms);
@@ -115,6 +127,10 @@ impl Dataplane {
                 DataplaneConfig::ORIGINAL_SOURCE
             } else {
                 0
+            } | if kernel_same_node {
+                DataplaneConfig::KERNEL_SAME_NODE
+            } else {
+                0
             },
         };
         config
@@ -124,7 +140,12 @@ impl Dataplane {
                 source,
             })?;
 
-        let links = attach::attach_all(&mut ebpf, cgroup, &links_dir).map_err(Box::new)?;
+        let mut links = attach::attach_all(&mut ebpf, cgroup, &links_dir).map_err(Box::new)?;
+        let socks: SockHash<MapData, SockKey> = take_map(&mut ebpf, map_names::SOCKS)?;
+        let join =
+            attach::attach_kernel_path(&mut ebpf, cgroup, &links_dir, socks.fd(), kernel_same_node)
+                .map_err(Box::new)?;
+        links.extend(join);
         attach::load_sk_lookup(&mut ebpf).map_err(Box::new)?;
         let netns_links_dir = links_dir.join("sk_lookup");
         fs::create_dir_all(&netns_links_dir).map_err(|io_error| DataplaneError::PinDir {
@@ -139,6 +160,15 @@ impl Dataplane {
             delivering: Mutex::new(take_map(&mut ebpf, map_names::DELIVERING)?),
             inbound: Mutex::new(take_map(&mut ebpf, map_names::INBOUND)?),
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
+            kernel_path: kernel_same_node
+                .then(|| -> Result<_, DataplaneError> {
+                    Ok(KernelPath {
+                        socks: Mutex::new(socks),
+                        pair: Mutex::new(take_map(&mut ebpf, map_names::PAIR)?),
+                        relayed: Mutex::new(take_map(&mut ebpf, map_names::RELAYED)?),
+                    })
+                })
+                .transpose()?,
             netns_links_dir,
             ebpf: Mutex::new(ebpf),
         })
@@ -305,6 +335,83 @@ impl Dataplane {
         let _ = lock(&self.delivering).remove(&delivery_key(client, app));
     }
 
+    /// Whether same-node connections are paired for the kernel (`--kernel-same-node`).
+    pub fn kernel_same_node(&self) -> bool {
+        self.kernel_path.is_some()
+    }
+
+    /// Adds one of mesh-node's sockets to the SOCKHASH under `key` (its own 4-tuple), where
+    /// paired applications' writes can be sent out of it. It leaves when it closes.
+    pub fn join(&self, key: SockKey, socket: &impl AsRawFd) -> Result<(), DataplaneError> {
+        let Some(path) = &self.kernel_path else {
+            return Err(DataplaneError::KernelPathOff);
+        };
+        lock(&path.socks)
+            .insert(key, socket.as_raw_fd(), 0)
+            .map_err(|source| DataplaneError::Map {
+                map: map_names::SOCKS,
+                source,
+            })
+    }
+
+    /// From now on, what the socket `sender` writes goes out of mesh-node's socket `target`
+    /// (once the hand-over allows it, for a client with a count).
+    pub fn pair(
+        &self,
+        sender: SockKey,
+        target: SockKey,
+        handover: bool,
+    ) -> Result<(), DataplaneError> {
+        let Some(path) = &self.kernel_path else {
+            return Err(DataplaneError::KernelPathOff);
+        };
+        let pair = SockPair {
+            target,
+            redirected: 0,
+            flags: if handover { SockPair::HANDOVER } else { 0 },
+        };
+        lock(&path.pair)
+            .insert(sender, pair, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: map_names::PAIR,
+                source,
+            })
+    }
+
+    /// mesh-node has written on `bytes` of what the client `sender` sent through it.
+    pub fn relayed(&self, sender: SockKey, bytes: u64) -> Result<(), DataplaneError> {
+        let Some(path) = &self.kernel_path else {
+            return Err(DataplaneError::KernelPathOff);
+        };
+        lock(&path.relayed)
+            .insert(sender, bytes, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: map_names::RELAYED,
+                source,
+            })
+    }
+
+    /// Takes a socket off the SOCKHASH (the kernel gives it back its ordinary TCP code).
+    /// Absent entries are not an error.
+    pub fn leave(&self, key: SockKey) {
+        if let Some(path) = &self.kernel_path {
+            let _ = lock(&path.socks).remove(&key);
+        }
+    }
+
+    /// Ends a pairing: the bytes the kernel sent for `sender`, and its entries gone.
+    pub fn unpair(&self, sender: SockKey) -> u64 {
+        let Some(path) = &self.kernel_path else {
+            return 0;
+        };
+        let mut pairs = lock(&path.pair);
+        let redirected = pairs.get(&sender, 0).map_or(0, |pair| pair.redirected);
+        let _ = pairs.remove(&sender);
+        drop(pairs);
+        let _ = lock(&path.relayed).remove(&sender);
+        redirected
+    }
+
     /// Sums a kernel counter over all CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters
@@ -376,6 +483,23 @@ fn replace_incompatible_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
         })?;
     }
     Ok(())
+}
+
+/// The key the programs build for a socket in the namespace `netns_cookie` whose own end is
+/// `local`, connected to `remote`.
+pub fn sock_key(netns_cookie: u64, local: SocketAddr, remote: SocketAddr) -> SockKey {
+    let bytes = |addr: SocketAddr| match addr.ip() {
+        IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+        IpAddr::V6(ip) => ip.octets(),
+    };
+    SockKey {
+        netns_cookie,
+        local: bytes(local),
+        remote: bytes(remote),
+        local_port: local.port(),
+        remote_port: remote.port(),
+        _pad: 0,
+    }
 }
 
 /// The key `sk_lookup` builds from the SYN of a connection from `client` to `app`.

@@ -1,7 +1,7 @@
 //! `mesh-node bpf maps` and `conns`: the pinned maps, their entries, the live captured connections.
 use std::{collections::BTreeMap, io::Write, net::SocketAddr, path::Path};
 
-use mesh_common::{DeliveryKey, FailMode, OrigDst, map_names};
+use mesh_common::{DeliveryKey, FailMode, OrigDst, SockKey, SockPair, map_names};
 use serde::Serialize;
 
 use super::{
@@ -30,6 +30,9 @@ pub fn maps(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), Insp
     let pinned = Pinned::open(dir)?;
     let mut views = Vec::new();
     for name in MAPS {
+        if !pinned.has(name) {
+            continue;
+        }
         let info = pinned.info(name)?;
         let (entries, holds) = match name {
             map_names::ENROLLED => (
@@ -45,7 +48,20 @@ pub fn maps(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), Insp
                 Some(pinned.conn_orig()?.len()),
                 "destinations awaiting accept",
             ),
-            map_names::CONFIG => (Some(1), "fail mode, original source"),
+            map_names::CONFIG => (Some(1), "fail mode, original source, kernel path"),
+            map_names::SOCKS => (None, "sockets on the same-node kernel path"),
+            map_names::PAIR => (
+                Some(pinned.hash_len::<SockKey, SockPair>(name)?),
+                "paired sockets of same-node connections",
+            ),
+            map_names::PASSED => (
+                Some(pinned.hash_len::<SockKey, u64>(name)?),
+                "joined clients' hand-over counts",
+            ),
+            map_names::RELAYED => (
+                Some(pinned.hash_len::<SockKey, u64>(name)?),
+                "mesh-node's hand-over counts",
+            ),
             map_names::DELIVERING => (
                 Some(pinned.delivering()?.len()),
                 "connections from a client's address into pods",

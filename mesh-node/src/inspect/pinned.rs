@@ -23,12 +23,16 @@ pub struct PinnedLinks {
 }
 
 /// Every map the programs pin, in the order `bpf maps` lists them.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 12] = [
     map_names::ENROLLED,
     map_names::INBOUND,
     map_names::SOCK_ORIG,
     map_names::CONN_ORIG,
     map_names::DELIVERING,
+    map_names::SOCKS,
+    map_names::PAIR,
+    map_names::PASSED,
+    map_names::RELAYED,
     map_names::CONFIG,
     map_names::COUNTERS,
     map_names::EVENTS,
@@ -119,6 +123,20 @@ impl Pinned {
         }
         let map: HashMap<MapData, DeliveryKey, u8> = self.typed(map_names::DELIVERING)?;
         Ok(map.keys().filter_map(Result::ok).collect())
+    }
+
+    /// Whether the map is pinned (maps newer than the mesh-node that pinned the rest are not).
+    pub fn has(&self, name: &str) -> bool {
+        self.dir.join(name).exists()
+    }
+
+    /// Entries of a hash map (counted through its keys; nothing is written).
+    pub fn hash_len<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<usize, InspectError> {
+        let map: HashMap<MapData, K, V> = self.typed(name)?;
+        Ok(map.keys().filter(Result::is_ok).count())
     }
 
     pub fn config(&self) -> Result<DataplaneConfig, InspectError> {

@@ -25,6 +25,8 @@ struct Status {
     fail_mode: &'static str,
     /// `on`: applications see their clients' addresses; `off`: their own pod's.
     original_source: &'static str,
+    /// `on`: the kernel carries same-node connections' bytes once mesh-node set them up.
+    kernel_same_node: &'static str,
     enrolled_pods: usize,
     inbound_listeners: usize,
     run_stats_enabled: bool,
@@ -129,6 +131,11 @@ pub fn status(dir: &Path, output: Output, out: &mut impl Write) -> Result<(), In
             "open"
         },
         original_source: original_source(&config),
+        kernel_same_node: if config.flags & mesh_common::DataplaneConfig::KERNEL_SAME_NODE != 0 {
+            "on"
+        } else {
+            "off"
+        },
         enrolled_pods: enrolled.len(),
         inbound_listeners: pinned.inbound()?.len(),
         run_stats_enabled: stats,
@@ -226,6 +233,18 @@ fn render_status(status: &Status) -> String {
                     "their clients' addresses"
                 } else {
                     "connections from their own pod's address"
+                }
+            ),
+        ),
+        (
+            "kernel same-node",
+            format!(
+                "{} ({})",
+                status.kernel_same_node,
+                if status.kernel_same_node == "on" {
+                    "sk_msg carries same-node bytes once set up"
+                } else {
+                    "same-node bytes go through mesh-node's relay"
                 }
             ),
         ),

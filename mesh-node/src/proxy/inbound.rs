@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_common::HBONE_PORT;
+use mesh_common::{HBONE_PORT, SockKey};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
@@ -293,8 +293,12 @@ pub(super) fn service_target_port(
 /// Who is on the other end of a connection being delivered, as far as the path knows.
 #[derive(Clone, Copy, Debug)]
 pub enum Client<'a> {
-    /// A pod enrolled on this node (same-node delivery).
-    LocalPod(&'a Pod),
+    /// A pod enrolled on this node (same-node delivery), and mesh-node's socket towards it
+    /// when that joined the kernel path.
+    LocalPod {
+        pod: &'a Pod,
+        toward_client: Option<SockKey>,
+    },
     /// An HBONE tunnel: what the source said of itself, and whether it came through an
     /// east-west gateway (then its address means nothing here).
     Tunnel {
@@ -355,6 +359,13 @@ pub async fn deliver(
     // The socket is made in the destination pod, from the client's address where the pod
     // allows it, else from the pod's own (sk_lookup lets `remote == local` through to the
     // application's listener).
+    let pair_with = match client {
+        Client::LocalPod {
+            toward_client: Some(toward_client),
+            ..
+        } => Some((pod.netns_cookie, toward_client)),
+        _ => None,
+    };
     let connected = match app_source(&pod, src, dst, client) {
         Some(from) => {
             connect_as_client(
@@ -363,6 +374,7 @@ pub async fn deliver(
                 dst,
                 ctx.settings.connect_timeout,
                 &ctx.original_dsts,
+                pair_with,
             )
             .await
         }
@@ -414,7 +426,7 @@ fn app_source(
     }
     Some(match client {
         Client::Plain => SocketAddr::new(src.ip(), 0),
-        Client::LocalPod(_) | Client::Tunnel { .. } => src,
+        Client::LocalPod { .. } | Client::Tunnel { .. } => src,
     })
 }
 
@@ -436,7 +448,7 @@ fn open_report(
         _ => state.workload_by_ip(network, conn.source_ip),
     };
     let source = match (client, &conn.source, source_workload) {
-        (Client::LocalPod(pod), _, workload) => Peer::of_pod(pod, workload.as_deref()),
+        (Client::LocalPod { pod, .. }, _, workload) => Peer::of_pod(pod, workload.as_deref()),
         (_, Some(identity), Some(workload)) if workload.identity() == *identity => {
             Peer::of_workload(&workload)
         }
@@ -464,7 +476,7 @@ fn open_report(
     };
     let service = match client {
         Client::Tunnel { service, .. } => service,
-        Client::LocalPod(_) | Client::Plain => None,
+        Client::LocalPod { .. } | Client::Plain => None,
     };
     Report::open(
         &ctx.metrics,
@@ -524,7 +536,15 @@ mod tests {
         };
         // Same node and tunnels keep the port; plaintext cannot (its own connection holds it).
         assert_eq!(
-            app_source(&v4_only, client, app, Client::LocalPod(&v4_only)),
+            app_source(
+                &v4_only,
+                client,
+                app,
+                Client::LocalPod {
+                    pod: &v4_only,
+                    toward_client: None
+                }
+            ),
             Some(client)
         );
         assert_eq!(app_source(&v4_only, client, app, tunnel), Some(client));

@@ -5,6 +5,7 @@ mod double_hbone;
 pub mod failure;
 pub mod inbound;
 pub mod inbound_plain;
+pub mod kernel_path;
 pub mod outbound;
 pub mod route;
 #[cfg(test)]
@@ -14,9 +15,12 @@ mod upstream;
 
 use std::{
     net::{IpAddr, SocketAddr},
+    os::fd::RawFd,
     sync::Arc,
     time::Duration,
 };
+
+use mesh_common::SockKey;
 
 pub use upstream::{Announced, connect, connect_as_client, connect_from_pod};
 
@@ -66,6 +70,30 @@ pub trait OriginalDestinations: Send + Sync {
     }
     /// The connect from `client` to `app` is over.
     fn end_delivery(&self, _client: SocketAddr, _app: SocketAddr) {}
+    /// Whether same-node connections are handed to the kernel once set up
+    /// (`--kernel-same-node`; see [`kernel_path`]).
+    fn kernel_same_node(&self) -> bool {
+        false
+    }
+    /// Adds mesh-node's socket `fd` (whose own 4-tuple is `key`) to the kernel's socket map,
+    /// as a target paired writes can go out of; `false` when it cannot.
+    fn join(&self, _key: SockKey, _fd: RawFd) -> bool {
+        false
+    }
+    /// What the application socket `sender` writes goes out of mesh-node's socket `target`
+    /// (for a client with `handover`, once mesh-node has written on all it sent before).
+    fn pair(&self, _sender: SockKey, _target: SockKey, _handover: bool) -> bool {
+        false
+    }
+    /// mesh-node has written on `bytes` of what the client `sender` sent through it.
+    fn relayed(&self, _sender: SockKey, _bytes: u64) {}
+    /// Takes an application's socket off the kernel's socket map (it joined at connect, and
+    /// its connection turned out not to be paired).
+    fn leave(&self, _key: SockKey) {}
+    /// Ends `sender`'s pairing; the bytes the kernel carried for it.
+    fn unpair(&self, _sender: SockKey) -> u64 {
+        0
+    }
 }
 
 impl OriginalDestinations for Dataplane {
@@ -86,6 +114,31 @@ impl OriginalDestinations for Dataplane {
     }
     fn end_delivery(&self, client: SocketAddr, app: SocketAddr) {
         Dataplane::end_delivery(self, client, app);
+    }
+    fn kernel_same_node(&self) -> bool {
+        Dataplane::kernel_same_node(self)
+    }
+    fn join(&self, key: SockKey, fd: RawFd) -> bool {
+        Dataplane::join(self, key, &fd)
+            .inspect_err(|error| tracing::debug!(%error, "socket not joined; the connection stays on the relay"))
+            .is_ok()
+    }
+    fn pair(&self, sender: SockKey, target: SockKey, handover: bool) -> bool {
+        Dataplane::pair(self, sender, target, handover)
+            .inspect_err(
+                |error| tracing::debug!(%error, "not paired; the connection stays on the relay"),
+            )
+            .is_ok()
+    }
+    fn relayed(&self, sender: SockKey, bytes: u64) {
+        // A failed update only keeps the connection on the relay.
+        let _ = Dataplane::relayed(self, sender, bytes);
+    }
+    fn leave(&self, key: SockKey) {
+        Dataplane::leave(self, key);
+    }
+    fn unpair(&self, sender: SockKey) -> u64 {
+        Dataplane::unpair(self, sender)
     }
 }
 

@@ -16,6 +16,7 @@ use super::{
     connect_from_pod, double_hbone,
     failure::Failure,
     inbound::{self, Delivered},
+    kernel_path::{self, Pairing},
     route::{self, Route, Source, Tunnel},
     tunnel::{connect_headers, open_tunnel},
 };
@@ -92,6 +93,8 @@ struct Carried {
     inbound: Option<Report>,
     /// The original-source announcement of a same-node delivery, held for its life.
     _announced: Option<Announced>,
+    /// A same-node connection the kernel carries once paired (`--kernel-same-node`).
+    pairing: Option<Pairing>,
 }
 
 impl Carried {
@@ -103,6 +106,7 @@ impl Carried {
             report,
             inbound: None,
             _announced: None,
+            pairing: None,
         }
     }
 }
@@ -139,6 +143,9 @@ async fn carry(
             .flatten();
         (route, draft, source)
     };
+    if !matches!(route, Route::Local { .. }) {
+        kernel_path::leave(&*ctx.original_dsts, &client, pod.netns_cookie);
+    }
     let headers = || connect_headers(&ctx, &pod, source.as_deref(), app_addr);
     let metrics = &ctx.metrics;
     // Each way either relays (and returns) or says why it could not carry the connection.
@@ -152,17 +159,33 @@ async fn carry(
                 source_ip: app_addr.ip(),
                 destination: dst,
             };
-            match inbound::deliver(&ctx, conn, app_addr, inbound::Client::LocalPod(&pod)).await {
+            let toward_client =
+                kernel_path::toward_client(&*ctx.original_dsts, &client, pod.netns_cookie);
+            let local = inbound::Client::LocalPod {
+                pod: &pod,
+                toward_client,
+            };
+            match inbound::deliver(&ctx, conn, app_addr, local).await {
                 Ok(Delivered {
                     stream,
                     revocation,
                     report: inbound_report,
                     announced,
                 }) => {
+                    let pairing = toward_client.map(|toward_client| {
+                        Pairing::begin(
+                            ctx.original_dsts.clone(),
+                            toward_client,
+                            &stream,
+                            dst_pod.netns_cookie,
+                            announced.as_ref().and_then(Announced::paired),
+                        )
+                    });
                     return Some(Carried {
                         revoked: Some(Box::pin(revocation.wait()) as Revoked),
                         inbound: Some(inbound_report),
                         _announced: announced,
+                        pairing,
                         ..Carried::new(client, Upstream::Socket(stream), report)
                     });
                 }
@@ -303,15 +326,27 @@ async fn relay(
         report,
         inbound,
         _announced,
+        pairing,
     }: Carried,
 ) {
-    let ended = match upstream {
-        Upstream::Socket(mut upstream) => {
+    let ended = match (upstream, pairing) {
+        (Upstream::Socket(mut upstream), Some(mut pairing)) => {
+            let mut handed = pairing.hand_over(&mut upstream);
+            let mut ended = splice(&mut client, &mut handed, revoked).await;
+            // What the kernel carried, read before the sockets' ends are settled; the
+            // pairings go with it.
+            let (request, response) = pairing.finish();
+            ended.a_to_b += request;
+            ended.b_to_a += response;
+            ending::settle(&ended, &[&client, &upstream]);
+            ended
+        }
+        (Upstream::Socket(mut upstream), None) => {
             let ended = splice(&mut client, &mut upstream, revoked).await;
             ending::settle(&ended, &[&client, &upstream]);
             ended
         }
-        Upstream::Tunnel(tunnel) => {
+        (Upstream::Tunnel(tunnel), _) => {
             let ended = tunnel.splice(&mut client, revoked).await;
             ending::settle(&ended, &[&client]);
             ended

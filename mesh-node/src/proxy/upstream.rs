@@ -8,7 +8,9 @@ use mesh_common::{DELIVERY_MARK, PROXY_MARK};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::OriginalDestinations;
+use mesh_common::SockKey;
+
+use super::{OriginalDestinations, kernel_path};
 use crate::netns::NetNs;
 
 /// Connects to `dst` from inside `netns`.
@@ -32,12 +34,18 @@ pub async fn connect_from_pod(
 /// ACK the listener must look up again (a SYN-cookie handshake, when its queue overflowed).
 /// The announcement lasts as long as the returned [`Announced`] (keep it for the connection's
 /// life). Where any of that is refused, it connects from the pod's own address.
+///
+/// `pair_with` (the destination's netns cookie and mesh-node's socket towards a same-node
+/// client): the application's socket of this connection is paired for the kernel path before
+/// the connect, so it joins, paired, when the application accepts it; the pairing ends with
+/// the announcement.
 pub async fn connect_as_client(
     netns: &NetNs,
     client: SocketAddr,
     dst: SocketAddr,
     timeout: Duration,
     kernel: &Arc<dyn OriginalDestinations>,
+    pair_with: Option<(u64, SockKey)>,
 ) -> io::Result<(TcpStream, Option<Announced>)> {
     let bound = netns
         .run(|| new_transparent_socket(client, dst))
@@ -53,26 +61,42 @@ pub async fn connect_as_client(
         return Ok((connect_from_pod(netns, dst, timeout).await?, None));
     }
     // Withdrawn however this ends: a failed or cancelled connect, or the connection's end.
+    let paired = pair_with.and_then(|(netns_cookie, toward_client)| {
+        kernel_path::pair_server(&**kernel, netns_cookie, dst, from, toward_client)
+    });
     let announced = Announced {
         kernel: kernel.clone(),
         from,
         dst,
+        paired,
     };
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     let stream = connect_within(socket, dst, timeout).await?;
     Ok((stream, Some(announced)))
 }
 
-/// A connection from a client's address announced to `sk_lookup`; withdrawn when dropped.
+/// A connection from a client's address announced to `sk_lookup` (and its server's socket
+/// paired for the kernel path, if asked); withdrawn when dropped.
 pub struct Announced {
     kernel: Arc<dyn OriginalDestinations>,
     from: SocketAddr,
     dst: SocketAddr,
+    paired: Option<SockKey>,
+}
+
+impl Announced {
+    /// The application's socket paired for the kernel path, if it was.
+    pub fn paired(&self) -> Option<SockKey> {
+        self.paired
+    }
 }
 
 impl Drop for Announced {
     fn drop(&mut self) {
         self.kernel.end_delivery(self.from, self.dst);
+        if let Some(server) = self.paired {
+            self.kernel.unpair(server);
+        }
     }
 }
 

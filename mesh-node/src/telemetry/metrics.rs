@@ -468,6 +468,15 @@ fn kernel_help(counter: KernelCounter) -> &'static str {
             "Inbound connections let through because no mesh-node listener was registered"
         }
         KernelCounter::TraceDropped => "Trace events dropped because the ring buffer was full",
+        KernelCounter::SockJoined => {
+            "Sockets joined to the kernel path for same-node connections (--kernel-same-node)"
+        }
+        KernelCounter::MsgRedirected => {
+            "Application writes the kernel sent straight out of mesh-node's socket (--kernel-same-node)"
+        }
+        KernelCounter::MsgRedirectFailed => {
+            "Writes of a paired socket whose target was gone, sent the ordinary way"
+        }
     }
 }
 

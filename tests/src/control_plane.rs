@@ -305,7 +305,13 @@ impl ControlPlane {
     /// Starts mesh-node on `node`, taking the mesh state from this control plane and workload
     /// certificates from the topology's file CA.
     pub fn start_mesh_node(&self, topo: &Topology, node: &str) -> MeshNode {
+        self.start_mesh_node_with(topo, node, &[])
+    }
+
+    /// [`Self::start_mesh_node`] with `extra` arguments.
+    pub fn start_mesh_node_with(&self, topo: &Topology, node: &str, extra: &[&str]) -> MeshNode {
         let mut args = self.client_args(topo, node);
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
         args.extend(["--ca-dir".to_owned(), topo.ca_dir().display().to_string()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         MeshNode::start(topo, node, &args).expect("start mesh-node")

@@ -10,7 +10,9 @@ use mesh_node::xds::proto::security as pb;
 use mesh_tests::{
     MeshNode, PodSpec, Server, Topology,
     control_plane::{ControlPlane, eventually, pod_workload},
-    hbone_client, http_probe, podapp, privileged,
+    hbone_client, http_probe,
+    meshnode::bpf_json,
+    podapp, privileged, wait_for,
 };
 
 const PORT: u16 = 8080;
@@ -34,6 +36,11 @@ impl Mesh {
     }
 
     fn start_with(ipv6: bool) -> Self {
+        Self::start_with_node1(ipv6, &[])
+    }
+
+    /// node1 (the server's, with the same-node client `neighbor`) started with `node1_args`.
+    fn start_with_node1(ipv6: bool, node1_args: &[&str]) -> Self {
         let node1 = vec![
             PodSpec::enrolled("server"),
             PodSpec::enrolled("neighbor").in_namespace("frontend"),
@@ -70,7 +77,7 @@ impl Mesh {
             }
         };
         let servers = vec![serve(PORT), serve(OTHER_PORT)];
-        let node1 = plane.start_mesh_node(&topo, "node1");
+        let node1 = plane.start_mesh_node_with(&topo, "node1", node1_args);
         let node2 = plane.start_mesh_node(&topo, "node2");
         Self {
             topo,
@@ -470,7 +477,7 @@ fn a_policy_pushed_mid_connection_closes_the_connections_it_denies() {
     if !privileged() {
         return;
     }
-    pushed_policy_closes_denied(Mesh::start());
+    pushed_policy_closes_denied(Mesh::start(), false);
 }
 
 #[test]
@@ -478,10 +485,32 @@ fn over_ipv6_a_policy_pushed_mid_connection_closes_the_connections_it_denies() {
     if !privileged() {
         return;
     }
-    pushed_policy_closes_denied(Mesh::start_with(true));
+    pushed_policy_closes_denied(Mesh::start_with(true), false);
 }
 
-fn pushed_policy_closes_denied(mesh: Mesh) {
+/// With the kernel carrying same-node bytes (`--kernel-same-node`), a revoked same-node
+/// connection is closed all the same: its pairing goes, both applications are reset.
+#[test]
+fn with_the_kernel_carrying_same_node_bytes_a_pushed_policy_still_closes_denied_connections() {
+    if !privileged() {
+        return;
+    }
+    let mesh = Mesh::start_with_node1(false, &["--kernel-same-node", "true"]);
+    pushed_policy_closes_denied(mesh, true);
+}
+
+/// `kernel_path`: node1 pairs same-node connections for the kernel; the two held ones must be
+/// paired (client and server socket each) when the policy arrives, and unpaired after.
+fn pushed_policy_closes_denied(mesh: Mesh, kernel_path: bool) {
+    let paired = || {
+        let maps = bpf_json(&mesh.topo, "node1", &["maps"]);
+        maps.as_array()
+            .expect("maps")
+            .iter()
+            .find(|map| map["name"] == "MESH_PAIR")
+            .and_then(|map| map["entries"].as_u64())
+            .unwrap_or_else(|| panic!("no MESH_PAIR entries in {maps}"))
+    };
     let hold = Duration::from_secs(6);
     let per_client = [("alice", 4), ("bob", 4), ("neighbor", 2), ("outsider", 2)];
     let held: Vec<_> = per_client
@@ -513,6 +542,10 @@ fn pushed_policy_closes_denied(mesh: Mesh) {
             && opened(&[r#"reporter="source""#]) >= 2.0
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.node1.log_text()));
+
+    if kernel_path {
+        assert_eq!(paired(), 4, "{}", mesh.node1.log_text());
+    }
 
     // Frontend (alice, neighbor) and the outsider's address are denied from now on.
     let outsider = mesh.cidr("outsider");
@@ -553,4 +586,7 @@ fn pushed_policy_closes_denied(mesh: Mesh) {
         "{}",
         mesh.node1.log_text()
     );
+    if kernel_path {
+        assert!(wait_for(|| paired() == 0), "{}", mesh.node1.log_text());
+    }
 }

@@ -40,16 +40,7 @@ pub fn port_to_ctx(port: u16) -> u32 {
 /// accesses, and a plain array copy may be compiled into a byte-wise memcpy.
 #[inline(always)]
 pub fn read_user_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> [u32; 4] {
-    let base = sa.user_ip6.as_ptr();
-    // SAFETY: four in-bounds, aligned word reads of the context field.
-    unsafe {
-        [
-            core::ptr::read_volatile(base),
-            core::ptr::read_volatile(base.add(1)),
-            core::ptr::read_volatile(base.add(2)),
-            core::ptr::read_volatile(base.add(3)),
-        ]
-    }
+    read_words(&sa.user_ip6)
 }
 
 /// Writes `user_ip6` one 32-bit word at a time (see [`read_user_ip6`]).
@@ -100,6 +91,31 @@ pub fn key_addr(family: u32, ip4: u32, ip6: [u32; 4]) -> [u8; 16] {
         i += 1;
     }
     out
+}
+
+/// The [`mesh_common::SockKey`] of a socket from its context's fields (`sock_ops` and
+/// `sk_msg` name them alike): addresses in network order, `local_port` in host order,
+/// `remote_port` as [`remote_port_from_ctx`] takes it.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the context's fields, one each")]
+pub fn sock_key(
+    netns_cookie: u64,
+    family: u32,
+    local_ip4: u32,
+    local_ip6: &[u32; 4],
+    remote_ip4: u32,
+    remote_ip6: &[u32; 4],
+    local_port: u32,
+    remote_port: u32,
+) -> mesh_common::SockKey {
+    mesh_common::SockKey {
+        netns_cookie,
+        local: key_addr(family, local_ip4, read_words(local_ip6)),
+        remote: key_addr(family, remote_ip4, read_words(remote_ip6)),
+        local_port: local_port as u16,
+        remote_port: remote_port_from_ctx(remote_port),
+        _pad: 0,
+    }
 }
 
 /// A `remote_port` context field of `sock_ops` or `sk_msg` to host order: network order,

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use mesh_common::{Counter, SockKey, SockPair};
 
 use crate::{
-    addr::{key_addr, read_words, remote_port_from_ctx},
+    addr::sock_key,
     maps::{PAIR, PASSED, RELAYED, SOCKS, count},
 };
 
@@ -76,15 +76,15 @@ pub fn mesh_sk_msg(ctx: SkMsgContext) -> u32 {
 fn msg_key(ctx: &SkMsgContext) -> SockKey {
     // SAFETY: the program's own context; each field is read once, word-sized.
     let msg = unsafe { &*ctx.msg };
-    let family = msg.family;
-    SockKey {
+    sock_key(
         // SAFETY: helper call with the program's own context.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local: key_addr(family, msg.local_ip4, read_words(&msg.local_ip6)),
-        remote: key_addr(family, msg.remote_ip4, read_words(&msg.remote_ip6)),
-        // Host order in sk_msg.
-        local_port: msg.local_port as u16,
-        remote_port: remote_port_from_ctx(msg.remote_port),
-        _pad: 0,
-    }
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        msg.family,
+        msg.local_ip4,
+        &msg.local_ip6,
+        msg.remote_ip4,
+        &msg.remote_ip6,
+        msg.local_port,
+        msg.remote_port,
+    )
 }

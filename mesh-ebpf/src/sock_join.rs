@@ -21,7 +21,7 @@ use aya_ebpf::{
 use mesh_common::{Counter, SockKey};
 
 use crate::{
-    addr::{key_addr, read_words, remote_port_from_ctx},
+    addr::sock_key,
     maps::{PAIR, PASSED, SOCK_ORIG, SOCKS, count},
 };
 
@@ -32,7 +32,7 @@ pub fn mesh_sock_join(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_server_established(&ctx),
         // arg 1 is the new state.
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let _ = PASSED.remove(&sock_key(&ctx));
+            let _ = PASSED.remove(&ops_key(&ctx));
         }
         _ => {}
     }
@@ -56,7 +56,7 @@ fn on_client_established(ctx: &SockOpsContext) {
     if ops.data_segs_out != 0 || ops.packets_out != 0 {
         return;
     }
-    let key = sock_key(ctx);
+    let key = ops_key(ctx);
     if PASSED.insert(&key, &0, 0).is_err() {
         return;
     }
@@ -68,7 +68,7 @@ fn on_client_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_server_established(ctx: &SockOpsContext) {
-    let key = sock_key(ctx);
+    let key = ops_key(ctx);
     // SAFETY: plain value read from the map.
     if unsafe { PAIR.get(&key) }.is_none() {
         return;
@@ -80,18 +80,18 @@ fn on_server_established(ctx: &SockOpsContext) {
 }
 
 #[inline(always)]
-fn sock_key(ctx: &SockOpsContext) -> SockKey {
+fn ops_key(ctx: &SockOpsContext) -> SockKey {
     // SAFETY: the program's own context; each field is read once, word-sized.
     let ops = unsafe { &*ctx.ops };
-    let family = ops.family;
-    SockKey {
+    sock_key(
         // SAFETY: helper call with the program's own context.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        local: key_addr(family, ops.local_ip4, read_words(&ops.local_ip6)),
-        remote: key_addr(family, ops.remote_ip4, read_words(&ops.remote_ip6)),
-        // Host order in sock_ops.
-        local_port: ops.local_port as u16,
-        remote_port: remote_port_from_ctx(ops.remote_port),
-        _pad: 0,
-    }
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        ops.family,
+        ops.local_ip4,
+        &ops.local_ip6,
+        ops.remote_ip4,
+        &ops.remote_ip6,
+        ops.local_port,
+        ops.remote_port,
+    )
 }

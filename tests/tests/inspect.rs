@@ -248,7 +248,7 @@ fn bpf_inspection_shows_pods_connections_and_decisions_while_running_and_after_s
         .expect("MESH_ENROLLED");
     assert_eq!(enrolled["entries"], 1);
     assert_eq!(enrolled["capacity"], 4096);
-    assert_eq!(maps.as_array().unwrap().len(), 8, "{maps:#}");
+    assert_eq!(maps.as_array().unwrap().len(), 12, "{maps:#}");
 
     // After mesh-node stopped: the pinned state still answers; the pod is no longer served, and
     // a new connection is let through (fail-open) — the trace says so and why.

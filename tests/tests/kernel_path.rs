@@ -5,6 +5,8 @@
 //! the kernel carried as well as the relay's; the pairings are gone when the connections are;
 //! cross-node connections from joined sockets are unaffected; and turning the flag off on a
 //! restart removes the join hook, so the relay carries everything again.
+use std::time::Duration;
+
 use serde_json::Value;
 
 use mesh_tests::{MeshNode, PodSpec, Topology, meshnode::bpf_json, podapp, privileged, wait_for};
@@ -91,6 +93,44 @@ fn the_kernel_carries_same_node_bytes_intact_and_mesh_node_still_ends_and_report
     // A cross-node connection from a joined client socket: the relay and HBONE as ever.
     let run = topo.connect_from("client", server.addr, 1 << 20, 2);
     podapp::assert_all_ok(&run, 2, 1 << 20);
+
+    // Killed while connections are paired: they are reset (the kernel closes a dead process's
+    // sockets), and a successor with the flag starts over the program still attached to the
+    // pinned socket map, clears the dead pairings and pairs anew.
+    let (netns, cgroup) = {
+        let pod = topo.pod("client");
+        (pod.netns_path(), pod.cgroup.clone())
+    };
+    let target = neighbor.addr;
+    let held = std::thread::spawn(move || {
+        podapp::connect_holding(&netns, &cgroup, target, 1 << 20, 2, Duration::from_secs(4))
+            .expect("run podapp")
+    });
+    assert!(
+        wait_for(|| entries(&topo, "MESH_PAIR") == 4),
+        "{}",
+        bpf_json(&topo, "node1", &["maps"])
+    );
+    mesh1.kill().expect("kill mesh-node");
+    let run = held.join().expect("podapp thread");
+    assert_eq!(run.errors.len(), 2, "reset with mesh-node: {run:?}");
+    assert_eq!(
+        entries(&topo, "MESH_PAIR"),
+        4,
+        "left behind by the dead process"
+    );
+    let mut mesh1 = MeshNode::start_hbone(&topo, "node1", &["--kernel-same-node", "true"])
+        .expect("restart mesh-node after a kill");
+    assert_eq!(entries(&topo, "MESH_PAIR"), 0, "{}", mesh1.log_text());
+    let before = bpf_json(&topo, "node1", &["status"]);
+    let run = topo.connect_from("client", neighbor.addr, 1 << 20, 2);
+    podapp::assert_all_ok(&run, 2, 1 << 20);
+    let after = bpf_json(&topo, "node1", &["status"]);
+    assert!(
+        counter(&after, "msg_redirected") > counter(&before, "msg_redirected"),
+        "{after}\n{}",
+        mesh1.log_text()
+    );
 
     // Off after a restart: the join hook is removed, nothing joins, the relay carries it all.
     mesh1.stop().expect("stop mesh-node");

@@ -146,6 +146,15 @@ impl Dataplane {
             attach::attach_kernel_path(&mut ebpf, cgroup, &links_dir, socks.fd(), kernel_same_node)
                 .map_err(Box::new)?;
         links.extend(join);
+        // A predecessor that was killed left its pairings behind; their sockets died with it,
+        // and a stale entry could pair a new connection that happens to reuse a 4-tuple with
+        // a socket of another one. None of them is valid now.
+        let mut pair: HashMap<MapData, SockKey, SockPair> = take_map(&mut ebpf, map_names::PAIR)?;
+        let mut relayed: HashMap<MapData, SockKey, u64> = take_map(&mut ebpf, map_names::RELAYED)?;
+        let stale = clear(&mut pair) + clear(&mut relayed);
+        if stale > 0 {
+            tracing::info!(entries = stale, "removed pairings left by an earlier run");
+        }
         attach::load_sk_lookup(&mut ebpf).map_err(Box::new)?;
         let netns_links_dir = links_dir.join("sk_lookup");
         fs::create_dir_all(&netns_links_dir).map_err(|io_error| DataplaneError::PinDir {
@@ -160,15 +169,11 @@ impl Dataplane {
             delivering: Mutex::new(take_map(&mut ebpf, map_names::DELIVERING)?),
             inbound: Mutex::new(take_map(&mut ebpf, map_names::INBOUND)?),
             counters: take_map(&mut ebpf, map_names::COUNTERS)?,
-            kernel_path: kernel_same_node
-                .then(|| -> Result<_, DataplaneError> {
-                    Ok(KernelPath {
-                        socks: Mutex::new(socks),
-                        pair: Mutex::new(take_map(&mut ebpf, map_names::PAIR)?),
-                        relayed: Mutex::new(take_map(&mut ebpf, map_names::RELAYED)?),
-                    })
-                })
-                .transpose()?,
+            kernel_path: kernel_same_node.then(|| KernelPath {
+                socks: Mutex::new(socks),
+                pair: Mutex::new(pair),
+                relayed: Mutex::new(relayed),
+            }),
             netns_links_dir,
             ebpf: Mutex::new(ebpf),
         })
@@ -521,6 +526,12 @@ where
         .take_map(name)
         .ok_or(DataplaneError::MissingMap { map: name })?;
     T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
+}
+
+/// Removes every entry of a hash map; how many there were.
+fn clear<V: aya::Pod>(map: &mut HashMap<MapData, SockKey, V>) -> usize {
+    let keys: Vec<SockKey> = map.keys().filter_map(Result::ok).collect();
+    keys.iter().filter(|key| map.remove(key).is_ok()).count()
 }
 
 /// Map handles hold no invariants a panicking holder could break, so a poisoned lock is usable.

@@ -93,8 +93,9 @@ struct Carried {
     inbound: Option<Report>,
     /// The original-source announcement of a same-node delivery, held for its life.
     _announced: Option<Announced>,
-    /// A same-node connection the kernel carries once paired (`--kernel-same-node`).
-    pairing: Option<Pairing>,
+    /// A same-node connection the kernel carries once paired (`--kernel-same-node`). Boxed:
+    /// every connection's task holds the field, few use it.
+    pairing: Option<Box<Pairing>>,
 }
 
 impl Carried {
@@ -173,13 +174,13 @@ async fn carry(
                     announced,
                 }) => {
                     let pairing = toward_client.map(|toward_client| {
-                        Pairing::begin(
+                        Box::new(Pairing::begin(
                             ctx.original_dsts.clone(),
                             toward_client,
                             &stream,
                             dst_pod.netns_cookie,
                             announced.as_ref().and_then(Announced::paired),
-                        )
+                        ))
                     });
                     return Some(Carried {
                         revoked: Some(Box::pin(revocation.wait()) as Revoked),
